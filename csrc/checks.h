@@ -1,0 +1,64 @@
+// Input validation shared by the CPU and CUDA glue. Errors name the argument and what was
+// expected, so a bad call fails with a readable Python exception instead of a crash.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <optional>
+
+namespace fusedlm {
+
+inline void check_cce_inputs(const at::Tensor& e, const at::Tensor& c, const at::Tensor& targets,
+                             const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK_VALUE(e.dim() == 2, "cce: e must be 2-D [N, D], got shape ", e.sizes());
+  TORCH_CHECK_VALUE(c.dim() == 2, "cce: c must be 2-D [V, D], got shape ", c.sizes());
+  TORCH_CHECK_VALUE(e.size(1) == c.size(1), "cce: e [N, D] and c [V, D] disagree on D: ",
+                    e.sizes(), " vs ", c.sizes());
+  TORCH_CHECK_VALUE(targets.dim() == 1 && targets.size(0) == e.size(0),
+                    "cce: targets must be 1-D with N = ", e.size(0), " entries, got shape ",
+                    targets.sizes());
+  TORCH_CHECK_VALUE(targets.scalar_type() == at::kLong || targets.scalar_type() == at::kInt,
+                    "cce: targets must be int64 or int32, got ", targets.scalar_type());
+  TORCH_CHECK_VALUE(e.scalar_type() == c.scalar_type(), "cce: e and c must share a dtype, got ",
+                    e.scalar_type(), " and ", c.scalar_type());
+  TORCH_CHECK_VALUE(at::isFloatingType(e.scalar_type()), "cce: e must be floating point, got ",
+                    e.scalar_type());
+  TORCH_CHECK_VALUE(e.device() == c.device() && e.device() == targets.device(),
+                    "cce: e, c and targets must be on one device, got ", e.device(), ", ",
+                    c.device(), ", ", targets.device());
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == c.size(0),
+                      "cce: bias must be 1-D with V = ", c.size(0), " entries, got shape ",
+                      bias->sizes());
+    TORCH_CHECK_VALUE(bias->scalar_type() == c.scalar_type(), "cce: bias dtype ",
+                      bias->scalar_type(), " differs from c dtype ", c.scalar_type());
+    TORCH_CHECK_VALUE(bias->device() == c.device(), "cce: bias is on ", bias->device(),
+                      " but c is on ", c.device());
+  }
+}
+
+inline void check_per_row(const at::Tensor& t, const char* name, int64_t n, const at::Tensor& like) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, name, " must be 1-D with ", n,
+                    " entries, got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.device() == like.device(), name, " is on ", t.device(), " but expected ",
+                    like.device());
+}
+
+inline void check_sample_inputs(const at::Tensor& logits, const at::Tensor& temperature,
+                                const at::Tensor& seed, const at::Tensor& offset) {
+  TORCH_CHECK_VALUE(logits.dim() == 2, "sample: logits must be 2-D [B, V], got shape ",
+                    logits.sizes());
+  TORCH_CHECK_VALUE(logits.size(1) > 0, "sample: logits must have V >= 1 columns");
+  const auto dt = logits.scalar_type();
+  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+                    "sample: logits must be float32, bfloat16 or float16, got ", dt);
+  const int64_t B = logits.size(0);
+  check_per_row(temperature, "sample: temperature", B, logits);
+  TORCH_CHECK_VALUE(temperature.scalar_type() == at::kFloat,
+                    "sample: temperature must be float32, got ", temperature.scalar_type());
+  check_per_row(seed, "sample: seed", B, logits);
+  check_per_row(offset, "sample: offset", B, logits);
+  TORCH_CHECK_VALUE(seed.scalar_type() == at::kLong && offset.scalar_type() == at::kLong,
+                    "sample: seed and offset must be int64");
+}
+
+}  // namespace fusedlm

@@ -1,0 +1,65 @@
+// Philox4x32-10 counter-based RNG (Salmon et al., SC'11), usable on host and device.
+// Shared by the CPU and CUDA sampling kernels so that both draw the same noise for the
+// same (seed, offset, vocab index): a row's token never depends on its batch position.
+#pragma once
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FUSEDLM_HD __host__ __device__ __forceinline__
+#else
+#define FUSEDLM_HD inline
+#endif
+
+namespace fusedlm {
+
+struct Uint4 {
+  uint32_t x, y, z, w;
+};
+
+FUSEDLM_HD uint32_t mulhilo32(uint32_t a, uint32_t b, uint32_t* hi) {
+  const uint64_t product = static_cast<uint64_t>(a) * b;
+  *hi = static_cast<uint32_t>(product >> 32);
+  return static_cast<uint32_t>(product);
+}
+
+// Ten rounds of Philox4x32 on `counter` with a 64-bit key.
+FUSEDLM_HD Uint4 philox4x32_10(Uint4 counter, uint64_t key64) {
+  constexpr uint32_t kMul0 = 0xD2511F53u, kMul1 = 0xCD9E8D57u;
+  constexpr uint32_t kWeyl0 = 0x9E3779B9u, kWeyl1 = 0xBB67AE85u;
+  uint32_t k0 = static_cast<uint32_t>(key64), k1 = static_cast<uint32_t>(key64 >> 32);
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int round = 0; round < 10; ++round) {
+    uint32_t hi0, hi1;
+    const uint32_t lo0 = mulhilo32(kMul0, counter.x, &hi0);
+    const uint32_t lo1 = mulhilo32(kMul1, counter.z, &hi1);
+    counter = Uint4{hi1 ^ counter.y ^ k0, lo1, hi0 ^ counter.w ^ k1, lo0};
+    k0 += kWeyl0;
+    k1 += kWeyl1;
+  }
+  return counter;
+}
+
+// Four uniforms in the open interval (0, 1) with 24 random bits each, for vocab entries
+// 4*group .. 4*group+3 of a row keyed by (seed, offset).
+FUSEDLM_HD Uint4 philox_block(uint64_t seed, uint64_t offset, uint64_t group) {
+  const Uint4 counter{static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32),
+                      static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32)};
+  return philox4x32_10(counter, seed);
+}
+
+FUSEDLM_HD float bits_to_open_unit(uint32_t bits) {
+  // (bits >> 8) in [0, 2^24); +0.5 keeps the result strictly inside (0, 1).
+  return (static_cast<float>(bits >> 8) + 0.5f) * (1.0f / 16777216.0f);
+}
+
+}  // namespace fusedlm
+
+namespace fusedlm {
+// Standard Gumbel noise -log(-log(u)); accurate logf on both host and device, so CPU and
+// CUDA agree to float rounding.
+FUSEDLM_HD float gumbel_from_bits(uint32_t bits) {
+  return -logf(-logf(bits_to_open_unit(bits)));
+}
+}  // namespace fusedlm

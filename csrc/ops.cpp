@@ -1,0 +1,214 @@
+// Op schemas (defined once) and the CPU implementations of every fusedlm op.
+// The CUDA implementations live in ops_cuda.cpp and are compiled only in CUDA builds.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <limits>
+
+#include "cce/cce_cpu.h"
+#include "checks.h"
+#include "sampling/sampling_cpu.h"
+
+extern "C" PyObject* PyInit__C(void) {
+  // The ops live in the dispatcher; the Python module itself is empty.
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+namespace fusedlm {
+namespace {
+
+// CPU math runs in float64 for float64 inputs and float32 otherwise.
+at::ScalarType cpu_compute_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+void check_targets_in_range(const at::Tensor& targets, int64_t V, int64_t ignore_index) {
+  const int64_t* y = targets.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < targets.numel(); ++i) {
+    TORCH_CHECK_INDEX(y[i] == ignore_index || (y[i] >= 0 && y[i] < V), "cce: targets[", i,
+                      "] = ", y[i], " is outside [0, V=", V, ") and is not ignore_index (",
+                      ignore_index, ")");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_forward_cpu(
+    const at::Tensor& e, const at::Tensor& c, const at::Tensor& targets,
+    const std::optional<at::Tensor>& bias, double softcap, int64_t ignore_index) {
+  check_cce_inputs(e, c, targets, bias);
+  TORCH_CHECK_VALUE(softcap >= 0, "cce: softcap must be >= 0 (0 = off), got ", softcap);
+  const auto ct = cpu_compute_type(e);
+  const at::Tensor e_c = e.to(ct).contiguous(), c_c = c.to(ct).contiguous();
+  const at::Tensor y = targets.to(at::kLong).contiguous();
+  const at::Tensor b_c = bias.has_value() ? bias->to(ct).contiguous() : at::Tensor();
+  const int64_t N = e.size(0), D = e.size(1), V = c.size(0);
+  check_targets_in_range(y, V, ignore_index);
+  auto lse = at::empty({N}, e.options().dtype(ct));
+  auto target_logit = at::empty({N}, e.options().dtype(ct));
+  auto logit_sum = at::empty({N}, e.options().dtype(ct));
+  if (N > 0) {
+    TORCH_CHECK_VALUE(V > 0, "cce: the vocabulary (c) is empty");
+  }
+  AT_DISPATCH_FLOATING_TYPES(ct, "cce_forward_cpu", [&] {
+    const scalar_t* b_ptr = bias.has_value() ? b_c.const_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      cce_cpu::forward_rows<scalar_t>(
+          e_c.const_data_ptr<scalar_t>(), c_c.const_data_ptr<scalar_t>(), b_ptr,
+          y.const_data_ptr<int64_t>(), D, V, static_cast<scalar_t>(softcap), ignore_index, begin,
+          end, lse.mutable_data_ptr<scalar_t>(), target_logit.mutable_data_ptr<scalar_t>(),
+          logit_sum.mutable_data_ptr<scalar_t>());
+    });
+  });
+  return {lse, target_logit, logit_sum};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cpu(
+    const at::Tensor& e, const at::Tensor& c, const at::Tensor& targets,
+    const std::optional<at::Tensor>& bias, const at::Tensor& lse, const at::Tensor& grad_lse,
+    const at::Tensor& grad_target, const at::Tensor& grad_sum, double softcap, double filter_eps,
+    bool accum_fp32) {
+  (void)accum_fp32;  // the CPU always accumulates in float32 (float64 for float64 inputs)
+  check_cce_inputs(e, c, targets, bias);
+  const int64_t N = e.size(0), D = e.size(1), V = c.size(0);
+  for (const auto& [t, name] : {std::pair{&lse, "lse"}, {&grad_lse, "grad_lse"},
+                                {&grad_target, "grad_target"}, {&grad_sum, "grad_sum"}}) {
+    check_per_row(*t, name, N, e);
+  }
+  const auto ct = cpu_compute_type(e);
+  const at::Tensor e_c = e.to(ct).contiguous(), c_c = c.to(ct).contiguous();
+  const at::Tensor b_c = bias.has_value() ? bias->to(ct).contiguous() : at::Tensor();
+  const at::Tensor y = targets.to(at::kLong).contiguous();
+  const at::Tensor lse_c = lse.to(ct).contiguous(), ga = grad_lse.to(ct).contiguous(),
+                   gt = grad_target.to(ct).contiguous(), gs = grad_sum.to(ct).contiguous();
+  auto grad_e = at::empty({N, D}, e.options().dtype(ct));
+  auto grad_c = at::empty({V, D}, e.options().dtype(ct));
+  auto grad_bias = at::empty({bias.has_value() ? V : 0}, e.options().dtype(ct));
+  AT_DISPATCH_FLOATING_TYPES(ct, "cce_backward_cpu", [&] {
+    const auto eps = static_cast<scalar_t>(filter_eps);
+    const auto cap = static_cast<scalar_t>(softcap);
+    const scalar_t* b_ptr = bias.has_value() ? b_c.const_data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      cce_cpu::backward_e_rows<scalar_t>(
+          e_c.const_data_ptr<scalar_t>(), c_c.const_data_ptr<scalar_t>(), b_ptr,
+          y.const_data_ptr<int64_t>(), lse_c.const_data_ptr<scalar_t>(),
+          ga.const_data_ptr<scalar_t>(), gt.const_data_ptr<scalar_t>(),
+          gs.const_data_ptr<scalar_t>(), D, V, cap, eps, begin, end,
+          grad_e.mutable_data_ptr<scalar_t>());
+    });
+    at::parallel_for(0, V, 1, [&](int64_t begin, int64_t end) {
+      cce_cpu::backward_c_rows<scalar_t>(
+          e_c.const_data_ptr<scalar_t>(), c_c.const_data_ptr<scalar_t>(), b_ptr,
+          y.const_data_ptr<int64_t>(), lse_c.const_data_ptr<scalar_t>(),
+          ga.const_data_ptr<scalar_t>(), gt.const_data_ptr<scalar_t>(),
+          gs.const_data_ptr<scalar_t>(), N, D, cap, eps, begin, end,
+          grad_c.mutable_data_ptr<scalar_t>(),
+          bias.has_value() ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr);
+    });
+  });
+  return {grad_e.to(e.scalar_type()), grad_c.to(c.scalar_type()),
+          bias.has_value() ? grad_bias.to(bias->scalar_type()) : grad_bias.to(c.scalar_type())};
+}
+
+void check_temperatures_cpu(const at::Tensor& temperature) {
+  const float* tau = temperature.const_data_ptr<float>();
+  for (int64_t b = 0; b < temperature.numel(); ++b) {
+    TORCH_CHECK_VALUE(tau[b] >= 0.0f, "sample: temperature[", b, "] = ", tau[b],
+                      " is negative or NaN; use 0 for greedy decoding");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
+    const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& seed,
+    const at::Tensor& offset, const std::optional<at::Tensor>& top_k,
+    const std::optional<at::Tensor>& top_p, const std::optional<at::Tensor>& min_p) {
+  check_sample_inputs(logits, temperature, seed, offset);
+  const int64_t B = logits.size(0), V = logits.size(1);
+  const at::Tensor l = logits.to(at::kFloat).contiguous();
+  const at::Tensor tau = temperature.contiguous();
+  check_temperatures_cpu(tau);
+  const at::Tensor seeds = seed.contiguous(), offsets = offset.contiguous();
+  auto per_row = [&](const std::optional<at::Tensor>& t, const char* name, at::ScalarType dt) {
+    if (!t.has_value()) return at::Tensor();
+    check_per_row(*t, name, B, logits);
+    TORCH_CHECK_VALUE(t->scalar_type() == dt, name, " must be ", dt, ", got ", t->scalar_type());
+    return t->contiguous();
+  };
+  const at::Tensor k_t = per_row(top_k, "sample: top_k", at::kLong);
+  const at::Tensor p_t = per_row(top_p, "sample: top_p", at::kFloat);
+  const at::Tensor mp_t = per_row(min_p, "sample: min_p", at::kFloat);
+  auto tokens = at::empty({B}, logits.options().dtype(at::kLong));
+  auto logprob = at::empty({B}, logits.options().dtype(at::kFloat));
+  auto raw_logprob = at::empty({B}, logits.options().dtype(at::kFloat));
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t k = k_t.defined() ? k_t.const_data_ptr<int64_t>()[b] : 0;
+      const double p = p_t.defined() ? p_t.const_data_ptr<float>()[b] : 1.0;
+      const double mp = mp_t.defined() ? mp_t.const_data_ptr<float>()[b] : 0.0;
+      const auto r = sampling_cpu::sample_row(
+          l.const_data_ptr<float>() + b * V, V, tau.const_data_ptr<float>()[b],
+          static_cast<uint64_t>(seeds.const_data_ptr<int64_t>()[b]),
+          static_cast<uint64_t>(offsets.const_data_ptr<int64_t>()[b]), k, p, mp);
+      tokens.mutable_data_ptr<int64_t>()[b] = r.token;
+      logprob.mutable_data_ptr<float>()[b] = static_cast<float>(r.logprob);
+      raw_logprob.mutable_data_ptr<float>()[b] = static_cast<float>(r.raw_logprob);
+    }
+  });
+  return {tokens, logprob, raw_logprob};
+}
+
+at::Tensor temperature_logprobs_cpu(const at::Tensor& logits, const at::Tensor& tokens,
+                                    const at::Tensor& temperatures) {
+  TORCH_CHECK_VALUE(logits.dim() == 2, "temperature_logprobs: logits must be [B, V], got ",
+                    logits.sizes());
+  const int64_t B = logits.size(0), V = logits.size(1);
+  check_per_row(tokens, "temperature_logprobs: tokens", B, logits);
+  TORCH_CHECK_VALUE(tokens.scalar_type() == at::kLong, "temperature_logprobs: tokens must be int64");
+  TORCH_CHECK_VALUE(temperatures.dim() == 1 && temperatures.scalar_type() == at::kFloat,
+                    "temperature_logprobs: temperatures must be a 1-D float32 tensor");
+  const at::Tensor l = logits.to(at::kFloat).contiguous(), y = tokens.contiguous();
+  const at::Tensor taus = temperatures.contiguous();
+  check_temperatures_cpu(taus);
+  const int64_t K = taus.numel();
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t t = y.const_data_ptr<int64_t>()[b];
+    TORCH_CHECK_INDEX(t >= 0 && t < V, "temperature_logprobs: tokens[", b, "] = ", t,
+                      " is outside [0, ", V, ")");
+  }
+  auto out = at::empty({B, K}, logits.options().dtype(at::kDouble));
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      sampling_cpu::temperature_logprobs_row(l.const_data_ptr<float>() + b * V, V,
+                                             y.const_data_ptr<int64_t>()[b],
+                                             taus.const_data_ptr<float>(), K,
+                                             out.mutable_data_ptr<double>() + b * K);
+    }
+  });
+  return out.to(at::kFloat);
+}
+
+}  // namespace
+}  // namespace fusedlm
+
+TORCH_LIBRARY(fusedlm, m) {
+  m.def(
+      "cce_forward(Tensor e, Tensor c, Tensor targets, Tensor? bias, float softcap, "
+      "int ignore_index) -> (Tensor lse, Tensor target_logit, Tensor logit_sum)");
+  m.def(
+      "cce_backward(Tensor e, Tensor c, Tensor targets, Tensor? bias, Tensor lse, "
+      "Tensor grad_lse, Tensor grad_target, Tensor grad_sum, float softcap, float filter_eps, "
+      "bool accum_fp32) -> (Tensor grad_e, Tensor grad_c, Tensor grad_bias)");
+  m.def(
+      "sample(Tensor logits, Tensor temperature, Tensor seed, Tensor offset, Tensor? top_k, "
+      "Tensor? top_p, Tensor? min_p) -> (Tensor tokens, Tensor logprob, Tensor raw_logprob)");
+  m.def("temperature_logprobs(Tensor logits, Tensor tokens, Tensor temperatures) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fusedlm, CPU, m) {
+  m.impl("cce_forward", &fusedlm::cce_forward_cpu);
+  m.impl("cce_backward", &fusedlm::cce_backward_cpu);
+  m.impl("sample", &fusedlm::sample_cpu);
+  m.impl("temperature_logprobs", &fusedlm::temperature_logprobs_cpu);
+}

@@ -1,0 +1,136 @@
+// Temperature sampling reference kernels for the CPU. ATen-free.
+//
+// Semantics shared with the CUDA kernel (see python/fusedlm/sampling.py for the user docs):
+//  * tau == 0: exact argmax of the logits, lowest index on ties.
+//  * tau > 0: the processed distribution is softmax(l / tau) restricted to the entries with
+//    l >= threshold, where the threshold combines top-k, top-p and min-p (applied in that
+//    order on the tempered distribution; ties at a threshold are all kept). The token is the
+//    Gumbel-max argmax of l_v + tau * g_v over kept entries, g_v drawn by Philox from
+//    (seed, offset, v): the same key gives the same token on any batch position.
+//  * A row whose logits are all -inf returns token 0 and NaN log-probs.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <vector>
+
+#include "../common/philox.h"
+
+namespace fusedlm {
+namespace sampling_cpu {
+
+struct RowResult {
+  int64_t token;
+  double logprob;      // under the processed (tempered, truncated) distribution
+  double raw_logprob;  // under softmax(l), tau = 1, no truncation
+};
+
+inline double log_sum_exp(const float* l, int64_t V, double scale, double threshold,
+                          double max_value) {
+  double sum = 0;
+  for (int64_t v = 0; v < V; ++v) {
+    if (l[v] >= threshold) sum += std::exp((l[v] - max_value) * scale);
+  }
+  return std::log(sum);
+}
+
+// Smallest logit value still kept after top-k, top-p and min-p (-inf: keep everything).
+inline double truncation_threshold(const float* l, int64_t V, double tau, int64_t top_k,
+                                   double top_p, double min_p, double max_value) {
+  double threshold = -std::numeric_limits<double>::infinity();
+  std::vector<float> kept;
+  if (top_k > 0 && top_k < V) {
+    kept.assign(l, l + V);
+    std::nth_element(kept.begin(), kept.begin() + (top_k - 1), kept.end(), std::greater<float>());
+    threshold = kept[top_k - 1];
+  }
+  if (top_p < 1.0) {
+    kept.clear();
+    for (int64_t v = 0; v < V; ++v)
+      if (l[v] >= threshold) kept.push_back(l[v]);
+    std::sort(kept.begin(), kept.end(), std::greater<float>());
+    double total = 0;
+    for (float x : kept) total += std::exp((x - max_value) / tau);
+    double cumulative = 0;
+    for (float x : kept) {
+      cumulative += std::exp((x - max_value) / tau);
+      if (cumulative >= top_p * total) {
+        threshold = std::max<double>(threshold, x);
+        break;
+      }
+    }
+  }
+  if (min_p > 0) {
+    // p_v >= min_p * p_max  <=>  l_v >= max + tau * log(min_p)
+    threshold = std::max(threshold, max_value + tau * std::log(min_p));
+  }
+  return threshold;
+}
+
+inline RowResult sample_row(const float* l, int64_t V, float tau, uint64_t seed, uint64_t offset,
+                            int64_t top_k, double top_p, double min_p) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  int64_t argmax = 0;
+  float max_value = l[0];
+  for (int64_t v = 1; v < V; ++v) {
+    if (l[v] > max_value) {
+      max_value = l[v];
+      argmax = v;
+    }
+  }
+  if (max_value == -std::numeric_limits<float>::infinity()) return {0, nan, nan};
+  const double raw_lse = max_value + log_sum_exp(l, V, 1.0, -INFINITY, max_value);
+  if (tau == 0.0f) return {argmax, 0.0, l[argmax] - raw_lse};
+
+  const double threshold = truncation_threshold(l, V, tau, top_k, top_p, min_p, max_value);
+  int64_t token = -1;
+  float best_key = -std::numeric_limits<float>::infinity();
+  for (int64_t group = 0; group * 4 < V; ++group) {
+    const Uint4 bits = philox_block(seed, offset, static_cast<uint64_t>(group));
+    const uint32_t lane_bits[4] = {bits.x, bits.y, bits.z, bits.w};
+    for (int lane = 0; lane < 4; ++lane) {
+      const int64_t v = group * 4 + lane;
+      if (v >= V || !(l[v] >= threshold)) continue;
+      const float noise = tau * gumbel_from_bits(lane_bits[lane]);
+      const float key = l[v] + noise;
+      if (token < 0 || key > best_key) {
+        best_key = key;
+        token = v;
+      }
+    }
+  }
+  const double processed_lse = log_sum_exp(l, V, 1.0 / tau, threshold, max_value);
+  return {token, (l[token] - max_value) / tau - processed_lse, l[token] - raw_lse};
+}
+
+// log p(token | tau_k) for K temperatures in one pass over the row (shared max, K sums).
+// tau_k == 0 gives 0 when the token is the (lowest-index) argmax and -inf otherwise.
+inline void temperature_logprobs_row(const float* l, int64_t V, int64_t token, const float* taus,
+                                     int64_t K, double* out) {
+  int64_t argmax = 0;
+  float max_value = l[0];
+  for (int64_t v = 1; v < V; ++v) {
+    if (l[v] > max_value) {
+      max_value = l[v];
+      argmax = v;
+    }
+  }
+  std::vector<double> sums(K, 0.0);
+  for (int64_t v = 0; v < V; ++v) {
+    const double centred = static_cast<double>(l[v]) - max_value;
+    for (int64_t k = 0; k < K; ++k)
+      if (taus[k] > 0) sums[k] += std::exp(centred / taus[k]);
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    if (taus[k] > 0) {
+      out[k] = (static_cast<double>(l[token]) - max_value) / taus[k] - std::log(sums[k]);
+    } else {
+      out[k] = (token == argmax) ? 0.0 : -std::numeric_limits<double>::infinity();
+    }
+  }
+}
+
+}  // namespace sampling_cpu
+}  // namespace fusedlm

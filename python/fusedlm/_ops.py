@@ -1,0 +1,44 @@
+"""Fake (meta) implementations of every fusedlm op, so the ops trace under torch.compile
+and FakeTensor without running, and thin typed wrappers over ``torch.ops.fusedlm``."""
+import torch
+from torch import Tensor
+
+ops = torch.ops.fusedlm
+
+
+def _stat_dtype(e: Tensor) -> torch.dtype:
+    # Per-token statistics are float32 (float64 when the inputs are float64).
+    return torch.float64 if e.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("fusedlm::cce_forward")
+def _cce_forward_fake(e, c, targets, bias, softcap, ignore_index):
+    torch._check(e.dim() == 2 and c.dim() == 2 and targets.dim() == 1)
+    torch._check(e.shape[1] == c.shape[1])
+    torch._check(targets.shape[0] == e.shape[0])
+    n = e.shape[0]
+    dt = _stat_dtype(e)
+    return e.new_empty(n, dtype=dt), e.new_empty(n, dtype=dt), e.new_empty(n, dtype=dt)
+
+
+@torch.library.register_fake("fusedlm::cce_backward")
+def _cce_backward_fake(e, c, targets, bias, lse, grad_lse, grad_target, grad_sum, softcap,
+                       filter_eps, accum_fp32):
+    torch._check(e.shape[1] == c.shape[1])
+    grad_bias = (bias.new_empty(bias.shape) if bias is not None
+                 else c.new_empty(0))
+    return e.new_empty(e.shape), c.new_empty(c.shape), grad_bias
+
+
+@torch.library.register_fake("fusedlm::sample")
+def _sample_fake(logits, temperature, seed, offset, top_k, top_p, min_p):
+    torch._check(logits.dim() == 2)
+    b = logits.shape[0]
+    return (logits.new_empty(b, dtype=torch.int64), logits.new_empty(b, dtype=torch.float32),
+            logits.new_empty(b, dtype=torch.float32))
+
+
+@torch.library.register_fake("fusedlm::temperature_logprobs")
+def _temperature_logprobs_fake(logits, tokens, temperatures):
+    torch._check(logits.dim() == 2 and temperatures.dim() == 1)
+    return logits.new_empty(logits.shape[0], temperatures.shape[0], dtype=torch.float32)

@@ -1,0 +1,265 @@
+"""Cut Cross-Entropy: the cross-entropy of ``e @ c.T (+ bias)`` without materialising the
+[N, V] logits.
+
+The op computes three per-token statistics in one pass over the vocabulary: the
+log-sum-exp of the logits, the target logit and the sum of the logits. Every loss option
+(ignore_index, reductions, label smoothing, z-loss, softcap, returning the LSE) is a small
+expression of those statistics, so autograd hands the backward op exactly three per-token
+coefficients and the backward kernel recomputes logit tiles and forms
+``dz = grad_lse * softmax + grad_target * onehot + grad_sum`` on the fly.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from ._ops import ops
+
+__all__ = ["linear_cross_entropy", "LinearCrossEntropy", "cce_statistics", "resolve_filter_eps"]
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def resolve_filter_eps(filter_eps: Union[str, float, None], dtype: torch.dtype) -> float:
+    """Gradient-filter threshold as passed to the backward kernel; -1.0 means exact.
+
+    ``"auto"`` follows apple's CCE: ``finfo(dtype).eps / 32`` (2^-12 for bfloat16, 2^-15 for
+    float16, 2^-28 for float32): softmax entries below it would round away when added to a
+    value of order one in that dtype.
+    """
+    if filter_eps is None:
+        return -1.0
+    if isinstance(filter_eps, str):
+        if filter_eps != "auto":
+            raise ValueError(f'filter_eps must be "auto", None or a float >= 0, got {filter_eps!r}')
+        return torch.finfo(dtype).eps / 32
+    filter_eps = float(filter_eps)
+    if not filter_eps >= 0:
+        raise ValueError(f"filter_eps must be >= 0, got {filter_eps}")
+    return filter_eps
+
+
+class _CCEStatistics(torch.autograd.Function):
+    """(lse, target_logit, logit_sum) per token, differentiable w.r.t. e, c and bias."""
+
+    @staticmethod
+    def forward(ctx, e, c, targets, bias, softcap, ignore_index, filter_eps, accum_fp32,
+                uses_logit_sum):
+        lse, target_logit, logit_sum = ops.cce_forward(e, c, targets, bias, softcap, ignore_index)
+        ctx.save_for_backward(e, c, targets, bias, lse)
+        ctx.options = (softcap, filter_eps, accum_fp32, uses_logit_sum)
+        ctx.mark_non_differentiable(targets)
+        return lse, target_logit, logit_sum
+
+    @staticmethod
+    def backward(ctx, grad_lse, grad_target, grad_sum):
+        e, c, targets, bias, lse = ctx.saved_tensors
+        softcap, filter_eps, accum_fp32, uses_logit_sum = ctx.options
+        uniform_outside = False
+        if filter_eps >= 0 and uses_logit_sum:
+            if softcap == 0.0:
+                # The grad_sum term touches every logit; the filter would drop it on skipped
+                # tiles. Without a softcap it separates exactly, so add it here instead.
+                uniform_outside = True
+            else:
+                filter_eps = -1.0  # softcap + label smoothing: no filtering (exact)
+        kernel_grad_sum = torch.zeros_like(grad_sum) if uniform_outside else grad_sum
+        grad_e, grad_c, grad_bias = ops.cce_backward(
+            e, c, targets, bias, lse, grad_lse.to(lse.dtype), grad_target.to(lse.dtype),
+            kernel_grad_sum.to(lse.dtype), softcap, filter_eps, accum_fp32)
+        if uniform_outside:
+            g = grad_sum.to(lse.dtype)
+            acc = torch.float64 if lse.dtype == torch.float64 else torch.float32
+            grad_e = (grad_e.to(acc) + g[:, None] * c.to(acc).sum(0)).to(e.dtype)
+            grad_c = (grad_c.to(acc) + (g @ e.to(acc))[None, :]).to(c.dtype)
+            if bias is not None:
+                grad_bias = (grad_bias.to(acc) + g.sum()).to(bias.dtype)
+        return (grad_e, grad_c, None, grad_bias if bias is not None else None,
+                None, None, None, None, None)
+
+
+def cce_statistics(e: Tensor, c: Tensor, targets: Tensor, bias: Optional[Tensor] = None, *,
+                   softcap: Optional[float] = None, ignore_index: int = -100,
+                   filter_eps: Union[str, float, None] = "auto", accum_fp32: bool = False,
+                   uses_logit_sum: bool = True):
+    """Differentiable per-token ``(lse, target_logit, logit_sum)`` of ``e @ c.T + bias``
+    (after softcap) for 2-D ``e`` [N, D]; building block of :func:`linear_cross_entropy`
+    and of the vocabulary-parallel loss. ``target_logit`` is 0 where ``targets ==
+    ignore_index``."""
+    return _CCEStatistics.apply(e, c, targets, bias, float(softcap or 0.0), int(ignore_index),
+                                resolve_filter_eps(filter_eps, e.dtype), bool(accum_fp32),
+                                bool(uses_logit_sum))
+
+
+def _check_inputs(e, c, targets, bias, reduction, softcap, label_smoothing, z_loss):
+    if not isinstance(e, Tensor) or not isinstance(c, Tensor) or not isinstance(targets, Tensor):
+        raise TypeError("linear_cross_entropy: e, c and targets must be tensors")
+    if e.dim() < 1:
+        raise ValueError(f"e must have shape (..., D), got {tuple(e.shape)}")
+    if c.dim() != 2:
+        raise ValueError(f"c (the classifier) must have shape (V, D), got {tuple(c.shape)}")
+    if e.shape[-1] != c.shape[1]:
+        raise ValueError(f"e (..., D={e.shape[-1]}) and c (V, D={c.shape[1]}) disagree on D")
+    if tuple(targets.shape) != tuple(e.shape[:-1]):
+        raise ValueError(f"targets must have shape {tuple(e.shape[:-1])} (e's leading dims), "
+                         f"got {tuple(targets.shape)}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"targets must be int64 or int32, got {targets.dtype}")
+    if not e.is_floating_point() or not c.is_floating_point():
+        raise TypeError(f"e and c must be floating point, got {e.dtype} and {c.dtype}")
+    if e.dtype != c.dtype:
+        raise TypeError(f"e and c must share a dtype, got {e.dtype} and {c.dtype} "
+                        "(cast one, or run under torch.autocast)")
+    if not (e.device == c.device == targets.device):
+        raise ValueError(f"e, c and targets must be on one device, got {e.device}, {c.device}, "
+                         f"{targets.device}")
+    if bias is not None:
+        if bias.shape != (c.shape[0],):
+            raise ValueError(f"bias must have shape ({c.shape[0]},), got {tuple(bias.shape)}")
+        if bias.dtype != c.dtype or bias.device != c.device:
+            raise TypeError(f"bias must match c ({c.dtype} on {c.device}), got {bias.dtype} on "
+                            f"{bias.device}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be None or > 0, got {softcap}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    if not z_loss >= 0.0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+
+
+def _debug_check_targets(targets: Tensor, vocab: int, ignore_index: int) -> None:
+    # Synchronous on GPUs, so only with FUSEDLM_CHECK_TARGETS=1; the CPU op always checks.
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+    if bool(bad.any()):
+        idx = int(bad.nonzero()[0, 0])
+        raise IndexError(f"targets[{idx}] = {int(targets[idx])} is outside [0, V={vocab}) and "
+                         f"is not ignore_index ({ignore_index})")
+
+
+def _shift_targets(targets: Tensor, ignore_index: int) -> Tensor:
+    """Position t predicts token t+1: shift left along the last (sequence) dim and mark the
+    final position ignored. Only the O(N) targets move; e is never copied."""
+    pad = torch.full_like(targets[..., :1], ignore_index)
+    return torch.cat([targets[..., 1:], pad], dim=-1)
+
+
+def linear_cross_entropy(
+    e: Tensor,
+    c: Tensor,
+    targets: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    softcap: Optional[float] = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    shift: bool = False,
+    filter_eps: Union[str, float, None] = "auto",
+    accum_fp32: bool = False,
+    return_lse: bool = False,
+    process_group=None,
+):
+    """Cross-entropy of the logits ``e @ c.T + bias`` without materialising them.
+
+    Args:
+        e: hidden states, shape ``(..., D)``.
+        c: classifier (un-embedding) weight, shape ``(V, D)``; same dtype as ``e``.
+        targets: class indices, shape ``e.shape[:-1]``, int64/int32.
+        bias: optional ``(V,)`` bias.
+        ignore_index: targets equal to it contribute no loss and no gradient.
+        reduction: ``"mean"`` (over non-ignored tokens; NaN when all are ignored, as in
+            ``F.cross_entropy``), ``"sum"`` or ``"none"`` (shape ``e.shape[:-1]``, 0 at
+            ignored positions).
+        softcap: if set, logits become ``softcap * tanh(logits / softcap)`` (Gemma 2/3).
+        label_smoothing: as in ``F.cross_entropy``: ``(1-s) * nll + s * mean_v(-log p_v)``.
+        z_loss: adds ``z_loss * lse**2`` per token (PaLM's z-loss).
+        shift: position ``t`` predicts ``targets[..., t+1]`` (causal LM labels); the last
+            position of every sequence is ignored. Only the targets are shifted: no copy of e.
+        filter_eps: backward gradient filter. Logit tiles whose softmax entries are all below
+            it (and that hold no target) are skipped. ``"auto"`` = ``finfo(dtype).eps / 32``
+            (2^-12 bf16, 2^-15 fp16), ``None`` = exact gradients. The loss is never filtered.
+            The CPU kernel filters per element, the CUDA kernel per tile. With label smoothing
+            and a softcap together filtering is turned off (the smoothing term is dense).
+        accum_fp32: CUDA only: accumulate ``dE`` across vocabulary chunks in float32
+            (``dC`` always accumulates in float32 registers). The CPU accumulates in float32
+            (float64 for float64 inputs) always.
+        return_lse: also return the per-token log-sum-exp (differentiable), shape
+            ``e.shape[:-1]``.
+        process_group: vocabulary-parallel mode: ``c`` (and ``bias``) hold this rank's
+            contiguous shard of the vocabulary and ``targets`` are global ids; see
+            :func:`fusedlm.parallel.vocab_parallel_linear_cross_entropy`.
+
+    Returns:
+        The loss in float32 (float64 for float64 inputs), and the LSE if ``return_lse``.
+
+    Memory: the forward keeps O(N) floats beyond its inputs; see the README for the CUDA
+    backward's bounded workspace. No host synchronisation happens on the hot path (set
+    ``FUSEDLM_CHECK_TARGETS=1`` to validate CUDA targets eagerly, which synchronises).
+    """
+    if process_group is not None:
+        from .parallel import vocab_parallel_linear_cross_entropy
+
+        return vocab_parallel_linear_cross_entropy(
+            e, c, targets, bias, process_group=process_group, ignore_index=ignore_index,
+            reduction=reduction, softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss,
+            shift=shift, filter_eps=filter_eps, accum_fp32=accum_fp32, return_lse=return_lse)
+    if torch.is_autocast_enabled(e.device.type):
+        dt = torch.get_autocast_dtype(e.device.type)
+        e, c = e.to(dt), c.to(dt)
+        bias = bias.to(dt) if bias is not None else None
+    _check_inputs(e, c, targets, bias, reduction, softcap, label_smoothing, z_loss)
+    batch_shape = e.shape[:-1]
+    if shift:
+        targets = _shift_targets(targets, ignore_index)
+    e2 = e.reshape(-1, e.shape[-1])
+    y = targets.reshape(-1).to(torch.int64)
+    if y.device.type != "cpu" and os.environ.get("FUSEDLM_CHECK_TARGETS", "0") == "1":
+        _debug_check_targets(y, c.shape[0], ignore_index)
+
+    lse, target_logit, logit_sum = cce_statistics(
+        e2, c, y, bias, softcap=softcap, ignore_index=ignore_index, filter_eps=filter_eps,
+        accum_fp32=accum_fp32, uses_logit_sum=label_smoothing > 0)
+    valid = y != ignore_index
+    nll = lse - target_logit
+    if label_smoothing > 0:
+        smooth = lse - logit_sum / c.shape[0]
+        per_token = (1.0 - label_smoothing) * nll + label_smoothing * smooth
+    else:
+        per_token = nll
+    if z_loss > 0:
+        per_token = per_token + z_loss * lse.square()
+    per_token = torch.where(valid, per_token, torch.zeros_like(per_token))
+
+    if reduction == "none":
+        loss = per_token.reshape(batch_shape)
+    elif reduction == "sum":
+        loss = per_token.sum()
+    else:
+        loss = per_token.sum() / valid.sum().to(per_token.dtype)
+    if return_lse:
+        return loss, lse.reshape(batch_shape)
+    return loss
+
+
+class LinearCrossEntropy(torch.nn.Module):
+    """Module form of :func:`linear_cross_entropy`; keyword options are fixed at init.
+
+    >>> loss_fn = LinearCrossEntropy(reduction="sum", softcap=30.0)
+    >>> loss = loss_fn(hidden, lm_head.weight, labels)  # doctest: +SKIP
+    """
+
+    def __init__(self, **options):
+        super().__init__()
+        self.options = options
+
+    def forward(self, e: Tensor, c: Tensor, targets: Tensor, bias: Optional[Tensor] = None):
+        return linear_cross_entropy(e, c, targets, bias, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

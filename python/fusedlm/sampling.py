@@ -1,0 +1,142 @@
+"""Temperature sampling in one pass over the logits, with a per-row temperature.
+
+``sample`` draws token ``argmax_v(l_v + tau * g_v)`` over the kept vocabulary, where ``g_v``
+is standard Gumbel noise from Philox keyed by the row's ``(seed, offset)`` and the vocab
+index. That is an exact sample from ``softmax(l / tau)`` (the Gumbel-max trick), and
+``tau = 0`` is an exact argmax (lowest index on ties), never a uniform draw or a NaN.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+from ._ops import ops
+
+__all__ = ["sample", "temperature_logprobs"]
+
+_SEED_HIGH = 2**62
+
+
+def _per_row(value, batch: int, device, dtype, name: str, check) -> Optional[Tensor]:
+    if value is None:
+        return None
+    if isinstance(value, Tensor):
+        if value.shape != (batch,):
+            raise ValueError(f"{name} must be a scalar or a ({batch},) tensor, got shape "
+                             f"{tuple(value.shape)}")
+        if value.device != device:
+            raise ValueError(f"{name} is on {value.device} but logits are on {device}")
+        return value.to(dtype)
+    check(value)
+    return torch.full((batch,), value, dtype=dtype, device=device)
+
+
+def _check_temperature(t: float) -> None:
+    if not t >= 0:  # also rejects NaN
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {t}")
+
+
+def _check_top_k(k: int) -> None:
+    if int(k) != k or k < 0:
+        raise ValueError(f"top_k must be a non-negative integer (0 = off), got {k}")
+
+
+def _check_top_p(p: float) -> None:
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {p}")
+
+
+def _check_min_p(p: float) -> None:
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"min_p must be in [0, 1] (0 = off), got {p}")
+
+
+def _row_seeds(seed, batch: int, device, generator) -> Tensor:
+    if seed is None:
+        # Draw from torch's generator (torch.manual_seed / generator= are respected); the
+        # draw stays on the device, so this is CUDA-graph safe and needs no host sync.
+        return torch.randint(0, _SEED_HIGH, (batch,), device=device, generator=generator)
+    if isinstance(seed, Tensor):
+        if seed.shape != (batch,):
+            raise ValueError(f"seed tensor must have shape ({batch},), got {tuple(seed.shape)}")
+        if seed.device != device:
+            raise ValueError(f"seed is on {seed.device} but logits are on {device}")
+        return seed.to(torch.int64)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be None, an int or an int64 tensor, got {type(seed)}")
+    # One int for the batch: derive distinct per-row streams, so identical rows do not draw
+    # identical tokens. Pass a seed tensor for position-independent per-row seeds.
+    rows = torch.arange(batch, device=device, dtype=torch.int64)
+    return (rows * 0x5851F42D4C957F2D + seed) & (_SEED_HIGH - 1)
+
+
+def sample(
+    logits: Tensor,
+    temperature: Union[float, Tensor],
+    *,
+    top_k: Union[int, Tensor, None] = None,
+    top_p: Union[float, Tensor, None] = None,
+    min_p: Union[float, Tensor, None] = None,
+    seed: Union[int, Tensor, None] = None,
+    offset: Union[int, Tensor, None] = None,
+    generator: Optional[torch.Generator] = None,
+    return_logprobs: bool = False,
+):
+    """Sample one token per row from ``softmax(logits / temperature)``.
+
+    Args:
+        logits: ``[B, V]`` float32, bfloat16 or float16 (read as is, no float32 copy on the
+            GPU). ``-inf`` entries are never drawn. A row of all ``-inf`` returns token 0 and
+            NaN log-probs.
+        temperature: a float or a ``[B]`` tensor; 0 = exact argmax (lowest index on ties).
+            Negative or NaN raises ``ValueError`` (for CUDA tensors the check runs inside
+            the kernel without a host sync: such rows return token 0 and NaN log-probs).
+        top_k, top_p, min_p: optional truncation, scalar or ``[B]``, applied in this order to
+            the tempered distribution (``top_k=0``, ``top_p=1``, ``min_p=0`` are off). Ties
+            at a truncation boundary are all kept.
+        seed: None (draw per-row seeds from ``generator`` / torch's default generator), an
+            int (per-row streams derived from it and the row index), or an int64 ``[B]``
+            tensor (a row's token then depends only on its logits, seed and offset, not on
+            its batch position).
+        offset: int or int64 ``[B]`` tensor selecting an independent stream for the same
+            seed (e.g. the decoding step). Default 0.
+        return_logprobs: also return the chosen token's log-prob under the processed
+            (tempered, truncated) distribution and under the raw ``softmax(logits)``.
+
+    Returns:
+        ``tokens`` (int64 ``[B]``), or ``(tokens, logprob, raw_logprob)``.
+    """
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        raise ValueError(f"logits must be a [B, V] tensor, got "
+                         f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits)}")
+    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    if logits.shape[1] == 0:
+        raise ValueError("logits must have at least one column")
+    batch, device = logits.shape[0], logits.device
+    tau = _per_row(temperature, batch, device, torch.float32, "temperature", _check_temperature)
+    k = _per_row(top_k, batch, device, torch.int64, "top_k", _check_top_k)
+    p = _per_row(top_p, batch, device, torch.float32, "top_p", _check_top_p)
+    mp = _per_row(min_p, batch, device, torch.float32, "min_p", _check_min_p)
+    seeds = _row_seeds(seed, batch, device, generator)
+    if offset is None:
+        offsets = torch.zeros(batch, dtype=torch.int64, device=device)
+    else:
+        offsets = _per_row(offset, batch, device, torch.int64, "offset", lambda o: None)
+    tokens, logprob, raw_logprob = ops.sample(logits, tau, seeds, offsets, k, p, mp)
+    if return_logprobs:
+        return tokens, logprob, raw_logprob
+    return tokens
+
+
+def temperature_logprobs(logits: Tensor, tokens: Tensor, temperatures: Union[Tensor, list]) -> Tensor:
+    """``log p(tokens[b] | softmax(logits[b] / temperatures[k]))`` for every row and all K
+    temperatures at once: ``[B, K]`` float32, one pass over the logits (shared max, K
+    running sums). ``tau = 0`` gives 0 if the token is the argmax and ``-inf`` otherwise.
+    Used by LPO's latent-temperature loss."""
+    if not isinstance(temperatures, Tensor):
+        temperatures = torch.tensor(list(temperatures), dtype=torch.float32)
+    temperatures = temperatures.to(device=logits.device, dtype=torch.float32)
+    return ops.temperature_logprobs(logits, tokens, temperatures)

@@ -1,0 +1,228 @@
+"""CPU tests of fusedlm.linear_cross_entropy against float64 references."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.library import opcheck
+
+import fusedlm
+from reference import reference_logits, reference_loss, reference_loss_from_logits, rel_err
+
+N, D, V = 37, 65, 1031
+
+
+def make_inputs(n=N, d=D, v=V, dtype=torch.float64, bias=False, ignore_frac=0.2, batch=None,
+                scale=1.0):
+    shape = (n,) if batch is None else (batch, n)
+    e = (torch.randn(*shape, d, dtype=torch.float64) * scale).to(dtype).requires_grad_()
+    c = (torch.randn(v, d, dtype=torch.float64) / d**0.25).to(dtype).requires_grad_()
+    b = torch.randn(v, dtype=torch.float64).to(dtype).requires_grad_() if bias else None
+    y = torch.randint(0, v, shape)
+    y[torch.rand(shape) < ignore_frac] = -100
+    return e, c, y, b
+
+
+OPTIONS = [
+    dict(),
+    dict(bias=True),
+    dict(softcap=4.0),
+    dict(label_smoothing=0.1),
+    dict(z_loss=1e-3),
+    dict(reduction="sum"),
+    dict(reduction="none"),
+    dict(shift=True, batch=3),
+    dict(bias=True, softcap=3.0, label_smoothing=0.2, z_loss=1e-2, reduction="none"),
+]
+
+
+def _split(opts):
+    opts = dict(opts)
+    make_kw = {k: opts.pop(k) for k in ("bias", "batch") if k in opts}
+    return make_kw, opts
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_matches_float64_reference(opts):
+    make_kw, loss_kw = _split(opts)
+    e, c, y, b = make_inputs(**make_kw)
+    loss = fusedlm.linear_cross_entropy(e, c, y, b, filter_eps=None, **loss_kw)
+    ref = reference_loss(e, c, y, b, **loss_kw)
+    # grad_output != 1 (and random per element for reduction="none")
+    g_out = torch.randn_like(ref)
+    params = [t for t in (e, c, b) if t is not None]
+    grads = torch.autograd.grad(loss, params, g_out)
+    ref_grads = torch.autograd.grad(ref, params, g_out)
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("softcap", [None, 20.0])
+def test_low_precision_error_within_pytorch_own(dtype, softcap):
+    """Error vs float64 must not exceed twice PyTorch's own error in the same dtype."""
+    e, c, y, b = make_inputs(dtype=dtype, bias=True)
+    loss = fusedlm.linear_cross_entropy(e, c, y, b, softcap=softcap, filter_eps=None)
+    grads = torch.autograd.grad(loss, (e, c, b))
+
+    e64, c64, b64 = (t.detach().double().requires_grad_() for t in (e, c, b))
+    ref = reference_loss(e64, c64, y, b64, softcap=softcap)
+    ref_grads = torch.autograd.grad(ref, (e64, c64, b64))
+
+    # PyTorch in the same dtype: low-precision logits, then F.cross_entropy.
+    e_t, c_t, b_t = (t.detach().clone().requires_grad_() for t in (e, c, b))
+    logits = e_t @ c_t.T + b_t
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    torch_loss = F.cross_entropy(logits, y)
+    torch_grads = torch.autograd.grad(torch_loss, (e_t, c_t, b_t))
+
+    floor = 1e-6  # float32 accumulation rounding, below any low-precision error
+    assert rel_err(loss, ref) <= 2 * rel_err(torch_loss, ref) + floor
+    for got, tg, want in zip(grads, torch_grads, ref_grads):
+        assert got.dtype == dtype
+        assert rel_err(got, want) <= 2 * rel_err(tg, want) + floor
+
+
+def test_gradcheck_float64():
+    e, c, y, b = make_inputs(n=5, d=4, v=7, bias=True, ignore_frac=0.3)
+    y[0] = 3
+    for kw in (dict(), dict(softcap=2.0, label_smoothing=0.1, z_loss=0.01)):
+        fn = lambda e_, c_, b_: fusedlm.linear_cross_entropy(e_, c_, y, b_, filter_eps=None, **kw)
+        assert torch.autograd.gradcheck(fn, (e, c, b))
+
+
+def test_filtered_loss_identical_and_gradient_close():
+    # Peaked logits: most softmax entries are far below 2^-12, so filtering really skips.
+    e, c, y, _ = make_inputs(dtype=torch.float32, ignore_frac=0.0, scale=4.0)
+    exact = fusedlm.linear_cross_entropy(e, c, y, filter_eps=None)
+    filtered = fusedlm.linear_cross_entropy(e, c, y, filter_eps=2**-12)
+    assert torch.equal(exact, filtered)
+    g_exact = torch.autograd.grad(exact, (e, c))
+    g_filtered = torch.autograd.grad(filtered, (e, c))
+    for a, b in zip(g_filtered, g_exact):
+        # each dropped entry is < eps; documented bound on the relative gradient error
+        assert rel_err(a, b) < 1e-2
+    # and the filter really changed something (the test could otherwise pass vacuously)
+    assert any(not torch.equal(a, b) for a, b in zip(g_filtered, g_exact))
+
+
+def test_label_smoothing_with_filter_is_exact_in_the_uniform_term():
+    e, c, y, b = make_inputs(bias=True)
+    loss = fusedlm.linear_cross_entropy(e, c, y, b, label_smoothing=0.3, filter_eps=0.0)
+    ref = reference_loss(e, c, y, b, label_smoothing=0.3)
+    for got, want in zip(torch.autograd.grad(loss, (e, c, b)), torch.autograd.grad(ref, (e, c, b))):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_return_lse_and_z_loss_agree():
+    e, c, y, _ = make_inputs(ignore_frac=0.0)
+    loss, lse = fusedlm.linear_cross_entropy(e, c, y, return_lse=True, filter_eps=None)
+    torch.testing.assert_close(lse, torch.logsumexp(reference_logits(e, c), -1))
+    combined = loss + 1e-2 * lse.square().mean()
+    direct = fusedlm.linear_cross_entropy(e, c, y, z_loss=1e-2, filter_eps=None)
+    torch.testing.assert_close(combined, direct)
+    g1 = torch.autograd.grad(combined, (e, c))
+    g2 = torch.autograd.grad(direct, (e, c))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b)
+
+
+def test_all_ignored_mean_is_nan_like_pytorch():
+    e, c, y, _ = make_inputs()
+    y[:] = -100
+    loss = fusedlm.linear_cross_entropy(e, c, y)
+    assert torch.isnan(loss) and torch.isnan(F.cross_entropy(e.detach() @ c.detach().T, y))
+    assert fusedlm.linear_cross_entropy(e, c, y, reduction="sum").item() == 0.0
+
+
+def test_int32_targets_module_and_autocast():
+    e, c, y, _ = make_inputs(dtype=torch.float32, ignore_frac=0.0)
+    ref = fusedlm.linear_cross_entropy(e, c, y)
+    torch.testing.assert_close(fusedlm.LinearCrossEntropy()(e, c, y.int()), ref)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = fusedlm.linear_cross_entropy(e, c, y)
+    assert auto.dtype == torch.float32
+    assert rel_err(auto, ref) < 2e-2
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_opcheck(case):
+    e, c, y, b = make_inputs(n=9, d=8, v=13, bias=case % 2 == 0, dtype=[torch.float32, torch.float64][case % 2])
+    e, c = e.detach(), c.detach()
+    b = b.detach() if b is not None else None
+    lse, tl, zs = torch.ops.fusedlm.cce_forward(e, c, y, b, float(case), -100)
+    opcheck(torch.ops.fusedlm.cce_forward.default, (e, c, y, b, float(case), -100))
+    ga, gt, gs = torch.randn_like(lse), torch.randn_like(tl), torch.randn_like(zs)
+    opcheck(torch.ops.fusedlm.cce_backward.default,
+            (e, c, y, b, lse, ga, gt, gs, float(case), [-1.0, 1e-3][case % 2], False))
+
+
+def test_torch_compile_fullgraph():
+    e, c, y, b = make_inputs(dtype=torch.float32, bias=True)
+
+    def loss_fn(e_, c_, b_):
+        return fusedlm.linear_cross_entropy(e_, c_, y, b_, softcap=5.0, label_smoothing=0.1,
+                                            z_loss=1e-3, shift=False, filter_eps=None)
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    got_loss = compiled(e, c, b)
+    got_grads = torch.autograd.grad(got_loss, (e, c, b))  # runs the AOT-compiled backward
+    want_loss = loss_fn(e, c, b)
+    want_grads = torch.autograd.grad(want_loss, (e, c, b))
+    torch.testing.assert_close(got_loss, want_loss)
+    for a, b_ in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b_)
+
+
+def test_torch_compile_inductor_training_step():
+    e, c, y, _ = make_inputs(dtype=torch.float32, ignore_frac=0.1)
+    fn = torch.compile(lambda e_, c_: fusedlm.linear_cross_entropy(e_, c_, y, shift=True),
+                       fullgraph=True)
+    loss = fn(e, c)
+    loss.backward()
+    ref = reference_loss(e, c, y, shift=True)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    assert e.grad is not None and torch.isfinite(e.grad).all()
+
+
+BAD_CALLS = [
+    ("targets shape", lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y[:-1]), ValueError),
+    ("c not 2-D", lambda e, c, y: fusedlm.linear_cross_entropy(e, c[None], y), ValueError),
+    ("D mismatch", lambda e, c, y: fusedlm.linear_cross_entropy(e, c[:, :-1], y), ValueError),
+    ("dtype mismatch", lambda e, c, y: fusedlm.linear_cross_entropy(e.double(), c, y), TypeError),
+    ("float targets", lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y.double()), TypeError),
+    ("int e", lambda e, c, y: fusedlm.linear_cross_entropy(e.detach().long(), c, y), TypeError),
+    ("device", lambda e, c, y: fusedlm.linear_cross_entropy(e, c.to("meta"), y), ValueError),
+    ("target too big", lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y.clamp_min(0) + V), IndexError),
+    ("negative target", lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y.clamp_min(0) - 5), IndexError),
+    ("reduction", lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y, reduction="avg"), ValueError),
+    ("softcap", lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y, softcap=-1.0), ValueError),
+    ("smoothing", lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y, label_smoothing=2.0), ValueError),
+    ("filter_eps", lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y, filter_eps="fast"), ValueError),
+    ("bias shape", lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y, torch.zeros(3, dtype=c.dtype)), ValueError),
+]
+
+
+@pytest.mark.parametrize("name,call,exc", BAD_CALLS, ids=[b[0] for b in BAD_CALLS])
+def test_bad_input_raises_clear_error(name, call, exc):
+    e, c, y, _ = make_inputs(dtype=torch.float32)
+    with pytest.raises(exc):
+        call(e, c, y)
+
+
+def test_op_level_errors_for_direct_callers():
+    e, c, y, _ = make_inputs(n=4, d=3, v=5, dtype=torch.float32)
+    with pytest.raises(ValueError, match="disagree on D"):
+        torch.ops.fusedlm.cce_forward(e.detach(), c.detach()[:, :2], y, None, 0.0, -100)
+    with pytest.raises(IndexError, match="outside"):
+        torch.ops.fusedlm.cce_forward(e.detach(), c.detach(), y.clamp_min(0) + 5, None, 0.0, -100)
+
+
+def test_reduction_none_shapes_and_zero_at_ignored():
+    e, c, y, _ = make_inputs(batch=2)
+    out = fusedlm.linear_cross_entropy(e, c, y, reduction="none", shift=True)
+    assert out.shape == y.shape
+    assert (out[..., -1] == 0).all()
+    assert (out[..., :-1][y[..., 1:] == -100] == 0).all()

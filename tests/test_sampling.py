@@ -1,0 +1,193 @@
+"""CPU tests of fusedlm.sample and fusedlm.temperature_logprobs."""
+import math
+
+import pytest
+import torch
+from scipy.stats import chisquare
+from torch.library import opcheck
+
+import fusedlm
+
+
+def truncated_probs(logits, tau, top_k=0, top_p=1.0, min_p=0.0):
+    """float64 reference of the processed distribution (temperature, top-k, top-p, min-p)."""
+    l = logits.double()
+    keep = torch.ones_like(l, dtype=torch.bool)
+    if top_k:
+        keep &= l >= torch.topk(l, top_k).values[-1]
+    if top_p < 1.0:
+        p = torch.softmax(torch.where(keep, l / tau, -math.inf), -1)
+        order = torch.argsort(p, descending=True)
+        cum = torch.cumsum(p[order], 0)
+        last = int((cum < top_p * cum[-1]).sum())
+        keep &= l >= l[order[last]]
+    if min_p > 0:
+        keep &= l >= l.max() + tau * math.log(min_p)
+    return torch.softmax(torch.where(keep, l / tau, -math.inf), -1)
+
+
+def draw(logits_row, tau, n, **kw):
+    logits = logits_row.expand(n, -1).contiguous()
+    seeds = torch.randint(0, 2**62, (n,))
+    return fusedlm.sample(logits, tau, seed=seeds, **kw)
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize("trunc", [{}, dict(top_k=5), dict(top_p=0.7), dict(min_p=0.1),
+                                   dict(top_k=8, top_p=0.9, min_p=0.02)],
+                         ids=["none", "top_k", "top_p", "min_p", "all"])
+def test_empirical_distribution_matches_softmax(tau, trunc):
+    logits = torch.randn(12) * 1.5
+    n = 40000
+    tokens = draw(logits, tau, n, **trunc)
+    probs = truncated_probs(logits, tau, **trunc)
+    counts = torch.bincount(tokens, minlength=12).double()
+    assert counts[probs == 0].sum() == 0, "drew a truncated token"
+    support = probs > 0
+    expected = probs[support] * n
+    observed = counts[support]
+    if support.sum() > 1:
+        stat = chisquare(observed.numpy(), expected.numpy())
+        assert stat.pvalue > 1e-4, (stat, observed, expected)
+
+
+def test_temperature_zero_is_exact_argmax_lowest_index():
+    logits = torch.randn(64, 1000)
+    logits[:, 17] = 50.0
+    logits[:, 500] = 50.0  # a tie: index 17 must win
+    logits[:, 900] = float("-inf")
+    tokens, logprob, raw = fusedlm.sample(logits, 0.0, return_logprobs=True)
+    assert (tokens == 17).all()
+    assert (logprob == 0).all()
+    torch.testing.assert_close(raw, torch.log_softmax(logits, -1)[:, 17])
+    mixed_tau = torch.tensor([0.0, 1.0] * 32)
+    tokens = fusedlm.sample(logits, mixed_tau)
+    assert (tokens[::2] == 17).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_logprobs_match_reference(dtype):
+    logits = (torch.randn(16, 301) * 2).to(dtype)
+    tau = torch.rand(16) * 1.5 + 0.1
+    tokens, logprob, raw = fusedlm.sample(logits, tau, top_k=50, return_logprobs=True)
+    l = logits.double()
+    for b in range(16):
+        p = truncated_probs(l[b], tau[b].item(), top_k=50)
+        assert p[tokens[b]] > 0
+        assert math.isclose(logprob[b].item(), p[tokens[b]].log().item(), rel_tol=1e-5, abs_tol=1e-5)
+        want_raw = torch.log_softmax(l[b], -1)[tokens[b]].item()
+        assert math.isclose(raw[b].item(), want_raw, rel_tol=1e-5, abs_tol=1e-5)
+
+
+def test_seed_reproducible_and_independent_of_batch_position():
+    logits = torch.randn(32, 5000)
+    tau = torch.rand(32) + 0.5
+    seeds = torch.randint(0, 2**62, (32,))
+    a = fusedlm.sample(logits, tau, seed=seeds)
+    assert torch.equal(a, fusedlm.sample(logits, tau, seed=seeds))
+    perm = torch.randperm(32)
+    b = fusedlm.sample(logits[perm], tau[perm], seed=seeds[perm])
+    assert torch.equal(b, a[perm])
+    single = fusedlm.sample(logits[5:6], tau[5:6], seed=seeds[5:6])
+    assert single.item() == a[5].item()
+    # a different offset gives a different stream
+    c = fusedlm.sample(logits, tau, seed=seeds, offset=1)
+    assert not torch.equal(a, c)
+
+
+def test_torch_generator_is_respected():
+    logits = torch.randn(8, 2000)
+    torch.manual_seed(123)
+    a = fusedlm.sample(logits, 1.0)
+    torch.manual_seed(123)
+    b = fusedlm.sample(logits, 1.0)
+    g = torch.Generator().manual_seed(7)
+    c = fusedlm.sample(logits, 1.0, generator=g)
+    g.manual_seed(7)
+    d = fusedlm.sample(logits, 1.0, generator=g)
+    assert torch.equal(a, b) and torch.equal(c, d)
+
+
+def test_int_seed_gives_distinct_rows():
+    logits = torch.zeros(64, 1000)
+    tokens = fusedlm.sample(logits, 1.0, seed=0)
+    assert len(set(tokens.tolist())) > 50
+
+
+def test_masked_and_all_masked_rows():
+    logits = torch.full((3, 50), float("-inf"))
+    logits[0, [3, 7]] = 0.0
+    logits[2, 10] = 1.0
+    tokens, logprob, raw = fusedlm.sample(logits, torch.tensor([1.0, 1.0, 0.0]),
+                                          return_logprobs=True)
+    assert tokens[0].item() in (3, 7)
+    assert math.isclose(logprob[0].item(), math.log(0.5), rel_tol=1e-6)
+    assert tokens[1].item() == 0 and math.isnan(logprob[1].item()) and math.isnan(raw[1].item())
+    assert tokens[2].item() == 10
+
+
+@pytest.mark.parametrize("vocab", [1, 3, 1031])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_odd_shapes(vocab, batch):
+    logits = torch.randn(batch, vocab)
+    tokens = fusedlm.sample(logits, torch.rand(batch) + 0.1)
+    assert tokens.shape == (batch,) and tokens.dtype == torch.int64
+    assert ((tokens >= 0) & (tokens < vocab)).all()
+
+
+def test_temperature_logprobs_reference():
+    logits = torch.randn(6, 257) * 3
+    tokens = torch.randint(0, 257, (6,))
+    tokens[0] = logits[0].argmax()
+    taus = [0.0, 0.3, 1.0, 1.7]
+    out = fusedlm.temperature_logprobs(logits, tokens, taus)
+    assert out.shape == (6, 4)
+    for k, tau in enumerate(taus):
+        if tau == 0:
+            want = torch.where(tokens == logits.argmax(-1), 0.0, -math.inf)
+        else:
+            want = torch.log_softmax(logits.double() / tau, -1).gather(1, tokens[:, None])[:, 0].float()
+        torch.testing.assert_close(out[:, k], want, rtol=1e-5, atol=1e-5)
+
+
+BAD = [
+    ("negative tau", lambda l: fusedlm.sample(l, -0.5), ValueError),
+    ("nan tau", lambda l: fusedlm.sample(l, float("nan")), ValueError),
+    ("negative tau tensor", lambda l: fusedlm.sample(l, torch.tensor([1.0, -1.0, 1.0])), ValueError),
+    ("nan tau tensor", lambda l: fusedlm.sample(l, torch.tensor([1.0, math.nan, 1.0])), ValueError),
+    ("tau shape", lambda l: fusedlm.sample(l, torch.ones(2)), ValueError),
+    ("1-D logits", lambda l: fusedlm.sample(l[0], 1.0), ValueError),
+    ("int logits", lambda l: fusedlm.sample(l.long(), 1.0), TypeError),
+    ("top_p", lambda l: fusedlm.sample(l, 1.0, top_p=0.0), ValueError),
+    ("top_k", lambda l: fusedlm.sample(l, 1.0, top_k=-1), ValueError),
+    ("min_p", lambda l: fusedlm.sample(l, 1.0, min_p=1.5), ValueError),
+    ("seed type", lambda l: fusedlm.sample(l, 1.0, seed=1.5), TypeError),
+    ("token range", lambda l: fusedlm.temperature_logprobs(l, torch.tensor([0, 1, 99]), [1.0]), IndexError),
+]
+
+
+@pytest.mark.parametrize("name,call,exc", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_raises(name, call, exc):
+    with pytest.raises(exc):
+        call(torch.randn(3, 20))
+
+
+def test_opcheck_ops():
+    logits = torch.randn(4, 33)
+    args = (logits, torch.tensor([0.0, 0.5, 1.0, 2.0]), torch.arange(4), torch.zeros(4, dtype=torch.long),
+            torch.tensor([0, 3, 0, 10]), torch.tensor([1.0, 0.9, 0.5, 1.0]), None)
+    opcheck(torch.ops.fusedlm.sample.default, args)
+    opcheck(torch.ops.fusedlm.temperature_logprobs.default,
+            (logits, torch.tensor([1, 2, 3, 4]), torch.tensor([0.0, 0.5, 1.0])))
+
+
+def test_torch_compile_fullgraph():
+    logits = torch.randn(8, 100)
+    seeds = torch.arange(8)
+    fn = torch.compile(lambda l, t: fusedlm.sample(l, t, seed=seeds, top_p=0.9,
+                                                   return_logprobs=True), fullgraph=True)
+    tau = torch.rand(8)
+    got = fn(logits, tau)
+    want = fusedlm.sample(logits, tau, seed=seeds, top_p=0.9, return_logprobs=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
