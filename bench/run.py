@@ -1,0 +1,214 @@
+"""fusedlm benchmarks: one harness, one CSV schema.
+
+    python bench/run.py --suite cce --out bench/out        # CCE vs naive / compile / peers
+    python bench/run.py --suite sampling --out bench/out   # sampler vs torch paths
+
+Each row: suite, case, method, dtype, regime, pass, time_ms (CUDA events, median), peak extra
+memory (MiB over the memory held before the call, minus the gradients' own size), ratio to
+the suite's reference (one cuBLAS GEMM for CCE, the memory floor for sampling), GPU, versions.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+import fusedlm  # noqa: E402
+
+FIELDS = ["suite", "case", "method", "dtype", "regime", "pass", "time_ms", "peak_extra_mib",
+          "ratio", "ratio_to", "gpu", "torch", "fusedlm", "peers"]
+
+
+def cuda_time(fn, warmup=3, reps=10):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def peak_extra_mib(fn, exclude_bytes=0):
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base - exclude_bytes
+    del out
+    return peak / 2**20
+
+
+def peer_versions():
+    names = []
+    for mod in ("cut_cross_entropy", "liger_kernel", "triton"):
+        try:
+            m = __import__(mod)
+            names.append(f"{mod}={getattr(m, '__version__', '?')}")
+        except Exception:
+            pass
+    return ";".join(names)
+
+
+# ------------------------------------------------------------------------------- CCE
+def cce_methods(softcap=None):
+    def naive(e, c, y):
+        return F.cross_entropy((e @ c.T).float(), y)
+
+    compiled = torch.compile(naive)
+    methods = {"torch_naive": naive, "torch_compile": compiled,
+               "fusedlm": lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y),
+               "fusedlm_exact": lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y, filter_eps=None)}
+    try:
+        from cut_cross_entropy import linear_cross_entropy as apple_cce
+
+        methods["apple_cce"] = lambda e, c, y: apple_cce(e, c, y)
+    except Exception as err:
+        print(f"apple cut_cross_entropy unavailable: {err}")
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss()
+        methods["liger"] = lambda e, c, y: liger(c, e, y)
+    except Exception as err:
+        print(f"liger unavailable: {err}")
+    return methods
+
+
+def cce_inputs(n, d, v, regime, dtype=torch.bfloat16):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    c = torch.randn(v, d, device="cuda", generator=g) / d**0.5
+    y = torch.randint(0, v, (n,), device="cuda", generator=g)
+    e = torch.randn(n, d, device="cuda", generator=g)
+    if regime == "peaked":  # hidden states aligned with the target row, as after training
+        e = 0.3 * e + 6.0 * c[y] * d**0.5 / c[y].norm(dim=-1, keepdim=True)
+    return e.to(dtype), c.to(dtype), y
+
+
+def bench_cce(args, rows, meta):
+    shapes = [(8192, 2304, 256000), (8192, 4096, 128256), (16384, 2048, 32000)]
+    if args.quick:
+        shapes = [(4096, 1024, 32000)]
+    methods = cce_methods()
+    for n, d, v in shapes:
+        case = f"{n}x{d}x{v}"
+        for regime in ("random", "peaked"):
+            e, c, y = cce_inputs(n, d, v, regime)
+            gemm = cuda_time(lambda: e @ c.T)
+            rows.append(dict(meta, suite="cce", case=case, method="cublas_gemm", dtype="bf16",
+                             regime=regime, **{"pass": "gemm"}, time_ms=gemm, peak_extra_mib=n * v * 2 / 2**20,
+                             ratio=1.0, ratio_to="gemm"))
+            for name, fn in methods.items():
+                if name == "torch_naive" and n * v > 8192 * 256000:
+                    continue
+                e_g, c_g = e.detach().requires_grad_(), c.detach().requires_grad_()
+                try:
+                    t_f = cuda_time(lambda: fn(e, c, y))
+                    m_f = peak_extra_mib(lambda: fn(e, c, y))
+
+                    def fwd_bwd():
+                        loss = fn(e_g, c_g, y)
+                        return torch.autograd.grad(loss, (e_g, c_g))
+
+                    t_fb = cuda_time(fwd_bwd)
+                    m_fb = peak_extra_mib(fwd_bwd, exclude_bytes=(e.numel() + c.numel()) * 2)
+                except Exception as err:  # a peer failing must not stop the run
+                    print(f"{name} failed on {case}: {type(err).__name__}: {err}")
+                    continue
+                for p, t, m in (("fwd", t_f, m_f), ("fwd+bwd", t_fb, m_fb)):
+                    rows.append(dict(meta, suite="cce", case=case, method=name, dtype="bf16",
+                                     regime=regime, **{"pass": p}, time_ms=t, peak_extra_mib=m,
+                                     ratio=t / gemm, ratio_to="gemm"))
+                print(f"{case:>20} {regime:>7} {name:>14}: fwd {t_f:8.2f} ms ({t_f / gemm:4.2f}x gemm) "
+                      f"fwd+bwd {t_fb:8.2f} ms  mem fwd {m_f:8.1f} MiB, fwd+bwd {m_fb:8.1f} MiB", flush=True)
+            del e, c, y
+            torch.cuda.empty_cache()
+
+
+# -------------------------------------------------------------------------- sampling
+def copy_bandwidth():
+    x = torch.empty(1 << 28, device="cuda", dtype=torch.float32)
+    y = torch.empty_like(x)
+    t = cuda_time(lambda: y.copy_(x))
+    return 2 * x.numel() * 4 / (t * 1e-3)  # bytes read + written per second
+
+
+def bench_sampling(args, rows, meta):
+    bw = copy_bandwidth()
+    print(f"device copy bandwidth: {bw / 1e12:.2f} TB/s")
+    batches = [1, 8, 64, 256, 1024]
+    for v in (128256, 256000):
+        for dtype in (torch.float32, torch.bfloat16):
+            for b in batches:
+                logits = torch.randn(b, v, device="cuda", dtype=dtype) * 3
+                tau = torch.rand(b, device="cuda") * 1.2
+                seeds = torch.arange(b, device="cuda")
+                floor_ms = b * v * logits.element_size() / bw * 1e3
+                dname = "fp32" if dtype == torch.float32 else "bf16"
+
+                def torch_multinomial():
+                    t = tau.clamp_min(1e-5)[:, None]
+                    probs = torch.softmax(logits.float() / t, -1)
+                    return torch.multinomial(probs, 1)
+
+                def torch_race():
+                    t = tau.clamp_min(1e-5)[:, None]
+                    probs = torch.softmax(logits.float() / t, -1)
+                    return (probs / torch.empty_like(probs).exponential_()).argmax(-1)
+
+                methods = {"fusedlm": lambda: fusedlm.sample(logits, tau, seed=seeds),
+                           "torch_softmax_multinomial": torch_multinomial,
+                           "torch_exponential_race": torch_race}
+                for name, fn in methods.items():
+                    t = cuda_time(fn, warmup=5, reps=30)
+                    rows.append(dict(meta, suite="sampling", case=f"B{b}xV{v}", method=name, dtype=dname,
+                                     regime="random_tau", **{"pass": "sample"}, time_ms=t,
+                                     peak_extra_mib=peak_extra_mib(fn), ratio=t / floor_ms,
+                                     ratio_to="memory_floor"))
+                    print(f"B={b:5d} V={v} {dname}: {name:>26} {t * 1e3:9.1f} us ({t / floor_ms:6.2f}x floor "
+                          f"{floor_ms * 1e3:.1f} us)", flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=["cce", "sampling", "all"], default="all")
+    parser.add_argument("--out", default="bench/out")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks need a CUDA GPU")
+        return 2
+    os.makedirs(args.out, exist_ok=True)
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__,
+                fusedlm=fusedlm.__version__, peers=peer_versions())
+    rows = []
+    t0 = time.time()
+    if args.suite in ("cce", "all"):
+        bench_cce(args, rows, meta)
+    if args.suite in ("sampling", "all"):
+        bench_sampling(args, rows, meta)
+    path = os.path.join(args.out, f"bench_{args.suite}.csv")
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
+    print(f"wrote {path} ({len(rows)} rows) in {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

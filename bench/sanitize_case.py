@@ -1,0 +1,28 @@
+"""A small run of every CUDA kernel, for compute-sanitizer (memcheck / racecheck):
+    compute-sanitizer --tool memcheck python bench/sanitize_case.py
+"""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+import fusedlm  # noqa: E402
+
+torch.manual_seed(0)
+for dtype in (torch.bfloat16, torch.float32):
+    for n, d, v in ((37, 72, 300), (130, 64, 129)):
+        e = torch.randn(n, d, device="cuda", dtype=dtype, requires_grad=True)
+        c = torch.randn(v, d, device="cuda", dtype=dtype, requires_grad=True)
+        b = torch.randn(v, device="cuda", dtype=dtype, requires_grad=True)
+        y = torch.randint(0, v, (n,), device="cuda")
+        y[::4] = -100
+        loss = fusedlm.linear_cross_entropy(e, c, y, b, softcap=10.0, label_smoothing=0.1)
+        loss.backward()
+logits = torch.randn(5, 3001, device="cuda")
+fusedlm.sample(logits, torch.tensor([0.0, 0.5, 1.0, 2.0, 1.0], device="cuda"), top_k=10, top_p=0.9,
+               min_p=0.01, return_logprobs=True)
+fusedlm.sample(logits.bfloat16(), 1.0)
+fusedlm.temperature_logprobs(logits, torch.arange(5, device="cuda"), [0.0, 0.5, 1.0])
+torch.cuda.synchronize()
+print("sanitize case done")

@@ -1,0 +1,536 @@
+// Cut Cross-Entropy CUDA kernels (ATen-free).
+//
+// Forward: each CTA owns 128 rows of e and a contiguous range of 128-wide vocabulary tiles
+// (a "split"); logit tiles come from the tensor-core main loop and are folded, in
+// registers, into a per-row online log-sum-exp (base 2), a logit sum and the target
+// logit. Per-split partials [2, splits, N] are merged by a small kernel. Extra memory: O(N
+// x splits) floats.
+//
+// Backward, per vocabulary chunk of `vocab_chunk` entries (bounded workspace):
+//  1. grad_tile_kernel recomputes each 128x128 logit tile, forms
+//     g = grad_lse * softmax + grad_sum + grad_target * onehot (x softcap derivative) in
+//     float32 and stores it (in the input dtype) to the workspace, unless every entry of the
+//     tile is below filter_eps and holds no target: then the tile is marked skipped.
+//  2. grad_e_kernel:  dE[N, D]  += G[N, chunk] @ C[chunk, D]   (float32 accumulator buffer)
+//  3. grad_c_kernel:  dC[chunk, D] = G[N, chunk]^T @ E[N, D]   (float32 in registers)
+//     Both loop only over non-skipped tiles (block-sparse) and each output tile has exactly
+//     one owner CTA: no atomics, deterministic results.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "../dispatch.h"
+#include "tile_mma.cuh"
+
+namespace fusedlm {
+namespace cce_cuda {
+namespace {
+
+using tile::kK;
+using tile::kM;
+using tile::kMTiles;
+using tile::kN;
+using tile::kNTiles;
+using tile::kThreads;
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+static_assert(kTileRows == kM && kTileVocab == kN, "tile sizes must agree");
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x);
+template <>
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <>
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+template <>
+__device__ __forceinline__ float to_float(float x) { return x; }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float(float x) { return __float2bfloat16_rn(x); }
+template <>
+__device__ __forceinline__ __half from_float(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ float from_float(float x) { return x; }
+
+__device__ __forceinline__ float softcapped(float x, float cap) {
+  return cap > 0.f ? cap * tanhf(x / cap) : x;
+}
+
+// Row / column of accumulator entry (mt, nt, r) inside the 128x128 tile.
+__device__ __forceinline__ int acc_row(int warp_m, int lane, int mt, int r) {
+  return warp_m * tile::kWarpM + mt * 16 + lane / 4 + (r >= 2 ? 8 : 0);
+}
+__device__ __forceinline__ int acc_col(int warp_n, int lane, int nt, int r) {
+  return warp_n * tile::kWarpN + nt * 8 + 2 * (lane % 4) + (r & 1);
+}
+
+// Merge two base-2 online log-sum-exp states (max, sum of 2^(x - max)).
+__device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2) {
+  const float mx = fmaxf(m, m2);
+  if (mx == -INFINITY) return;
+  s = s * exp2f(m - mx) + s2 * exp2f(m2 - mx);
+  m = mx;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a, int tiles_per_split) {
+  extern __shared__ __align__(128) char smem[];
+  const T* e = static_cast<const T*>(a.e);
+  const T* c = static_cast<const T*>(a.c);
+  const T* bias = static_cast<const T*>(a.bias);
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kM;
+  const int split = blockIdx.y;
+  const int64_t vocab_tiles = (a.V + kN - 1) / kN;
+  const int64_t vt_begin = static_cast<int64_t>(split) * tiles_per_split;
+  const int64_t vt_end = min(vt_begin + tiles_per_split, vocab_tiles);
+  const int n_tiles = vt_end > vt_begin ? static_cast<int>(vt_end - vt_begin) : 0;
+  const int k_steps = static_cast<int>((a.D + kK - 1) / kK);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp_m = warp / 4, warp_n = warp % 4;
+
+  // Each thread owns 8 row slots (mt, half) and keeps their running statistics.
+  int target[kMTiles][2];  // -1 when the row is out of range or its target is not a class
+  float run_max[kMTiles][2], run_sum[kMTiles][2], run_zsum[kMTiles][2];
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = row0 + acc_row(warp_m, lane, mt, 2 * h);
+      const int64_t y = row < a.N ? a.targets[row] : -1;
+      target[mt][h] = (y >= 0 && y < a.V) ? static_cast<int>(y) : -1;
+      run_max[mt][h] = -INFINITY;
+      run_sum[mt][h] = 0.f;
+      run_zsum[mt][h] = 0.f;
+    }
+
+  float acc[kMTiles][kNTiles][4];
+  tile::zero(acc);
+  auto load = [&](T* sa, T* sb, int step) {
+    const int j = step / k_steps, kt = step % k_steps;
+    tile::load_tile<T, true>(sa, e, a.D, row0, static_cast<int64_t>(kt) * kK, a.N, a.D);
+    tile::load_tile<T, true>(sb, c, a.D, (vt_begin + j) * kN, static_cast<int64_t>(kt) * kK,
+                             a.V, a.D);
+  };
+  auto done = [&](int step) {
+    if (step % k_steps != k_steps - 1) return;
+    const int64_t v0 = (vt_begin + step / k_steps) * kN;
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float z2[kNTiles][2];
+        float tile_max = -INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+          for (int q = 0; q < 2; ++q) {
+            const int r = 2 * h + q;
+            const int64_t v = v0 + acc_col(warp_n, lane, nt, r);
+            float z = -INFINITY;
+            if (v < a.V) {
+              z = acc[mt][nt][r];
+              if (bias != nullptr) z += to_float(bias[v]);
+              z = softcapped(z, a.softcap);
+              run_zsum[mt][h] += z;
+              if (v == target[mt][h]) a.target_logit[row0 + acc_row(warp_m, lane, mt, r)] = z;
+            }
+            z2[nt][q] = z * kLog2e;
+            tile_max = fmaxf(tile_max, z2[nt][q]);
+          }
+        }
+        if (tile_max == -INFINITY) continue;
+        const float new_max = fmaxf(run_max[mt][h], tile_max);
+        float s = run_sum[mt][h] * exp2f(run_max[mt][h] - new_max);
+#pragma unroll
+        for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+          for (int q = 0; q < 2; ++q) s += exp2f(z2[nt][q] - new_max);
+        run_sum[mt][h] = s;
+        run_max[mt][h] = new_max;
+      }
+    }
+    tile::zero(acc);
+  };
+  tile::pipeline<T, true, true>(acc, smem, n_tiles * k_steps, load, done);
+
+  // Reduce the 4 lanes that share a row, then the 4 warps along the vocabulary.
+  float* red = reinterpret_cast<float*>(smem);  // [3][4 warps_n][kM]
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float m = run_max[mt][h], s = run_sum[mt][h], zs = run_zsum[mt][h];
+#pragma unroll
+      for (int off = 1; off <= 2; off <<= 1) {
+        const float m2 = __shfl_xor_sync(0xffffffffu, m, off);
+        const float s2 = __shfl_xor_sync(0xffffffffu, s, off);
+        zs += __shfl_xor_sync(0xffffffffu, zs, off);
+        lse_merge(m, s, m2, s2);
+      }
+      if (lane % 4 == 0) {
+        const int r = acc_row(warp_m, lane, mt, 2 * h);
+        red[(0 * 4 + warp_n) * kM + r] = m;
+        red[(1 * 4 + warp_n) * kM + r] = s;
+        red[(2 * 4 + warp_n) * kM + r] = zs;
+      }
+    }
+  __syncthreads();
+  if (threadIdx.x < kM) {
+    const int r = threadIdx.x;
+    float m = -INFINITY, s = 0.f, zs = 0.f;
+    for (int w = 0; w < 4; ++w) {
+      lse_merge(m, s, red[(0 * 4 + w) * kM + r], red[(1 * 4 + w) * kM + r]);
+      zs += red[(2 * 4 + w) * kM + r];
+    }
+    const int64_t row = row0 + r;
+    if (row < a.N) {
+      a.partials[static_cast<int64_t>(split) * a.N + row] =
+          m == -INFINITY ? -INFINITY : (m + log2f(s)) * kLn2;
+      a.partials[(static_cast<int64_t>(a.splits) + split) * a.N + row] = zs;
+    }
+  }
+}
+
+__global__ void forward_combine_kernel(ForwardArgs a) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= a.N) return;
+  float m = -INFINITY;
+  for (int s = 0; s < a.splits; ++s) m = fmaxf(m, a.partials[static_cast<int64_t>(s) * a.N + row]);
+  float sum = 0.f, zs = 0.f;
+  for (int s = 0; s < a.splits; ++s) {
+    const float part = a.partials[static_cast<int64_t>(s) * a.N + row];
+    if (part != -INFINITY) sum += expf(part - m);
+    zs += a.partials[(static_cast<int64_t>(a.splits) + s) * a.N + row];
+  }
+  float lse = m + logf(sum);
+  const int64_t y = a.targets[row];
+  if (y == a.ignore_index) {
+    a.target_logit[row] = 0.f;
+  } else if (y < 0 || y >= a.V) {
+    // Out-of-range target: poison the row (NaN loss) rather than read out of bounds.
+    lse = NAN;
+    a.target_logit[row] = NAN;
+  }
+  a.lse[row] = lse;
+  a.logit_sum[row] = zs;
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward
+
+struct ChunkInfo {
+  int64_t v0;          // first vocabulary entry of the chunk
+  int chunk_tiles;     // 128-wide vocabulary tiles in this chunk
+  int64_t ws_ld;       // leading dimension of the workspace (= vocab_chunk)
+  int row_tiles;
+  bool first_chunk;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) grad_tile_kernel(BackwardArgs a, ChunkInfo ck) {
+  extern __shared__ __align__(128) char smem[];
+  const T* e = static_cast<const T*>(a.e);
+  const T* c = static_cast<const T*>(a.c);
+  const T* bias = static_cast<const T*>(a.bias);
+  const int row_tile = blockIdx.x, jt = blockIdx.y;
+  const int64_t row0 = static_cast<int64_t>(row_tile) * kM;
+  const int64_t v0 = ck.v0 + static_cast<int64_t>(jt) * kN;
+  const int k_steps = static_cast<int>((a.D + kK - 1) / kK);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp_m = warp / 4, warp_n = warp % 4;
+
+  float acc[kMTiles][kNTiles][4];
+  tile::zero(acc);
+  auto load = [&](T* sa, T* sb, int step) {
+    tile::load_tile<T, true>(sa, e, a.D, row0, static_cast<int64_t>(step) * kK, a.N, a.D);
+    tile::load_tile<T, true>(sb, c, a.D, v0, static_cast<int64_t>(step) * kK, a.V, a.D);
+  };
+  tile::pipeline<T, true, true>(acc, smem, k_steps, load, [](int) {});
+
+  bool keep = false;
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = row0 + acc_row(warp_m, lane, mt, 2 * h);
+      float lse2 = 0.f, g_lse = 0.f, g_tgt = 0.f, g_sum = 0.f;
+      int64_t y = -1;
+      if (row < a.N) {
+        lse2 = a.lse[row] * kLog2e;
+        g_lse = a.grad_lse[row];
+        g_tgt = a.grad_target[row];
+        g_sum = a.grad_sum[row];
+        y = a.targets[row];
+      }
+      const bool has_grad = g_lse != 0.f || g_tgt != 0.f || g_sum != 0.f;
+#pragma unroll
+      for (int nt = 0; nt < kNTiles; ++nt) {
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          const int r = 2 * h + q;
+          const int64_t v = v0 + acc_col(warp_n, lane, nt, r);
+          float g = 0.f;
+          if (has_grad && v < a.V) {
+            float z = acc[mt][nt][r];
+            if (bias != nullptr) z += to_float(bias[v]);
+            z = softcapped(z, a.softcap);
+            const float p = exp2f(z * kLog2e - lse2);
+            const bool is_target = v == y;
+            g = g_lse * p + g_sum + (is_target ? g_tgt : 0.f);
+            if (a.softcap > 0.f) {
+              const float t = z / a.softcap;
+              g *= 1.f - t * t;
+            }
+            keep |= a.filter_eps < 0.f || p >= a.filter_eps || is_target;
+          }
+          acc[mt][nt][r] = g;
+        }
+      }
+    }
+  }
+  keep = __syncthreads_or(keep);
+  if (threadIdx.x == 0) a.tile_mask[static_cast<int64_t>(row_tile) * ck.chunk_tiles + jt] = keep;
+  if (!keep) return;
+
+  T* ws = static_cast<T*>(a.grad_workspace);
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int64_t row = row0 + acc_row(warp_m, lane, mt, r);
+        const int64_t col = static_cast<int64_t>(jt) * kN + acc_col(warp_n, lane, nt, r);
+        ws[row * ck.ws_ld + col] = from_float<T>(acc[mt][nt][r]);
+      }
+
+  if (a.bias_partials != nullptr) {
+    // Column sums of g over this tile's rows (float32, fixed order: deterministic).
+    float* red = reinterpret_cast<float*>(smem);  // [2 warps_m][kN]
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        float s = 0.f;
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) s += acc[mt][nt][q] + acc[mt][nt][2 + q];
+        for (int off = 4; off < 32; off <<= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+        if (lane < 4) red[warp_m * kN + acc_col(warp_n, lane, nt, q)] = s;
+      }
+    __syncthreads();
+    if (threadIdx.x < kN) {
+      a.bias_partials[static_cast<int64_t>(row_tile) * ck.ws_ld + static_cast<int64_t>(jt) * kN +
+                      threadIdx.x] = red[threadIdx.x] + red[kN + threadIdx.x];
+    }
+  }
+}
+
+// Collect the indices i in [0, count) with mask[i * stride] != 0 into list; returns how many.
+__device__ int collect_active(const uint8_t* mask, int64_t stride, int count, int* list) {
+  __shared__ int total;
+  if (threadIdx.x == 0) {
+    int n = 0;
+    for (int i = 0; i < count; ++i)
+      if (mask[static_cast<int64_t>(i) * stride]) list[n++] = i;
+    total = n;
+  }
+  __syncthreads();
+  return total;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) grad_e_kernel(BackwardArgs a, ChunkInfo ck) {
+  extern __shared__ __align__(128) char smem[];
+  constexpr int kPipe = tile::smem_bytes<T, true, false>();
+  int* active = reinterpret_cast<int*>(smem + kPipe);
+  const int row_tile = blockIdx.x;
+  const int64_t row0 = static_cast<int64_t>(row_tile) * kM;
+  const int64_t d0 = static_cast<int64_t>(blockIdx.y) * kN;
+  const int n_active = collect_active(a.tile_mask + static_cast<int64_t>(row_tile) * ck.chunk_tiles,
+                                      1, ck.chunk_tiles, active);
+  const T* ws = static_cast<const T*>(a.grad_workspace);
+  const T* c = static_cast<const T*>(a.c);
+  const int64_t ws_rows = static_cast<int64_t>(ck.row_tiles) * kM;
+  constexpr int kStepsPerTile = kN / kK;
+  float acc[kMTiles][kNTiles][4];
+  tile::zero(acc);
+  auto load = [&](T* sa, T* sb, int step) {
+    const int64_t k0 = static_cast<int64_t>(active[step / kStepsPerTile]) * kN +
+                       (step % kStepsPerTile) * kK;  // vocabulary offset inside the chunk
+    tile::load_tile<T, true>(sa, ws, ck.ws_ld, row0, k0, ws_rows, ck.ws_ld);
+    tile::load_tile<T, false>(sb, c, a.D, ck.v0 + k0, d0, a.V, a.D);
+  };
+  tile::pipeline<T, true, false>(acc, smem, n_active * kStepsPerTile, load, [](int) {});
+  if (n_active == 0 && !ck.first_chunk) return;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp_m = warp / 4, warp_n = warp % 4;
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int64_t row = row0 + acc_row(warp_m, lane, mt, r);
+        const int64_t d = d0 + acc_col(warp_n, lane, nt, r);
+        if (row < a.N && d < a.D) {
+          float* out = a.grad_e_acc + row * a.D + d;
+          *out = ck.first_chunk ? acc[mt][nt][r] : *out + acc[mt][nt][r];
+        }
+      }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) grad_c_kernel(BackwardArgs a, ChunkInfo ck) {
+  extern __shared__ __align__(128) char smem[];
+  constexpr int kPipe = tile::smem_bytes<T, false, false>();
+  int* active = reinterpret_cast<int*>(smem + kPipe);
+  const int jt = blockIdx.x;
+  const int64_t d0 = static_cast<int64_t>(blockIdx.y) * kN;
+  const int n_active = collect_active(a.tile_mask + jt, ck.chunk_tiles, ck.row_tiles, active);
+  const T* ws = static_cast<const T*>(a.grad_workspace);
+  const T* e = static_cast<const T*>(a.e);
+  const int64_t ws_rows = static_cast<int64_t>(ck.row_tiles) * kM;
+  constexpr int kStepsPerTile = kM / kK;
+  float acc[kMTiles][kNTiles][4];
+  tile::zero(acc);
+  auto load = [&](T* sa, T* sb, int step) {
+    const int64_t i0 = static_cast<int64_t>(active[step / kStepsPerTile]) * kM +
+                       (step % kStepsPerTile) * kK;  // token offset (reduction index)
+    tile::load_tile<T, false>(sa, ws, ck.ws_ld, i0, static_cast<int64_t>(jt) * kN, ws_rows,
+                              ck.ws_ld);
+    tile::load_tile<T, false>(sb, e, a.D, i0, d0, a.N, a.D);
+  };
+  tile::pipeline<T, false, false>(acc, smem, n_active * kStepsPerTile, load, [](int) {});
+  T* grad_c = static_cast<T*>(a.grad_c);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp_m = warp / 4, warp_n = warp % 4;
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; ++nt)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int64_t v = ck.v0 + static_cast<int64_t>(jt) * kN + acc_row(warp_m, lane, mt, r);
+        const int64_t d = d0 + acc_col(warp_n, lane, nt, r);
+        if (v < a.V && d < a.D) grad_c[v * a.D + d] = from_float<T>(acc[mt][nt][r]);
+      }
+}
+
+__global__ void bias_reduce_kernel(BackwardArgs a, ChunkInfo ck, int64_t chunk_len) {
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (j >= chunk_len) return;
+  float s = 0.f;
+  for (int rt = 0; rt < ck.row_tiles; ++rt) s += a.bias_partials[rt * ck.ws_ld + j];
+  a.grad_bias[ck.v0 + j] = s;
+}
+
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, int bytes) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+}
+
+#define FUSEDLM_RETURN_IF_ERROR(expr)      \
+  do {                                     \
+    const cudaError_t err_ = (expr);       \
+    if (err_ != cudaSuccess) return err_;  \
+  } while (0)
+
+template <typename T>
+cudaError_t forward_typed(const ForwardArgs& a, cudaStream_t stream) {
+  const int64_t row_tiles = (a.N + kM - 1) / kM;
+  const int64_t vocab_tiles = (a.V + kN - 1) / kN;
+  const int tiles_per_split = static_cast<int>((vocab_tiles + a.splits - 1) / a.splits);
+  constexpr int smem = tile::smem_bytes<T, true, true>();
+  FUSEDLM_RETURN_IF_ERROR(allow_smem(forward_kernel<T>, smem));
+  forward_kernel<T><<<dim3(static_cast<unsigned>(row_tiles), a.splits), kThreads, smem, stream>>>(
+      a, tiles_per_split);
+  FUSEDLM_RETURN_IF_ERROR(cudaGetLastError());
+  forward_combine_kernel<<<static_cast<unsigned>((a.N + 255) / 256), 256, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t backward_typed(const BackwardArgs& a, cudaStream_t stream) {
+  const int row_tiles = static_cast<int>((a.N + kM - 1) / kM);
+  const unsigned d_tiles = static_cast<unsigned>((a.D + kN - 1) / kN);
+  constexpr int smem_tile = tile::smem_bytes<T, true, true>();
+  constexpr int smem_e = tile::smem_bytes<T, true, false>();
+  constexpr int smem_c = tile::smem_bytes<T, false, false>();
+  const int max_tiles = static_cast<int>(a.vocab_chunk / kN);
+  FUSEDLM_RETURN_IF_ERROR(allow_smem(grad_tile_kernel<T>, smem_tile));
+  FUSEDLM_RETURN_IF_ERROR(allow_smem(grad_e_kernel<T>, smem_e + 4 * max_tiles));
+  FUSEDLM_RETURN_IF_ERROR(allow_smem(grad_c_kernel<T>, smem_c + 4 * row_tiles));
+  for (int64_t v0 = 0; v0 < a.V; v0 += a.vocab_chunk) {
+    const int64_t chunk_len = std::min(a.vocab_chunk, a.V - v0);
+    ChunkInfo ck{v0, static_cast<int>((chunk_len + kN - 1) / kN), a.vocab_chunk, row_tiles,
+                 v0 == 0};
+    if (a.bias_partials != nullptr) {
+      FUSEDLM_RETURN_IF_ERROR(cudaMemsetAsync(
+          a.bias_partials, 0, sizeof(float) * static_cast<size_t>(row_tiles) * a.vocab_chunk,
+          stream));
+    }
+    grad_tile_kernel<T><<<dim3(row_tiles, ck.chunk_tiles), kThreads, smem_tile, stream>>>(a, ck);
+    FUSEDLM_RETURN_IF_ERROR(cudaGetLastError());
+    grad_e_kernel<T><<<dim3(row_tiles, d_tiles), kThreads, smem_e + 4 * ck.chunk_tiles, stream>>>(
+        a, ck);
+    FUSEDLM_RETURN_IF_ERROR(cudaGetLastError());
+    grad_c_kernel<T><<<dim3(ck.chunk_tiles, d_tiles), kThreads, smem_c + 4 * row_tiles, stream>>>(
+        a, ck);
+    FUSEDLM_RETURN_IF_ERROR(cudaGetLastError());
+    if (a.bias_partials != nullptr) {
+      bias_reduce_kernel<<<static_cast<unsigned>((chunk_len + 255) / 256), 256, 0, stream>>>(
+          a, ck, chunk_len);
+      FUSEDLM_RETURN_IF_ERROR(cudaGetLastError());
+    }
+  }
+  return cudaSuccess;
+}
+
+}  // namespace
+
+int forward_splits(int64_t N, int64_t V, int num_sms) {
+  const int64_t row_tiles = std::max<int64_t>(1, (N + kM - 1) / kM);
+  const int64_t vocab_tiles = std::max<int64_t>(1, (V + kN - 1) / kN);
+  // About four CTAs per SM (two resident, two waves) keeps every SM busy.
+  int64_t splits = (4 * static_cast<int64_t>(num_sms) + row_tiles - 1) / row_tiles;
+  splits = std::min(std::max<int64_t>(splits, 1), std::min<int64_t>(vocab_tiles, 65535));
+  const int64_t per_split = (vocab_tiles + splits - 1) / splits;
+  return static_cast<int>((vocab_tiles + per_split - 1) / per_split);
+}
+
+int64_t backward_vocab_chunk(int64_t N, int64_t V, DType dtype, int64_t budget_bytes) {
+  const int64_t rows = std::max<int64_t>(1, (N + kM - 1) / kM) * kM;
+  int64_t chunk = budget_bytes / (rows * static_cast<int64_t>(dtype_size(dtype)));
+  chunk = (chunk / kN) * kN;
+  const int64_t v_pad = ((V + kN - 1) / kN) * kN;
+  // At most 32768 entries per chunk keeps the grad_e kernel's tile list in shared memory.
+  return std::max<int64_t>(kN, std::min({chunk, v_pad, int64_t{32768}}));
+}
+
+cudaError_t forward(const ForwardArgs& a, cudaStream_t stream) {
+  if (a.N == 0) return cudaSuccess;
+  switch (a.dtype) {
+    case DType::kBFloat16: return forward_typed<__nv_bfloat16>(a, stream);
+    case DType::kFloat16: return forward_typed<__half>(a, stream);
+    case DType::kFloat32: return forward_typed<float>(a, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t backward(const BackwardArgs& a, cudaStream_t stream) {
+  if (a.N == 0 || a.V == 0) return cudaSuccess;
+  switch (a.dtype) {
+    case DType::kBFloat16: return backward_typed<__nv_bfloat16>(a, stream);
+    case DType::kFloat16: return backward_typed<__half>(a, stream);
+    case DType::kFloat32: return backward_typed<float>(a, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cce_cuda
+}  // namespace fusedlm

@@ -1,0 +1,104 @@
+// The one dispatch header: ATen-free entry points of the CUDA kernels (raw pointers, sizes,
+// stream). The glue (ops_cuda.cpp) and standalone tests include only this file.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace fusedlm {
+
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+inline size_t dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
+
+namespace cce_cuda {
+
+// Tile sizes shared by every CCE kernel (rows of e x vocabulary entries).
+constexpr int kTileRows = 128;
+constexpr int kTileVocab = 128;
+// Inputs must have D a multiple of this many elements (the glue pads otherwise).
+inline int64_t d_alignment(DType t) { return t == DType::kFloat32 ? 4 : 8; }
+
+struct ForwardArgs {
+  DType dtype;
+  const void* e;          // [N, D]
+  const void* c;          // [V, D]
+  const void* bias;       // [V] or nullptr
+  const int64_t* targets; // [N]
+  int64_t N, D, V;
+  float softcap;          // 0 = off
+  int64_t ignore_index;
+  int splits;             // vocabulary splits (see forward_splits)
+  float* partials;        // [2, splits, N] workspace
+  float* lse;             // [N]
+  float* target_logit;    // [N]
+  float* logit_sum;       // [N]
+};
+
+int forward_splits(int64_t N, int64_t V, int num_sms);
+cudaError_t forward(const ForwardArgs& args, cudaStream_t stream);
+
+struct BackwardArgs {
+  DType dtype;
+  const void* e;
+  const void* c;
+  const void* bias;  // or nullptr
+  const int64_t* targets;
+  const float* lse;
+  const float* grad_lse;
+  const float* grad_target;
+  const float* grad_sum;
+  int64_t N, D, V;
+  float softcap;
+  float filter_eps;        // < 0: exact
+  int64_t vocab_chunk;     // multiple of kTileVocab (see backward_vocab_chunk)
+  void* grad_workspace;    // [roundup(N, kTileRows), vocab_chunk] of dtype
+  uint8_t* tile_mask;      // [ceil(N / kTileRows), vocab_chunk / kTileVocab]
+  float* bias_partials;    // [ceil(N / kTileRows), vocab_chunk] or nullptr when no bias
+  float* grad_bias;        // [V] float32 or nullptr
+  float* grad_e_acc;       // [N, D] float32
+  void* grad_c;            // [V, D] of dtype
+};
+
+int64_t backward_vocab_chunk(int64_t N, int64_t V, DType dtype, int64_t budget_bytes);
+cudaError_t backward(const BackwardArgs& args, cudaStream_t stream);
+
+}  // namespace cce_cuda
+
+namespace sampling_cuda {
+
+struct SampleArgs {
+  DType dtype;
+  const void* logits;  // [B, V], row stride ld
+  int64_t B, V, ld;
+  const float* temperature;  // [B]
+  const int64_t* seed;       // [B]
+  const int64_t* offset;     // [B]
+  const int64_t* top_k;      // [B] or nullptr
+  const float* top_p;        // [B] or nullptr
+  const float* min_p;        // [B] or nullptr
+  int splits;                // vocabulary splits per row (see sample_splits)
+  float* workspace;          // [B, splits, 8] floats
+  int64_t* tokens;           // [B]
+  float* logprob;            // [B]
+  float* raw_logprob;        // [B]
+};
+
+int sample_splits(int64_t B, int64_t V, int num_sms);
+cudaError_t sample(const SampleArgs& args, cudaStream_t stream);
+
+struct TemperatureLogprobArgs {
+  DType dtype;
+  const void* logits;
+  int64_t B, V, ld;
+  const int64_t* tokens;
+  const float* temperatures;  // [K]
+  int64_t K;
+  float* out;  // [B, K]
+};
+
+cudaError_t temperature_logprobs(const TemperatureLogprobArgs& args, cudaStream_t stream);
+
+}  // namespace sampling_cuda
+}  // namespace fusedlm

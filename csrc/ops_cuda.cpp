@@ -1,0 +1,228 @@
+// CUDA implementations of the fusedlm ops: validation, workspace allocation and calls into
+// the ATen-free launchers declared in dispatch.h. Compiled only in CUDA builds.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <optional>
+
+#include "checks.h"
+#include "dispatch.h"
+
+namespace fusedlm {
+namespace {
+
+#define FUSEDLM_CUDA_CHECK(expr)                                                         \
+  do {                                                                                   \
+    const cudaError_t err_ = (expr);                                                     \
+    TORCH_CHECK(err_ == cudaSuccess, "fusedlm CUDA error: ", cudaGetErrorString(err_),   \
+                " (", #expr, ")");                                                       \
+  } while (0)
+
+DType kernel_dtype(const at::Tensor& t, const char* op) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    default:
+      TORCH_CHECK_VALUE(false, op, ": CUDA kernels take float32, bfloat16 or float16, got ",
+                        t.scalar_type());
+  }
+  return DType::kFloat32;
+}
+
+int num_sms(int device) {
+  int sms = 0;
+  FUSEDLM_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+
+// Row-major contiguous, 16-byte aligned, D padded with zeros to the kernels' vector width.
+at::Tensor kernel_layout(const at::Tensor& t, int64_t d_pad) {
+  const bool aligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  if (t.is_contiguous() && t.size(1) == d_pad && aligned) return t;
+  auto out = at::zeros({t.size(0), d_pad}, t.options());
+  out.narrow(1, 0, t.size(1)).copy_(t);
+  return out;
+}
+
+int64_t padded_d(int64_t D, DType dt) {
+  const int64_t a = cce_cuda::d_alignment(dt);
+  return (D + a - 1) / a * a;
+}
+
+void check_cuda_inputs(const at::Tensor& e, const at::Tensor& c, const at::Tensor& targets,
+                       const std::optional<at::Tensor>& bias) {
+  check_cce_inputs(e, c, targets, bias);
+  TORCH_CHECK_VALUE(e.is_cuda(), "cce: expected CUDA tensors");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_forward_cuda(
+    const at::Tensor& e, const at::Tensor& c, const at::Tensor& targets,
+    const std::optional<at::Tensor>& bias, double softcap, int64_t ignore_index) {
+  check_cuda_inputs(e, c, targets, bias);
+  TORCH_CHECK_VALUE(softcap >= 0, "cce: softcap must be >= 0 (0 = off), got ", softcap);
+  const c10::cuda::CUDAGuard guard(e.device());
+  const DType dt = kernel_dtype(e, "cce_forward");
+  const int64_t N = e.size(0), D = e.size(1), V = c.size(0);
+  TORCH_CHECK_VALUE(N == 0 || V > 0, "cce: the vocabulary (c) is empty");
+  const int64_t d_pad = padded_d(D, dt);
+  const at::Tensor e_k = kernel_layout(e, d_pad), c_k = kernel_layout(c, d_pad);
+  const at::Tensor y = targets.to(at::kLong).contiguous();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const auto f32 = e.options().dtype(at::kFloat);
+  auto lse = at::empty({N}, f32), target_logit = at::empty({N}, f32), logit_sum = at::empty({N}, f32);
+  if (N == 0) return {lse, target_logit, logit_sum};
+  const int splits = cce_cuda::forward_splits(N, V, num_sms(e.get_device()));
+  auto partials = at::empty({2, splits, N}, f32);
+  cce_cuda::ForwardArgs args{dt, e_k.const_data_ptr(), c_k.const_data_ptr(),
+                             b.defined() ? b.const_data_ptr() : nullptr,
+                             y.const_data_ptr<int64_t>(), N, d_pad, V,
+                             static_cast<float>(softcap), ignore_index, splits,
+                             partials.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>(),
+                             target_logit.mutable_data_ptr<float>(),
+                             logit_sum.mutable_data_ptr<float>()};
+  FUSEDLM_CUDA_CHECK(cce_cuda::forward(args, c10::cuda::getCurrentCUDAStream()));
+  return {lse, target_logit, logit_sum};
+}
+
+int64_t workspace_budget_bytes() {
+  const char* env = std::getenv("FUSEDLM_CCE_WORKSPACE_MB");
+  const int64_t mb = env != nullptr ? std::atoll(env) : 128;
+  return (mb > 0 ? mb : 128) << 20;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cuda(
+    const at::Tensor& e, const at::Tensor& c, const at::Tensor& targets,
+    const std::optional<at::Tensor>& bias, const at::Tensor& lse, const at::Tensor& grad_lse,
+    const at::Tensor& grad_target, const at::Tensor& grad_sum, double softcap, double filter_eps,
+    bool accum_fp32) {
+  (void)accum_fp32;  // dE always accumulates in float32 on the GPU, dC in float32 registers
+  check_cuda_inputs(e, c, targets, bias);
+  const int64_t N = e.size(0), D = e.size(1), V = c.size(0);
+  for (const auto& [t, name] : {std::pair{&lse, "lse"}, {&grad_lse, "grad_lse"},
+                                {&grad_target, "grad_target"}, {&grad_sum, "grad_sum"}}) {
+    check_per_row(*t, name, N, e);
+  }
+  const c10::cuda::CUDAGuard guard(e.device());
+  const DType dt = kernel_dtype(e, "cce_backward");
+  const int64_t d_pad = padded_d(D, dt);
+  const at::Tensor e_k = kernel_layout(e, d_pad), c_k = kernel_layout(c, d_pad);
+  const at::Tensor y = targets.to(at::kLong).contiguous();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  auto as_f32 = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
+  const at::Tensor lse_f = as_f32(lse), ga = as_f32(grad_lse), gt = as_f32(grad_target),
+                   gs = as_f32(grad_sum);
+  const auto f32 = e.options().dtype(at::kFloat);
+  auto grad_e_acc = at::empty({N, d_pad}, f32);
+  auto grad_c = at::empty({V, d_pad}, c.options());
+  auto grad_bias = at::empty({bias.has_value() ? V : 0}, f32);
+  if (N == 0 || V == 0) {
+    grad_e_acc.zero_();
+    grad_c.zero_();
+    grad_bias.zero_();
+  } else {
+    const int64_t row_tiles = (N + cce_cuda::kTileRows - 1) / cce_cuda::kTileRows;
+    const int64_t chunk = cce_cuda::backward_vocab_chunk(N, V, dt, workspace_budget_bytes());
+    auto workspace = at::empty({row_tiles * cce_cuda::kTileRows, chunk}, c.options());
+    auto mask = at::empty({row_tiles, chunk / cce_cuda::kTileVocab}, e.options().dtype(at::kByte));
+    auto bias_partials = bias.has_value() ? at::empty({row_tiles, chunk}, f32) : at::Tensor();
+    cce_cuda::BackwardArgs args{
+        dt, e_k.const_data_ptr(), c_k.const_data_ptr(), b.defined() ? b.const_data_ptr() : nullptr,
+        y.const_data_ptr<int64_t>(), lse_f.const_data_ptr<float>(), ga.const_data_ptr<float>(),
+        gt.const_data_ptr<float>(), gs.const_data_ptr<float>(), N, d_pad, V,
+        static_cast<float>(softcap), static_cast<float>(filter_eps), chunk,
+        workspace.mutable_data_ptr(), mask.mutable_data_ptr<uint8_t>(),
+        bias.has_value() ? bias_partials.mutable_data_ptr<float>() : nullptr,
+        bias.has_value() ? grad_bias.mutable_data_ptr<float>() : nullptr,
+        grad_e_acc.mutable_data_ptr<float>(), grad_c.mutable_data_ptr()};
+    FUSEDLM_CUDA_CHECK(cce_cuda::backward(args, c10::cuda::getCurrentCUDAStream()));
+  }
+  at::Tensor grad_e = grad_e_acc.narrow(1, 0, D).to(e.scalar_type()).contiguous();
+  if (d_pad != D) grad_c = grad_c.narrow(1, 0, D).contiguous();
+  return {grad_e, grad_c,
+          bias.has_value() ? grad_bias.to(bias->scalar_type()) : grad_bias.to(c.scalar_type())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
+    const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& seed,
+    const at::Tensor& offset, const std::optional<at::Tensor>& top_k,
+    const std::optional<at::Tensor>& top_p, const std::optional<at::Tensor>& min_p) {
+  check_sample_inputs(logits, temperature, seed, offset);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const DType dt = kernel_dtype(logits, "sample");
+  const int64_t B = logits.size(0), V = logits.size(1);
+  const at::Tensor l = logits.stride(1) == 1 ? logits : logits.contiguous();
+  auto per_row = [&](const std::optional<at::Tensor>& t, const char* name, at::ScalarType st) {
+    if (!t.has_value()) return at::Tensor();
+    check_per_row(*t, name, B, logits);
+    TORCH_CHECK_VALUE(t->scalar_type() == st, name, " must be ", st, ", got ", t->scalar_type());
+    return t->contiguous();
+  };
+  const at::Tensor k_t = per_row(top_k, "sample: top_k", at::kLong);
+  const at::Tensor p_t = per_row(top_p, "sample: top_p", at::kFloat);
+  const at::Tensor mp_t = per_row(min_p, "sample: min_p", at::kFloat);
+  const at::Tensor tau = temperature.contiguous(), seeds = seed.contiguous(),
+                   offsets = offset.contiguous();
+  auto tokens = at::empty({B}, logits.options().dtype(at::kLong));
+  auto logprob = at::empty({B}, logits.options().dtype(at::kFloat));
+  auto raw_logprob = at::empty({B}, logits.options().dtype(at::kFloat));
+  if (B == 0) return {tokens, logprob, raw_logprob};
+  const int splits = sampling_cuda::sample_splits(B, V, num_sms(logits.get_device()));
+  auto workspace = at::empty({B * splits * 8 + B}, logits.options().dtype(at::kFloat));
+  sampling_cuda::SampleArgs args{dt,
+                                 l.const_data_ptr(),
+                                 B,
+                                 V,
+                                 l.stride(0),
+                                 tau.const_data_ptr<float>(),
+                                 seeds.const_data_ptr<int64_t>(),
+                                 offsets.const_data_ptr<int64_t>(),
+                                 k_t.defined() ? k_t.const_data_ptr<int64_t>() : nullptr,
+                                 p_t.defined() ? p_t.const_data_ptr<float>() : nullptr,
+                                 mp_t.defined() ? mp_t.const_data_ptr<float>() : nullptr,
+                                 splits,
+                                 workspace.mutable_data_ptr<float>(),
+                                 tokens.mutable_data_ptr<int64_t>(),
+                                 logprob.mutable_data_ptr<float>(),
+                                 raw_logprob.mutable_data_ptr<float>()};
+  FUSEDLM_CUDA_CHECK(sampling_cuda::sample(args, c10::cuda::getCurrentCUDAStream()));
+  return {tokens, logprob, raw_logprob};
+}
+
+at::Tensor temperature_logprobs_cuda(const at::Tensor& logits, const at::Tensor& tokens,
+                                     const at::Tensor& temperatures) {
+  TORCH_CHECK_VALUE(logits.dim() == 2, "temperature_logprobs: logits must be [B, V], got ",
+                    logits.sizes());
+  const int64_t B = logits.size(0), V = logits.size(1);
+  check_per_row(tokens, "temperature_logprobs: tokens", B, logits);
+  TORCH_CHECK_VALUE(tokens.scalar_type() == at::kLong, "temperature_logprobs: tokens must be int64");
+  TORCH_CHECK_VALUE(temperatures.dim() == 1 && temperatures.scalar_type() == at::kFloat,
+                    "temperature_logprobs: temperatures must be a 1-D float32 tensor");
+  TORCH_CHECK_VALUE(temperatures.numel() <= 16,
+                    "temperature_logprobs: at most 16 temperatures on CUDA, got ",
+                    temperatures.numel());
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const DType dt = kernel_dtype(logits, "temperature_logprobs");
+  const at::Tensor l = logits.stride(1) == 1 ? logits : logits.contiguous();
+  const at::Tensor y = tokens.contiguous(), taus = temperatures.to(logits.device()).contiguous();
+  auto out = at::empty({B, taus.numel()}, logits.options().dtype(at::kFloat));
+  sampling_cuda::TemperatureLogprobArgs args{dt, l.const_data_ptr(), B, V, l.stride(0),
+                                             y.const_data_ptr<int64_t>(),
+                                             taus.const_data_ptr<float>(), taus.numel(),
+                                             out.mutable_data_ptr<float>()};
+  FUSEDLM_CUDA_CHECK(sampling_cuda::temperature_logprobs(args, c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+}  // namespace
+}  // namespace fusedlm
+
+TORCH_LIBRARY_IMPL(fusedlm, CUDA, m) {
+  m.impl("cce_forward", &fusedlm::cce_forward_cuda);
+  m.impl("cce_backward", &fusedlm::cce_backward_cuda);
+  m.impl("sample", &fusedlm::sample_cuda);
+  m.impl("temperature_logprobs", &fusedlm::temperature_logprobs_cuda);
+}

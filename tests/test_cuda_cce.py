@@ -1,0 +1,199 @@
+"""GPU tests of the CCE CUDA kernels (pytest -m cuda). References are float64 on upcast
+inputs; the bar is twice PyTorch's own error in the same dtype (TF32 for float32 inputs,
+which is the math mode the kernel uses for them)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedlm
+from reference import reference_loss, rel_err
+
+pytestmark = pytest.mark.cuda
+DEV = "cuda"
+
+
+def poison_allocator(nbytes=1 << 30):
+    """Fill recently freed caching-allocator blocks with NaN so an output element the kernel
+    forgets to write shows up as NaN instead of a plausible stale value."""
+    junk = torch.full((nbytes // 4,), float("nan"), device=DEV)
+    del junk
+
+
+def make(n, d, v, dtype, bias=False, ignore_frac=0.2, peaked=False, batch=None):
+    shape = (n,) if batch is None else (batch, n)
+    c = torch.randn(v, d, device=DEV, dtype=torch.float64) / d**0.5
+    y = torch.randint(0, v, shape, device=DEV)
+    e = torch.randn(*shape, d, device=DEV, dtype=torch.float64)
+    if peaked:  # a trained model's hidden states point at the target's classifier row
+        e = e * 0.3 + 6.0 * c[y] * d**0.5 / c[y].norm(dim=-1, keepdim=True)
+    y[torch.rand(shape, device=DEV) < ignore_frac] = -100
+    y.view(-1)[0] = 0  # at least one counted token, so reduction="mean" is defined
+    b = torch.randn(v, device=DEV, dtype=torch.float64) if bias else None
+    cast = lambda t: None if t is None else t.to(dtype).requires_grad_()
+    return cast(e), cast(c), y, cast(b)
+
+
+def torch_same_dtype(e, c, y, b, softcap=None, **kw):
+    """PyTorch's own computation in the input dtype (materialised logits)."""
+    logits = e.reshape(-1, e.shape[-1]) @ c.T
+    if b is not None:
+        logits = logits + b
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    from reference import reference_loss_from_logits
+    return reference_loss_from_logits(logits.reshape(*e.shape[:-1], -1).float(), y, **kw)
+
+
+class _tf32:
+    def __enter__(self):
+        self.prev = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.prev
+
+
+def check_against_reference(e, c, y, b, dtype, **kw):
+    params = [t for t in (e, c, b) if t is not None]
+    poison_allocator()
+    loss = fusedlm.linear_cross_entropy(e, c, y, b, filter_eps=None, **kw)
+    g_out = torch.randn_like(loss)
+    grads = torch.autograd.grad(loss, params, g_out)
+
+    ref_params = [t.detach().double().requires_grad_() for t in params]
+    e64, c64 = ref_params[0], ref_params[1]
+    b64 = ref_params[2] if b is not None else None
+    ref = reference_loss(e64, c64, y, b64, **kw)
+    ref_grads = torch.autograd.grad(ref, ref_params, g_out.double())
+
+    t_params = [t.detach().clone().requires_grad_() for t in params]
+    tb = t_params[2] if b is not None else None
+    with _tf32():  # float32 inputs: compare with PyTorch in the same (TF32) math mode
+        tl = torch_same_dtype(t_params[0], t_params[1], y, tb, **kw)
+        t_grads = torch.autograd.grad(tl, t_params, g_out.to(tl.dtype))
+
+    assert torch.isfinite(loss).all()
+    # float32 inputs run on TF32 tensor cores (documented): allow TF32's unit roundoff
+    # (2^-11) as a floor, since cuBLAS may pick non-TF32 kernels for the PyTorch reference.
+    floor = 1e-3 if dtype == torch.float32 else 2e-6
+    if ref.norm() < 1e-12:  # e.g. V == 1: the loss is exactly zero
+        assert loss.abs().max() < 1e-5
+    else:
+        assert rel_err(loss, ref) <= 2 * rel_err(tl, ref) + floor, (rel_err(loss, ref), rel_err(tl, ref))
+    for name, got, tg, want in zip("ecb", grads, t_grads, ref_grads):
+        assert got.dtype == dtype and torch.isfinite(got).all(), name
+        if want.norm() < 1e-12:  # e.g. V == 1: the exact gradient is zero
+            assert got.abs().max() < 1e-5, name
+            continue
+        assert rel_err(got, want) <= 2 * rel_err(tg, want) + floor, (name, rel_err(got, want), rel_err(tg, want))
+
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+OPTIONS = [
+    dict(),
+    dict(bias=True),
+    dict(softcap=20.0),
+    dict(label_smoothing=0.1),
+    dict(z_loss=1e-3),
+    dict(reduction="sum"),
+    dict(reduction="none"),
+    dict(shift=True, batch=3),
+    dict(bias=True, softcap=15.0, label_smoothing=0.1, z_loss=1e-3, reduction="none"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_options_match_reference(dtype, opts):
+    opts = dict(opts)
+    mk = {k: opts.pop(k) for k in ("bias", "batch") if k in opts}
+    e, c, y, b = make(37, 65, 1031, dtype, **mk)
+    check_against_reference(e, c, y, b, dtype, **opts)
+
+
+@pytest.mark.parametrize("n,d,v", [(1, 64, 1031), (37, 64, 1), (37, 2304, 1031), (4097, 65, 1031),
+                                   (4097, 2304, 50257), (37, 64, 128256)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_sizes_match_reference(n, d, v, dtype):
+    e, c, y, b = make(n, d, v, dtype, bias=True)
+    check_against_reference(e, c, y, b, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_filtered_loss_identical_and_gradient_error_small(dtype):
+    e, c, y, _ = make(1024, 256, 32000, dtype, peaked=True, ignore_frac=0.0)
+    exact = fusedlm.linear_cross_entropy(e, c, y, filter_eps=None)
+    filtered = fusedlm.linear_cross_entropy(e, c, y)  # "auto"
+    assert torch.equal(exact, filtered)
+    g_exact = torch.autograd.grad(exact, (e, c))
+    g_filtered = torch.autograd.grad(filtered, (e, c))
+    for a, b in zip(g_filtered, g_exact):
+        # documented: filtered gradients differ from exact by well under 1% (relative norm)
+        assert rel_err(a, b) < 1e-2
+
+
+def test_deterministic_backward():
+    e, c, y, b = make(777, 128, 5003, torch.bfloat16, bias=True)
+    outs = []
+    for _ in range(2):
+        loss = fusedlm.linear_cross_entropy(e, c, y, b, filter_eps=None)
+        outs.append(torch.autograd.grad(loss, (e, c, b)))
+    for a, b_ in zip(*outs):
+        assert torch.equal(a, b_)
+
+
+def test_matches_cpu_kernel():
+    e, c, y, b = make(64, 96, 777, torch.float32, bias=True)
+    gpu = fusedlm.linear_cross_entropy(e, c, y, b, softcap=10.0, filter_eps=None)
+    cpu = fusedlm.linear_cross_entropy(e.detach().cpu(), c.detach().cpu(), y.cpu(), b.detach().cpu(),
+                                       softcap=10.0, filter_eps=None)
+    assert abs(gpu.item() - cpu.item()) < 2e-3 * abs(cpu.item())
+
+
+def test_out_of_range_target_gives_nan_not_garbage():
+    e, c, y, _ = make(16, 64, 100, torch.bfloat16, ignore_frac=0.0)
+    y[3] = 100
+    loss = fusedlm.linear_cross_entropy(e, c, y, reduction="none")
+    assert torch.isnan(loss[3]) and torch.isfinite(loss[torch.arange(16, device=DEV) != 3]).all()
+
+
+def test_forward_memory_bound_gemma_shape():
+    n, d, v = 8192, 2304, 256000
+    e = torch.randn(n, d, device=DEV, dtype=torch.bfloat16)
+    c = torch.randn(v, d, device=DEV, dtype=torch.bfloat16) / d**0.5
+    y = torch.randint(0, v, (n,), device=DEV)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        loss = fusedlm.linear_cross_entropy(e, c, y)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert torch.isfinite(loss)
+    assert extra <= 8 * 2**20 + 8 * n, extra
+
+
+def test_backward_memory_bound_gemma_shape():
+    n, d, v = 8192, 2304, 256000
+    e = torch.randn(n, d, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+    c = (torch.randn(v, d, device=DEV, dtype=torch.bfloat16) / d**0.5).requires_grad_()
+    y = torch.randint(0, v, (n,), device=DEV)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    loss = fusedlm.linear_cross_entropy(e, c, y)
+    ge, gc = torch.autograd.grad(loss, (e, c))
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base - ge.numel() * 2 - gc.numel() * 2
+    assert torch.isfinite(ge).all() and torch.isfinite(gc).all()
+    assert extra <= 256 * 2**20, extra / 2**20
+
+
+def test_torch_compile_fullgraph_cuda():
+    e, c, y, b = make(300, 128, 3001, torch.bfloat16, bias=True)
+    fn = torch.compile(lambda e_, c_, b_: fusedlm.linear_cross_entropy(e_, c_, y, b_, softcap=30.0),
+                       fullgraph=True)
+    loss = fn(e, c, b)
+    loss.backward()
+    ref = fusedlm.linear_cross_entropy(e.detach(), c.detach(), y, b.detach(), softcap=30.0)
+    torch.testing.assert_close(loss, ref)
