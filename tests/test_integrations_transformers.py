@@ -1,0 +1,335 @@
+"""fusedlm.integrations.transformers: patched HF causal LMs give the unpatched loss and
+gradients. Tiny random-init configs built locally (no downloads), float32 on CPU."""
+import copy
+import pickle
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from fusedlm.integrations import transformers as fl_hf  # noqa: E402
+from fusedlm.integrations.transformers import UnsupportedModelError, patch, unpatch  # noqa: E402
+
+V = 97
+COMMON = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2)
+
+# name -> (config class, model class, config overrides, softcap the patch must detect)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}, None),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}, None),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}, None),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
+               dict(head_dim=8, final_logit_softcapping=2.0), 2.0),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
+               dict(head_dim=8, final_logit_softcapping=3.0), 3.0),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel",
+             dict(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                  bos_token_id=0, eos_token_id=0), None),
+    "cohere": ("CohereConfig", "CohereForCausalLM", dict(logit_scale=0.5), None),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", dict(logits_scaling=4.0), None),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
+                     router_aux_loss_coef=0.1), None),
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: one intra-op thread is faster on a shared 2-core runner.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_model(name, dtype=torch.float32):
+    cfg_cls, model_cls, overrides, _ = FAMILIES[name]
+    kw = dict(overrides) if name == "gpt2" else {**COMMON, **overrides}
+    cfg = getattr(transformers, cfg_cls)(**kw)
+    model = getattr(transformers, model_cls)(cfg).to(dtype)
+    return model.eval()  # no dropout: patched and unpatched runs see identical networks
+
+
+def make_batch(b=2, t=9):
+    ids = torch.randint(0, V, (b, t))
+    labels = ids.clone()
+    labels[0, :3] = -100          # prompt tokens
+    labels[1, -2:] = -100         # padding
+    return ids, labels
+
+
+def loss_and_grads(model, **inputs):
+    out = model(**inputs)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(out.loss, params, allow_unused=True)
+    return out, grads
+
+
+def assert_grads_close(got, want, **tol):
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None or float(g.abs().max()) == 0.0
+        else:
+            torch.testing.assert_close(g, w, **tol)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_same_loss_and_grads_as_unpatched(name, monkeypatch):
+    model = make_model(name)
+    ids, labels = make_batch()
+    ref, ref_grads = loss_and_grads(model, input_ids=ids, labels=labels)
+
+    calls = []
+    real = fl_hf.linear_cross_entropy
+
+    def spy(*args, **kw):
+        calls.append(kw)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(fl_hf, "linear_cross_entropy", spy)
+    patch(model, filter_eps=None)
+    out, grads = loss_and_grads(model, input_ids=ids, labels=labels)
+    assert len(calls) == 1 and calls[0]["shift"] and calls[0]["filter_eps"] is None
+    assert calls[0]["softcap"] == FAMILIES[name][3]
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    assert_grads_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
+    if name in ("gpt2", "gemma2"):  # tied embeddings: one parameter, gradient from both uses
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+def test_gradient_accumulation_num_items_and_shift_labels():
+    model = make_model("llama")
+    ids, labels = make_batch()
+    n = torch.tensor(23)
+    ref, ref_grads = loss_and_grads(model, input_ids=ids, labels=labels, num_items_in_batch=n)
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].contiguous()
+    ref2 = model(input_ids=ids, labels=labels, shift_labels=shifted).loss
+    patch(model)
+    out, grads = loss_and_grads(model, input_ids=ids, labels=labels, num_items_in_batch=n)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    assert_grads_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
+    out2 = model(input_ids=ids, labels=labels, shift_labels=shifted)
+    torch.testing.assert_close(out2.loss, ref2, rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_within_dtype_tolerance():
+    model = make_model("gemma2", torch.bfloat16)
+    ids, labels = make_batch()
+    ref, ref_grads = loss_and_grads(model, input_ids=ids, labels=labels)
+    patch(model)  # default filter_eps="auto"
+    out, grads = loss_and_grads(model, input_ids=ids, labels=labels)
+    assert out.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss, ref.loss.float(), rtol=2e-2, atol=2e-2)
+    for g, w in zip(grads, ref_grads):
+        if w is not None:
+            scale = float(w.float().abs().max()) + 1e-6
+            assert float((g.float() - w.float()).abs().max()) <= 5e-2 * scale
+
+
+def test_logits_on_request_tuple_output_and_no_labels():
+    model = make_model("gemma2")
+    ids, labels = make_batch()
+    ref = model(input_ids=ids, labels=labels)
+    plain = model(input_ids=ids).logits
+    patch(model)
+    # Without labels the original forward runs untouched.
+    torch.testing.assert_close(model(input_ids=ids).logits, plain)
+    # Per call...
+    out = model(input_ids=ids, labels=labels, return_logits=True)
+    assert type(out.logits) is torch.Tensor
+    torch.testing.assert_close(out.logits, ref.logits)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    # ...or for every call.
+    patch(model, return_logits=True)
+    torch.testing.assert_close(model(input_ids=ids, labels=labels).logits, ref.logits)
+    # return_dict=False: HF tuples drop None entries, so loss comes first.
+    tup = model(input_ids=ids, labels=labels, return_dict=False, use_cache=False)
+    assert isinstance(tup, tuple)
+    torch.testing.assert_close(tup[0], ref.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tup[1], ref.logits)
+    unpatch(model)
+    tup = model(input_ids=ids, labels=labels, return_dict=False, use_cache=False)
+    assert len(tup) == 2
+
+
+def test_unpatch_restores_exactly():
+    model = make_model("gpt2")
+    head = model.get_output_embeddings()
+    before = (dict(model.__dict__), dict(head.__dict__))
+    patch(model)
+    assert fl_hf.is_patched(model) and "forward" in model.__dict__
+    patch(model, z_loss=1e-4)  # re-patching replaces the options, stacks nothing
+    unpatch(model)
+    assert not fl_hf.is_patched(model)
+    assert model.__dict__.keys() == before[0].keys() and head.__dict__.keys() == before[1].keys()
+    assert model.forward.__func__ is type(model).forward
+    assert head.forward.__func__ is type(head).forward
+    unpatch(model)  # no-op
+
+    # Deep copies (EMA / reference models) and pickles of a patched model use their own
+    # parameters and can be unpatched on their own.
+    patch(model)
+    ids, labels = make_batch()
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        clone.get_output_embeddings().weight.mul_(1.5)
+    loaded = pickle.loads(pickle.dumps(clone))
+    fused = clone(input_ids=ids, labels=labels).loss
+    assert not torch.allclose(fused, model(input_ids=ids, labels=labels).loss)
+    torch.testing.assert_close(loaded(input_ids=ids, labels=labels).loss, fused)
+    torch.testing.assert_close(unpatch(clone)(input_ids=ids, labels=labels).loss, fused,
+                               rtol=1e-5, atol=1e-6)
+    assert fl_hf.is_patched(model) and fl_hf.is_patched(loaded)
+    unpatch(model)
+    assert model.__dict__.keys() == before[0].keys()
+
+    # An instance-level forward that was there before (accelerate hooks do this) comes back.
+    def custom(*a, **k):
+        return type(model).forward(model, *a, **k)
+
+    model.forward = custom
+    patch(model)
+    assert model.forward is not custom
+    unpatch(model)
+    assert model.forward is custom
+
+
+def test_trainer_step_matches_unpatched(tmp_path, monkeypatch):
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    base = make_model("llama")
+    ids = torch.randint(0, V, (8, 10))
+    data = []
+    for i in range(8):
+        labels = ids[i].clone()
+        labels[: 1 + i % 4] = -100  # uneven label counts: num_items_in_batch matters
+        data.append({"input_ids": ids[i], "labels": labels})
+
+    def train(model, out):
+        args = TrainingArguments(
+            output_dir=str(tmp_path / out), per_device_train_batch_size=2,
+            gradient_accumulation_steps=2, max_steps=2, learning_rate=0.5, optim="sgd",
+            lr_scheduler_type="constant", report_to=[], use_cpu=True, save_strategy="no",
+            logging_steps=1, dataloader_num_workers=0, seed=0, disable_tqdm=True)
+        trainer = Trainer(model=model, args=args, train_dataset=data)
+        result = trainer.train()
+        return result.training_loss
+
+    ref_model = copy.deepcopy(base)
+    ref_loss = train(ref_model, "ref")
+    reductions = []
+    real = fl_hf.linear_cross_entropy
+
+    def spy(*args, **kw):
+        reductions.append(kw["reduction"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(fl_hf, "linear_cross_entropy", spy)
+    model = patch(copy.deepcopy(base))
+    loss = train(model, "patched")
+    assert fl_hf.is_patched(model)
+    # 2 steps x 2 accumulated micro-batches, each normalised by num_items_in_batch.
+    assert reductions == ["sum"] * 4
+    assert abs(loss - ref_loss) <= 1e-4 * abs(ref_loss)
+    for (k, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=k)
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), base.parameters()))
+
+
+def test_clear_errors_for_unsupported_models():
+    with pytest.raises(UnsupportedModelError, match="not a Hugging Face"):
+        patch(torch.nn.Linear(4, 4))
+    bert = transformers.BertForMaskedLM(transformers.BertConfig(
+        vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32))
+    with pytest.raises(UnsupportedModelError, match="ForMaskedLM"):
+        patch(bert)
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=V, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8))
+    with pytest.raises(UnsupportedModelError, match="encoder-decoder"):
+        patch(t5)
+    seq = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**COMMON))
+    with pytest.raises(UnsupportedModelError):
+        patch(seq)
+    with pytest.raises(TypeError, match="unsupported loss options"):
+        patch(make_model("llama"), reduction="sum")
+    assert not fl_hf.is_patched(bert) and not fl_hf.is_patched(seq)
+
+    # A family that post-processes its logits in a way the fused loss cannot reproduce
+    # fails loudly at the first forward with labels instead of returning a wrong loss.
+    class LogSoftmaxHead(transformers.LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits.log_softmax(-1)
+            return out
+
+    model = patch(LogSoftmaxHead(transformers.LlamaConfig(**COMMON)))
+    ids, labels = make_batch()
+    with pytest.raises(UnsupportedModelError, match="log_softmax"):
+        model(input_ids=ids, labels=labels)
+    model(input_ids=ids)  # still usable without labels
+
+
+def _dist_worker(rank, world, store, path):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=world)
+    try:
+        data = torch.load(path, weights_only=False)
+        mesh = init_device_mesh("cpu", (world,))
+        results = {}
+        for wrap in ("ddp", "fsdp2"):
+            for patched in (False, True):
+                model = transformers.Gemma2ForCausalLM(data["cfg"]).eval()
+                model.load_state_dict(data["state"])
+                if patched:
+                    patch(model, filter_eps=None)  # patch first, then wrap
+                if wrap == "ddp":
+                    wrapped = DDP(model)
+                else:
+                    for layer in model.model.layers:
+                        fully_shard(layer, mesh=mesh)
+                    wrapped = fully_shard(model, mesh=mesh)  # lm_head stays in the root unit
+                out = wrapped(input_ids=data["ids"][rank], labels=data["labels"][rank])
+                out.loss.backward()
+                grads = {k: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad)
+                         for k, p in model.named_parameters()}
+                results[wrap, patched] = (out.loss.detach(), grads)
+        torch.save(results, f"{path}.rank{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_and_fsdp2_two_cpu_ranks(tmp_path):
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    model = make_model("gemma2")  # tied embeddings + softcap
+    ids = torch.randint(0, V, (2, 2, 7))
+    labels = ids.clone()
+    labels[0, 0, :2] = -100
+    path = str(tmp_path / "inputs.pt")
+    torch.save(dict(cfg=model.config, state=model.state_dict(), ids=ids, labels=labels), path)
+    # fork: the children inherit the imported modules (spawn would re-import for seconds).
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    mp.start_processes(_dist_worker, args=(2, str(tmp_path / "store"), path), nprocs=2,
+                       join=True, start_method=method)
+    for rank in range(2):
+        res = torch.load(f"{path}.rank{rank}", weights_only=False)
+        for wrap in ("ddp", "fsdp2"):
+            (ref_loss, ref_grads), (loss, grads) = res[wrap, False], res[wrap, True]
+            torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+            assert ref_grads.keys() == grads.keys()
+            for k in grads:
+                torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6, msg=k)
