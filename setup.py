@@ -112,6 +112,9 @@ def get_extensions():
     if use_cuda:
         # Without a visible GPU torch cannot guess the targets (and crashes): set them.
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+        if "9.0a" in os.environ["TORCH_CUDA_ARCH_LIST"]:
+            # sm_90a code (wgmma) is compiled: let the host pick the Hopper main loop on sm_90.
+            extra["nvcc"].append("-DFUSEDLM_HAS_SM90A")
         ext_cls = CUDAExtension
         sources += ["csrc/ops_cuda.cpp"] + sorted(glob.glob("csrc/*/*.cu"))
         extra["cxx"].append("-DFUSEDLM_WITH_CUDA")

@@ -9,6 +9,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import fusedlm  # noqa: E402
 from run import cce_inputs, cuda_time  # noqa: E402
 
+path = "mma.sync (forced)" if os.environ.get("FUSEDLM_DISABLE_WGMMA") == "1" else "default"
+print(f"main loop: {path}")
 for n, d, v in [(8192, 2304, 256000), (16384, 2048, 32000)]:
     e, c, y = cce_inputs(n, d, v, "random")
     gemm = cuda_time(lambda: e @ c.T)

@@ -20,9 +20,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <type_traits>
 
 #include "../dispatch.h"
 #include "tile_mma.cuh"
+#include "tile_wgmma.cuh"
 
 namespace fusedlm {
 namespace cce_cuda {
@@ -69,6 +72,39 @@ __device__ __forceinline__ int acc_col(int warp_n, int lane, int nt, int r) {
   return warp_n * tile::kWarpN + nt * 8 + 2 * (lane % 4) + (r & 1);
 }
 
+// Main-loop policy for "NT" tiles (both operands K-major) on warp-level mma.sync (sm_80+).
+// Interface shared with wg::WgmmaNt: the accumulator shape, the row / column of each entry,
+// which of kColGroups warps share a row, and run(), which calls done(tile) with the complete
+// accumulator of each output tile; after run() returns the accumulator holds the last tile.
+template <typename T>
+struct SyncNt {
+  static constexpr int kMTiles = tile::kMTiles, kNTiles = tile::kNTiles, kColGroups = 4;
+  static constexpr int kKStep = tile::kK;
+  static constexpr int smem_bytes() { return tile::smem_bytes<T, true, true>(); }
+  __device__ static int row(int mt, int r) { return acc_row(threadIdx.x / 128, threadIdx.x % 32, mt, r); }
+  __device__ static int col(int nt, int r) { return acc_col((threadIdx.x / 32) % 4, threadIdx.x % 32, nt, r); }
+  __device__ static int col_group() { return (threadIdx.x / 32) % 4; }
+
+  template <typename Coords, typename Done>
+  __device__ static void run(float (&acc)[kMTiles][kNTiles][4], char* smem, const T* a,
+                             int64_t a_rows, int64_t a_row0, const T* b, int64_t b_rows,
+                             int64_t D, int n_tiles, int k_steps, Coords&& coords, Done&& done) {
+    tile::zero(acc);
+    auto load = [&](T* sa, T* sb, int step) {
+      int64_t b_row0, k0;
+      coords(step, b_row0, k0);
+      tile::load_tile<T, true>(sa, a, D, a_row0, k0, a_rows, D);
+      tile::load_tile<T, true>(sb, b, D, b_row0, k0, b_rows, D);
+    };
+    const int steps = n_tiles * k_steps;
+    tile::pipeline<T, true, true>(acc, smem, steps, load, [&](int step) {
+      if (step % k_steps != k_steps - 1) return;
+      done(step / k_steps);
+      if (step + 1 < steps) tile::zero(acc);  // the final tile stays readable after run()
+    });
+  }
+};
+
 // Merge two base-2 online log-sum-exp states (max, sum of 2^(x - max)).
 __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2) {
   const float mx = fmaxf(m, m2);
@@ -77,11 +113,10 @@ __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2
   m = mx;
 }
 
-template <typename T>
+template <typename T, typename Mainloop>
 __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a, int tiles_per_split) {
   extern __shared__ __align__(128) char smem[];
-  const T* e = static_cast<const T*>(a.e);
-  const T* c = static_cast<const T*>(a.c);
+  constexpr int MT = Mainloop::kMTiles, NT = Mainloop::kNTiles, KS = Mainloop::kKStep;
   const T* bias = static_cast<const T*>(a.bias);
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kM;
   const int split = blockIdx.y;
@@ -89,18 +124,17 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a, int ti
   const int64_t vt_begin = static_cast<int64_t>(split) * tiles_per_split;
   const int64_t vt_end = min(vt_begin + tiles_per_split, vocab_tiles);
   const int n_tiles = vt_end > vt_begin ? static_cast<int>(vt_end - vt_begin) : 0;
-  const int k_steps = static_cast<int>((a.D + kK - 1) / kK);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int warp_m = warp / 4, warp_n = warp % 4;
+  const int k_steps = static_cast<int>((a.D + KS - 1) / KS);
+  const int lane = threadIdx.x % 32;
 
-  // Each thread owns 8 row slots (mt, half) and keeps their running statistics.
-  int target[kMTiles][2];  // -1 when the row is out of range or its target is not a class
-  float run_max[kMTiles][2], run_sum[kMTiles][2], run_zsum[kMTiles][2];
+  // Each thread owns MT x 2 row slots and keeps their running statistics.
+  int target[MT][2];  // -1 when the row is out of range or its target is not a class
+  float run_max[MT][2], run_sum[MT][2], run_zsum[MT][2];
 #pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt)
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int64_t row = row0 + acc_row(warp_m, lane, mt, 2 * h);
+      const int64_t row = row0 + Mainloop::row(mt, 2 * h);
       const int64_t y = row < a.N ? a.targets[row] : -1;
       target[mt][h] = (y >= 0 && y < a.V) ? static_cast<int>(y) : -1;
       run_max[mt][h] = -INFINITY;
@@ -108,60 +142,56 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a, int ti
       run_zsum[mt][h] = 0.f;
     }
 
-  float acc[kMTiles][kNTiles][4];
-  tile::zero(acc);
-  auto load = [&](T* sa, T* sb, int step) {
-    const int j = step / k_steps, kt = step % k_steps;
-    tile::load_tile<T, true>(sa, e, a.D, row0, static_cast<int64_t>(kt) * kK, a.N, a.D);
-    tile::load_tile<T, true>(sb, c, a.D, (vt_begin + j) * kN, static_cast<int64_t>(kt) * kK,
-                             a.V, a.D);
+  float acc[MT][NT][4];
+  auto coords = [&](int step, int64_t& b_row0, int64_t& k0) {
+    b_row0 = (vt_begin + step / k_steps) * kN;
+    k0 = static_cast<int64_t>(step % k_steps) * KS;
   };
-  auto done = [&](int step) {
-    if (step % k_steps != k_steps - 1) return;
-    const int64_t v0 = (vt_begin + step / k_steps) * kN;
+  auto done = [&](int tile_index) {
+    const int64_t v0 = (vt_begin + tile_index) * kN;
 #pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt) {
+    for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        float z2[kNTiles][2];
         float tile_max = -INFINITY;
 #pragma unroll
-        for (int nt = 0; nt < kNTiles; ++nt) {
+        for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
           for (int q = 0; q < 2; ++q) {
             const int r = 2 * h + q;
-            const int64_t v = v0 + acc_col(warp_n, lane, nt, r);
+            const int64_t v = v0 + Mainloop::col(nt, r);
             float z = -INFINITY;
             if (v < a.V) {
               z = acc[mt][nt][r];
               if (bias != nullptr) z += to_float(bias[v]);
               z = softcapped(z, a.softcap);
               run_zsum[mt][h] += z;
-              if (v == target[mt][h]) a.target_logit[row0 + acc_row(warp_m, lane, mt, r)] = z;
+              if (v == target[mt][h]) a.target_logit[row0 + Mainloop::row(mt, r)] = z;
             }
-            z2[nt][q] = z * kLog2e;
-            tile_max = fmaxf(tile_max, z2[nt][q]);
+            acc[mt][nt][r] = z * kLog2e;  // reuse the register: logit in base-2 units
+            tile_max = fmaxf(tile_max, acc[mt][nt][r]);
           }
         }
         if (tile_max == -INFINITY) continue;
         const float new_max = fmaxf(run_max[mt][h], tile_max);
         float s = run_sum[mt][h] * exp2f(run_max[mt][h] - new_max);
 #pragma unroll
-        for (int nt = 0; nt < kNTiles; ++nt)
+        for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-          for (int q = 0; q < 2; ++q) s += exp2f(z2[nt][q] - new_max);
+          for (int q = 0; q < 2; ++q) s += exp2f(acc[mt][nt][2 * h + q] - new_max);
         run_sum[mt][h] = s;
         run_max[mt][h] = new_max;
       }
     }
-    tile::zero(acc);
   };
-  tile::pipeline<T, true, true>(acc, smem, n_tiles * k_steps, load, done);
+  Mainloop::run(acc, smem, static_cast<const T*>(a.e), a.N, row0, static_cast<const T*>(a.c), a.V,
+                a.D, n_tiles, k_steps, coords, done);
 
-  // Reduce the 4 lanes that share a row, then the 4 warps along the vocabulary.
-  float* red = reinterpret_cast<float*>(smem);  // [3][4 warps_n][kM]
+  // Reduce the 4 lanes that share a row, then the warps that hold other columns of it.
+  constexpr int G = Mainloop::kColGroups;
+  float* red = reinterpret_cast<float*>(smem);  // [3][G][kM]
 #pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt)
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       float m = run_max[mt][h], s = run_sum[mt][h], zs = run_zsum[mt][h];
@@ -173,19 +203,20 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a, int ti
         lse_merge(m, s, m2, s2);
       }
       if (lane % 4 == 0) {
-        const int r = acc_row(warp_m, lane, mt, 2 * h);
-        red[(0 * 4 + warp_n) * kM + r] = m;
-        red[(1 * 4 + warp_n) * kM + r] = s;
-        red[(2 * 4 + warp_n) * kM + r] = zs;
+        const int r = Mainloop::row(mt, 2 * h);
+        const int g = Mainloop::col_group();
+        red[(0 * G + g) * kM + r] = m;
+        red[(1 * G + g) * kM + r] = s;
+        red[(2 * G + g) * kM + r] = zs;
       }
     }
   __syncthreads();
   if (threadIdx.x < kM) {
     const int r = threadIdx.x;
     float m = -INFINITY, s = 0.f, zs = 0.f;
-    for (int w = 0; w < 4; ++w) {
-      lse_merge(m, s, red[(0 * 4 + w) * kM + r], red[(1 * 4 + w) * kM + r]);
-      zs += red[(2 * 4 + w) * kM + r];
+    for (int g = 0; g < G; ++g) {
+      lse_merge(m, s, red[(0 * G + g) * kM + r], red[(1 * G + g) * kM + r]);
+      zs += red[(2 * G + g) * kM + r];
     }
     const int64_t row = row0 + r;
     if (row < a.N) {
@@ -231,101 +262,104 @@ struct ChunkInfo {
   bool first_chunk;
 };
 
-template <typename T>
+template <typename T, typename Mainloop>
 __global__ void __launch_bounds__(kThreads) grad_tile_kernel(BackwardArgs a, ChunkInfo ck) {
   extern __shared__ __align__(128) char smem[];
-  const T* e = static_cast<const T*>(a.e);
-  const T* c = static_cast<const T*>(a.c);
+  constexpr int MT = Mainloop::kMTiles, NT = Mainloop::kNTiles, KS = Mainloop::kKStep;
   const T* bias = static_cast<const T*>(a.bias);
   const int row_tile = blockIdx.x, jt = blockIdx.y;
   const int64_t row0 = static_cast<int64_t>(row_tile) * kM;
   const int64_t v0 = ck.v0 + static_cast<int64_t>(jt) * kN;
-  const int k_steps = static_cast<int>((a.D + kK - 1) / kK);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int warp_m = warp / 4, warp_n = warp % 4;
+  const int k_steps = static_cast<int>((a.D + KS - 1) / KS);
+  const int lane = threadIdx.x % 32;
 
-  float acc[kMTiles][kNTiles][4];
-  tile::zero(acc);
-  auto load = [&](T* sa, T* sb, int step) {
-    tile::load_tile<T, true>(sa, e, a.D, row0, static_cast<int64_t>(step) * kK, a.N, a.D);
-    tile::load_tile<T, true>(sb, c, a.D, v0, static_cast<int64_t>(step) * kK, a.V, a.D);
+  float acc[MT][NT][4];
+  auto coords = [&](int step, int64_t& b_row0, int64_t& k0) {
+    b_row0 = v0;
+    k0 = static_cast<int64_t>(step) * KS;
   };
-  tile::pipeline<T, true, true>(acc, smem, k_steps, load, [](int) {});
-
-  bool keep = false;
+  Mainloop::run(acc, smem, static_cast<const T*>(a.e), a.N, row0, static_cast<const T*>(a.c), a.V,
+                a.D, 1, k_steps, coords, [](int) {});
+  {
+    bool keep = false;
 #pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt) {
+    for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t row = row0 + acc_row(warp_m, lane, mt, 2 * h);
-      float lse2 = 0.f, g_lse = 0.f, g_tgt = 0.f, g_sum = 0.f;
-      int64_t y = -1;
-      if (row < a.N) {
-        lse2 = a.lse[row] * kLog2e;
-        g_lse = a.grad_lse[row];
-        g_tgt = a.grad_target[row];
-        g_sum = a.grad_sum[row];
-        y = a.targets[row];
-      }
-      const bool has_grad = g_lse != 0.f || g_tgt != 0.f || g_sum != 0.f;
+      for (int h = 0; h < 2; ++h) {
+        const int64_t row = row0 + Mainloop::row(mt, 2 * h);
+        float lse2 = 0.f, g_lse = 0.f, g_tgt = 0.f, g_sum = 0.f;
+        int64_t y = -1;
+        if (row < a.N) {
+          lse2 = a.lse[row] * kLog2e;
+          g_lse = a.grad_lse[row];
+          g_tgt = a.grad_target[row];
+          g_sum = a.grad_sum[row];
+          y = a.targets[row];
+        }
+        const bool has_grad = g_lse != 0.f || g_tgt != 0.f || g_sum != 0.f;
 #pragma unroll
-      for (int nt = 0; nt < kNTiles; ++nt) {
+        for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
-        for (int q = 0; q < 2; ++q) {
-          const int r = 2 * h + q;
-          const int64_t v = v0 + acc_col(warp_n, lane, nt, r);
-          float g = 0.f;
-          if (has_grad && v < a.V) {
-            float z = acc[mt][nt][r];
-            if (bias != nullptr) z += to_float(bias[v]);
-            z = softcapped(z, a.softcap);
-            const float p = exp2f(z * kLog2e - lse2);
-            const bool is_target = v == y;
-            g = g_lse * p + g_sum + (is_target ? g_tgt : 0.f);
-            if (a.softcap > 0.f) {
-              const float t = z / a.softcap;
-              g *= 1.f - t * t;
+          for (int q = 0; q < 2; ++q) {
+            const int r = 2 * h + q;
+            const int64_t v = v0 + Mainloop::col(nt, r);
+            float g = 0.f;
+            if (has_grad && v < a.V) {
+              float z = acc[mt][nt][r];
+              if (bias != nullptr) z += to_float(bias[v]);
+              z = softcapped(z, a.softcap);
+              const float p = exp2f(z * kLog2e - lse2);
+              const bool is_target = v == y;
+              g = g_lse * p + g_sum + (is_target ? g_tgt : 0.f);
+              if (a.softcap > 0.f) {
+                const float t = z / a.softcap;
+                g *= 1.f - t * t;
+              }
+              keep |= a.filter_eps < 0.f || p >= a.filter_eps || is_target;
             }
-            keep |= a.filter_eps < 0.f || p >= a.filter_eps || is_target;
+            acc[mt][nt][r] = g;
           }
-          acc[mt][nt][r] = g;
         }
       }
     }
-  }
-  keep = __syncthreads_or(keep);
-  if (threadIdx.x == 0) a.tile_mask[static_cast<int64_t>(row_tile) * ck.chunk_tiles + jt] = keep;
-  if (!keep) return;
+    keep = __syncthreads_or(keep);
+    if (threadIdx.x == 0) a.tile_mask[static_cast<int64_t>(row_tile) * ck.chunk_tiles + jt] = keep;
+    if (!keep) return;
 
-  T* ws = static_cast<T*>(a.grad_workspace);
+    T* ws = static_cast<T*>(a.grad_workspace);
 #pragma unroll
-  for (int mt = 0; mt < kMTiles; ++mt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int nt = 0; nt < kNTiles; ++nt)
+      for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int64_t row = row0 + acc_row(warp_m, lane, mt, r);
-        const int64_t col = static_cast<int64_t>(jt) * kN + acc_col(warp_n, lane, nt, r);
-        ws[row * ck.ws_ld + col] = from_float<T>(acc[mt][nt][r]);
-      }
+        for (int r = 0; r < 4; ++r) {
+          const int64_t row = row0 + Mainloop::row(mt, r);
+          const int64_t col = static_cast<int64_t>(jt) * kN + Mainloop::col(nt, r);
+          ws[row * ck.ws_ld + col] = from_float<T>(acc[mt][nt][r]);
+        }
 
-  if (a.bias_partials != nullptr) {
-    // Column sums of g over this tile's rows (float32, fixed order: deterministic).
-    float* red = reinterpret_cast<float*>(smem);  // [2 warps_m][kN]
+    if (a.bias_partials != nullptr) {
+      // Column sums of g over this tile's rows (float32, fixed order: deterministic).
+      constexpr int kRowGroups = kThreads / 32 / Mainloop::kColGroups;  // warps sharing a column
+      float* red = reinterpret_cast<float*>(smem);  // [kRowGroups][kN]
+      const int row_group = (threadIdx.x / 32) / Mainloop::kColGroups;
 #pragma unroll
-    for (int nt = 0; nt < kNTiles; ++nt)
+      for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-      for (int q = 0; q < 2; ++q) {
-        float s = 0.f;
+        for (int q = 0; q < 2; ++q) {
+          float sum = 0.f;
 #pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) s += acc[mt][nt][q] + acc[mt][nt][2 + q];
-        for (int off = 4; off < 32; off <<= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-        if (lane < 4) red[warp_m * kN + acc_col(warp_n, lane, nt, q)] = s;
+          for (int mt = 0; mt < MT; ++mt) sum += acc[mt][nt][q] + acc[mt][nt][2 + q];
+          for (int off = 4; off < 32; off <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+          if (lane < 4) red[row_group * kN + Mainloop::col(nt, q)] = sum;
+        }
+      __syncthreads();
+      if (threadIdx.x < kN) {
+        float total = 0.f;
+        for (int g = 0; g < kRowGroups; ++g) total += red[g * kN + threadIdx.x];
+        a.bias_partials[static_cast<int64_t>(row_tile) * ck.ws_ld + static_cast<int64_t>(jt) * kN +
+                        threadIdx.x] = total;
       }
-    __syncthreads();
-    if (threadIdx.x < kN) {
-      a.bias_partials[static_cast<int64_t>(row_tile) * ck.ws_ld + static_cast<int64_t>(jt) * kN +
-                      threadIdx.x] = red[threadIdx.x] + red[kN + threadIdx.x];
     }
   }
 }
@@ -440,29 +474,54 @@ cudaError_t allow_smem(Kernel kernel, int bytes) {
     if (err_ != cudaSuccess) return err_;  \
   } while (0)
 
-template <typename T>
-cudaError_t forward_typed(const ForwardArgs& a, cudaStream_t stream) {
+// The Hopper wgmma main loop: only for 16-bit inputs on an sm_90 device, in builds that
+// compiled sm_90a code; FUSEDLM_DISABLE_WGMMA=1 forces the mma.sync path (for A/B tests).
+bool use_wgmma(DType dtype) {
+#if defined(FUSEDLM_HAS_SM90A)
+  if (dtype == DType::kFloat32) return false;
+  const char* off = std::getenv("FUSEDLM_DISABLE_WGMMA");
+  if (off != nullptr && off[0] == '1') return false;
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
+  return major == 9;
+#else
+  (void)dtype;
+  return false;
+#endif
+}
+
+template <typename T, typename Mainloop>
+cudaError_t launch_forward(const ForwardArgs& a, cudaStream_t stream) {
   const int64_t row_tiles = (a.N + kM - 1) / kM;
   const int64_t vocab_tiles = (a.V + kN - 1) / kN;
   const int tiles_per_split = static_cast<int>((vocab_tiles + a.splits - 1) / a.splits);
-  constexpr int smem = tile::smem_bytes<T, true, true>();
-  FUSEDLM_RETURN_IF_ERROR(allow_smem(forward_kernel<T>, smem));
-  forward_kernel<T><<<dim3(static_cast<unsigned>(row_tiles), a.splits), kThreads, smem, stream>>>(
-      a, tiles_per_split);
+  constexpr int smem = Mainloop::smem_bytes();
+  FUSEDLM_RETURN_IF_ERROR(allow_smem(forward_kernel<T, Mainloop>, smem));
+  forward_kernel<T, Mainloop>
+      <<<dim3(static_cast<unsigned>(row_tiles), a.splits), kThreads, smem, stream>>>(a, tiles_per_split);
   FUSEDLM_RETURN_IF_ERROR(cudaGetLastError());
   forward_combine_kernel<<<static_cast<unsigned>((a.N + 255) / 256), 256, 0, stream>>>(a);
   return cudaGetLastError();
 }
 
 template <typename T>
+cudaError_t forward_typed(const ForwardArgs& a, cudaStream_t stream) {
+  if constexpr (!std::is_same_v<T, float>) {
+    if (use_wgmma(a.dtype)) return launch_forward<T, wg::WgmmaNt<T>>(a, stream);
+  }
+  return launch_forward<T, SyncNt<T>>(a, stream);
+}
+
+template <typename T, typename Mainloop>
 cudaError_t backward_typed(const BackwardArgs& a, cudaStream_t stream) {
   const int row_tiles = static_cast<int>((a.N + kM - 1) / kM);
   const unsigned d_tiles = static_cast<unsigned>((a.D + kN - 1) / kN);
-  constexpr int smem_tile = tile::smem_bytes<T, true, true>();
+  constexpr int smem_tile = Mainloop::smem_bytes();
   constexpr int smem_e = tile::smem_bytes<T, true, false>();
   constexpr int smem_c = tile::smem_bytes<T, false, false>();
   const int max_tiles = static_cast<int>(a.vocab_chunk / kN);
-  FUSEDLM_RETURN_IF_ERROR(allow_smem(grad_tile_kernel<T>, smem_tile));
+  FUSEDLM_RETURN_IF_ERROR(allow_smem(grad_tile_kernel<T, Mainloop>, smem_tile));
   FUSEDLM_RETURN_IF_ERROR(allow_smem(grad_e_kernel<T>, smem_e + 4 * max_tiles));
   FUSEDLM_RETURN_IF_ERROR(allow_smem(grad_c_kernel<T>, smem_c + 4 * row_tiles));
   for (int64_t v0 = 0; v0 < a.V; v0 += a.vocab_chunk) {
@@ -474,7 +533,7 @@ cudaError_t backward_typed(const BackwardArgs& a, cudaStream_t stream) {
           a.bias_partials, 0, sizeof(float) * static_cast<size_t>(row_tiles) * a.vocab_chunk,
           stream));
     }
-    grad_tile_kernel<T><<<dim3(row_tiles, ck.chunk_tiles), kThreads, smem_tile, stream>>>(a, ck);
+    grad_tile_kernel<T, Mainloop><<<dim3(row_tiles, ck.chunk_tiles), kThreads, smem_tile, stream>>>(a, ck);
     FUSEDLM_RETURN_IF_ERROR(cudaGetLastError());
     grad_e_kernel<T><<<dim3(row_tiles, d_tiles), kThreads, smem_e + 4 * ck.chunk_tiles, stream>>>(
         a, ck);
@@ -489,6 +548,14 @@ cudaError_t backward_typed(const BackwardArgs& a, cudaStream_t stream) {
     }
   }
   return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t backward_dispatch(const BackwardArgs& a, cudaStream_t stream) {
+  if constexpr (!std::is_same_v<T, float>) {
+    if (use_wgmma(a.dtype)) return backward_typed<T, wg::WgmmaNt<T>>(a, stream);
+  }
+  return backward_typed<T, SyncNt<T>>(a, stream);
 }
 
 }  // namespace
@@ -525,9 +592,9 @@ cudaError_t forward(const ForwardArgs& a, cudaStream_t stream) {
 cudaError_t backward(const BackwardArgs& a, cudaStream_t stream) {
   if (a.N == 0 || a.V == 0) return cudaSuccess;
   switch (a.dtype) {
-    case DType::kBFloat16: return backward_typed<__nv_bfloat16>(a, stream);
-    case DType::kFloat16: return backward_typed<__half>(a, stream);
-    case DType::kFloat32: return backward_typed<float>(a, stream);
+    case DType::kBFloat16: return backward_dispatch<__nv_bfloat16>(a, stream);
+    case DType::kFloat16: return backward_dispatch<__half>(a, stream);
+    case DType::kFloat32: return backward_dispatch<float>(a, stream);
   }
   return cudaErrorInvalidValue;
 }
