@@ -23,6 +23,8 @@
 #include <cstdlib>
 #include <type_traits>
 
+#include <cudaTypedefs.h>
+
 #include "../dispatch.h"
 #include "tile_mma.cuh"
 #include "tile_wgmma.cuh"
@@ -80,7 +82,14 @@ template <typename T>
 struct SyncNt {
   static constexpr int kMTiles = tile::kMTiles, kNTiles = tile::kNTiles, kColGroups = 4;
   static constexpr int kKStep = tile::kK;
+  static constexpr bool kUsesTma = false;
+  static constexpr int kThreadsPerCta = kThreads;
+  static constexpr int kRowGroups = 2;  // warps holding the same columns (warp_m)
   static constexpr int smem_bytes() { return tile::smem_bytes<T, true, true>(); }
+  __device__ static bool is_consumer() { return true; }
+  __device__ static int row_group() { return threadIdx.x / 128; }
+  // The pipeline ends with a barrier, so epilogue reductions may reuse its stages.
+  __device__ static float* scratch(char* smem) { return reinterpret_cast<float*>(smem); }
   __device__ static int row(int mt, int r) { return acc_row(threadIdx.x / 128, threadIdx.x % 32, mt, r); }
   __device__ static int col(int nt, int r) { return acc_col((threadIdx.x / 32) % 4, threadIdx.x % 32, nt, r); }
   __device__ static int col_group() { return (threadIdx.x / 32) % 4; }
@@ -113,8 +122,22 @@ __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2
   m = mx;
 }
 
+// Runs a main-loop policy: TMA policies take tensor maps, the others raw pointers.
+template <typename Mainloop, typename T, typename Acc, typename Coords, typename Done>
+__device__ __forceinline__ void run_mainloop(Acc& acc, char* smem, const wg::TmaMaps& maps,
+                                             const T* a, int64_t a_rows, int64_t a_row0,
+                                             const T* b, int64_t b_rows, int64_t D, int n_tiles,
+                                             int k_steps, Coords&& coords, Done&& done) {
+  if constexpr (Mainloop::kUsesTma) {
+    Mainloop::run(acc, smem, maps, a_row0, n_tiles, k_steps, coords, done);
+  } else {
+    Mainloop::run(acc, smem, a, a_rows, a_row0, b, b_rows, D, n_tiles, k_steps, coords, done);
+  }
+}
+
 template <typename T, typename Mainloop>
-__global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a, int tiles_per_split) {
+__global__ void __launch_bounds__(Mainloop::kThreadsPerCta)
+    forward_kernel(ForwardArgs a, int tiles_per_split, const __grid_constant__ wg::TmaMaps maps) {
   extern __shared__ __align__(128) char smem[];
   constexpr int MT = Mainloop::kMTiles, NT = Mainloop::kNTiles, KS = Mainloop::kKStep;
   const T* bias = static_cast<const T*>(a.bias);
@@ -127,14 +150,15 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a, int ti
   const int k_steps = static_cast<int>((a.D + KS - 1) / KS);
   const int lane = threadIdx.x % 32;
 
-  // Each thread owns MT x 2 row slots and keeps their running statistics.
+  // Each (consumer) thread owns MT x 2 row slots and keeps their running statistics.
+  const bool consumer = Mainloop::is_consumer();
   int target[MT][2];  // -1 when the row is out of range or its target is not a class
   float run_max[MT][2], run_sum[MT][2], run_zsum[MT][2];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int64_t row = row0 + Mainloop::row(mt, 2 * h);
+      const int64_t row = consumer ? row0 + Mainloop::row(mt, 2 * h) : a.N;
       const int64_t y = row < a.N ? a.targets[row] : -1;
       target[mt][h] = (y >= 0 && y < a.V) ? static_cast<int>(y) : -1;
       run_max[mt][h] = -INFINITY;
@@ -184,14 +208,14 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs a, int ti
       }
     }
   };
-  Mainloop::run(acc, smem, static_cast<const T*>(a.e), a.N, row0, static_cast<const T*>(a.c), a.V,
-                a.D, n_tiles, k_steps, coords, done);
+  run_mainloop<Mainloop>(acc, smem, maps, static_cast<const T*>(a.e), a.N, row0,
+                         static_cast<const T*>(a.c), a.V, a.D, n_tiles, k_steps, coords, done);
 
   // Reduce the 4 lanes that share a row, then the warps that hold other columns of it.
   constexpr int G = Mainloop::kColGroups;
-  float* red = reinterpret_cast<float*>(smem);  // [3][G][kM]
+  float* red = Mainloop::scratch(smem);  // [3][G][kM]
 #pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
+  for (int mt = 0; mt < MT && consumer; ++mt)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       float m = run_max[mt][h], s = run_sum[mt][h], zs = run_zsum[mt][h];
@@ -263,7 +287,8 @@ struct ChunkInfo {
 };
 
 template <typename T, typename Mainloop>
-__global__ void __launch_bounds__(kThreads) grad_tile_kernel(BackwardArgs a, ChunkInfo ck) {
+__global__ void __launch_bounds__(Mainloop::kThreadsPerCta)
+    grad_tile_kernel(BackwardArgs a, ChunkInfo ck, const __grid_constant__ wg::TmaMaps maps) {
   extern __shared__ __align__(128) char smem[];
   constexpr int MT = Mainloop::kMTiles, NT = Mainloop::kNTiles, KS = Mainloop::kKStep;
   const T* bias = static_cast<const T*>(a.bias);
@@ -278,12 +303,13 @@ __global__ void __launch_bounds__(kThreads) grad_tile_kernel(BackwardArgs a, Chu
     b_row0 = v0;
     k0 = static_cast<int64_t>(step) * KS;
   };
-  Mainloop::run(acc, smem, static_cast<const T*>(a.e), a.N, row0, static_cast<const T*>(a.c), a.V,
-                a.D, 1, k_steps, coords, [](int) {});
+  run_mainloop<Mainloop>(acc, smem, maps, static_cast<const T*>(a.e), a.N, row0,
+                         static_cast<const T*>(a.c), a.V, a.D, 1, k_steps, coords, [](int) {});
   {
+    const bool consumer = Mainloop::is_consumer();
     bool keep = false;
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
+    for (int mt = 0; mt < MT && consumer; ++mt) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int64_t row = row0 + Mainloop::row(mt, 2 * h);
@@ -327,6 +353,7 @@ __global__ void __launch_bounds__(kThreads) grad_tile_kernel(BackwardArgs a, Chu
     if (!keep) return;
 
     T* ws = static_cast<T*>(a.grad_workspace);
+    if (consumer)
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -340,11 +367,11 @@ __global__ void __launch_bounds__(kThreads) grad_tile_kernel(BackwardArgs a, Chu
 
     if (a.bias_partials != nullptr) {
       // Column sums of g over this tile's rows (float32, fixed order: deterministic).
-      constexpr int kRowGroups = kThreads / 32 / Mainloop::kColGroups;  // warps sharing a column
-      float* red = reinterpret_cast<float*>(smem);  // [kRowGroups][kN]
-      const int row_group = (threadIdx.x / 32) / Mainloop::kColGroups;
+      constexpr int kRowGroups = Mainloop::kRowGroups;  // warps holding the same columns
+      float* red = Mainloop::scratch(smem);              // [kRowGroups][kN]
+      const int row_group = Mainloop::row_group();
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
+      for (int nt = 0; nt < NT && consumer; ++nt)
 #pragma unroll
         for (int q = 0; q < 2; ++q) {
           float sum = 0.f;
@@ -474,6 +501,9 @@ cudaError_t allow_smem(Kernel kernel, int bytes) {
     if (err_ != cudaSuccess) return err_;  \
   } while (0)
 
+template <typename T>
+using HopperNt = wg::TmaWgmmaNt<T, 5>;
+
 // The Hopper wgmma main loop: only for 16-bit inputs on an sm_90 device, in builds that
 // compiled sm_90a code; FUSEDLM_DISABLE_WGMMA=1 forces the mma.sync path (for A/B tests).
 bool use_wgmma(DType dtype) {
@@ -491,15 +521,52 @@ bool use_wgmma(DType dtype) {
 #endif
 }
 
+// TMA descriptor of a row-major [rows, D] 16-bit matrix, read in 128-row x 64-column boxes
+// with the 128-byte swizzle wgmma expects; rows / columns past the end read as zeros.
+cudaError_t make_tma_map(CUtensorMap* map, DType dtype, const void* ptr, int64_t rows, int64_t D) {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
+  if (encode == nullptr) {
+    cudaDriverEntryPointQueryResult found;
+    void* fn = nullptr;
+    FUSEDLM_RETURN_IF_ERROR(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000,
+                                                             cudaEnableDefault, &found));
+    if (found != cudaDriverEntryPointSuccess || fn == nullptr) return cudaErrorNotSupported;
+    encode = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(D), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(D) * 2};
+  const cuuint32_t box[2] = {wg::kK, wg::kM};
+  const cuuint32_t element_strides[2] = {1, 1};
+  const CUresult r = encode(
+      map, dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+      2, const_cast<void*>(ptr), dims, strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+template <typename Mainloop>
+cudaError_t make_maps(wg::TmaMaps* maps, DType dtype, const void* e, int64_t N, const void* c,
+                      int64_t V, int64_t D) {
+  *maps = wg::TmaMaps{};
+  if constexpr (Mainloop::kUsesTma) {
+    FUSEDLM_RETURN_IF_ERROR(make_tma_map(&maps->a, dtype, e, N, D));
+    FUSEDLM_RETURN_IF_ERROR(make_tma_map(&maps->b, dtype, c, V, D));
+  }
+  return cudaSuccess;
+}
+
 template <typename T, typename Mainloop>
 cudaError_t launch_forward(const ForwardArgs& a, cudaStream_t stream) {
   const int64_t row_tiles = (a.N + kM - 1) / kM;
   const int64_t vocab_tiles = (a.V + kN - 1) / kN;
   const int tiles_per_split = static_cast<int>((vocab_tiles + a.splits - 1) / a.splits);
   constexpr int smem = Mainloop::smem_bytes();
+  wg::TmaMaps maps;
+  FUSEDLM_RETURN_IF_ERROR(make_maps<Mainloop>(&maps, a.dtype, a.e, a.N, a.c, a.V, a.D));
   FUSEDLM_RETURN_IF_ERROR(allow_smem(forward_kernel<T, Mainloop>, smem));
   forward_kernel<T, Mainloop>
-      <<<dim3(static_cast<unsigned>(row_tiles), a.splits), kThreads, smem, stream>>>(a, tiles_per_split);
+      <<<dim3(static_cast<unsigned>(row_tiles), a.splits), Mainloop::kThreadsPerCta, smem, stream>>>(
+          a, tiles_per_split, maps);
   FUSEDLM_RETURN_IF_ERROR(cudaGetLastError());
   forward_combine_kernel<<<static_cast<unsigned>((a.N + 255) / 256), 256, 0, stream>>>(a);
   return cudaGetLastError();
@@ -508,7 +575,7 @@ cudaError_t launch_forward(const ForwardArgs& a, cudaStream_t stream) {
 template <typename T>
 cudaError_t forward_typed(const ForwardArgs& a, cudaStream_t stream) {
   if constexpr (!std::is_same_v<T, float>) {
-    if (use_wgmma(a.dtype)) return launch_forward<T, wg::WgmmaNt<T>>(a, stream);
+    if (use_wgmma(a.dtype)) return launch_forward<T, HopperNt<T>>(a, stream);
   }
   return launch_forward<T, SyncNt<T>>(a, stream);
 }
@@ -522,6 +589,8 @@ cudaError_t backward_typed(const BackwardArgs& a, cudaStream_t stream) {
   constexpr int smem_c = tile::smem_bytes<T, false, false>();
   const int max_tiles = static_cast<int>(a.vocab_chunk / kN);
   FUSEDLM_RETURN_IF_ERROR(allow_smem(grad_tile_kernel<T, Mainloop>, smem_tile));
+  wg::TmaMaps maps;
+  FUSEDLM_RETURN_IF_ERROR(make_maps<Mainloop>(&maps, a.dtype, a.e, a.N, a.c, a.V, a.D));
   FUSEDLM_RETURN_IF_ERROR(allow_smem(grad_e_kernel<T>, smem_e + 4 * max_tiles));
   FUSEDLM_RETURN_IF_ERROR(allow_smem(grad_c_kernel<T>, smem_c + 4 * row_tiles));
   for (int64_t v0 = 0; v0 < a.V; v0 += a.vocab_chunk) {
@@ -533,7 +602,8 @@ cudaError_t backward_typed(const BackwardArgs& a, cudaStream_t stream) {
           a.bias_partials, 0, sizeof(float) * static_cast<size_t>(row_tiles) * a.vocab_chunk,
           stream));
     }
-    grad_tile_kernel<T, Mainloop><<<dim3(row_tiles, ck.chunk_tiles), kThreads, smem_tile, stream>>>(a, ck);
+    grad_tile_kernel<T, Mainloop>
+        <<<dim3(row_tiles, ck.chunk_tiles), Mainloop::kThreadsPerCta, smem_tile, stream>>>(a, ck, maps);
     FUSEDLM_RETURN_IF_ERROR(cudaGetLastError());
     grad_e_kernel<T><<<dim3(row_tiles, d_tiles), kThreads, smem_e + 4 * ck.chunk_tiles, stream>>>(
         a, ck);
@@ -553,7 +623,7 @@ cudaError_t backward_typed(const BackwardArgs& a, cudaStream_t stream) {
 template <typename T>
 cudaError_t backward_dispatch(const BackwardArgs& a, cudaStream_t stream) {
   if constexpr (!std::is_same_v<T, float>) {
-    if (use_wgmma(a.dtype)) return backward_typed<T, wg::WgmmaNt<T>>(a, stream);
+    if (use_wgmma(a.dtype)) return backward_typed<T, HopperNt<T>>(a, stream);
   }
   return backward_typed<T, SyncNt<T>>(a, stream);
 }

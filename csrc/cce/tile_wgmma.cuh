@@ -1,13 +1,14 @@
-// Hopper (sm_90a) main loop for "NT" tiles (both operands K-major): a 128x128 logit tile per
-// CTA from two warpgroups, each issuing wgmma.mma_async m64n128k16 on shared-memory operands
-// in the 128-byte-swizzled layout, fed by a cp.async multi-stage pipeline (prefetch distance
-// kStages - 2, one wgmma group in flight). Compiled to real code only for sm_90a; the host
-// picks it only when the device is sm_90 and the build included sm_90a (FUSEDLM_HAS_SM90A).
+// Hopper (sm_90a) main loop for "NT" tiles (both operands K-major): a 128x128 tile per CTA
+// from two consumer warpgroups, each issuing wgmma.mma_async m64n128k16 on shared-memory
+// operands in the 128-byte-swizzled layout that TMA writes. Compiled to real code only for
+// sm_90a; the host picks it only when the device is sm_90 and the build included sm_90a
+// (FUSEDLM_HAS_SM90A).
 //
-// Accumulator layout (per thread, 64 floats = acc[0][nt][r], nt < 16): the wgmma D fragment
-//   row = warpgroup*64 + warp_in_group*16 + lane/4 + (r >= 2 ? 8 : 0)
-//   col = nt*8 + 2*(lane%4) + (r & 1)
+// Accumulator layout (per consumer thread, 64 floats = acc[0][nt][r], nt < 16): the wgmma
+// D fragment: row = consumer_warpgroup*64 + warp_in_group*16 + lane/4 + (r >= 2 ? 8 : 0),
+//             col = nt*8 + 2*(lane%4) + (r & 1)
 #pragma once
+#include <cuda.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cstdint>
@@ -24,26 +25,8 @@
 namespace fusedlm {
 namespace wg {
 
-constexpr int kM = 128, kN = 128, kK = 64, kThreads = 256, kStages = 4;
+constexpr int kM = 128, kN = 128, kK = 64;
 constexpr int kTileBytes = kM * kK * 2;  // one operand tile (bf16/fp16), 16 KiB
-constexpr int kSmemBytes = kStages * 2 * kTileBytes + 1024;  // + alignment slack
-
-// Copy a [128 rows][64 cols] K-major tile (cols contiguous in global memory) into the
-// 128B-swizzled layout wgmma expects: 16-byte chunk c of row r lands at chunk c ^ (r % 8).
-template <typename T>
-__device__ __forceinline__ void load_tile_sw128(char* smem, const T* base, int64_t ld,
-                                                int64_t row0, int64_t col0, int64_t rows_total,
-                                                int64_t cols_total) {
-#pragma unroll
-  for (int it = 0; it < (kM * 8) / kThreads; ++it) {
-    const int i = it * kThreads + threadIdx.x;
-    const int r = i / 8, chunk = i % 8;
-    const int64_t gr = row0 + r, gc = col0 + chunk * 8;
-    const bool valid = gr < rows_total && gc < cols_total;
-    const T* src = valid ? base + gr * ld + gc : base;
-    tile::cp_async_16(smem + r * 128 + ((chunk ^ (r % 8)) * 16), src, valid);
-  }
-}
 
 __device__ __forceinline__ uint64_t sw128_desc(const void* smem_tile) {
   const uint32_t addr = tile::smem_addr(smem_tile);
@@ -100,68 +83,134 @@ __device__ __forceinline__ void fence_proxy_async() {
 #endif
 }
 
-// Main-loop policy with the same interface as tile::SyncNt (see cce_cuda.cu).
-template <typename T>
-struct WgmmaNt {
+// ---------------------------------------------------------------------------------------
+// Warp-specialised main loop: one producer warpgroup whose first thread streams both operand
+// tiles with the Tensor Memory Accelerator (cp.async.bulk.tensor, 128B swizzle) into a ring
+// of kStages stages guarded by mbarriers; two consumer warpgroups issue wgmma and release
+// each stage as soon as the wgmma that read it has retired. No __syncthreads in the loop.
+
+struct TmaMaps {
+  CUtensorMap a;  // [rows, D] K-major operand A (box 64 x 128, 128B swizzle)
+  CUtensorMap b;  // [rows, D] K-major operand B
+};
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(tile::smem_addr(bar)), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(tile::smem_addr(bar)),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(tile::smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(tile::smem_addr(bar)), "r"(parity)
+        : "memory");
+  }
+}
+__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, uint64_t* bar,
+                                            int inner, int outer) {
+#if FUSEDLM_WGMMA_ENABLED
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%3, %4}], [%2];\n" ::"r"(
+          tile::smem_addr(dst)),
+      "l"(map), "r"(tile::smem_addr(bar)), "r"(inner), "r"(outer)
+      : "memory");
+#else
+  (void)dst; (void)map; (void)bar; (void)inner; (void)outer;
+  __trap();
+#endif
+}
+
+template <typename T, int kStages = 4>
+struct TmaWgmmaNt {
   static constexpr int kMTiles = 1, kNTiles = 16, kColGroups = 1, kKStep = kK;
-  static constexpr int smem_bytes() { return kSmemBytes; }
+  static constexpr bool kUsesTma = true;
+  static constexpr int kThreadsPerCta = 384;  // producer warpgroup + 2 consumer warpgroups
+  static constexpr int kRowGroups = 8;        // consumer warps, 16 rows each
+  static constexpr int kScratchBytes = 4096;
+  static constexpr int smem_bytes() { return kStages * 2 * kTileBytes + 1024 + 1024 + kScratchBytes; }
+  __device__ static bool is_consumer() { return threadIdx.x >= 128; }
   __device__ static int row(int, int r) {
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int warp = threadIdx.x / 32 - 4, lane = threadIdx.x % 32;  // consumer warp 0..7
     return (warp / 4) * 64 + (warp % 4) * 16 + lane / 4 + (r >= 2 ? 8 : 0);
   }
   __device__ static int col(int nt, int r) { return nt * 8 + 2 * (threadIdx.x % 4) + (r & 1); }
   __device__ static int col_group() { return 0; }
+  __device__ static int row_group() { return threadIdx.x / 32 - 4; }
+  __device__ static char* aligned(char* smem_raw) {
+    return reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  }
+  // Scratch space for epilogue reductions that never aliases a pipeline stage.
+  __device__ static float* scratch(char* smem_raw) {
+    return reinterpret_cast<float*>(aligned(smem_raw) + kStages * 2 * kTileBytes + 1024);
+  }
 
-  // n_tiles output tiles of k_steps k-steps each; coords(step, b_row0, k0) locates a step's
-  // operands; done(tile) runs with the tile's complete accumulator (all wgmma retired).
-  // The epilogue sits outside the k-loop so the compiler can keep one wgmma group in flight.
   template <typename Coords, typename Done>
-  __device__ static void run(float (&acc)[1][16][4], char* smem_raw, const T* a, int64_t a_rows,
-                             int64_t a_row0, const T* b, int64_t b_rows, int64_t D, int n_tiles,
-                             int k_steps, Coords&& coords, Done&& done) {
-    char* smem = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  __device__ static void run(float (&acc)[1][16][4], char* smem_raw, const TmaMaps& maps,
+                             int64_t a_row0, int n_tiles, int k_steps, Coords&& coords, Done&& done) {
+#if FUSEDLM_WGMMA_ENABLED
+    char* smem = aligned(smem_raw);
+    uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * 2 * kTileBytes);
+    uint64_t* empty = full + kStages;
     auto stage_a = [&](int s) { return smem + s * 2 * kTileBytes; };
     auto stage_b = [&](int s) { return smem + s * 2 * kTileBytes + kTileBytes; };
-    const int steps = n_tiles * k_steps;
-    auto load = [&](int step) {
-      int64_t b_row0, k0;
-      coords(step, b_row0, k0);
-      const int s = step % kStages;
-      load_tile_sw128<T>(stage_a(s), a, D, a_row0, k0, a_rows, D);
-      load_tile_sw128<T>(stage_b(s), b, D, b_row0, k0, b_rows, D);
-    };
-    float(&d)[64] = *reinterpret_cast<float(*)[64]>(&acc[0][0][0]);
-    const int warpgroup = threadIdx.x / 128;
-#pragma unroll
-    for (int s = 0; s < kStages - 2; ++s) {
-      if (s < steps) load(s);
-      tile::cp_async_commit();
+    if (threadIdx.x == 0) {
+      for (int s = 0; s < kStages; ++s) {
+        mbar_init(&full[s], 1);
+        mbar_init(&empty[s], 256);  // every consumer thread releases the stage
+      }
+      asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
+    __syncthreads();
+    const int steps = n_tiles * k_steps;
+    if (!is_consumer()) {
+      if (threadIdx.x == 0) {
+        for (int step = 0; step < steps; ++step) {
+          const int s = step % kStages;
+          mbar_wait(&empty[s], ((step / kStages) & 1) ^ 1);
+          mbar_expect_tx(&full[s], 2 * kTileBytes);
+          int64_t b_row0, k0;
+          coords(step, b_row0, k0);
+          tma_load_2d(stage_a(s), &maps.a, &full[s], static_cast<int>(k0), static_cast<int>(a_row0));
+          tma_load_2d(stage_b(s), &maps.b, &full[s], static_cast<int>(k0), static_cast<int>(b_row0));
+        }
+      }
+      return;
+    }
+    float(&d)[64] = *reinterpret_cast<float(*)[64]>(&acc[0][0][0]);
+    const int consumer_wg = threadIdx.x / 128 - 1;
     for (int t = 0, step = 0; t < n_tiles; ++t) {
       for (int kt = 0; kt < k_steps; ++kt, ++step) {
-        tile::cp_async_wait<kStages - 3>();
-        fence_proxy_async();  // this thread's cp.async writes -> visible to the tensor cores
-        __syncthreads();
-        if (step + kStages - 2 < steps) load(step + kStages - 2);
-        tile::cp_async_commit();
         const int s = step % kStages;
-        const uint64_t da = sw128_desc(stage_a(s) + warpgroup * 64 * 128);
+        mbar_wait(&full[s], (step / kStages) & 1);
+        const uint64_t da = sw128_desc(stage_a(s) + consumer_wg * 64 * 128);
         const uint64_t db = sw128_desc(stage_b(s));
         wgmma_fence();
 #pragma unroll
-        for (int kk = 0; kk < kK / 16; ++kk) {
-          // +32 bytes along K inside the swizzled 128-byte rows (descriptor units of 16 B);
-          // the tile's first wgmma overwrites the accumulator (scale-d = 0).
+        for (int kk = 0; kk < kK / 16; ++kk)
           wgmma_m64n128k16<T>(d, da + 2 * kk, db + 2 * kk, (kt > 0 || kk > 0) ? 1 : 0);
-        }
         wgmma_commit();
         wgmma_wait<1>();
+        if (kt > 0) mbar_arrive(&empty[(step - 1) % kStages]);  // its wgmma has retired
       }
       wgmma_wait<0>();
+      mbar_arrive(&empty[(step - 1) % kStages]);
       done(t);
     }
-    tile::cp_async_wait<0>();
-    __syncthreads();
+#else
+    (void)acc; (void)smem_raw; (void)maps; (void)a_row0; (void)n_tiles; (void)k_steps;
+    (void)coords; (void)done;
+    __trap();  // unreachable: the host only selects this path for sm_90a builds on sm_90
+#endif
   }
 };
 
