@@ -74,6 +74,21 @@ __device__ __forceinline__ int acc_col(int warp_n, int lane, int nt, int r) {
   return warp_n * tile::kWarpN + nt * 8 + 2 * (lane % 4) + (r & 1);
 }
 
+// Grouped rasterisation of a 1-D grid over (row tile, column tile): consecutive CTAs take
+// kRowGroup row tiles x all column tiles before moving on, so the CTAs resident at one time
+// touch few row blocks of e (which they re-read for every vocabulary tile) and share each
+// classifier tile: both stay in L2 instead of streaming from DRAM.
+constexpr int kRowGroup = 16;
+__device__ __forceinline__ void grouped_tile(int64_t linear, int64_t row_tiles, int64_t col_tiles,
+                                             int64_t& row_tile, int64_t& col_tile) {
+  const int64_t per_group = kRowGroup * col_tiles;
+  const int64_t group = linear / per_group, rest = linear % per_group;
+  const int64_t left = row_tiles - group * kRowGroup;
+  const int64_t rows_here = left < kRowGroup ? left : kRowGroup;
+  row_tile = group * kRowGroup + rest % rows_here;
+  col_tile = rest / rows_here;
+}
+
 // Main-loop policy for "NT" tiles (both operands K-major) on warp-level mma.sync (sm_80+).
 // Interface shared with wg::WgmmaNt: the accumulator shape, the row / column of each entry,
 // which of kColGroups warps share a row, and run(), which calls done(tile) with the complete
@@ -141,8 +156,10 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta)
   extern __shared__ __align__(128) char smem[];
   constexpr int MT = Mainloop::kMTiles, NT = Mainloop::kNTiles, KS = Mainloop::kKStep;
   const T* bias = static_cast<const T*>(a.bias);
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kM;
-  const int split = blockIdx.y;
+  int64_t row_tile, split_index;
+  grouped_tile(blockIdx.x, (a.N + kM - 1) / kM, a.splits, row_tile, split_index);
+  const int64_t row0 = row_tile * kM;
+  const int split = static_cast<int>(split_index);
   const int64_t vocab_tiles = (a.V + kN - 1) / kN;
   const int64_t vt_begin = static_cast<int64_t>(split) * tiles_per_split;
   const int64_t vt_end = min(vt_begin + tiles_per_split, vocab_tiles);
@@ -292,8 +309,9 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta)
   extern __shared__ __align__(128) char smem[];
   constexpr int MT = Mainloop::kMTiles, NT = Mainloop::kNTiles, KS = Mainloop::kKStep;
   const T* bias = static_cast<const T*>(a.bias);
-  const int row_tile = blockIdx.x, jt = blockIdx.y;
-  const int64_t row0 = static_cast<int64_t>(row_tile) * kM;
+  int64_t row_tile, jt;
+  grouped_tile(blockIdx.x, ck.row_tiles, ck.chunk_tiles, row_tile, jt);
+  const int64_t row0 = row_tile * kM;
   const int64_t v0 = ck.v0 + static_cast<int64_t>(jt) * kN;
   const int k_steps = static_cast<int>((a.D + KS - 1) / KS);
   const int lane = threadIdx.x % 32;
@@ -565,7 +583,7 @@ cudaError_t launch_forward(const ForwardArgs& a, cudaStream_t stream) {
   FUSEDLM_RETURN_IF_ERROR(make_maps<Mainloop>(&maps, a.dtype, a.e, a.N, a.c, a.V, a.D));
   FUSEDLM_RETURN_IF_ERROR(allow_smem(forward_kernel<T, Mainloop>, smem));
   forward_kernel<T, Mainloop>
-      <<<dim3(static_cast<unsigned>(row_tiles), a.splits), Mainloop::kThreadsPerCta, smem, stream>>>(
+      <<<static_cast<unsigned>(row_tiles * a.splits), Mainloop::kThreadsPerCta, smem, stream>>>(
           a, tiles_per_split, maps);
   FUSEDLM_RETURN_IF_ERROR(cudaGetLastError());
   forward_combine_kernel<<<static_cast<unsigned>((a.N + 255) / 256), 256, 0, stream>>>(a);
@@ -602,8 +620,8 @@ cudaError_t backward_typed(const BackwardArgs& a, cudaStream_t stream) {
           a.bias_partials, 0, sizeof(float) * static_cast<size_t>(row_tiles) * a.vocab_chunk,
           stream));
     }
-    grad_tile_kernel<T, Mainloop>
-        <<<dim3(row_tiles, ck.chunk_tiles), Mainloop::kThreadsPerCta, smem_tile, stream>>>(a, ck, maps);
+    grad_tile_kernel<T, Mainloop><<<static_cast<unsigned>(row_tiles * ck.chunk_tiles),
+                                    Mainloop::kThreadsPerCta, smem_tile, stream>>>(a, ck, maps);
     FUSEDLM_RETURN_IF_ERROR(cudaGetLastError());
     grad_e_kernel<T><<<dim3(row_tiles, d_tiles), kThreads, smem_e + 4 * ck.chunk_tiles, stream>>>(
         a, ck);
