@@ -81,8 +81,9 @@ struct SampleArgs {
   int splits;                // vocabulary splits per row (see sample_splits)
   float* workspace;          // [B, splits, 8] floats
   int64_t* tokens;           // [B]
-  float* logprob;            // [B]
-  float* raw_logprob;        // [B]
+  float* logprob;            // [B] (NaN unless need_logprobs)
+  float* raw_logprob;        // [B] (NaN unless need_logprobs)
+  bool need_logprobs;        // false: skip the two log-sum-exps (tokens only)
 };
 
 int sample_splits(int64_t B, int64_t V, int num_sms);

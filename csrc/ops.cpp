@@ -123,7 +123,9 @@ void check_temperatures_cpu(const at::Tensor& temperature) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
     const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& seed,
     const at::Tensor& offset, const std::optional<at::Tensor>& top_k,
-    const std::optional<at::Tensor>& top_p, const std::optional<at::Tensor>& min_p) {
+    const std::optional<at::Tensor>& top_p, const std::optional<at::Tensor>& min_p,
+    bool need_logprobs) {
+  (void)need_logprobs;  // the CPU reference always computes them
   check_sample_inputs(logits, temperature, seed, offset);
   const int64_t B = logits.size(0), V = logits.size(1);
   const at::Tensor l = logits.to(at::kFloat).contiguous();
@@ -202,7 +204,8 @@ TORCH_LIBRARY(fusedlm, m) {
       "bool accum_fp32) -> (Tensor grad_e, Tensor grad_c, Tensor grad_bias)");
   m.def(
       "sample(Tensor logits, Tensor temperature, Tensor seed, Tensor offset, Tensor? top_k, "
-      "Tensor? top_p, Tensor? min_p) -> (Tensor tokens, Tensor logprob, Tensor raw_logprob)");
+      "Tensor? top_p, Tensor? min_p, bool need_logprobs=True) -> (Tensor tokens, Tensor logprob, "
+      "Tensor raw_logprob)");
   m.def("temperature_logprobs(Tensor logits, Tensor tokens, Tensor temperatures) -> Tensor");
 }
 

@@ -149,7 +149,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
     const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& seed,
     const at::Tensor& offset, const std::optional<at::Tensor>& top_k,
-    const std::optional<at::Tensor>& top_p, const std::optional<at::Tensor>& min_p) {
+    const std::optional<at::Tensor>& top_p, const std::optional<at::Tensor>& min_p,
+    bool need_logprobs) {
   check_sample_inputs(logits, temperature, seed, offset);
   const c10::cuda::CUDAGuard guard(logits.device());
   const DType dt = kernel_dtype(logits, "sample");
@@ -187,7 +188,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
                                  workspace.mutable_data_ptr<float>(),
                                  tokens.mutable_data_ptr<int64_t>(),
                                  logprob.mutable_data_ptr<float>(),
-                                 raw_logprob.mutable_data_ptr<float>()};
+                                 raw_logprob.mutable_data_ptr<float>(),
+                                 need_logprobs};
   FUSEDLM_CUDA_CHECK(sampling_cuda::sample(args, c10::cuda::getCurrentCUDAStream()));
   return {tokens, logprob, raw_logprob};
 }

@@ -651,11 +651,27 @@ cudaError_t backward_dispatch(const BackwardArgs& a, cudaStream_t stream) {
 int forward_splits(int64_t N, int64_t V, int num_sms) {
   const int64_t row_tiles = std::max<int64_t>(1, (N + kM - 1) / kM);
   const int64_t vocab_tiles = std::max<int64_t>(1, (V + kN - 1) / kN);
-  // About four CTAs per SM (two resident, two waves) keeps every SM busy.
-  int64_t splits = (4 * static_cast<int64_t>(num_sms) + row_tiles - 1) / row_tiles;
-  splits = std::min(std::max<int64_t>(splits, 1), std::min<int64_t>(vocab_tiles, 65535));
-  const int64_t per_split = (vocab_tiles + splits - 1) / splits;
-  return static_cast<int>((vocab_tiles + per_split - 1) / per_split);
+  const int64_t sms = std::max(num_sms, 1);
+  // One CTA per SM is resident (the main loops use most of the shared memory). Pick the
+  // split count whose grid wastes the least of the last wave and of the vocabulary tiles
+  // left unbalanced between splits, among those with at least ~4 waves of CTAs.
+  const int64_t lo = std::min(vocab_tiles, std::max<int64_t>(1, (4 * sms + row_tiles - 1) / row_tiles));
+  const int64_t hi = std::min({vocab_tiles, 4 * lo, int64_t{65535}});
+  int64_t best = lo;
+  double best_eff = -1;
+  for (int64_t s = lo; s <= hi; ++s) {
+    const int64_t per_split = (vocab_tiles + s - 1) / s;
+    const int64_t splits = (vocab_tiles + per_split - 1) / per_split;  // no empty splits
+    const int64_t ctas = row_tiles * splits;
+    const double waves = static_cast<double>((ctas + sms - 1) / sms);
+    const double eff = (static_cast<double>(ctas) / sms / waves) *
+                       (static_cast<double>(vocab_tiles) / (splits * per_split));
+    if (eff > best_eff + 1e-9) {
+      best_eff = eff;
+      best = splits;
+    }
+  }
+  return static_cast<int>(best);
 }
 
 int64_t backward_vocab_chunk(int64_t N, int64_t V, DType dtype, int64_t budget_bytes) {

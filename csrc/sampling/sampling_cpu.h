@@ -4,9 +4,13 @@
 //  * tau == 0: exact argmax of the logits, lowest index on ties.
 //  * tau > 0: the processed distribution is softmax(l / tau) restricted to the entries with
 //    l >= threshold, where the threshold combines top-k, top-p and min-p (applied in that
-//    order on the tempered distribution; ties at a threshold are all kept). The token is the
-//    Gumbel-max argmax of l_v + tau * g_v over kept entries, g_v drawn by Philox from
-//    (seed, offset, v): the same key gives the same token on any batch position.
+//    order on the tempered distribution; ties at a threshold are all kept). The token is drawn
+//    hierarchically and exactly: the row is cut into tiles of kSampleTile entries; tile t gets
+//    the key log(sum_{kept v in t} exp(l_v / tau)) + g_t with Gumbel noise g_t, the tile with
+//    the largest key wins (Gumbel-max over tile masses), and the token inside it is found by
+//    inverse CDF with a uniform u_t. g_t and u_t come from Philox keyed by (seed, offset) with
+//    counter t, so the same key gives the same token on any batch position. One exp per entry
+//    and one random draw per tile, instead of a Gumbel variate per entry.
 //  * A row whose logits are all -inf returns token 0 and NaN log-probs.
 #pragma once
 #include <algorithm>
@@ -69,6 +73,8 @@ inline double truncation_threshold(const float* l, int64_t V, double tau, int64_
   return threshold;
 }
 
+constexpr int64_t kSampleTile = 64;
+
 inline RowResult sample_row(const float* l, int64_t V, float tau, uint64_t seed, uint64_t offset,
                             int64_t top_k, double top_p, double min_p) {
   const double nan = std::numeric_limits<double>::quiet_NaN();
@@ -85,21 +91,37 @@ inline RowResult sample_row(const float* l, int64_t V, float tau, uint64_t seed,
   if (tau == 0.0f) return {argmax, 0.0, l[argmax] - raw_lse};
 
   const double threshold = truncation_threshold(l, V, tau, top_k, top_p, min_p, max_value);
-  int64_t token = -1;
-  float best_key = -std::numeric_limits<float>::infinity();
-  for (int64_t group = 0; group * 4 < V; ++group) {
-    const Uint4 bits = philox_block(seed, offset, static_cast<uint64_t>(group));
-    const uint32_t lane_bits[4] = {bits.x, bits.y, bits.z, bits.w};
-    for (int lane = 0; lane < 4; ++lane) {
-      const int64_t v = group * 4 + lane;
-      if (v >= V || !(l[v] >= threshold)) continue;
-      const float noise = tau * gumbel_from_bits(lane_bits[lane]);
-      const float key = l[v] + noise;
-      if (token < 0 || key > best_key) {
-        best_key = key;
-        token = v;
-      }
+  auto kept = [&](int64_t v) { return l[v] >= threshold; };
+  // Tile keys: log-mass of the kept entries plus one Gumbel variate per tile.
+  int64_t best_tile = -1;
+  double best_key = -INFINITY, best_max = 0, best_sum = 0;
+  for (int64_t t = 0; t * kSampleTile < V; ++t) {
+    const int64_t v_end = std::min(V, (t + 1) * kSampleTile);
+    double m = -INFINITY;
+    for (int64_t v = t * kSampleTile; v < v_end; ++v)
+      if (kept(v)) m = std::max<double>(m, l[v]);
+    if (m == -INFINITY) continue;
+    double sum = 0;
+    for (int64_t v = t * kSampleTile; v < v_end; ++v)
+      if (kept(v)) sum += std::exp((l[v] - m) / tau);
+    const double key = m / tau + std::log(sum) + gumbel_from_bits(philox_block(seed, offset, t).x);
+    if (best_tile < 0 || key > best_key) {
+      best_tile = t;
+      best_key = key;
+      best_max = m;
+      best_sum = sum;
     }
+  }
+  // Inverse CDF inside the winning tile.
+  const double target = bits_to_open_unit(philox_block(seed, offset, best_tile).y) * best_sum;
+  const int64_t v_end = std::min(V, (best_tile + 1) * kSampleTile);
+  int64_t token = -1;
+  double cumulative = 0;
+  for (int64_t v = best_tile * kSampleTile; v < v_end; ++v) {
+    if (!kept(v)) continue;
+    token = v;  // the last kept entry if rounding leaves the target unreached
+    cumulative += std::exp((l[v] - best_max) / tau);
+    if (cumulative > target) break;
   }
   const double processed_lse = log_sum_exp(l, V, 1.0 / tau, threshold, max_value);
   return {token, (l[token] - max_value) / tau - processed_lse, l[token] - raw_lse};

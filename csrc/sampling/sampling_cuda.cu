@@ -1,12 +1,12 @@
 // Temperature sampling CUDA kernels (ATen-free). Same semantics as sampling_cpu.h.
 //
-// sample_kernel: grid (B, splits); each CTA streams a contiguous part of one row once and
-// keeps, per thread: the raw online log-sum-exp, the tempered log-sum-exp over kept entries,
-// the Gumbel-max candidate (key, index) and the argmax (for tau = 0). Philox noise for 4
-// consecutive entries comes from one Philox call keyed by (seed, offset, v / 4), exactly as
-// on the CPU. Entries with l + tau * 17.5 below the thread's best key cannot win (Gumbel
-// noise from 24-bit uniforms is < 17.33), so their noise is never computed.
-// sample_finish_kernel merges the splits of each row. truncation_kernel (one CTA per row,
+// sample_kernel: grid (B, splits); each CTA streams a contiguous range of 64-entry tiles of
+// one row once. Each lane owns one tile (vector loads of 4 entries), forms the tile's
+// log-mass log(sum exp(l / tau)) over kept entries with an online max in registers, and keeps
+// the tile with the largest log-mass + Gumbel key (one Philox draw per tile, counter = tile,
+// as on the CPU); also the raw log-sum-exp (only when log-probs are asked for) and, for
+// tau = 0 rows, the argmax. sample_finish_kernel merges the splits of a row, re-reads the
+// winning tile and picks the token inside it by inverse CDF with the tile's uniform. truncation_kernel (one CTA per row,
 // only when top-k / top-p / min-p are given) finds the smallest kept logit by bisection on
 // the order-preserving integer image of the floats.
 #include <cuda_bf16.h>
@@ -24,7 +24,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kPartial = 8;  // floats per (row, split) partial
-constexpr float kMaxGumbel = 17.5f;
 
 template <typename T>
 __device__ __forceinline__ float load_logit(const T* p);
@@ -43,16 +42,6 @@ struct RowState {
   float arg_val = -INFINITY;
   int64_t arg_idx = -1;
 };
-
-__device__ __forceinline__ void online_add(float& m, float& s, float x, float inv_tau) {
-  if (x == -INFINITY) return;
-  if (x > m) {
-    s = s * __expf((m - x) * inv_tau) + 1.f;
-    m = x;
-  } else {
-    s += __expf((x - m) * inv_tau);
-  }
-}
 
 __device__ __forceinline__ void online_merge(float& m, float& s, float m2, float s2, float inv_tau) {
   if (m2 == -INFINITY) return;
@@ -109,11 +98,52 @@ __device__ RowState block_reduce(RowState s, float inv_tau) {
 
 __device__ __forceinline__ bool valid_tau(float tau) { return tau >= 0.f; }  // false for NaN
 
-template <typename T>
+// Four consecutive logits of a row (entries past V read as -inf). kVec: one 16-byte (float)
+// or 8-byte (16-bit) load, valid when the row start is aligned (checked on the host).
+template <typename T, bool kVec>
+__device__ __forceinline__ void load4(const T* l, int64_t grp, int64_t V, float (&x)[4]) {
+  const int64_t v0 = grp * 4;
+  if (kVec && v0 + 3 < V) {
+    if constexpr (sizeof(T) == 4) {
+      const float4 q = __ldg(reinterpret_cast<const float4*>(l + v0));
+      x[0] = q.x; x[1] = q.y; x[2] = q.z; x[3] = q.w;
+    } else {
+      const uint2 q = __ldg(reinterpret_cast<const uint2*>(l + v0));
+      const T* h = reinterpret_cast<const T*>(&q);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) x[i] = load_logit(&h[i]);
+    }
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) x[i] = v0 + i < V ? load_logit(l + v0 + i) : -INFINITY;
+}
+
+// Fold four values into an online log-sum-exp of x * inv_tau (one rescale per group).
+__device__ __forceinline__ void lse_add4(float& m, float& s, const float (&x)[4], float inv_tau) {
+  const float m4 = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
+  if (m4 == -INFINITY) return;
+  if (m4 > m) {
+    s = m == -INFINITY ? 0.f : s * __expf((m - m4) * inv_tau);
+    m = m4;
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) s += __expf((x[i] - m) * inv_tau);  // exp(-inf) = 0
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+  for (int off = 16; off > 0; off >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, off));
+  return x;
+}
+
+constexpr int kTile = 64;  // entries per sampling tile (== CPU kSampleTile)
+
+template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a, const float* thresholds,
-                                                          int64_t groups_per_split) {
+                                                          int64_t tiles_per_split) {
   const int64_t row = blockIdx.x;
   const int split = blockIdx.y;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const T* l = static_cast<const T*>(a.logits) + row * a.ld;
   const float tau = a.temperature[row];
   const float inv_tau = tau > 0.f ? 1.f / tau : 1.f;
@@ -121,41 +151,45 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a, const fl
   const float threshold = thresholds != nullptr ? thresholds[row] : -INFINITY;
   const uint64_t seed = static_cast<uint64_t>(a.seed[row]);
   const uint64_t offset = static_cast<uint64_t>(a.offset[row]);
-  const int64_t total_groups = (a.V + 3) / 4;
-  const int64_t g_begin = split * groups_per_split;
-  const int64_t g_end = min(g_begin + groups_per_split, total_groups);
-  RowState st;
-  for (int64_t grp = g_begin + threadIdx.x; grp < g_end; grp += kThreads) {
-    float x[4];
+  const int64_t total_tiles = (a.V + kTile - 1) / kTile;
+  const int64_t t_begin = split * tiles_per_split;
+  const int64_t t_end = min(t_begin + tiles_per_split, total_tiles);
+  RowState st;  // p_max / p_sum: log-sum-exp of tile log-masses; best_*: winning tile
+  // Lane j of a warp owns a whole tile (t0 + j) and streams its 32 groups of 4 entries with an
+  // online max / sum-exp in registers: no cross-lane reductions, one Philox draw per tile.
+  constexpr int kWarps = kThreads / 32, kGroups = kTile / 4;
+  for (int64_t t0 = t_begin + warp * 32; t0 < t_end; t0 += kWarps * 32) {
+    const int64_t t = t0 + lane;
+    if (t >= t_end) continue;
+    float tile_max = -INFINITY, tile_sum = 0.f;
+#pragma unroll 4
+    for (int k = 0; k < kGroups; ++k) {
+      float x[4];
+      load4<T, kVec>(l, t * kGroups + k, a.V, x);
+      if (a.need_logprobs) lse_add4(st.raw_max, st.raw_sum, x, 1.f);
+      if (greedy) {
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int64_t v = grp * 4 + q;
-      x[q] = v < a.V ? load_logit(l + v) : -INFINITY;
-      online_add(st.raw_max, st.raw_sum, x[q], 1.f);
-    }
-    if (greedy) {
+        for (int q = 0; q < 4; ++q) {
+          const int64_t v = t * kTile + k * 4 + q;
+          if (v < a.V && (st.arg_idx < 0 || x[q] > st.arg_val)) {
+            st.arg_val = x[q];
+            st.arg_idx = v;
+          }
+        }
+        continue;
+      }
 #pragma unroll
-      for (int q = 0; q < 4; ++q) best_merge(st.arg_val, st.arg_idx, x[q], grp * 4 + q < a.V ? grp * 4 + q : -1);
-      continue;
+      for (int q = 0; q < 4; ++q)
+        if (!(x[q] >= threshold)) x[q] = -INFINITY;  // truncated (or NaN)
+      lse_add4(tile_max, tile_sum, x, inv_tau);
     }
-    bool any_candidate = false;
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      if (!(x[q] >= threshold)) x[q] = -INFINITY;  // truncated (or NaN)
-      online_add(st.p_max, st.p_sum, x[q], inv_tau);
-      any_candidate |= x[q] != -INFINITY && (st.best_idx < 0 || x[q] + tau * kMaxGumbel >= st.best_key);
-    }
-    if (!any_candidate) continue;
-    const Uint4 bits = philox_block(seed, offset, static_cast<uint64_t>(grp));
-    const uint32_t lane_bits[4] = {bits.x, bits.y, bits.z, bits.w};
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      if (x[q] == -INFINITY) continue;
-      const float key = __fadd_rn(x[q], __fmul_rn(tau, gumbel_from_bits(lane_bits[q])));
-      best_merge(st.best_key, st.best_idx, key, grp * 4 + q);
-    }
+    if (greedy || tile_max == -INFINITY) continue;  // -inf: nothing kept in the tile
+    const float log_mass = tile_max * inv_tau + logf(tile_sum);
+    online_merge(st.p_max, st.p_sum, log_mass, 1.f, 1.f);
+    const Uint4 bits = philox_block(seed, offset, static_cast<uint64_t>(t));
+    best_merge(st.best_key, st.best_idx, log_mass + gumbel_from_bits(bits.x), t);
   }
-  st = block_reduce(st, inv_tau);
+  st = block_reduce(st, 1.f);
   if (threadIdx.x == 0) {
     float* out = a.workspace + (row * a.splits + split) * kPartial;
     out[0] = st.raw_max;
@@ -167,31 +201,91 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a, const fl
   }
 }
 
-template <typename T>
-__global__ void sample_finish_kernel(SampleArgs a) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (row >= a.B) return;
+// One warp per row: merge the splits, then draw the token inside the winning tile.
+template <typename T, bool kVec>
+__global__ void sample_finish_kernel(SampleArgs a, const float* thresholds) {
+  const int64_t row = blockIdx.x;
+  const int lane = threadIdx.x;
   const float tau = a.temperature[row];
   const float inv_tau = tau > 0.f ? 1.f / tau : 1.f;
-  RowState st;
-  for (int s = 0; s < a.splits; ++s) {
+  const bool greedy = !(tau > 0.f);
+  RowState st;  // lanes merge strided splits in parallel, then across the warp
+  for (int s = lane; s < a.splits; s += 32) {
     const float* p = a.workspace + (row * a.splits + s) * kPartial;
     online_merge(st.raw_max, st.raw_sum, p[0], p[1], 1.f);
-    online_merge(st.p_max, st.p_sum, p[2], p[3], inv_tau);
+    online_merge(st.p_max, st.p_sum, p[2], p[3], 1.f);
     best_merge(st.best_key, st.best_idx, p[4], __float_as_int(p[5]));
   }
-  if (!valid_tau(tau) || st.raw_max == -INFINITY || st.best_idx < 0) {
+  for (int off = 16; off > 0; off >>= 1) {
+    const RowState other = shfl_state(st, off);
+    online_merge(st.raw_max, st.raw_sum, other.raw_max, other.raw_sum, 1.f);
+    online_merge(st.p_max, st.p_sum, other.p_max, other.p_sum, 1.f);
+    best_merge(st.best_key, st.best_idx, other.best_key, other.best_idx);
+  }
+  const bool masked_row = greedy ? (a.need_logprobs && st.raw_max == -INFINITY) : st.best_idx < 0;
+  if (!valid_tau(tau) || st.best_idx < 0 || masked_row) {
     // invalid temperature or a fully masked row: documented fallback, no crash
-    a.tokens[row] = 0;
-    a.logprob[row] = NAN;
-    a.raw_logprob[row] = NAN;
+    if (lane == 0) {
+      a.tokens[row] = 0;
+      a.logprob[row] = NAN;
+      a.raw_logprob[row] = NAN;
+    }
     return;
   }
-  const int64_t token = st.best_idx;
-  const float lt = load_logit(static_cast<const T*>(a.logits) + row * a.ld + token);
+  const T* l = static_cast<const T*>(a.logits) + row * a.ld;
+  int64_t token = st.best_idx;  // greedy: the argmax index
+  if (!greedy) {
+    const int64_t t = st.best_idx;
+    const float threshold = thresholds != nullptr ? thresholds[row] : -INFINITY;
+    float x[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    if (lane < kTile / 4) load4<T, kVec>(l, t * (kTile / 4) + lane, a.V, x);
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+      if (!(x[q] >= threshold)) x[q] = -INFINITY;
+    const float m = warp_max(fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3])));
+    float c[4], run = 0.f;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      run += __expf((x[q] - m) * inv_tau);
+      c[q] = run;  // cumulative within the lane, in index order
+    }
+    float base = run;  // inclusive scan over lanes, then exclusive
+    for (int off = 1; off < 32; off <<= 1) {
+      const float up = __shfl_up_sync(0xffffffffu, base, off);
+      if (lane >= off) base += up;
+    }
+    const float total = __shfl_sync(0xffffffffu, base, 31);
+    base -= run;
+    const uint64_t seed = static_cast<uint64_t>(a.seed[row]);
+    const uint64_t offset = static_cast<uint64_t>(a.offset[row]);
+    const float target = bits_to_open_unit(philox_block(seed, offset, static_cast<uint64_t>(t)).y) * total;
+    int first = 4, last_kept = -1;
+#pragma unroll
+    for (int q = 3; q >= 0; --q) {
+      if (x[q] == -INFINITY) continue;
+      if (last_kept < 0) last_kept = q;
+      if (base + c[q] > target) first = q;
+    }
+    const unsigned found = __ballot_sync(0xffffffffu, first < 4);
+    if (found != 0u) {
+      const int src = __ffs(found) - 1;
+      token = t * kTile + src * 4 + __shfl_sync(0xffffffffu, first, src);
+    } else {  // rounding left the target unreached: the last kept entry of the tile
+      const unsigned any = __ballot_sync(0xffffffffu, last_kept >= 0);
+      const int src = 31 - __clz(any);
+      token = t * kTile + src * 4 + __shfl_sync(0xffffffffu, last_kept, src);
+    }
+  }
+  if (lane != 0) return;
   a.tokens[row] = token;
+  if (!a.need_logprobs) {
+    a.raw_logprob[row] = NAN;
+    a.logprob[row] = NAN;
+    return;
+  }
+  const float lt = load_logit(l + token);
   a.raw_logprob[row] = lt - st.raw_max - logf(st.raw_sum);
-  a.logprob[row] = tau > 0.f ? (lt - st.p_max) * inv_tau - logf(st.p_sum) : 0.f;
+  a.logprob[row] = greedy ? 0.f : lt * inv_tau - (st.p_max + logf(st.p_sum));
 }
 
 __device__ __forceinline__ float from_order_key(uint32_t k) {
@@ -333,31 +427,39 @@ __global__ void __launch_bounds__(kThreads) temperature_logprobs_kernel(Temperat
   }
 }
 
+template <typename T, bool kVec>
+cudaError_t sample_launch(const SampleArgs& a, const float* thresholds, cudaStream_t stream) {
+  const int64_t total_tiles = (a.V + kTile - 1) / kTile;
+  const int64_t tiles_per_split = (total_tiles + a.splits - 1) / a.splits;
+  sample_kernel<T, kVec><<<dim3(static_cast<unsigned>(a.B), a.splits), kThreads, 0, stream>>>(
+      a, thresholds, tiles_per_split);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  sample_finish_kernel<T, kVec><<<static_cast<unsigned>(a.B), 32, 0, stream>>>(a, thresholds);
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t sample_typed(const SampleArgs& a, cudaStream_t stream) {
-  const int64_t total_groups = (a.V + 3) / 4;
-  const int64_t groups_per_split = (total_groups + a.splits - 1) / a.splits;
   float* thresholds = nullptr;
   if (a.top_k != nullptr || a.top_p != nullptr || a.min_p != nullptr) {
-    // The partials region has room after B * splits * kPartial floats (see the glue).
+    // The workspace has room after B * splits * kPartial floats (see the glue).
     thresholds = a.workspace + a.B * a.splits * kPartial;
     truncation_kernel<T><<<static_cast<unsigned>(a.B), kThreads, 0, stream>>>(a, thresholds);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  sample_kernel<T><<<dim3(static_cast<unsigned>(a.B), a.splits), kThreads, 0, stream>>>(
-      a, thresholds, groups_per_split);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  sample_finish_kernel<T><<<static_cast<unsigned>((a.B + 127) / 128), 128, 0, stream>>>(a);
-  return cudaGetLastError();
+  const uintptr_t base = reinterpret_cast<uintptr_t>(a.logits);
+  const bool vec = a.ld % 4 == 0 && base % (4 * sizeof(T)) == 0;
+  return vec ? sample_launch<T, true>(a, thresholds, stream) : sample_launch<T, false>(a, thresholds, stream);
 }
 
 }  // namespace
 
 int sample_splits(int64_t B, int64_t V, int num_sms) {
-  // Enough CTAs to fill the GPU at small batch, but at least ~2048 entries per CTA.
-  const int64_t by_occupancy = (4 * static_cast<int64_t>(num_sms) + B - 1) / B;
+  // Several waves of CTAs (no half-empty last wave), but at least 2048 entries per CTA
+  // (a warp's 32 lanes own 32 tiles of 64 entries).
+  const int64_t by_occupancy = (8 * static_cast<int64_t>(num_sms) + B - 1) / B;
   const int64_t by_work = (V + 2047) / 2048;
   const int64_t s = by_occupancy < by_work ? by_occupancy : by_work;
   return static_cast<int>(s < 1 ? 1 : (s > 65535 ? 65535 : s));

@@ -125,7 +125,8 @@ def sample(
         offsets = torch.zeros(batch, dtype=torch.int64, device=device)
     else:
         offsets = _per_row(offset, batch, device, torch.int64, "offset", lambda o: None)
-    tokens, logprob, raw_logprob = ops.sample(logits, tau, seeds, offsets, k, p, mp)
+    tokens, logprob, raw_logprob = ops.sample(logits, tau, seeds, offsets, k, p, mp,
+                                              bool(return_logprobs))
     if return_logprobs:
         return tokens, logprob, raw_logprob
     return tokens
