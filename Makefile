@@ -4,7 +4,7 @@ PY        ?= python3
 VENV      ?= .venv
 VPY       := $(VENV)/bin/python
 TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
-DEPS      := numpy pytest ninja "setuptools>=64" wheel tqdm scipy matplotlib transformers timm scikit-learn
+DEPS      := numpy pytest ninja "setuptools>=64" wheel tqdm scipy matplotlib transformers timm scikit-learn accelerate
 GPU_PY    ?= python3
 DEMO_ARGS ?= --quick
 
