@@ -61,4 +61,14 @@ inline void check_sample_inputs(const at::Tensor& logits, const at::Tensor& temp
                     "sample: seed and offset must be int64");
 }
 
+inline void check_temperature_logprobs_inputs(const at::Tensor& logits, const at::Tensor& tokens,
+                                              const at::Tensor& temperatures) {
+  TORCH_CHECK_VALUE(logits.dim() == 2, "temperature_logprobs: logits must be [B, V], got ",
+                    logits.sizes());
+  check_per_row(tokens, "temperature_logprobs: tokens", logits.size(0), logits);
+  TORCH_CHECK_VALUE(tokens.scalar_type() == at::kLong, "temperature_logprobs: tokens must be int64");
+  TORCH_CHECK_VALUE(temperatures.dim() == 1 && temperatures.scalar_type() == at::kFloat,
+                    "temperature_logprobs: temperatures must be a 1-D float32 tensor");
+}
+
 }  // namespace fusedlm

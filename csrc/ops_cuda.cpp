@@ -196,13 +196,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
 
 at::Tensor temperature_logprobs_cuda(const at::Tensor& logits, const at::Tensor& tokens,
                                      const at::Tensor& temperatures) {
-  TORCH_CHECK_VALUE(logits.dim() == 2, "temperature_logprobs: logits must be [B, V], got ",
-                    logits.sizes());
+  check_temperature_logprobs_inputs(logits, tokens, temperatures);
   const int64_t B = logits.size(0), V = logits.size(1);
-  check_per_row(tokens, "temperature_logprobs: tokens", B, logits);
-  TORCH_CHECK_VALUE(tokens.scalar_type() == at::kLong, "temperature_logprobs: tokens must be int64");
-  TORCH_CHECK_VALUE(temperatures.dim() == 1 && temperatures.scalar_type() == at::kFloat,
-                    "temperature_logprobs: temperatures must be a 1-D float32 tensor");
   TORCH_CHECK_VALUE(temperatures.numel() <= 16,
                     "temperature_logprobs: at most 16 temperatures on CUDA, got ",
                     temperatures.numel());

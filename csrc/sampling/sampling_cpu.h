@@ -31,6 +31,14 @@ struct RowResult {
   double raw_logprob;  // under softmax(l), tau = 1, no truncation
 };
 
+// Index of the largest logit, lowest index on ties.
+inline int64_t row_argmax(const float* l, int64_t V) {
+  int64_t argmax = 0;
+  for (int64_t v = 1; v < V; ++v)
+    if (l[v] > l[argmax]) argmax = v;
+  return argmax;
+}
+
 inline double log_sum_exp(const float* l, int64_t V, double scale, double threshold,
                           double max_value) {
   double sum = 0;
@@ -78,14 +86,8 @@ constexpr int64_t kSampleTile = 64;
 inline RowResult sample_row(const float* l, int64_t V, float tau, uint64_t seed, uint64_t offset,
                             int64_t top_k, double top_p, double min_p) {
   const double nan = std::numeric_limits<double>::quiet_NaN();
-  int64_t argmax = 0;
-  float max_value = l[0];
-  for (int64_t v = 1; v < V; ++v) {
-    if (l[v] > max_value) {
-      max_value = l[v];
-      argmax = v;
-    }
-  }
+  const int64_t argmax = row_argmax(l, V);
+  const float max_value = l[argmax];
   if (max_value == -std::numeric_limits<float>::infinity()) return {0, nan, nan};
   const double raw_lse = max_value + log_sum_exp(l, V, 1.0, -INFINITY, max_value);
   if (tau == 0.0f) return {argmax, 0.0, l[argmax] - raw_lse};
@@ -131,14 +133,8 @@ inline RowResult sample_row(const float* l, int64_t V, float tau, uint64_t seed,
 // tau_k == 0 gives 0 when the token is the (lowest-index) argmax and -inf otherwise.
 inline void temperature_logprobs_row(const float* l, int64_t V, int64_t token, const float* taus,
                                      int64_t K, double* out) {
-  int64_t argmax = 0;
-  float max_value = l[0];
-  for (int64_t v = 1; v < V; ++v) {
-    if (l[v] > max_value) {
-      max_value = l[v];
-      argmax = v;
-    }
-  }
+  const int64_t argmax = row_argmax(l, V);
+  const float max_value = l[argmax];
   std::vector<double> sums(K, 0.0);
   for (int64_t v = 0; v < V; ++v) {
     const double centred = static_cast<double>(l[v]) - max_value;

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from ._ops import ops
 
-__all__ = ["linear_cross_entropy", "LinearCrossEntropy", "cce_statistics", "resolve_filter_eps"]
+__all__ = ["linear_cross_entropy", "LinearCrossEntropy", "cce_statistics", "loss_from_statistics",
+           "resolve_filter_eps"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -225,10 +226,21 @@ def linear_cross_entropy(
     lse, target_logit, logit_sum = cce_statistics(
         e2, c, y, bias, softcap=softcap, ignore_index=ignore_index, filter_eps=filter_eps,
         accum_fp32=accum_fp32, uses_logit_sum=label_smoothing > 0)
-    valid = y != ignore_index
+    return loss_from_statistics(lse, target_logit, logit_sum, y != ignore_index, c.shape[0],
+                                batch_shape, reduction=reduction,
+                                label_smoothing=label_smoothing, z_loss=z_loss,
+                                return_lse=return_lse)
+
+
+def loss_from_statistics(lse: Tensor, target_logit: Tensor, logit_sum: Optional[Tensor],
+                         valid: Tensor, vocab_size, batch_shape, *, reduction: str,
+                         label_smoothing: float, z_loss: float, return_lse: bool):
+    """The loss of every option as an O(N) expression of the per-token statistics (shared by
+    the single-device and the vocabulary-parallel paths). ``vocab_size`` is the full V (an
+    int or a tensor); ``logit_sum`` is only read when ``label_smoothing > 0``."""
     nll = lse - target_logit
     if label_smoothing > 0:
-        smooth = lse - logit_sum / c.shape[0]
+        smooth = lse - logit_sum / vocab_size
         per_token = (1.0 - label_smoothing) * nll + label_smoothing * smooth
     else:
         per_token = nll

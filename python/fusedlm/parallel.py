@@ -70,7 +70,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .cce import (_check_inputs, _debug_check_targets, _shift_targets, cce_statistics,
-                  linear_cross_entropy)
+                  linear_cross_entropy, loss_from_statistics)
 
 __all__ = ["vocab_parallel_linear_cross_entropy", "vocab_shard_range", "shard_vocab"]
 
@@ -300,23 +300,8 @@ def vocab_parallel_linear_cross_entropy(
     lse = torch.logsumexp(gathered[:, 0], dim=0)
     target_logit = gathered[:, 1].sum(0)
 
-    nll = lse - target_logit
-    if uses_logit_sum:
-        logit_sum = gathered[:, 2].sum(0)
-        smooth = lse - logit_sum / v_total.to(device=lse.device, dtype=lse.dtype)
-        per_token = (1.0 - label_smoothing) * nll + label_smoothing * smooth
-    else:
-        per_token = nll
-    if z_loss > 0:
-        per_token = per_token + z_loss * lse.square()
-    per_token = torch.where(valid, per_token, torch.zeros_like(per_token))
-
-    if reduction == "none":
-        loss = per_token.reshape(batch_shape)
-    elif reduction == "sum":
-        loss = per_token.sum()
-    else:
-        loss = per_token.sum() / valid.sum().to(per_token.dtype)
-    if return_lse:
-        return loss, lse.reshape(batch_shape)
-    return loss
+    logit_sum = gathered[:, 2].sum(0) if uses_logit_sum else None
+    vocab = v_total.to(device=lse.device, dtype=lse.dtype) if uses_logit_sum else None
+    return loss_from_statistics(lse, target_logit, logit_sum, valid, vocab, batch_shape,
+                                reduction=reduction, label_smoothing=label_smoothing,
+                                z_loss=z_loss, return_lse=return_lse)
