@@ -7,6 +7,8 @@ TORCH_PKGS ?= torch==2.14.1 torchvision==0.29.1
 DEPS      := numpy pytest ninja "setuptools>=64" wheel tqdm scipy matplotlib transformers timm scikit-learn accelerate
 GPU_PY    ?= python3
 DEMO_ARGS ?= --quick
+# The extension is built in place (python/fusedlm/_C*.so): make the package importable.
+export PYTHONPATH := $(CURDIR)/python$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: venv build test demo ctest test-gpu bench clean
 
