@@ -1,9 +1,13 @@
 """Temperature sampling in one pass over the logits, with a per-row temperature.
 
-``sample`` draws token ``argmax_v(l_v + tau * g_v)`` over the kept vocabulary, where ``g_v``
-is standard Gumbel noise from Philox keyed by the row's ``(seed, offset)`` and the vocab
-index. That is an exact sample from ``softmax(l / tau)`` (the Gumbel-max trick), and
-``tau = 0`` is an exact argmax (lowest index on ties), never a uniform draw or a NaN.
+``sample`` draws an exact sample from ``softmax(l / tau)`` over the kept vocabulary with a
+hierarchical Gumbel-max: the row is cut into 64-entry tiles, each tile's key is
+``log sum_{v in tile} exp(l_v / tau)`` plus Gumbel noise (Philox keyed by the row's
+``(seed, offset)`` and the tile index), the tile with the largest key wins, and the token
+inside it is drawn by inverse CDF with a second Philox uniform of that tile. One exp per
+logit and one random draw per tile. ``tau = 0`` is an exact argmax (lowest index on ties),
+never a uniform draw or a NaN. The CPU and CUDA kernels implement the same procedure and
+draw the same tokens up to float rounding at near-ties.
 """
 from __future__ import annotations
 
