@@ -1,6 +1,6 @@
 // Philox4x32-10 counter-based RNG (Salmon et al., SC'11), usable on host and device.
 // Shared by the CPU and CUDA sampling kernels so that both draw the same noise for the
-// same (seed, offset, vocab index): a row's token never depends on its batch position.
+// same (seed, offset, counter): a row's token never depends on its batch position.
 #pragma once
 #include <cstdint>
 
@@ -41,8 +41,8 @@ FUSEDLM_HD Uint4 philox4x32_10(Uint4 counter, uint64_t key64) {
   return counter;
 }
 
-// Four uniforms in the open interval (0, 1) with 24 random bits each, for vocab entries
-// 4*group .. 4*group+3 of a row keyed by (seed, offset).
+// Four random words for counter `group` of a row keyed by (seed, offset); the sampler uses
+// one call per 64-entry tile (a Gumbel variate and a uniform).
 FUSEDLM_HD Uint4 philox_block(uint64_t seed, uint64_t offset, uint64_t group) {
   const Uint4 counter{static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32),
                       static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32)};
