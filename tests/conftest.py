@@ -26,3 +26,13 @@ def _fresh_seed(request):
     torch.manual_seed(seed)
     print(f"torch.manual_seed({seed})  # reproduce this test's inputs")
     yield
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of tiny models: on a shared 2-core runner extra
+    threads only add overhead (and stall badly while another process is busy)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

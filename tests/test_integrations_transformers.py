@@ -36,12 +36,8 @@ FAMILIES = {
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: one intra-op thread is faster on a shared 2-core runner.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 def make_model(name, dtype=torch.float32):

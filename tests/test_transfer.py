@@ -24,12 +24,8 @@ N_TOK = (IMG // PATCH) ** 2 + 1  # patches + CLS
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add overhead (and stall badly on a busy machine).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
 
 
 def make_vit(seed=0, depth=3, heads=4, dim=32, img=IMG, qk_norm=False, reg_tokens=0,
