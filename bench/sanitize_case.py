@@ -19,6 +19,11 @@ for dtype in (torch.bfloat16, torch.float32):
         y[::4] = -100
         loss = fusedlm.linear_cross_entropy(e, c, y, b, softcap=10.0, label_smoothing=0.1)
         loss.backward()
+# Large enough that each gradient-tile CTA takes several vocabulary tiles (Hopper path).
+e = torch.randn(2048, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+c = torch.randn(32000, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+y = torch.randint(0, 32000, (2048,), device="cuda")
+fusedlm.linear_cross_entropy(e, c, y, filter_eps=None).backward()
 logits = torch.randn(5, 3001, device="cuda")
 fusedlm.sample(logits, torch.tensor([0.0, 0.5, 1.0, 2.0, 1.0], device="cuda"), top_k=10, top_p=0.9,
                min_p=0.01, return_logprobs=True)

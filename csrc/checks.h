@@ -43,6 +43,16 @@ inline void check_per_row(const at::Tensor& t, const char* name, int64_t n, cons
                     like.device());
 }
 
+// An optional per-row truncation parameter (top_k / top_p / min_p): checked, made contiguous;
+// an undefined tensor when absent.
+inline at::Tensor optional_per_row(const std::optional<at::Tensor>& t, const char* name,
+                                   at::ScalarType dtype, int64_t n, const at::Tensor& like) {
+  if (!t.has_value()) return at::Tensor();
+  check_per_row(*t, name, n, like);
+  TORCH_CHECK_VALUE(t->scalar_type() == dtype, name, " must be ", dtype, ", got ", t->scalar_type());
+  return t->contiguous();
+}
+
 inline void check_sample_inputs(const at::Tensor& logits, const at::Tensor& temperature,
                                 const at::Tensor& seed, const at::Tensor& offset) {
   TORCH_CHECK_VALUE(logits.dim() == 2, "sample: logits must be 2-D [B, V], got shape ",

@@ -36,7 +36,7 @@ struct ForwardArgs {
   float* logit_sum;       // [N]
 };
 
-int forward_splits(int64_t N, int64_t V, int num_sms);
+int forward_splits(int64_t N, int64_t V, DType dtype, int num_sms);
 cudaError_t forward(const ForwardArgs& args, cudaStream_t stream);
 
 struct BackwardArgs {
@@ -86,7 +86,8 @@ struct SampleArgs {
   bool need_logprobs;        // false: skip the two log-sum-exps (tokens only)
 };
 
-int sample_splits(int64_t B, int64_t V, int num_sms);
+// The split plan depends on whether the rows are 16-byte aligned (see sampling_cuda.cu).
+int sample_splits(DType dtype, const void* logits, int64_t ld, int64_t B, int64_t V, int num_sms);
 cudaError_t sample(const SampleArgs& args, cudaStream_t stream);
 
 struct TemperatureLogprobArgs {

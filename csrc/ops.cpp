@@ -132,15 +132,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
   const at::Tensor tau = temperature.contiguous();
   check_temperatures_cpu(tau);
   const at::Tensor seeds = seed.contiguous(), offsets = offset.contiguous();
-  auto per_row = [&](const std::optional<at::Tensor>& t, const char* name, at::ScalarType dt) {
-    if (!t.has_value()) return at::Tensor();
-    check_per_row(*t, name, B, logits);
-    TORCH_CHECK_VALUE(t->scalar_type() == dt, name, " must be ", dt, ", got ", t->scalar_type());
-    return t->contiguous();
-  };
-  const at::Tensor k_t = per_row(top_k, "sample: top_k", at::kLong);
-  const at::Tensor p_t = per_row(top_p, "sample: top_p", at::kFloat);
-  const at::Tensor mp_t = per_row(min_p, "sample: min_p", at::kFloat);
+  const at::Tensor k_t = optional_per_row(top_k, "sample: top_k", at::kLong, B, logits);
+  const at::Tensor p_t = optional_per_row(top_p, "sample: top_p", at::kFloat, B, logits);
+  const at::Tensor mp_t = optional_per_row(min_p, "sample: min_p", at::kFloat, B, logits);
   auto tokens = at::empty({B}, logits.options().dtype(at::kLong));
   auto logprob = at::empty({B}, logits.options().dtype(at::kFloat));
   auto raw_logprob = at::empty({B}, logits.options().dtype(at::kFloat));

@@ -57,6 +57,9 @@ void check_cuda_inputs(const at::Tensor& e, const at::Tensor& c, const at::Tenso
                        const std::optional<at::Tensor>& bias) {
   check_cce_inputs(e, c, targets, bias);
   TORCH_CHECK_VALUE(e.is_cuda(), "cce: expected CUDA tensors");
+  // The kernels index the vocabulary with 32-bit integers (and TMA coordinates are 32-bit).
+  TORCH_CHECK_VALUE(c.size(0) < (int64_t{1} << 31) - 1024,
+                    "cce: vocabularies of 2^31 entries or more are not supported on CUDA");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_forward_cuda(
@@ -75,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_forward_cuda(
   const auto f32 = e.options().dtype(at::kFloat);
   auto lse = at::empty({N}, f32), target_logit = at::empty({N}, f32), logit_sum = at::empty({N}, f32);
   if (N == 0) return {lse, target_logit, logit_sum};
-  const int splits = cce_cuda::forward_splits(N, V, num_sms(e.get_device()));
+  const int splits = cce_cuda::forward_splits(N, V, dt, num_sms(e.get_device()));
   auto partials = at::empty({2, splits, N}, f32);
   cce_cuda::ForwardArgs args{dt, e_k.const_data_ptr(), c_k.const_data_ptr(),
                              b.defined() ? b.const_data_ptr() : nullptr,
@@ -156,22 +159,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
   const DType dt = kernel_dtype(logits, "sample");
   const int64_t B = logits.size(0), V = logits.size(1);
   const at::Tensor l = logits.stride(1) == 1 ? logits : logits.contiguous();
-  auto per_row = [&](const std::optional<at::Tensor>& t, const char* name, at::ScalarType st) {
-    if (!t.has_value()) return at::Tensor();
-    check_per_row(*t, name, B, logits);
-    TORCH_CHECK_VALUE(t->scalar_type() == st, name, " must be ", st, ", got ", t->scalar_type());
-    return t->contiguous();
-  };
-  const at::Tensor k_t = per_row(top_k, "sample: top_k", at::kLong);
-  const at::Tensor p_t = per_row(top_p, "sample: top_p", at::kFloat);
-  const at::Tensor mp_t = per_row(min_p, "sample: min_p", at::kFloat);
+  const at::Tensor k_t = optional_per_row(top_k, "sample: top_k", at::kLong, B, logits);
+  const at::Tensor p_t = optional_per_row(top_p, "sample: top_p", at::kFloat, B, logits);
+  const at::Tensor mp_t = optional_per_row(min_p, "sample: min_p", at::kFloat, B, logits);
   const at::Tensor tau = temperature.contiguous(), seeds = seed.contiguous(),
                    offsets = offset.contiguous();
   auto tokens = at::empty({B}, logits.options().dtype(at::kLong));
   auto logprob = at::empty({B}, logits.options().dtype(at::kFloat));
   auto raw_logprob = at::empty({B}, logits.options().dtype(at::kFloat));
   if (B == 0) return {tokens, logprob, raw_logprob};
-  const int splits = sampling_cuda::sample_splits(B, V, num_sms(logits.get_device()));
+  const int splits = sampling_cuda::sample_splits(dt, l.const_data_ptr(), l.stride(0), B, V,
+                                                  num_sms(logits.get_device()));
   auto workspace = at::empty({B * splits * 8 + B}, logits.options().dtype(at::kFloat));
   sampling_cuda::SampleArgs args{dt,
                                  l.const_data_ptr(),

@@ -133,6 +133,15 @@ def test_sizes_match_reference(n, d, v, dtype, mainloop):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_many_vocabulary_chunks_match_reference(dtype, mainloop, monkeypatch):
+    """A 1 MB gradient workspace splits the vocabulary into many backward chunks (the last one
+    partial), so the chunked dE accumulation and per-chunk dC ownership are exercised."""
+    monkeypatch.setenv("FUSEDLM_CCE_WORKSPACE_MB", "1")
+    e, c, y, b = make(1100, 200, 9000, dtype, bias=True)
+    check_against_reference(e, c, y, b, dtype, softcap=30.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_filtered_loss_identical_and_gradient_error_small(dtype, mainloop):
     e, c, y, _ = make(1024, 256, 32000, dtype, peaked=True, ignore_frac=0.0)
     exact = fusedlm.linear_cross_entropy(e, c, y, filter_eps=None)

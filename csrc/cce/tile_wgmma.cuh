@@ -1,10 +1,16 @@
-// Hopper (sm_90a) main loop for "NT" tiles (both operands K-major): a 128x128 tile per CTA
-// from two consumer warpgroups, each issuing wgmma.mma_async m64n128k16 on shared-memory
-// operands in the 128-byte-swizzled layout that TMA writes. Compiled to real code only for
-// sm_90a; the host picks it only when the device is sm_90 and the build included sm_90a
-// (FUSEDLM_HAS_SM90A).
+// Hopper (sm_90a) warp-specialised main loop: one producer warpgroup streams operand tiles
+// with the Tensor Memory Accelerator (TMA, 128-byte swizzle) into a ring of shared-memory
+// stages guarded by mbarriers; two consumer warpgroups issue wgmma.mma_async on them, each
+// owning 64 rows of a 128 x kBlockN output tile (kBlockN = 128 or 256; for the forward and
+// the logit recompute 128 measured faster: 20.0 vs 29.4 ms at 8192x2304x256000 on an H200). Operands may be
+// K-major (forward / logit recompute: e and c both have K = D contiguous) or MN-major (the
+// backward GEMMs, which read G, c and e along their rows): wgmma transposes MN-major 16-bit
+// operands itself, so nothing is transposed in memory. Register budget: the producer gives
+// its registers to the consumers (setmaxnreg 40 / 232) so a 128 x 256 fp32 accumulator fits.
+// Compiled to real code only for sm_90a; the host picks it only when the device is sm_90 and
+// the build included sm_90a (FUSEDLM_HAS_SM90A).
 //
-// Accumulator layout (per consumer thread, 64 floats = acc[0][nt][r], nt < 16): the wgmma
+// Accumulator layout (per consumer thread, kBlockN / 2 floats = acc[0][nt][r]): the wgmma
 // D fragment: row = consumer_warpgroup*64 + warp_in_group*16 + lane/4 + (r >= 2 ? 8 : 0),
 //             col = nt*8 + 2*(lane%4) + (r & 1)
 #pragma once
@@ -15,6 +21,7 @@
 #include <type_traits>
 
 #include "tile_mma.cuh"
+#include "wgmma_ops.cuh"
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define FUSEDLM_WGMMA_ENABLED 1
@@ -25,41 +32,30 @@
 namespace fusedlm {
 namespace wg {
 
-constexpr int kM = 128, kN = 128, kK = 64;
-constexpr int kTileBytes = kM * kK * 2;  // one operand tile (bf16/fp16), 16 KiB
+constexpr int kM = 128, kK = 64;         // output rows per CTA; K elements per pipeline stage
+constexpr int kBoxBytes = 64 * 64 * 2;   // one 64 x 64 16-bit TMA box (MN-major operands)
 
+enum class Major { K, MN };
+
+// wgmma shared-memory descriptor of a 128B-swizzled operand (canonical layouts of the PTX
+// ISA). K-major: rows of 64 K-elements (128 B), 8-row groups 1024 B apart (stride offset);
+// the leading offset is unused. MN-major: rows of 64 MN-elements, one per k, 8-row groups
+// 1024 B apart; consecutive 64-wide MN blocks (separate TMA boxes) kBoxBytes apart (leading
+// offset).
+template <Major kMajor>
 __device__ __forceinline__ uint64_t sw128_desc(const void* smem_tile) {
   const uint32_t addr = tile::smem_addr(smem_tile);
+  const uint64_t leading = kMajor == Major::K ? 1 : kBoxBytes >> 4;
   uint64_t desc = 0;
   desc |= static_cast<uint64_t>((addr & 0x3FFFF) >> 4);  // start address
-  desc |= static_cast<uint64_t>(1) << 16;                // leading byte offset (unused, SW128 K-major)
-  desc |= static_cast<uint64_t>(1024 >> 4) << 32;        // stride byte offset: 8 rows x 128 B
+  desc |= leading << 16;                                 // leading byte offset
+  desc |= static_cast<uint64_t>(1024 >> 4) << 32;        // stride byte offset
   desc |= static_cast<uint64_t>(1) << 62;                // 128-byte swizzle
   return desc;
 }
-
-template <typename T>
-__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b,
-                                                 int scale_d) {
-#if FUSEDLM_WGMMA_ENABLED
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
-  } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
-  }
-#else
-  (void)d; (void)desc_a; (void)desc_b; (void)scale_d;
-  __trap();  // unreachable: the host only selects this path for sm_90a builds on sm_90
-#endif
-}
+// Descriptor increment (16-byte units) that moves an operand 16 elements along K.
+template <Major kMajor>
+constexpr uint64_t kK16Advance = kMajor == Major::K ? 32 >> 4 : (16 * 128) >> 4;
 
 __device__ __forceinline__ void wgmma_fence() {
 #if FUSEDLM_WGMMA_ENABLED
@@ -77,21 +73,37 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 #endif
 }
-__device__ __forceinline__ void fence_proxy_async() {
+// Per-warpgroup register budget (must be executed by all warps of the warpgroup).
+template <int kRegs>
+__device__ __forceinline__ void release_registers() {
 #if FUSEDLM_WGMMA_ENABLED
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
 #endif
 }
-
-// ---------------------------------------------------------------------------------------
-// Warp-specialised main loop: one producer warpgroup whose first thread streams both operand
-// tiles with the Tensor Memory Accelerator (cp.async.bulk.tensor, 128B swizzle) into a ring
-// of kStages stages guarded by mbarriers; two consumer warpgroups issue wgmma and release
-// each stage as soon as the wgmma that read it has retired. No __syncthreads in the loop.
+template <int kRegs>
+__device__ __forceinline__ void claim_registers() {
+#if FUSEDLM_WGMMA_ENABLED
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+#endif
+}
+// Barriers among the 256 consumer threads only (named barrier 1; 0 is __syncthreads).
+__device__ __forceinline__ void consumer_sync() {
+  asm volatile("bar.sync 1, 256;\n" ::: "memory");
+}
+__device__ __forceinline__ bool consumer_sync_or(bool pred) {
+  uint32_t out;
+  asm volatile(
+      "{\n.reg .pred p, q;\nsetp.ne.u32 p, %1, 0;\nbar.red.or.pred q, 1, 256, p;\n"
+      "selp.u32 %0, 1, 0, q;\n}\n"
+      : "=r"(out)
+      : "r"(static_cast<uint32_t>(pred))
+      : "memory");
+  return out != 0;
+}
 
 struct TmaMaps {
-  CUtensorMap a;  // [rows, D] K-major operand A (box 64 x 128, 128B swizzle)
-  CUtensorMap b;  // [rows, D] K-major operand B
+  CUtensorMap a;  // operand A: K-major box 64 x 128, or MN-major box 64 x 64 (128B swizzle)
+  CUtensorMap b;  // operand B: K-major box 64 x kBlockN, or MN-major box 64 x 64
 };
 
 __device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
@@ -130,15 +142,51 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, u
 #endif
 }
 
-template <typename T, int kStages = 4>
-struct TmaWgmmaNt {
-  static constexpr int kMTiles = 1, kNTiles = 16, kColGroups = 1, kKStep = kK;
+// Loads one stage of an operand: kRows (M or N) x 64 (K) elements. K-major: a single box at
+// (k0, mn0); MN-major: kRows / 64 boxes of 64 MN x 64 K at (mn0 + 64 i, k0).
+template <Major kMajor, int kRows>
+__device__ __forceinline__ void load_operand(char* dst, const CUtensorMap* map, uint64_t* bar,
+                                             int64_t mn0, int64_t k0) {
+  if constexpr (kMajor == Major::K) {
+    tma_load_2d(dst, map, bar, static_cast<int>(k0), static_cast<int>(mn0));
+  } else {
+#pragma unroll
+    for (int i = 0; i < kRows / 64; ++i)
+      tma_load_2d(dst + i * kBoxBytes, map, bar, static_cast<int>(mn0 + 64 * i), static_cast<int>(k0));
+  }
+}
+
+// Where step `step` of the main loop reads its operands (element coordinates).
+struct StepCoords {
+  int64_t a_mn, a_k, b_mn, b_k;
+};
+
+template <typename T, int kTileN, int kStages, Major kMajorA = Major::K, Major kMajorB = Major::K,
+          int kInFlight = 1>
+struct TmaWgmma {
+  // One CTA per SM; of its 65536 registers the producer keeps 40 per thread, consumers 232.
+  static constexpr int kMinCtasPerSm = 1;
+  static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
+  static_assert(kTileN == 128 || kTileN == 256, "wgmma tile width");
+  static constexpr int kBlockM = kM, kBlockN = kTileN;
+  static constexpr int kMTiles = 1, kNTiles = kBlockN / 8, kColGroups = 1, kKStep = kK;
   static constexpr bool kUsesTma = true;
   static constexpr int kThreadsPerCta = 384;  // producer warpgroup + 2 consumer warpgroups
+  static constexpr int kConsumerThreads = 256;
   static constexpr int kRowGroups = 8;        // consumer warps, 16 rows each
-  static constexpr int kScratchBytes = 4096;
-  static constexpr int smem_bytes() { return kStages * 2 * kTileBytes + 1024 + 1024 + kScratchBytes; }
+  static constexpr int kABytes = kM * kK * 2, kBBytes = kBlockN * kK * 2;
+  static constexpr int kStageBytes = kABytes + kBBytes;
+  // Epilogue scratch: reductions [kRowGroups][kBlockN] floats, then one tile's bias values.
+  static constexpr int kScratchBytes = (kRowGroups + 1) * kBlockN * 4;
+  __host__ __device__ static constexpr int smem_bytes() {
+    return kStages * kStageBytes + 1024 + 1024 + kScratchBytes;
+  }
+  static_assert(smem_bytes() <= 227 * 1024, "shared memory per CTA");
+
   __device__ static bool is_consumer() { return threadIdx.x >= 128; }
+  __device__ static int consumer_index() { return threadIdx.x - 128; }
+  __device__ static void sync_consumers() { consumer_sync(); }
+  __device__ static bool sync_consumers_or(bool p) { return consumer_sync_or(p); }
   __device__ static int row(int, int r) {
     const int warp = threadIdx.x / 32 - 4, lane = threadIdx.x % 32;  // consumer warp 0..7
     return (warp / 4) * 64 + (warp % 4) * 16 + lane / 4 + (r >= 2 ? 8 : 0);
@@ -151,64 +199,91 @@ struct TmaWgmmaNt {
   }
   // Scratch space for epilogue reductions that never aliases a pipeline stage.
   __device__ static float* scratch(char* smem_raw) {
-    return reinterpret_cast<float*>(aligned(smem_raw) + kStages * 2 * kTileBytes + 1024);
+    return reinterpret_cast<float*>(aligned(smem_raw) + kStages * kStageBytes + 1024);
+  }
+  __device__ static float* bias_scratch(char* smem_raw) {
+    return scratch(smem_raw) + kRowGroups * kBlockN;
   }
 
+  // Runs n_tiles output tiles of k_steps stages each; coords(step) says where step reads.
+  // The producer warpgroup returns as soon as it has issued every load: callers must not
+  // use __syncthreads afterwards (sync_consumers is the consumer-only barrier). Consumers
+  // call done(tile, acc) with the finished accumulator of each tile. (Overlapping the
+  // epilogue with the next tile's first wgmmas through a second accumulator made ptxas
+  // serialise the wgmmas: C7518.) The accumulator is only
+  // written by consumers: initialising it before run() would keep it live in the producer,
+  // whose register budget is too small for it.
   template <typename Coords, typename Done>
-  __device__ static void run(float (&acc)[1][16][4], char* smem_raw, const TmaMaps& maps,
-                             int64_t a_row0, int n_tiles, int k_steps, Coords&& coords, Done&& done) {
+  __device__ static void run(float (&acc)[1][kNTiles][4], char* smem_raw, const TmaMaps& maps,
+                             int n_tiles, int k_steps, Coords&& coords, Done&& done) {
 #if FUSEDLM_WGMMA_ENABLED
     char* smem = aligned(smem_raw);
-    uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * 2 * kTileBytes);
+    uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes);
     uint64_t* empty = full + kStages;
-    auto stage_a = [&](int s) { return smem + s * 2 * kTileBytes; };
-    auto stage_b = [&](int s) { return smem + s * 2 * kTileBytes + kTileBytes; };
+    auto stage_a = [&](int s) { return smem + s * kStageBytes; };
+    auto stage_b = [&](int s) { return smem + s * kStageBytes + kABytes; };
     if (threadIdx.x == 0) {
       for (int s = 0; s < kStages; ++s) {
         mbar_init(&full[s], 1);
-        mbar_init(&empty[s], 256);  // every consumer thread releases the stage
+        mbar_init(&empty[s], kConsumerThreads / 32);  // one arrival per consumer warp
       }
       asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncthreads();
     const int steps = n_tiles * k_steps;
     if (!is_consumer()) {
+      release_registers<kProducerRegs>();
       if (threadIdx.x == 0) {
         for (int step = 0; step < steps; ++step) {
           const int s = step % kStages;
           mbar_wait(&empty[s], ((step / kStages) & 1) ^ 1);
-          mbar_expect_tx(&full[s], 2 * kTileBytes);
-          int64_t b_row0, k0;
-          coords(step, b_row0, k0);
-          tma_load_2d(stage_a(s), &maps.a, &full[s], static_cast<int>(k0), static_cast<int>(a_row0));
-          tma_load_2d(stage_b(s), &maps.b, &full[s], static_cast<int>(k0), static_cast<int>(b_row0));
+          mbar_expect_tx(&full[s], kStageBytes);
+          const StepCoords c = coords(step);
+          load_operand<kMajorA, kM>(stage_a(s), &maps.a, &full[s], c.a_mn, c.a_k);
+          load_operand<kMajorB, kBlockN>(stage_b(s), &maps.b, &full[s], c.b_mn, c.b_k);
         }
       }
       return;
     }
-    float(&d)[64] = *reinterpret_cast<float(*)[64]>(&acc[0][0][0]);
+    claim_registers<kConsumerRegs>();
+    float(&d)[kBlockN / 2] = *reinterpret_cast<float(*)[kBlockN / 2]>(&acc[0][0][0]);
+    if (k_steps == 0) {  // otherwise the first wgmma of a tile overwrites (scale_d = 0)
+#pragma unroll
+      for (int i = 0; i < kBlockN / 2; ++i) d[i] = 0.f;
+    }
     const int consumer_wg = threadIdx.x / 128 - 1;
+    const bool warp_leader = threadIdx.x % 32 == 0;
+    constexpr int kTransA = kMajorA == Major::MN, kTransB = kMajorB == Major::MN;
     for (int t = 0, step = 0; t < n_tiles; ++t) {
       for (int kt = 0; kt < k_steps; ++kt, ++step) {
         const int s = step % kStages;
         mbar_wait(&full[s], (step / kStages) & 1);
-        const uint64_t da = sw128_desc(stage_a(s) + consumer_wg * 64 * 128);
-        const uint64_t db = sw128_desc(stage_b(s));
+        // Both layouts place this warpgroup's 64 rows of A 8 KiB into the stage.
+        const uint64_t da = sw128_desc<kMajorA>(stage_a(s) + consumer_wg * kBoxBytes);
+        const uint64_t db = sw128_desc<kMajorB>(stage_b(s));
         wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kK / 16; ++kk)
-          wgmma_m64n128k16<T>(d, da + 2 * kk, db + 2 * kk, (kt > 0 || kk > 0) ? 1 : 0);
+          Wgmma<T, kBlockN, kTransA, kTransB>::run(d, da + kk * kK16Advance<kMajorA>,
+                                                   db + kk * kK16Advance<kMajorB>,
+                                                   (kt > 0 || kk > 0) ? 1 : 0);
         wgmma_commit();
-        wgmma_wait<1>();
-        if (kt > 0) mbar_arrive(&empty[(step - 1) % kStages]);  // its wgmma has retired
+        wgmma_wait<kInFlight>();
+        // The wgmmas of kInFlight steps ago have retired: release that stage (one arrival
+        // per warp).
+        if (kt >= kInFlight) {
+          __syncwarp();
+          if (warp_leader) mbar_arrive(&empty[(step - kInFlight) % kStages]);
+        }
       }
       wgmma_wait<0>();
-      mbar_arrive(&empty[(step - 1) % kStages]);
-      done(t);
+      __syncwarp();
+      for (int back = min(kInFlight, k_steps); back > 0; --back)
+        if (warp_leader) mbar_arrive(&empty[(step - back) % kStages]);
+      done(t, acc);
     }
 #else
-    (void)acc; (void)smem_raw; (void)maps; (void)a_row0; (void)n_tiles; (void)k_steps;
-    (void)coords; (void)done;
+    (void)acc; (void)smem_raw; (void)maps; (void)n_tiles; (void)k_steps; (void)coords; (void)done;
     __trap();  // unreachable: the host only selects this path for sm_90a builds on sm_90
 #endif
   }

@@ -1,14 +1,19 @@
 // Temperature sampling CUDA kernels (ATen-free). Same semantics as sampling_cpu.h.
 //
 // sample_kernel: grid (B, splits); each CTA streams a contiguous range of 64-entry tiles of
-// one row once. Each lane owns one tile (vector loads of 4 entries), forms the tile's
-// log-mass log(sum exp(l / tau)) over kept entries with an online max in registers, and keeps
-// the tile with the largest log-mass + Gumbel key (one Philox draw per tile, counter = tile,
-// as on the CPU); also the raw log-sum-exp (only when log-probs are asked for) and, for
-// tau = 0 rows, the argmax. sample_finish_kernel merges the splits of a row, re-reads the
-// winning tile and picks the token inside it by inverse CDF with the tile's uniform. truncation_kernel (one CTA per row,
-// only when top-k / top-p / min-p are given) finds the smallest kept logit by bisection on
-// the order-preserving integer image of the floats.
+// one row once. A warp works on batches of 32 tiles: it issues all of a batch's coalesced
+// 16-byte loads before using any (enough bytes in flight to reach DRAM bandwidth), then
+// regroups them through padded shared memory so that each lane owns one whole tile. The lane
+// forms the tile's log-mass log(sum exp(l / tau)) over kept entries with an online max in
+// registers and keeps the tile with the largest log-mass + Gumbel key (one Philox draw per
+// tile, counter = tile, as on the CPU); also the raw log-sum-exp (only when log-probs are
+// asked for) and, for tau = 0 rows, the argmax. sample_finish_kernel (one warp per row,
+// launched with programmatic dependent launch on sm_90 so its launch overlaps the main
+// kernel's tail) merges the splits of a row, re-reads the winning tile and picks the token
+// inside it by inverse CDF with the tile's uniform. Rows that are not 16-byte aligned go
+// through sample_unaligned_kernel (same tile keys, one tile per lane, simple per-lane loads).
+// truncation_kernel (one CTA per row, only when top-k / top-p / min-p are given) finds the
+// smallest kept logit by bisection on the order-preserving integer image of the floats.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -91,9 +96,34 @@ __device__ RowState block_reduce(RowState s, float inv_tau) {
   if (lane == 0) warp_states[warp] = s;
   __syncthreads();
   if (threadIdx.x == 0) {
-    for (int w = 1; w < kThreads / 32; ++w) merge_state(s, warp_states[w], inv_tau);
+    for (int w = 1; w < static_cast<int>(blockDim.x / 32); ++w) merge_state(s, warp_states[w], inv_tau);
   }
   return s;  // valid in thread 0
+}
+
+// Folds one finished tile (max and sum of exp((l - max) / tau) over its kept entries) into
+// the row state: its log-mass joins the processed LSE and, plus the tile's Gumbel noise
+// (Philox counter = tile index, as on the CPU), competes for the sampled tile.
+__device__ __forceinline__ void add_tile(RowState& st, float tile_max, float tile_sum, float inv_tau,
+                                         uint64_t seed, uint64_t offset, int64_t t) {
+  const float log_mass = tile_max * inv_tau + logf(tile_sum);
+  online_merge(st.p_max, st.p_sum, log_mass, 1.f, 1.f);
+  const Uint4 bits = philox_block(seed, offset, static_cast<uint64_t>(t));
+  best_merge(st.best_key, st.best_idx, log_mass + gumbel_from_bits(bits.x), t);
+}
+
+// Block-reduces the CTA's row state and writes its (row, split) partial for the finish kernel.
+__device__ void write_partial(const SampleArgs& a, int64_t row, int split, RowState st, bool greedy) {
+  st = block_reduce(st, 1.f);
+  if (threadIdx.x == 0) {
+    float* out = a.workspace + (row * a.splits + split) * kPartial;
+    out[0] = st.raw_max;
+    out[1] = st.raw_sum;
+    out[2] = st.p_max;
+    out[3] = st.p_sum;
+    out[4] = greedy ? st.arg_val : st.best_key;
+    out[5] = __int_as_float(static_cast<int>(greedy ? st.arg_idx : st.best_idx));
+  }
 }
 
 __device__ __forceinline__ bool valid_tau(float tau) { return tau >= 0.f; }  // false for NaN
@@ -138,9 +168,11 @@ __device__ __forceinline__ float warp_max(float x) {
 
 constexpr int kTile = 64;  // entries per sampling tile (== CPU kSampleTile)
 
+// Unaligned fallback (rows not 16-byte aligned): same tile keys as sample_kernel, but each
+// lane loads its own tile 4 entries at a time (kVec: 8- or 16-byte loads where aligned).
 template <typename T, bool kVec>
-__global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a, const float* thresholds,
-                                                          int64_t tiles_per_split) {
+__global__ void __launch_bounds__(kThreads)
+    sample_unaligned_kernel(SampleArgs a, const float* thresholds, int64_t tiles_per_split) {
   const int64_t row = blockIdx.x;
   const int split = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -184,26 +216,28 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleArgs a, const fl
       lse_add4(tile_max, tile_sum, x, inv_tau);
     }
     if (greedy || tile_max == -INFINITY) continue;  // -inf: nothing kept in the tile
-    const float log_mass = tile_max * inv_tau + logf(tile_sum);
-    online_merge(st.p_max, st.p_sum, log_mass, 1.f, 1.f);
-    const Uint4 bits = philox_block(seed, offset, static_cast<uint64_t>(t));
-    best_merge(st.best_key, st.best_idx, log_mass + gumbel_from_bits(bits.x), t);
+    add_tile(st, tile_max, tile_sum, inv_tau, seed, offset, t);
   }
-  st = block_reduce(st, 1.f);
-  if (threadIdx.x == 0) {
-    float* out = a.workspace + (row * a.splits + split) * kPartial;
-    out[0] = st.raw_max;
-    out[1] = st.raw_sum;
-    out[2] = st.p_max;
-    out[3] = st.p_sum;
-    out[4] = greedy ? st.arg_val : st.best_key;
-    out[5] = __int_as_float(static_cast<int>(greedy ? st.arg_idx : st.best_idx));
-  }
+  write_partial(a, row, split, st, greedy);
+}
+
+// Programmatic dependent launch (sm_90): the finish kernel is launched while the main kernel
+// still runs and waits here for its results; both are no-ops without the launch attribute.
+__device__ __forceinline__ void griddep_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void griddep_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
 }
 
 // One warp per row: merge the splits, then draw the token inside the winning tile.
 template <typename T, bool kVec>
 __global__ void sample_finish_kernel(SampleArgs a, const float* thresholds) {
+  griddep_wait();  // the partials of the main kernel
   const int64_t row = blockIdx.x;
   const int lane = threadIdx.x;
   const float tau = a.temperature[row];
@@ -286,6 +320,135 @@ __global__ void sample_finish_kernel(SampleArgs a, const float* thresholds) {
   const float lt = load_logit(l + token);
   a.raw_logprob[row] = lt - st.raw_max - logf(st.raw_sum);
   a.logprob[row] = greedy ? 0.f : lt * inv_tau - (st.p_max + logf(st.p_sum));
+}
+
+// ---- sample_kernel: a warp loads a batch of 32 tiles with every load issued up front ----
+// Loading and folding one vector at a time keeps only ~16 B in flight per lane, far below what
+// an SM needs to reach DRAM bandwidth. Here each lane first issues all 16 (fp32) or 8 (16-bit)
+// 16-byte loads of a batch (8 KB or 4 KB per warp), coalesced (each instruction reads 512
+// contiguous bytes); the batch is then regrouped through shared memory so lane j holds tile
+// b0 + j and folds it in the unaligned kernel's order (bit-identical tile keys and tokens).
+constexpr int kBatchTiles = 32;  // tiles per warp batch: one per lane
+
+__host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+template <typename T> __device__ __forceinline__ T neg_inf();
+template <> __device__ __forceinline__ float neg_inf<float>() { return -INFINITY; }
+template <> __device__ __forceinline__ __nv_bfloat16 neg_inf<__nv_bfloat16>() { return __ushort_as_bfloat16(0xff80u); }
+template <> __device__ __forceinline__ __half neg_inf<__half>() { return __ushort_as_half(0xfc00u); }
+
+template <typename T>
+__device__ __forceinline__ uint4 ldg_vec(const T* p) {
+  return __ldg(reinterpret_cast<const uint4*>(p));
+}
+
+// 16 bytes of entries [e, ...) of a row; entries at or past `end` read as -inf.
+template <typename T>
+__device__ __forceinline__ uint4 ldg_vec_tail(const T* l, int64_t e, int64_t end) {
+  constexpr int kPer = 16 / sizeof(T);
+  if (e + kPer <= end) return ldg_vec(l + e);
+  uint4 q;
+  T* h = reinterpret_cast<T*>(&q);
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) h[i] = e + i < end ? l[e + i] : neg_inf<T>();
+  return q;
+}
+
+struct RowCtx {
+  int64_t V;
+  float inv_tau, threshold;
+  bool greedy, need_logprobs;
+};
+
+// Fold one 16-byte vector (entries v, v+1, ...) in groups of 4, as sample_unaligned_kernel does.
+template <typename T>
+__device__ __forceinline__ void fold_vec(RowState& st, float& tile_max, float& tile_sum,
+                                         const uint4& q, int64_t v, const RowCtx& c) {
+  const T* h = reinterpret_cast<const T*>(&q);
+#pragma unroll
+  for (int g = 0; g < static_cast<int>(16 / sizeof(T)) / 4; ++g) {
+    float x[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) x[i] = to_float(h[g * 4 + i]);
+    if (c.need_logprobs) lse_add4(st.raw_max, st.raw_sum, x, 1.f);
+    if (c.greedy) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int64_t vi = v + g * 4 + i;
+        if (vi < c.V && (st.arg_idx < 0 || x[i] > st.arg_val)) {
+          st.arg_val = x[i];
+          st.arg_idx = vi;
+        }
+      }
+      continue;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      if (!(x[i] >= c.threshold)) x[i] = -INFINITY;  // truncated (or NaN)
+    lse_add4(tile_max, tile_sum, x, c.inv_tau);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 3)
+    sample_kernel(SampleArgs a, const float* thresholds, int64_t tiles_per_split) {
+  constexpr int kPer = 16 / static_cast<int>(sizeof(T));  // entries per 16-byte vector
+  constexpr int kVecs = kTile / kPer;                       // vectors per tile: 16 or 8
+  extern __shared__ uint4 stage_all[];  // per warp: 32 tiles of kVecs + 1 (pad) vectors
+  griddep_launch_dependents();          // let the PDL finish kernel get resident early
+  const int64_t row = blockIdx.x;
+  const int split = blockIdx.y;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
+  const T* l = static_cast<const T*>(a.logits) + row * a.ld;
+  const float tau = a.temperature[row];
+  RowCtx c;
+  c.V = a.V;
+  c.inv_tau = tau > 0.f ? 1.f / tau : 1.f;
+  c.greedy = !(tau > 0.f);
+  c.threshold = thresholds != nullptr ? thresholds[row] : -INFINITY;
+  c.need_logprobs = a.need_logprobs;
+  const uint64_t seed = static_cast<uint64_t>(a.seed[row]);
+  const uint64_t offset = static_cast<uint64_t>(a.offset[row]);
+  const int64_t t_begin = split * tiles_per_split;
+  const int64_t t_end = min(t_begin + tiles_per_split, ceil_div(a.V, kTile));
+  const int64_t e_end = min(a.V, t_end * kTile);
+  uint4* stage = stage_all + warp * kBatchTiles * (kVecs + 1);
+  RowState st;
+  for (int64_t b0 = t_begin + warp * kBatchTiles; b0 < t_end; b0 += nwarps * kBatchTiles) {
+    // Split ranges are whole batches, so only a row's last batch takes the tail path.
+    const bool full = (b0 + kBatchTiles) * kTile <= e_end;  // warp-uniform
+    uint4 q[kVecs];
+    const T* p = l + b0 * kTile + lane * kPer;  // vector i * 32 + lane of the batch
+    if (full) {
+#pragma unroll
+      for (int i = 0; i < kVecs; ++i) q[i] = ldg_vec(p + i * 32 * kPer);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kVecs; ++i) q[i] = ldg_vec_tail(l, b0 * kTile + (i * 32 + lane) * kPer, e_end);
+    }
+    // Regroup: vector g of the batch is part g % kVecs of tile g / kVecs. Tiles are padded
+    // by one vector, so both the stores and lane-strided reads are bank-conflict free.
+    __syncwarp();  // the previous batch's reads are done
+#pragma unroll
+    for (int i = 0; i < kVecs; ++i) {
+      const int g = i * 32 + lane;
+      stage[(g / kVecs) * (kVecs + 1) + g % kVecs] = q[i];
+    }
+    __syncwarp();
+#pragma unroll
+    for (int k = 0; k < kVecs; ++k) q[k] = stage[lane * (kVecs + 1) + k];
+    const int64_t t = b0 + lane;
+    if (t >= t_end) continue;
+    float tile_max = -INFINITY, tile_sum = 0.f;
+#pragma unroll
+    for (int k = 0; k < kVecs; ++k) fold_vec<T>(st, tile_max, tile_sum, q[k], t * kTile + k * kPer, c);
+    if (c.greedy || tile_max == -INFINITY) continue;  // -inf: nothing kept in the tile
+    add_tile(st, tile_max, tile_sum, c.inv_tau, seed, offset, t);
+  }
+  write_partial(a, row, split, st, c.greedy);
 }
 
 __device__ __forceinline__ float from_order_key(uint32_t k) {
@@ -427,16 +590,57 @@ __global__ void __launch_bounds__(kThreads) temperature_logprobs_kernel(Temperat
   }
 }
 
+// Rows of whole 16-byte vectors, as sample_kernel loads them.
+bool rows_aligned(DType dtype, const void* logits, int64_t ld) {
+  const int64_t row_bytes = ld * static_cast<int64_t>(dtype_size(dtype));
+  return row_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(logits) % 16 == 0;
+}
+
+// Programmatic dependent launch on sm_90+: the finish kernel gets resident while the main
+// kernel's last CTAs still run (its griddep_wait holds it until their results are visible).
 template <typename T, bool kVec>
-cudaError_t sample_launch(const SampleArgs& a, const float* thresholds, cudaStream_t stream) {
-  const int64_t total_tiles = (a.V + kTile - 1) / kTile;
-  const int64_t tiles_per_split = (total_tiles + a.splits - 1) / a.splits;
-  sample_kernel<T, kVec><<<dim3(static_cast<unsigned>(a.B), a.splits), kThreads, 0, stream>>>(
+cudaError_t finish_launch(const SampleArgs& a, const float* thresholds, cudaStream_t stream) {
+  int device = 0, major = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err != cudaSuccess) return err;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(a.B));
+  cfg.blockDim = dim3(32);
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = major >= 9 ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, sample_finish_kernel<T, kVec>, a, thresholds);
+}
+
+template <typename T>
+cudaError_t sample_aligned_launch(const SampleArgs& a, const float* thresholds, cudaStream_t stream) {
+  constexpr int kVecs = kTile * static_cast<int>(sizeof(T)) / 16;
+  const int64_t batches = ceil_div(ceil_div(a.V, kTile), kBatchTiles);
+  const int64_t per_split = ceil_div(batches, a.splits);  // whole batches (see sample_splits)
+  const int warps = static_cast<int>(per_split < kThreads / 32 ? per_split : kThreads / 32);
+  const size_t smem = static_cast<size_t>(warps) * kBatchTiles * (kVecs + 1) * sizeof(uint4);
+  cudaError_t err = cudaSuccess;
+  if (smem > 48 * 1024)  // fp32 with 6-8 warps: 52-68 KB
+    err = cudaFuncSetAttribute(sample_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  sample_kernel<T><<<dim3(static_cast<unsigned>(a.B), a.splits), warps * 32, smem, stream>>>(
+      a, thresholds, per_split * kBatchTiles);
+  err = cudaGetLastError();
+  return err != cudaSuccess ? err : finish_launch<T, true>(a, thresholds, stream);
+}
+
+template <typename T, bool kVec>
+cudaError_t sample_unaligned_launch(const SampleArgs& a, const float* thresholds, cudaStream_t stream) {
+  const int64_t tiles_per_split = ceil_div(ceil_div(a.V, kTile), a.splits);
+  sample_unaligned_kernel<T, kVec><<<dim3(static_cast<unsigned>(a.B), a.splits), kThreads, 0, stream>>>(
       a, thresholds, tiles_per_split);
   const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  sample_finish_kernel<T, kVec><<<static_cast<unsigned>(a.B), 32, 0, stream>>>(a, thresholds);
-  return cudaGetLastError();
+  return err != cudaSuccess ? err : finish_launch<T, kVec>(a, thresholds, stream);
 }
 
 template <typename T>
@@ -449,16 +653,33 @@ cudaError_t sample_typed(const SampleArgs& a, cudaStream_t stream) {
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
+  if (rows_aligned(a.dtype, a.logits, a.ld)) return sample_aligned_launch<T>(a, thresholds, stream);
   const uintptr_t base = reinterpret_cast<uintptr_t>(a.logits);
-  const bool vec = a.ld % 4 == 0 && base % (4 * sizeof(T)) == 0;
-  return vec ? sample_launch<T, true>(a, thresholds, stream) : sample_launch<T, false>(a, thresholds, stream);
+  const bool vec = a.ld % 4 == 0 && base % (4 * sizeof(T)) == 0;  // 8-byte loads (16-bit types)
+  return vec ? sample_unaligned_launch<T, true>(a, thresholds, stream)
+             : sample_unaligned_launch<T, false>(a, thresholds, stream);
 }
 
 }  // namespace
 
-int sample_splits(int64_t B, int64_t V, int num_sms) {
-  // Several waves of CTAs (no half-empty last wave), but at least 2048 entries per CTA
-  // (a warp's 32 lanes own 32 tiles of 64 entries).
+int sample_splits(DType dtype, const void* logits, int64_t ld, int64_t B, int64_t V, int num_sms) {
+  if (rows_aligned(dtype, logits, ld)) {
+    // Unit of work: a warp batch of 32 tiles. Enough warps for ~16 per SM (64-128 KB of loads
+    // in flight) with at most 4 batches per warp (short CTAs, small tail); whole batches per
+    // split; small grids get CTAs of fewer warps so that they still cover the SMs (B = 1,
+    // V = 128256: 63 one-warp CTAs; B = 64: 4 splits of 8 warps x 2 batches).
+    const int64_t batches = ceil_div(ceil_div(V, kTile), kBatchTiles);
+    int64_t rounds = ceil_div(B * batches, 16 * static_cast<int64_t>(num_sms));
+    rounds = rounds < 1 ? 1 : (rounds > 4 ? 4 : rounds);
+    const int64_t warps_per_row = ceil_div(batches, rounds);
+    int64_t warps_per_cta = B * warps_per_row / num_sms;
+    warps_per_cta = warps_per_cta < 1 ? 1 : (warps_per_cta > kThreads / 32 ? kThreads / 32 : warps_per_cta);
+    int64_t s = ceil_div(warps_per_row, warps_per_cta);
+    s = ceil_div(batches, ceil_div(batches, s));  // no empty splits
+    return static_cast<int>(s > 65535 ? 65535 : s);
+  }
+  // Unaligned fallback: several waves of CTAs (no half-empty last wave), but at least 2048
+  // entries per CTA (a warp's 32 lanes own 32 tiles of 64 entries).
   const int64_t by_occupancy = (8 * static_cast<int64_t>(num_sms) + B - 1) / B;
   const int64_t by_work = (V + 2047) / 2048;
   const int64_t s = by_occupancy < by_work ? by_occupancy : by_work;
