@@ -59,7 +59,7 @@ void check_cuda_inputs(const at::Tensor& e, const at::Tensor& c, const at::Tenso
   TORCH_CHECK_VALUE(e.is_cuda(), "cce: expected CUDA tensors");
   // The kernels index the vocabulary with 32-bit integers (and TMA coordinates are 32-bit).
   TORCH_CHECK_VALUE(c.size(0) < (int64_t{1} << 31) - 1024,
-                    "cce: vocabularies of 2^31 entries or more are not supported on CUDA");
+                    "cce: vocabularies of 2^31 - 1024 entries or more are not supported on CUDA");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_forward_cuda(
