@@ -24,6 +24,18 @@ e = torch.randn(2048, 64, device="cuda", dtype=torch.bfloat16, requires_grad=Tru
 c = torch.randn(32000, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 y = torch.randint(0, 32000, (2048,), device="cuda")
 fusedlm.linear_cross_entropy(e, c, y, filter_eps=None).backward()
+# Filtered backward with the forward's tile maxima (whole tiles skipped), half the rows
+# confidently right, over several vocabulary chunks (a 1 MB workspace is read per call).
+os.environ["FUSEDLM_CCE_WORKSPACE_MB"] = "1"
+c = torch.randn(9000, 64, device="cuda", dtype=torch.bfloat16) / 8
+y = torch.randint(0, 9000, (700,), device="cuda")
+e = torch.randn(700, 64, device="cuda", dtype=torch.bfloat16)
+e[:350] += 40 * c[y[:350]]
+b = torch.randn(9000, device="cuda", dtype=torch.bfloat16)
+for t in (e, c, b):
+    t.requires_grad_()
+fusedlm.linear_cross_entropy(e, c, y, b).backward()
+del os.environ["FUSEDLM_CCE_WORKSPACE_MB"]
 logits = torch.randn(5, 3001, device="cuda")
 fusedlm.sample(logits, torch.tensor([0.0, 0.5, 1.0, 2.0, 1.0], device="cuda"), top_k=10, top_p=0.9,
                min_p=0.01, return_logprobs=True)

@@ -5,6 +5,8 @@
 #include <c10/util/Exception.h>
 #include <optional>
 
+#include "cce/tile_max.h"
+
 namespace fusedlm {
 
 inline void check_cce_inputs(const at::Tensor& e, const at::Tensor& c, const at::Tensor& targets,
@@ -41,6 +43,27 @@ inline void check_per_row(const at::Tensor& t, const char* name, int64_t n, cons
                     " entries, got shape ", t.sizes());
   TORCH_CHECK_VALUE(t.device() == like.device(), name, " is on ", t.device(), " but expected ",
                     like.device());
+}
+
+// The backward's optional tile-skipping hint: both or neither of the forward's tile_max
+// [N, tile_max_cols(V)] and target_logit [N], float32 (float64 accepted on the CPU).
+inline void check_tile_max_hint(const std::optional<at::Tensor>& tile_max,
+                                const std::optional<at::Tensor>& target_logit, int64_t n,
+                                int64_t V, const at::Tensor& like) {
+  TORCH_CHECK_VALUE(tile_max.has_value() == target_logit.has_value(),
+                    "cce_backward: pass both tile_max and target_logit, or neither");
+  if (!tile_max.has_value()) return;
+  TORCH_CHECK_VALUE(tile_max->dim() == 2 && tile_max->size(0) == n &&
+                        tile_max->size(1) == tile_max_cols(V),
+                    "cce_backward: tile_max must be [N, ceil(V / ", kTileMaxWidth, ")] = [", n,
+                    ", ", tile_max_cols(V), "], got shape ", tile_max->sizes());
+  check_per_row(*target_logit, "cce_backward: target_logit", n, like);
+  TORCH_CHECK_VALUE(tile_max->device() == like.device(), "cce_backward: tile_max is on ",
+                    tile_max->device(), " but expected ", like.device());
+  for (const at::Tensor* t : {&*tile_max, &*target_logit})
+    TORCH_CHECK_VALUE(at::isFloatingType(t->scalar_type()),
+                      "cce_backward: tile_max and target_logit must be floating point, got ",
+                      t->scalar_type());
 }
 
 // An optional per-row truncation parameter (top_k / top_p / min_p): checked, made contiguous;

@@ -6,6 +6,8 @@
 
 #include <cuda_runtime.h>
 
+#include "cce/tile_max.h"
+
 namespace fusedlm {
 
 enum class DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
@@ -34,6 +36,10 @@ struct ForwardArgs {
   float* lse;             // [N]
   float* target_logit;    // [N]
   float* logit_sum;       // [N]
+  // [N, tile_max_cols(V)] or nullptr: for each row and kTileMaxWidth-wide vocabulary tile an
+  // upper bound on the largest logit (exact on the Hopper path, FLT_MAX-like elsewhere). The
+  // backward uses it to skip whole tiles without recomputing them.
+  float* tile_max;
 };
 
 int forward_splits(int64_t N, int64_t V, DType dtype, int num_sms);
@@ -59,6 +65,16 @@ struct BackwardArgs {
   float* grad_bias;        // [V] float32 or nullptr
   float* grad_e_acc;       // [N, D] float32
   void* grad_c;            // [V, D] of dtype
+  // With filter_eps >= 0: [ceil(N / kTileRows), ceil(V / kTileVocab)] bytes of workspace
+  // for the tiles holding a target entry the filter keeps (judged from target_logit, the
+  // forward's, when given; else every target counts).
+  uint8_t* target_mask;
+  const float* target_logit;  // [N] or nullptr
+  // Optional: the forward's tile_max and a [ceil(N / kTileRows), tile_max_cols(V)] byte
+  // workspace for the tiles that may hold an entry above the filter (the others are never
+  // recomputed).
+  const float* tile_max;
+  uint8_t* keep_hint;
 };
 
 int64_t backward_vocab_chunk(int64_t N, int64_t V, DType dtype, int64_t budget_bytes);

@@ -35,9 +35,10 @@ void check_targets_in_range(const at::Tensor& targets, int64_t V, int64_t ignore
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_forward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cce_forward_cpu(
     const at::Tensor& e, const at::Tensor& c, const at::Tensor& targets,
-    const std::optional<at::Tensor>& bias, double softcap, int64_t ignore_index) {
+    const std::optional<at::Tensor>& bias, double softcap, int64_t ignore_index,
+    bool record_tile_max) {
   check_cce_inputs(e, c, targets, bias);
   TORCH_CHECK_VALUE(softcap >= 0, "cce: softcap must be >= 0 (0 = off), got ", softcap);
   const auto ct = cpu_compute_type(e);
@@ -49,6 +50,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_forward_cpu(
   auto lse = at::empty({N}, e.options().dtype(ct));
   auto target_logit = at::empty({N}, e.options().dtype(ct));
   auto logit_sum = at::empty({N}, e.options().dtype(ct));
+  auto tile_max = at::empty({record_tile_max ? N : 0, record_tile_max ? tile_max_cols(V) : 0},
+                            e.options().dtype(ct));
   if (N > 0) {
     TORCH_CHECK_VALUE(V > 0, "cce: the vocabulary (c) is empty");
   }
@@ -59,17 +62,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_forward_cpu(
           e_c.const_data_ptr<scalar_t>(), c_c.const_data_ptr<scalar_t>(), b_ptr,
           y.const_data_ptr<int64_t>(), D, V, static_cast<scalar_t>(softcap), ignore_index, begin,
           end, lse.mutable_data_ptr<scalar_t>(), target_logit.mutable_data_ptr<scalar_t>(),
-          logit_sum.mutable_data_ptr<scalar_t>());
+          logit_sum.mutable_data_ptr<scalar_t>(),
+          record_tile_max ? tile_max.mutable_data_ptr<scalar_t>() : nullptr);
     });
   });
-  return {lse, target_logit, logit_sum};
+  return {lse, target_logit, logit_sum, tile_max};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cpu(
     const at::Tensor& e, const at::Tensor& c, const at::Tensor& targets,
     const std::optional<at::Tensor>& bias, const at::Tensor& lse, const at::Tensor& grad_lse,
     const at::Tensor& grad_target, const at::Tensor& grad_sum, double softcap, double filter_eps,
-    bool accum_fp32) {
+    bool accum_fp32, const std::optional<at::Tensor>& tile_max,
+    const std::optional<at::Tensor>& target_logit) {
   (void)accum_fp32;  // the CPU always accumulates in float32 (float64 for float64 inputs)
   check_cce_inputs(e, c, targets, bias);
   const int64_t N = e.size(0), D = e.size(1), V = c.size(0);
@@ -77,6 +82,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cpu(
                                 {&grad_target, "grad_target"}, {&grad_sum, "grad_sum"}}) {
     check_per_row(*t, name, N, e);
   }
+  // The tile-skipping hint only speeds up the CUDA kernels; checked here all the same.
+  check_tile_max_hint(tile_max, target_logit, N, V, e);
   const auto ct = cpu_compute_type(e);
   const at::Tensor e_c = e.to(ct).contiguous(), c_c = c.to(ct).contiguous();
   const at::Tensor b_c = bias.has_value() ? bias->to(ct).contiguous() : at::Tensor();
@@ -186,11 +193,13 @@ at::Tensor temperature_logprobs_cpu(const at::Tensor& logits, const at::Tensor& 
 TORCH_LIBRARY(fusedlm, m) {
   m.def(
       "cce_forward(Tensor e, Tensor c, Tensor targets, Tensor? bias, float softcap, "
-      "int ignore_index) -> (Tensor lse, Tensor target_logit, Tensor logit_sum)");
+      "int ignore_index, bool record_tile_max=False) -> (Tensor lse, Tensor target_logit, "
+      "Tensor logit_sum, Tensor tile_max)");
   m.def(
       "cce_backward(Tensor e, Tensor c, Tensor targets, Tensor? bias, Tensor lse, "
       "Tensor grad_lse, Tensor grad_target, Tensor grad_sum, float softcap, float filter_eps, "
-      "bool accum_fp32) -> (Tensor grad_e, Tensor grad_c, Tensor grad_bias)");
+      "bool accum_fp32, Tensor? tile_max=None, Tensor? target_logit=None) -> (Tensor grad_e, "
+      "Tensor grad_c, Tensor grad_bias)");
   m.def(
       "sample(Tensor logits, Tensor temperature, Tensor seed, Tensor offset, Tensor? top_k, "
       "Tensor? top_p, Tensor? min_p, bool need_logprobs=True) -> (Tensor tokens, Tensor logprob, "

@@ -62,9 +62,10 @@ void check_cuda_inputs(const at::Tensor& e, const at::Tensor& c, const at::Tenso
                     "cce: vocabularies of 2^31 - 1024 entries or more are not supported on CUDA");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_forward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cce_forward_cuda(
     const at::Tensor& e, const at::Tensor& c, const at::Tensor& targets,
-    const std::optional<at::Tensor>& bias, double softcap, int64_t ignore_index) {
+    const std::optional<at::Tensor>& bias, double softcap, int64_t ignore_index,
+    bool record_tile_max) {
   check_cuda_inputs(e, c, targets, bias);
   TORCH_CHECK_VALUE(softcap >= 0, "cce: softcap must be >= 0 (0 = off), got ", softcap);
   const c10::cuda::CUDAGuard guard(e.device());
@@ -77,7 +78,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_forward_cuda(
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const auto f32 = e.options().dtype(at::kFloat);
   auto lse = at::empty({N}, f32), target_logit = at::empty({N}, f32), logit_sum = at::empty({N}, f32);
-  if (N == 0) return {lse, target_logit, logit_sum};
+  auto tile_max = at::empty({record_tile_max ? N : 0, record_tile_max ? tile_max_cols(V) : 0}, f32);
+  if (N == 0) return {lse, target_logit, logit_sum, tile_max};
   const int splits = cce_cuda::forward_splits(N, V, dt, num_sms(e.get_device()));
   auto partials = at::empty({2, splits, N}, f32);
   cce_cuda::ForwardArgs args{dt, e_k.const_data_ptr(), c_k.const_data_ptr(),
@@ -86,9 +88,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_forward_cuda(
                              static_cast<float>(softcap), ignore_index, splits,
                              partials.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>(),
                              target_logit.mutable_data_ptr<float>(),
-                             logit_sum.mutable_data_ptr<float>()};
+                             logit_sum.mutable_data_ptr<float>(),
+                             record_tile_max ? tile_max.mutable_data_ptr<float>() : nullptr};
   FUSEDLM_CUDA_CHECK(cce_cuda::forward(args, c10::cuda::getCurrentCUDAStream()));
-  return {lse, target_logit, logit_sum};
+  return {lse, target_logit, logit_sum, tile_max};
 }
 
 int64_t workspace_budget_bytes() {
@@ -101,7 +104,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cuda(
     const at::Tensor& e, const at::Tensor& c, const at::Tensor& targets,
     const std::optional<at::Tensor>& bias, const at::Tensor& lse, const at::Tensor& grad_lse,
     const at::Tensor& grad_target, const at::Tensor& grad_sum, double softcap, double filter_eps,
-    bool accum_fp32) {
+    bool accum_fp32, const std::optional<at::Tensor>& tile_max,
+    const std::optional<at::Tensor>& target_logit) {
   (void)accum_fp32;  // dE always accumulates in float32 on the GPU, dC in float32 registers
   check_cuda_inputs(e, c, targets, bias);
   const int64_t N = e.size(0), D = e.size(1), V = c.size(0);
@@ -109,6 +113,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cuda(
                                 {&grad_target, "grad_target"}, {&grad_sum, "grad_sum"}}) {
     check_per_row(*t, name, N, e);
   }
+  check_tile_max_hint(tile_max, target_logit, N, V, e);
+  const bool hint = tile_max.has_value() && filter_eps >= 0;
   const c10::cuda::CUDAGuard guard(e.device());
   const DType dt = kernel_dtype(e, "cce_backward");
   const int64_t d_pad = padded_d(D, dt);
@@ -132,6 +138,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cuda(
     auto workspace = at::empty({row_tiles * cce_cuda::kTileRows, chunk}, c.options());
     auto mask = at::empty({row_tiles, chunk / cce_cuda::kTileVocab}, e.options().dtype(at::kByte));
     auto bias_partials = bias.has_value() ? at::empty({row_tiles, chunk}, f32) : at::Tensor();
+    const auto bytes = e.options().dtype(at::kByte);
+    const bool filtered = filter_eps >= 0;
+    auto target_mask = filtered ? at::empty({row_tiles, (V + cce_cuda::kTileVocab - 1) / cce_cuda::kTileVocab}, bytes)
+                                : at::Tensor();
+    const at::Tensor tile_max_f = hint ? as_f32(*tile_max) : at::Tensor();
+    const at::Tensor target_logit_f = hint ? as_f32(*target_logit) : at::Tensor();
+    auto keep_hint = hint ? at::empty({row_tiles, tile_max_cols(V)}, bytes) : at::Tensor();
     cce_cuda::BackwardArgs args{
         dt, e_k.const_data_ptr(), c_k.const_data_ptr(), b.defined() ? b.const_data_ptr() : nullptr,
         y.const_data_ptr<int64_t>(), lse_f.const_data_ptr<float>(), ga.const_data_ptr<float>(),
@@ -140,7 +153,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cuda(
         workspace.mutable_data_ptr(), mask.mutable_data_ptr<uint8_t>(),
         bias.has_value() ? bias_partials.mutable_data_ptr<float>() : nullptr,
         bias.has_value() ? grad_bias.mutable_data_ptr<float>() : nullptr,
-        grad_e_acc.mutable_data_ptr<float>(), grad_c.mutable_data_ptr()};
+        grad_e_acc.mutable_data_ptr<float>(), grad_c.mutable_data_ptr(),
+        filtered ? target_mask.mutable_data_ptr<uint8_t>() : nullptr,
+        hint ? target_logit_f.const_data_ptr<float>() : nullptr,
+        hint ? tile_max_f.const_data_ptr<float>() : nullptr,
+        hint ? keep_hint.mutable_data_ptr<uint8_t>() : nullptr};
     FUSEDLM_CUDA_CHECK(cce_cuda::backward(args, c10::cuda::getCurrentCUDAStream()));
   }
   at::Tensor grad_e = grad_e_acc.narrow(1, 0, D).to(e.scalar_type()).contiguous();

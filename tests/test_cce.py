@@ -152,11 +152,50 @@ def test_opcheck(case):
     e, c, y, b = make_inputs(n=9, d=8, v=13, bias=case % 2 == 0, dtype=[torch.float32, torch.float64][case % 2])
     e, c = e.detach(), c.detach()
     b = b.detach() if b is not None else None
-    lse, tl, zs = torch.ops.fusedlm.cce_forward(e, c, y, b, float(case), -100)
-    opcheck(torch.ops.fusedlm.cce_forward.default, (e, c, y, b, float(case), -100))
+    record = case >= 2
+    lse, tl, zs, tile_max = torch.ops.fusedlm.cce_forward(e, c, y, b, float(case), -100, record)
+    assert tile_max.shape == ((9, 1) if record else (0, 0))
+    opcheck(torch.ops.fusedlm.cce_forward.default, (e, c, y, b, float(case), -100, record))
     ga, gt, gs = torch.randn_like(lse), torch.randn_like(tl), torch.randn_like(zs)
+    hint = (tile_max, tl) if record else (None, None)
     opcheck(torch.ops.fusedlm.cce_backward.default,
-            (e, c, y, b, lse, ga, gt, gs, float(case), [-1.0, 1e-3][case % 2], False))
+            (e, c, y, b, lse, ga, gt, gs, float(case), [-1.0, 1e-3][case % 2], False, *hint))
+
+
+@pytest.mark.parametrize("softcap", [0.0, 3.0])
+def test_recorded_tile_max_is_each_rows_largest_logit_per_tile(softcap):
+    e, c, y, b = make_inputs(n=7, d=16, v=600, bias=True, dtype=torch.float64)
+    e, c, b = e.detach(), c.detach(), b.detach()
+    *_, tile_max = torch.ops.fusedlm.cce_forward(e, c, y, b, softcap, -100, True)
+    logits = e @ c.T + b
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    width = fusedlm._ops.TILE_MAX_WIDTH
+    padded = torch.full((7, 3 * width), -torch.inf, dtype=logits.dtype)
+    padded[:, :600] = logits
+    torch.testing.assert_close(tile_max, padded.view(7, 3, width).amax(-1))
+
+
+def test_filter_drops_a_target_entry_only_when_its_gradient_is_that_small():
+    """filter_eps skips softmax entries below it and the target entry when
+    |grad_lse * p + grad_target| < filter_eps * |grad_lse| (a confidently right token)."""
+    n, d, v, eps = 6, 8, 40, 1e-3
+    e, c, y, _ = make_inputs(n=n, d=d, v=v, dtype=torch.float64, ignore_frac=0.0)
+    e, c = e.detach().clone(), c.detach()
+    e[:3] = 40.0 * c[y[:3]]  # rows 0-2: the target's softmax is 1 to within 1e-9
+    lse, tl, zs, _ = torch.ops.fusedlm.cce_forward(e, c, y, None, 0.0, -100)
+    g_l = torch.rand(n, dtype=torch.float64) + 0.5
+    g_t = -g_l  # cross-entropy's gradient at the target: g * (p - 1)
+    grad_e, grad_c, _ = torch.ops.fusedlm.cce_backward(
+        e, c, y, None, lse, g_l, g_t, torch.zeros(n, dtype=torch.float64), 0.0, eps, False)
+    p = torch.softmax(e @ c.T, dim=-1)
+    onehot = torch.nn.functional.one_hot(y, v).bool()
+    g = g_l[:, None] * p + g_t[:, None] * onehot
+    kept = torch.where(onehot, g.abs() >= eps * g_l[:, None].abs(), p >= eps)
+    assert not kept[:3].any() and kept[3:][onehot[3:]].all()  # the test covers both cases
+    g = torch.where(kept, g, 0.0)
+    torch.testing.assert_close(grad_e, g @ c)
+    torch.testing.assert_close(grad_c, g.T @ e)
 
 
 def test_torch_compile_fullgraph():

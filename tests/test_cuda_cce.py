@@ -154,6 +154,61 @@ def test_filtered_loss_identical_and_gradient_error_small(dtype, mainloop):
         assert rel_err(a, b) < 1e-2
 
 
+@pytest.mark.parametrize("softcap", [0.0, 30.0])
+def test_recorded_tile_max_bounds_each_rows_logits_per_tile(softcap, mainloop):
+    """The forward's tile maxima: exact (to float32 rounding) on the Hopper path, a huge
+    bound (nothing skipped early) where the main loop cannot record them."""
+    e, c, y, b = make(300, 200, 1500, torch.bfloat16, bias=True)
+    e, c, b = e.detach(), c.detach(), b.detach()
+    *_, tile_max = torch.ops.fusedlm.cce_forward(e, c, y, b, softcap, -100, True)
+    logits = e.float() @ c.float().T + b.float()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    width = fusedlm._ops.TILE_MAX_WIDTH
+    cols = (1500 + width - 1) // width
+    padded = torch.full((300, cols * width), -torch.inf, device=DEV)
+    padded[:, :1500] = logits
+    want = padded.view(300, cols, width).amax(-1)
+    assert tile_max.shape == want.shape and torch.isfinite(tile_max).all()
+    if (tile_max > 1e38).all():
+        assert mainloop == "mma_sync" or torch.cuda.get_device_capability()[0] != 9
+    else:
+        torch.testing.assert_close(tile_max, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("regime", ["random", "peaked"])
+@pytest.mark.parametrize("opts", [dict(), dict(bias=True, softcap=30.0), dict(workspace_mb="1")],
+                         ids=["plain", "bias+softcap", "many-chunks"])
+def test_tile_skipping_hint_changes_no_gradient(regime, opts, mainloop, monkeypatch):
+    """With the forward's tile maxima the backward never recomputes tiles that hold nothing
+    above the filter; the gradients must be bit-identical to recomputing every tile (the
+    same hint with an infinite bound) and close to exact ones."""
+    opts = dict(opts)
+    if "workspace_mb" in opts:  # odd 128-wide chunk boundaries against 256-wide hint tiles
+        monkeypatch.setenv("FUSEDLM_CCE_WORKSPACE_MB", opts.pop("workspace_mb"))
+    softcap = opts.pop("softcap", 0.0)
+    e, c, y, b = make(1100, 256, 9000, torch.bfloat16, peaked=regime == "peaked", **opts)
+    e, c, b = e.detach(), c.detach(), None if b is None else b.detach()
+    lse, tl, _, tile_max = torch.ops.fusedlm.cce_forward(e, c, y, b, softcap, -100, True)
+    g_l = torch.rand_like(lse) * (y != -100)
+    g_t, g_s = -g_l, torch.zeros_like(lse)
+    eps = 2.0**-12
+
+    def backward(filter_eps, *hint):
+        poison_allocator()
+        return torch.ops.fusedlm.cce_backward(e, c, y, b, lse, g_l, g_t, g_s, softcap, filter_eps,
+                                              False, *hint)
+
+    hinted = backward(eps, tile_max, tl)
+    unhinted = backward(eps, torch.full_like(tile_max, torch.inf), tl)
+    exact = backward(-1.0)
+    for got, full, want in zip(hinted, unhinted, exact):
+        if want.numel() == 0:
+            continue
+        assert torch.equal(got, full)
+        assert rel_err(got, want) < 1e-2
+
+
 def test_deterministic_backward(mainloop):
     e, c, y, b = make(777, 128, 5003, torch.bfloat16, bias=True)
     outs = []

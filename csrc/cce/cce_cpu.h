@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <limits>
 
+#include "tile_max.h"
+
 namespace fusedlm {
 namespace cce_cpu {
 
@@ -39,7 +41,7 @@ inline T logit(const T* e_row, const T* c, const T* bias, int64_t v, int64_t D, 
 template <typename T>
 void forward_rows(const T* e, const T* c, const T* bias, const int64_t* targets, int64_t D,
                   int64_t V, T softcap, int64_t ignore_index, int64_t row_begin, int64_t row_end,
-                  T* lse, T* target_logit, T* logit_sum) {
+                  T* lse, T* target_logit, T* logit_sum, T* tile_max = nullptr) {
   for (int64_t i = row_begin; i < row_end; ++i) {
     const T* e_row = e + i * D;
     T running_max = -std::numeric_limits<T>::infinity();
@@ -47,6 +49,10 @@ void forward_rows(const T* e, const T* c, const T* bias, const int64_t* targets,
     T total = 0;
     for (int64_t v = 0; v < V; ++v) {
       const T z = logit(e_row, c, bias, v, D, softcap);
+      if (tile_max != nullptr) {  // [N, tile_max_cols(V)]: each row's largest logit per tile
+        T& m = tile_max[i * tile_max_cols(V) + v / kTileMaxWidth];
+        m = (v % kTileMaxWidth == 0 || z > m) ? z : m;
+      }
       total += z;
       if (z > running_max) {
         running_sum = running_sum * std::exp(running_max - z) + T(1);
@@ -62,14 +68,26 @@ void forward_rows(const T* e, const T* c, const T* bias, const int64_t* targets,
   }
 }
 
+// Whether gradient filtering drops a row's target entry: when its gradient grad_lse * p +
+// grad_target (before the softcap factor) is below filter_eps * |grad_lse|, the bound the
+// filter puts on every other entry. For cross-entropy: |p - 1| < filter_eps.
+template <typename T>
+inline bool target_negligible(T grad_lse_i, T grad_target_i, T p, T filter_eps) {
+  return std::abs(grad_lse_i * p + grad_target_i) < filter_eps * std::abs(grad_lse_i) ||
+         (grad_lse_i == T(0) && grad_target_i == T(0));
+}
+
 // d loss / d z[i, v] = grad_lse[i] * softmax[i, v] + grad_target[i] * [v == y_i] + grad_sum[i],
-// times the softcap derivative. With filter_eps >= 0, entries whose softmax is below
-// filter_eps (and that are not the target) are skipped, as in CCE's gradient filtering.
+// times the softcap derivative. With filter_eps >= 0 (CCE's gradient filtering), entries
+// whose softmax is below filter_eps are skipped, and the target entry when its gradient is
+// that small (target_negligible). NaNs are never skipped.
 template <typename T>
 inline T logit_grad(T z, T lse_i, T grad_lse_i, T grad_target_i, T grad_sum_i, bool is_target,
                     T softcap, T filter_eps) {
   const T p = std::exp(z - lse_i);
-  if (filter_eps >= 0 && p < filter_eps && !is_target) return T(0);
+  if (filter_eps >= 0 && (is_target ? target_negligible(grad_lse_i, grad_target_i, p, filter_eps)
+                                    : p < filter_eps))
+    return T(0);
   T g = grad_lse_i * p + grad_sum_i;
   if (is_target) g += grad_target_i;
   if (softcap > 0) {

@@ -200,6 +200,12 @@ __device__ __forceinline__ void run_mainloop(Acc& acc, char* smem, const wg::Tma
   }
 }
 
+// Whether a forward main loop can record ForwardArgs::tile_max itself: its tiles must be
+// kTileMaxWidth wide with each row's columns in one quad of lanes. (Otherwise the host fills
+// tile_max with a huge bound: nothing is skipped early.)
+template <typename Mainloop>
+constexpr bool kRecordsTileMax = Mainloop::kColGroups == 1 && Mainloop::kBlockN == kTileMaxWidth;
+
 // kSoftcap is a template parameter (not a runtime branch per accumulator entry) to keep the
 // fully unrolled epilogues small: instruction-cache misses dominate otherwise.
 template <typename T, typename Mainloop, bool kSoftcap>
@@ -247,6 +253,7 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
     const int V = static_cast<int>(a.V);
     TileBias<Mainloop, T> tile_bias{bias, Mainloop::bias_scratch(smem), v0, V};
     tile_bias.stage();
+    float thread_tile_max[MT][2];  // base 2, over this thread's columns of the row
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -269,6 +276,7 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
             tile_max = fmaxf(tile_max, acc[mt][nt][r]);
           }
         }
+        thread_tile_max[mt][h] = tile_max;
         if (tile_max == -INFINITY) continue;
         const float new_max = fmaxf(run_max[mt][h], tile_max);
         float s = run_sum[mt][h] * exp2f(run_max[mt][h] - new_max);
@@ -278,6 +286,18 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
           for (int q = 0; q < 2; ++q) s += exp2f(acc[mt][nt][2 * h + q] - new_max);
         run_sum[mt][h] = s;
         run_max[mt][h] = new_max;
+      }
+    }
+    if constexpr (kRecordsTileMax<Mainloop>) {
+      // After the loops (the accumulator is dead): only two more registers live in them.
+      if (a.tile_max != nullptr) {  // only when a backward will follow (uniform branch)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {  // a quad of lanes holds a row's columns
+          float m = fmaxf(thread_tile_max[0][h], __shfl_xor_sync(0xffffffffu, thread_tile_max[0][h], 1));
+          m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+          const int64_t row = row0 + Mainloop::row(0, 2 * h);
+          if (lane % 4 == 0 && row < a.N) a.tile_max[row * tile_max_cols(a.V) + v0 / BN] = m * kLn2;
+        }
       }
     }
   };
@@ -361,6 +381,84 @@ struct ChunkInfo {
   int tiles_per_cta;   // output tiles per gradient-tile CTA (consecutive, same rows)
 };
 
+// Whether the filter keeps a row's target entry: its gradient g_l * p + g_t (before the
+// softcap factor) against filter_eps * |g_l|, the bound the filter puts on the other entries
+// (g_l * p with p < filter_eps). For cross-entropy, |p - 1| >= filter_eps: a confidently
+// right token contributes nothing above the filter.
+__device__ __forceinline__ bool target_significant(float g_l, float g_t, float p, float filter_eps) {
+  return fabsf(fmaf(g_l, p, g_t)) >= filter_eps * fabsf(g_l) && (g_l != 0.f || g_t != 0.f);
+}
+
+// 128-wide vocabulary tiles (kN) in a row of the vocabulary.
+__host__ __device__ inline int64_t tile_cols(int64_t V) { return (V + kN - 1) / kN; }
+
+// Marks in target_mask [row tiles, tile_cols(V)] (zeroed before) the 128-wide tiles holding
+// a target entry that the filter keeps: by its gradient, judged from the forward's target
+// logit (the same value the tiles recompute); without that logit, every target with a
+// gradient. The gradient-tile kernel ORs this into its per-tile decision.
+__global__ void target_mask_kernel(BackwardArgs a) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (row >= a.N) return;
+  const float g_l = a.grad_lse[row], g_t = a.grad_target[row], g_s = a.grad_sum[row];
+  const int64_t y = a.targets[row];
+  if (y < 0 || y >= a.V || (g_l == 0.f && g_t == 0.f && g_s == 0.f)) return;
+  if (a.target_logit != nullptr &&
+      !target_significant(g_l, g_t, expf(a.target_logit[row] - a.lse[row]), a.filter_eps))
+    return;
+  a.target_mask[(row / kM) * tile_cols(a.V) + y / kN] = 1;  // racing writes of the same value
+}
+
+// Marks the (row tile, kTileMaxWidth-wide vocabulary tile) pairs that may hold an entry the
+// filter keeps: a kept target (target_mask) or a softmax entry >= filter_eps, bounded with
+// the forward's per-row tile maxima by exp(tile_max - lse). The bound is loosened by 1%
+// (0.01 in log units; the forward and the recomputation run the same main loop, so their
+// logits differ by a few float32 roundings at most) so that the hint never drops a tile the
+// exact per-entry test in grad_tile_kernel keeps: with or without the hint, the kept tiles
+// and the gradients are the same. (A factor e kept ~99% of the tiles of random logits at
+// the Gemma shape against ~6% that hold an entry above the filter.) One CTA of kM threads
+// per row tile and kM vocabulary tiles.
+__global__ void __launch_bounds__(kM) keep_hint_kernel(BackwardArgs a) {
+  __shared__ float threshold[kM];  // per row: a tile may matter if its max logit reaches this
+  const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kM;
+  {
+    const int64_t row = row0 + threadIdx.x;
+    float thr = INFINITY;
+    if (row < a.N) {
+      const float g_l = a.grad_lse[row], g_t = a.grad_target[row], g_s = a.grad_sum[row];
+      if (g_l != 0.f || g_t != 0.f || g_s != 0.f)  // else the row has no gradient at all
+        thr = a.lse[row] + logf(a.filter_eps) - 0.01f;  // filter_eps == 0: -inf, all kept
+    }
+    threshold[threadIdx.x] = thr;
+  }
+  __syncthreads();
+  const int64_t W = tile_max_cols(a.V);
+  const int64_t w = static_cast<int64_t>(blockIdx.x) * kM + threadIdx.x;
+  if (w >= W) return;
+  constexpr int kPer = kTileMaxWidth / kN;  // 128-wide tiles per hint tile
+  const uint8_t* targets_here = a.target_mask + blockIdx.y * tile_cols(a.V) + w * kPer;
+  bool keep = false;
+  for (int j = 0; j < kPer && w * kPer + j < tile_cols(a.V); ++j) keep |= targets_here[j] != 0;
+  const int rows = static_cast<int>(a.N - row0 < kM ? a.N - row0 : kM);
+  for (int i = 0; i < rows; ++i)  // coalesced: neighbouring threads read neighbouring tiles
+    keep |= a.tile_max[(row0 + i) * W + w] >= threshold[i];
+  a.keep_hint[static_cast<int64_t>(blockIdx.y) * W + w] = keep;
+}
+
+// Whether the hint lets vocabulary entries [v_begin, v_end) of a row tile hold a kept entry.
+__device__ __forceinline__ bool hint_keeps(const BackwardArgs& a, int64_t row_tile, int64_t v_begin,
+                                           int64_t v_end) {
+  const int64_t W = tile_max_cols(a.V);
+  for (int64_t f = v_begin / kTileMaxWidth; f <= (v_end - 1) / kTileMaxWidth; ++f)
+    if (a.keep_hint[row_tile * W + f]) return true;
+  return false;
+}
+
+// Position of the n-th (from 0) set bit of mask.
+__device__ __forceinline__ int nth_set_bit(unsigned mask, int n) {
+  for (int i = 0; i < n; ++i) mask &= mask - 1;  // clear the lowest set bit
+  return __ffs(mask) - 1;
+}
+
 template <typename T, typename Mainloop, bool kSoftcap>
 __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPerSm)
     grad_tile_kernel(BackwardArgs a, ChunkInfo ck, const __grid_constant__ wg::TmaMaps maps) {
@@ -379,7 +477,23 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
   const int64_t row0 = row_tile * kM;
   const int first = static_cast<int>(col_group) * ck.tiles_per_cta;  // in output tiles
   const int jt0 = first * kHalves;                                   // in 128-wide tiles
-  const int n_tiles = min(ck.tiles_per_cta, wide_tiles - first);
+  const int n_range = min(ck.tiles_per_cta, wide_tiles - first);     // <= 8
+  // The tiles of the range to recompute (bit t: output tile t). With the forward's hint, the
+  // others cannot hold an entry the filter keeps: they are marked skipped without the GEMM.
+  unsigned todo = (1u << n_range) - 1;
+  if (a.keep_hint != nullptr) {
+    for (int t = 0; t < n_range; ++t) {
+      const int jt = jt0 + t * kHalves;
+      const int64_t v_begin = ck.v0 + static_cast<int64_t>(jt) * kN;
+      if (hint_keeps(a, row_tile, v_begin, min(v_begin + BN, a.V))) continue;
+      todo &= ~(1u << t);
+      for (int hf = 0; hf < kHalves; ++hf)
+        if (threadIdx.x == 0 && jt + hf < ck.chunk_tiles)
+          a.tile_mask[static_cast<int64_t>(row_tile) * ck.chunk_tiles + jt + hf] = 0;
+    }
+  }
+  const int n_tiles = __popc(todo);
+  if (n_tiles == 0) return;  // (the whole CTA)
   const int k_steps = static_cast<int>((a.D + KS - 1) / KS);
   const int lane = threadIdx.x % 32;
 
@@ -403,13 +517,16 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
 
   float acc[MT][NT][4];
   auto coords = [&](int step, int64_t& b_row0, int64_t& k0) {
-    b_row0 = ck.v0 + static_cast<int64_t>(jt0 + (step / k_steps) * kHalves) * kN;
+    b_row0 = ck.v0 + static_cast<int64_t>(jt0 + nth_set_bit(todo, step / k_steps) * kHalves) * kN;
     k0 = static_cast<int64_t>(step % k_steps) * KS;
   };
+  unsigned pending = todo;  // the consumers' tiles still to come
   // Runs on the consumer threads once tile t's accumulator is complete. (With TMA it runs
   // inside the main loop so that the accumulator is never live in the producer warpgroup.)
   auto epilogue = [&](int t, float(&acc)[MT][NT][4]) {
-    const int jt = jt0 + t * kHalves;  // first 128-wide tile of this output tile
+    (void)t;  // tiles come in order: the lowest bit of `pending` left is this one
+    const int jt = jt0 + (__ffs(pending) - 1) * kHalves;  // its first 128-wide tile
+    pending &= pending - 1;
     const int v0 = static_cast<int>(ck.v0) + jt * kN;  // V < 2^31 (host check)
     const int V = static_cast<int>(a.V);
     TileBias<Mainloop, T> tile_bias{bias, Mainloop::bias_scratch(smem), v0, V};
@@ -438,11 +555,18 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
               const float t = z * inv_cap;
               g *= 1.f - t * t;
             }
-            keep[nt / kNtPerHalf] |= live && (a.filter_eps < 0.f || p >= a.filter_eps || is_target);
+            // The target entry is judged below, by its gradient rather than its softmax.
+            keep[nt / kNtPerHalf] |= live && (a.filter_eps < 0.f || (p >= a.filter_eps && !is_target));
             acc[mt][nt][r] = live ? g : 0.f;
           }
         }
       }
+    }
+    if (a.target_mask != nullptr && Mainloop::consumer_index() == 0) {
+#pragma unroll
+      for (int hf = 0; hf < kHalves; ++hf)  // halves holding a target entry the filter keeps
+        keep[hf] |= jt + hf < ck.chunk_tiles &&
+                    a.target_mask[row_tile * tile_cols(a.V) + v0 / kN + hf] != 0;
     }
     bool any_kept = false;
 #pragma unroll
@@ -773,6 +897,11 @@ cudaError_t launch_forward(const ForwardArgs& a, cudaStream_t stream) {
   FUSEDLM_RETURN_IF_ERROR(make_maps<Mainloop>(&maps, a.dtype, a.e, a.N, a.c, a.V, a.D));
   auto kernel = a.softcap > 0.f ? forward_kernel<T, Mainloop, true> : forward_kernel<T, Mainloop, false>;
   FUSEDLM_RETURN_IF_ERROR(allow_smem(kernel, smem));
+  if (a.tile_max != nullptr && !kRecordsTileMax<Mainloop>) {
+    // Bytes 0x7f make every float 3.39e38: a bound that never lets a tile be skipped early.
+    FUSEDLM_RETURN_IF_ERROR(cudaMemsetAsync(
+        a.tile_max, 0x7f, sizeof(float) * static_cast<size_t>(a.N * tile_max_cols(a.V)), stream));
+  }
   kernel<<<static_cast<unsigned>(row_tiles * a.splits), Mainloop::kThreadsPerCta, smem, stream>>>(
       a, tiles_per_split, maps);
   FUSEDLM_RETURN_IF_ERROR(cudaGetLastError());
@@ -813,7 +942,11 @@ int tiles_per_cta(int row_tiles, int out_tiles, int sms) {
 // Runs the backward for one vocabulary chunk after another. Mainloop recomputes the logit
 // tiles; kWgmmaGemms selects the Hopper dE / dC kernels (else the mma.sync ones).
 template <typename T, typename Mainloop, bool kWgmmaGemms>
-cudaError_t backward_typed(const BackwardArgs& a, cudaStream_t stream) {
+cudaError_t backward_typed(const BackwardArgs& args, cudaStream_t stream) {
+  BackwardArgs a = args;
+  const bool hint = a.filter_eps >= 0.f && a.tile_max != nullptr && a.keep_hint != nullptr &&
+                    a.target_mask != nullptr;
+  if (!hint) a.keep_hint = nullptr;
   using GemmE = HopperGradE<T>;
   using GemmC = HopperGradC<T>;
   const int row_tiles = static_cast<int>((a.N + kM - 1) / kM);
@@ -843,6 +976,19 @@ cudaError_t backward_typed(const BackwardArgs& a, cudaStream_t stream) {
   } else {
     FUSEDLM_RETURN_IF_ERROR(allow_smem(grad_e_kernel<T>, smem_e));
     FUSEDLM_RETURN_IF_ERROR(allow_smem(grad_c_kernel<T>, smem_c));
+  }
+  if (a.target_mask != nullptr && a.filter_eps >= 0.f) {
+    FUSEDLM_RETURN_IF_ERROR(cudaMemsetAsync(
+        a.target_mask, 0, static_cast<size_t>(row_tiles) * tile_cols(a.V), stream));
+    target_mask_kernel<<<static_cast<unsigned>((a.N + 255) / 256), 256, 0, stream>>>(a);
+    FUSEDLM_RETURN_IF_ERROR(cudaGetLastError());
+  } else {
+    a.target_mask = nullptr;
+  }
+  if (hint) {
+    const unsigned blocks_w = static_cast<unsigned>((tile_max_cols(a.V) + kM - 1) / kM);
+    keep_hint_kernel<<<dim3(blocks_w, static_cast<unsigned>(row_tiles)), kM, 0, stream>>>(a);
+    FUSEDLM_RETURN_IF_ERROR(cudaGetLastError());
   }
   for (int64_t v0 = 0; v0 < a.V; v0 += a.vocab_chunk) {
     const int64_t chunk_len = std::min(a.vocab_chunk, a.V - v0);

@@ -5,6 +5,9 @@ from torch import Tensor
 
 ops = torch.ops.fusedlm
 
+# csrc/cce/tile_max.h: kTileMaxWidth (a test checks that the op's output agrees).
+TILE_MAX_WIDTH = 256
+
 
 def _stat_dtype(e: Tensor) -> torch.dtype:
     # Per-token statistics are float32 (float64 when the inputs are float64).
@@ -12,18 +15,21 @@ def _stat_dtype(e: Tensor) -> torch.dtype:
 
 
 @torch.library.register_fake("fusedlm::cce_forward")
-def _cce_forward_fake(e, c, targets, bias, softcap, ignore_index):
+def _cce_forward_fake(e, c, targets, bias, softcap, ignore_index, record_tile_max=False):
     torch._check(e.dim() == 2 and c.dim() == 2 and targets.dim() == 1)
     torch._check(e.shape[1] == c.shape[1])
     torch._check(targets.shape[0] == e.shape[0])
     n = e.shape[0]
     dt = _stat_dtype(e)
-    return e.new_empty(n, dtype=dt), e.new_empty(n, dtype=dt), e.new_empty(n, dtype=dt)
+    # Per row, the largest logit of each TILE_MAX_WIDTH-wide vocabulary tile (on request).
+    cols = (c.shape[0] + TILE_MAX_WIDTH - 1) // TILE_MAX_WIDTH
+    tile_max = e.new_empty((n, cols) if record_tile_max else (0, 0), dtype=dt)
+    return e.new_empty(n, dtype=dt), e.new_empty(n, dtype=dt), e.new_empty(n, dtype=dt), tile_max
 
 
 @torch.library.register_fake("fusedlm::cce_backward")
 def _cce_backward_fake(e, c, targets, bias, lse, grad_lse, grad_target, grad_sum, softcap,
-                       filter_eps, accum_fp32):
+                       filter_eps, accum_fp32, tile_max=None, target_logit=None):
     torch._check(e.shape[1] == c.shape[1])
     grad_bias = (bias.new_empty(bias.shape) if bias is not None
                  else c.new_empty(0))

@@ -43,34 +43,48 @@ def resolve_filter_eps(filter_eps: Union[str, float, None], dtype: torch.dtype) 
     return filter_eps
 
 
+def _kernel_filter(filter_eps: float, softcap: float, uses_logit_sum: bool):
+    """(filter_eps the backward kernels apply, whether the uniform grad_sum term is added
+    outside them)."""
+    if filter_eps >= 0 and uses_logit_sum:
+        if softcap == 0.0:
+            # The grad_sum term touches every logit; the filter would drop it on skipped
+            # tiles. Without a softcap it separates exactly, so it is added outside.
+            return filter_eps, True
+        return -1.0, False  # softcap + label smoothing: no filtering (exact)
+    return filter_eps, False
+
+
 class _CCEStatistics(torch.autograd.Function):
     """(lse, target_logit, logit_sum) per token, differentiable w.r.t. e, c and bias."""
 
     @staticmethod
     def forward(ctx, e, c, targets, bias, softcap, ignore_index, filter_eps, accum_fp32,
                 uses_logit_sum):
-        lse, target_logit, logit_sum = ops.cce_forward(e, c, targets, bias, softcap, ignore_index)
-        ctx.save_for_backward(e, c, targets, bias, lse)
+        kernel_eps, _ = _kernel_filter(filter_eps, softcap, uses_logit_sum)
+        # With a filter, the CUDA forward also records each row's largest logit per vocabulary
+        # tile, so the backward never recomputes tiles that hold nothing above the filter
+        # (N x V/256 floats, kept until the backward).
+        wants_grad = any(ctx.needs_input_grad[i] for i in (0, 1, 3))
+        record = e.is_cuda and kernel_eps >= 0 and wants_grad
+        lse, target_logit, logit_sum, tile_max = ops.cce_forward(
+            e, c, targets, bias, softcap, ignore_index, record)
+        hint = (tile_max, target_logit) if record else (None, None)
+        ctx.save_for_backward(e, c, targets, bias, lse, *hint)
         ctx.options = (softcap, filter_eps, accum_fp32, uses_logit_sum)
         ctx.mark_non_differentiable(targets)
         return lse, target_logit, logit_sum
 
     @staticmethod
     def backward(ctx, grad_lse, grad_target, grad_sum):
-        e, c, targets, bias, lse = ctx.saved_tensors
+        e, c, targets, bias, lse, tile_max, target_logit = ctx.saved_tensors
         softcap, filter_eps, accum_fp32, uses_logit_sum = ctx.options
-        uniform_outside = False
-        if filter_eps >= 0 and uses_logit_sum:
-            if softcap == 0.0:
-                # The grad_sum term touches every logit; the filter would drop it on skipped
-                # tiles. Without a softcap it separates exactly, so add it here instead.
-                uniform_outside = True
-            else:
-                filter_eps = -1.0  # softcap + label smoothing: no filtering (exact)
+        filter_eps, uniform_outside = _kernel_filter(filter_eps, softcap, uses_logit_sum)
         kernel_grad_sum = torch.zeros_like(grad_sum) if uniform_outside else grad_sum
         grad_e, grad_c, grad_bias = ops.cce_backward(
             e, c, targets, bias, lse, grad_lse.to(lse.dtype), grad_target.to(lse.dtype),
-            kernel_grad_sum.to(lse.dtype), softcap, filter_eps, accum_fp32)
+            kernel_grad_sum.to(lse.dtype), softcap, filter_eps, accum_fp32, tile_max,
+            target_logit)
         if uniform_outside:
             g = grad_sum.to(lse.dtype)
             acc = torch.float64 if lse.dtype == torch.float64 else torch.float32
@@ -183,10 +197,15 @@ def linear_cross_entropy(
         shift: position ``t`` predicts ``targets[..., t+1]`` (causal LM labels); the last
             position of every sequence is ignored. Only the targets are shifted: no copy of e.
         filter_eps: backward gradient filter. Logit tiles whose softmax entries are all below
-            it (and that hold no target) are skipped. ``"auto"`` = ``finfo(dtype).eps / 32``
-            (2^-12 bf16, 2^-15 fp16), ``None`` = exact gradients. The loss is never filtered.
-            The CPU kernel filters per element, the CUDA kernel per tile. With label smoothing
-            and a softcap together filtering is turned off (the smoothing term is dense).
+            it are skipped; a tile holding a token's target is skipped only if that entry's
+            gradient is as small (for cross-entropy: ``|p_target - 1| < filter_eps``, a
+            confidently right token). ``"auto"`` = ``finfo(dtype).eps / 32`` (2^-12 bf16,
+            2^-15 fp16), ``None`` = exact gradients. The loss is never filtered. The CPU
+            kernel filters per element, the CUDA kernel per tile; on the GPU the forward
+            also records each row's largest logit per 256-wide vocabulary tile (``N *
+            V / 256`` floats until the backward) so that skipped tiles are not even
+            recomputed. With label smoothing and a softcap together filtering is turned off
+            (the smoothing term is dense).
         accum_fp32: CUDA only: accumulate ``dE`` across vocabulary chunks in float32
             (``dC`` always accumulates in float32 registers). The CPU accumulates in float32
             (float64 for float64 inputs) always.
