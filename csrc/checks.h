@@ -77,7 +77,7 @@ inline at::Tensor optional_per_row(const std::optional<at::Tensor>& t, const cha
 }
 
 inline void check_sample_inputs(const at::Tensor& logits, const at::Tensor& temperature,
-                                const at::Tensor& seed, const at::Tensor& offset) {
+                                const at::Tensor& seed, const std::optional<at::Tensor>& offset) {
   TORCH_CHECK_VALUE(logits.dim() == 2, "sample: logits must be 2-D [B, V], got shape ",
                     logits.sizes());
   TORCH_CHECK_VALUE(logits.size(1) > 0, "sample: logits must have V >= 1 columns");
@@ -89,9 +89,13 @@ inline void check_sample_inputs(const at::Tensor& logits, const at::Tensor& temp
   TORCH_CHECK_VALUE(temperature.scalar_type() == at::kFloat,
                     "sample: temperature must be float32, got ", temperature.scalar_type());
   check_per_row(seed, "sample: seed", B, logits);
-  check_per_row(offset, "sample: offset", B, logits);
-  TORCH_CHECK_VALUE(seed.scalar_type() == at::kLong && offset.scalar_type() == at::kLong,
-                    "sample: seed and offset must be int64");
+  TORCH_CHECK_VALUE(seed.scalar_type() == at::kLong, "sample: seed must be int64, got ",
+                    seed.scalar_type());
+  if (offset.has_value()) {
+    check_per_row(*offset, "sample: offset", B, logits);
+    TORCH_CHECK_VALUE(offset->scalar_type() == at::kLong, "sample: offset must be int64, got ",
+                      offset->scalar_type());
+  }
 }
 
 inline void check_temperature_logprobs_inputs(const at::Tensor& logits, const at::Tensor& tokens,

@@ -90,7 +90,7 @@ struct SampleArgs {
   int64_t B, V, ld;
   const float* temperature;  // [B]
   const int64_t* seed;       // [B]
-  const int64_t* offset;     // [B]
+  const int64_t* offset;     // [B] or nullptr (all 0)
   const int64_t* top_k;      // [B] or nullptr
   const float* top_p;        // [B] or nullptr
   const float* min_p;        // [B] or nullptr

@@ -129,7 +129,7 @@ void check_temperatures_cpu(const at::Tensor& temperature) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
     const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& seed,
-    const at::Tensor& offset, const std::optional<at::Tensor>& top_k,
+    const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& top_k,
     const std::optional<at::Tensor>& top_p, const std::optional<at::Tensor>& min_p,
     bool need_logprobs) {
   (void)need_logprobs;  // the CPU reference always computes them
@@ -138,7 +138,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
   const at::Tensor l = logits.to(at::kFloat).contiguous();
   const at::Tensor tau = temperature.contiguous();
   check_temperatures_cpu(tau);
-  const at::Tensor seeds = seed.contiguous(), offsets = offset.contiguous();
+  const at::Tensor seeds = seed.contiguous();
+  const at::Tensor offsets = offset.has_value() ? offset->contiguous() : at::Tensor();
   const at::Tensor k_t = optional_per_row(top_k, "sample: top_k", at::kLong, B, logits);
   const at::Tensor p_t = optional_per_row(top_p, "sample: top_p", at::kFloat, B, logits);
   const at::Tensor mp_t = optional_per_row(min_p, "sample: min_p", at::kFloat, B, logits);
@@ -153,7 +154,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
       const auto r = sampling_cpu::sample_row(
           l.const_data_ptr<float>() + b * V, V, tau.const_data_ptr<float>()[b],
           static_cast<uint64_t>(seeds.const_data_ptr<int64_t>()[b]),
-          static_cast<uint64_t>(offsets.const_data_ptr<int64_t>()[b]), k, p, mp);
+          offsets.defined() ? static_cast<uint64_t>(offsets.const_data_ptr<int64_t>()[b]) : 0, k,
+          p, mp);
       tokens.mutable_data_ptr<int64_t>()[b] = r.token;
       logprob.mutable_data_ptr<float>()[b] = static_cast<float>(r.logprob);
       raw_logprob.mutable_data_ptr<float>()[b] = static_cast<float>(r.raw_logprob);
@@ -201,7 +203,7 @@ TORCH_LIBRARY(fusedlm, m) {
       "bool accum_fp32, Tensor? tile_max=None, Tensor? target_logit=None) -> (Tensor grad_e, "
       "Tensor grad_c, Tensor grad_bias)");
   m.def(
-      "sample(Tensor logits, Tensor temperature, Tensor seed, Tensor offset, Tensor? top_k, "
+      "sample(Tensor logits, Tensor temperature, Tensor seed, Tensor? offset, Tensor? top_k, "
       "Tensor? top_p, Tensor? min_p, bool need_logprobs=True) -> (Tensor tokens, Tensor logprob, "
       "Tensor raw_logprob)");
   m.def("temperature_logprobs(Tensor logits, Tensor tokens, Tensor temperatures) -> Tensor");

@@ -168,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cuda(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
     const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& seed,
-    const at::Tensor& offset, const std::optional<at::Tensor>& top_k,
+    const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& top_k,
     const std::optional<at::Tensor>& top_p, const std::optional<at::Tensor>& min_p,
     bool need_logprobs) {
   check_sample_inputs(logits, temperature, seed, offset);
@@ -179,8 +179,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
   const at::Tensor k_t = optional_per_row(top_k, "sample: top_k", at::kLong, B, logits);
   const at::Tensor p_t = optional_per_row(top_p, "sample: top_p", at::kFloat, B, logits);
   const at::Tensor mp_t = optional_per_row(min_p, "sample: min_p", at::kFloat, B, logits);
-  const at::Tensor tau = temperature.contiguous(), seeds = seed.contiguous(),
-                   offsets = offset.contiguous();
+  const at::Tensor tau = temperature.contiguous(), seeds = seed.contiguous();
+  const at::Tensor offsets = offset.has_value() ? offset->contiguous() : at::Tensor();
   auto tokens = at::empty({B}, logits.options().dtype(at::kLong));
   auto logprob = at::empty({B}, logits.options().dtype(at::kFloat));
   auto raw_logprob = at::empty({B}, logits.options().dtype(at::kFloat));
@@ -195,7 +195,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
                                  l.stride(0),
                                  tau.const_data_ptr<float>(),
                                  seeds.const_data_ptr<int64_t>(),
-                                 offsets.const_data_ptr<int64_t>(),
+                                 offsets.defined() ? offsets.const_data_ptr<int64_t>() : nullptr,
                                  k_t.defined() ? k_t.const_data_ptr<int64_t>() : nullptr,
                                  p_t.defined() ? p_t.const_data_ptr<float>() : nullptr,
                                  mp_t.defined() ? mp_t.const_data_ptr<float>() : nullptr,

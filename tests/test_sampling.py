@@ -184,6 +184,10 @@ def test_opcheck_ops():
     args = (logits, torch.tensor([0.0, 0.5, 1.0, 2.0]), torch.arange(4), torch.zeros(4, dtype=torch.long),
             torch.tensor([0, 3, 0, 10]), torch.tensor([1.0, 0.9, 0.5, 1.0]), None)
     opcheck(torch.ops.fusedlm.sample.default, args)
+    no_offset = args[:3] + (None,) + args[4:]  # None = offset 0 for every row
+    opcheck(torch.ops.fusedlm.sample.default, no_offset)
+    for a, b in zip(torch.ops.fusedlm.sample(*args), torch.ops.fusedlm.sample(*no_offset)):
+        assert torch.equal(a, b)
     opcheck(torch.ops.fusedlm.temperature_logprobs.default,
             (logits, torch.tensor([1, 2, 3, 4]), torch.tensor([0.0, 0.5, 1.0])))
 

@@ -39,6 +39,11 @@ __device__ __forceinline__ float load_logit(const __nv_bfloat16* p) { return __b
 template <>
 __device__ __forceinline__ float load_logit(const __half* p) { return __half2float(*p); }
 
+// The row's Philox offset (0 when no offsets are given: no zero-filled tensor to launch).
+__device__ __forceinline__ uint64_t row_offset(const SampleArgs& a, int64_t row) {
+  return a.offset == nullptr ? 0 : static_cast<uint64_t>(a.offset[row]);
+}
+
 struct RowState {
   float raw_max = -INFINITY, raw_sum = 0.f;   // sum of exp(l - raw_max)
   float p_max = -INFINITY, p_sum = 0.f;       // sum of exp((l - p_max) / tau) over kept
@@ -182,7 +187,7 @@ __global__ void __launch_bounds__(kThreads)
   const bool greedy = !(tau > 0.f);
   const float threshold = thresholds != nullptr ? thresholds[row] : -INFINITY;
   const uint64_t seed = static_cast<uint64_t>(a.seed[row]);
-  const uint64_t offset = static_cast<uint64_t>(a.offset[row]);
+  const uint64_t offset = row_offset(a, row);
   const int64_t total_tiles = (a.V + kTile - 1) / kTile;
   const int64_t t_begin = split * tiles_per_split;
   const int64_t t_end = min(t_begin + tiles_per_split, total_tiles);
@@ -291,7 +296,7 @@ __global__ void sample_finish_kernel(SampleArgs a, const float* thresholds) {
     const float total = __shfl_sync(0xffffffffu, base, 31);
     base -= run;
     const uint64_t seed = static_cast<uint64_t>(a.seed[row]);
-    const uint64_t offset = static_cast<uint64_t>(a.offset[row]);
+    const uint64_t offset = row_offset(a, row);
     const float target = bits_to_open_unit(philox_block(seed, offset, static_cast<uint64_t>(t)).y) * total;
     int first = 4, last_kept = -1;
 #pragma unroll
@@ -411,7 +416,7 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 3)
   c.threshold = thresholds != nullptr ? thresholds[row] : -INFINITY;
   c.need_logprobs = a.need_logprobs;
   const uint64_t seed = static_cast<uint64_t>(a.seed[row]);
-  const uint64_t offset = static_cast<uint64_t>(a.offset[row]);
+  const uint64_t offset = row_offset(a, row);
   const int64_t t_begin = split * tiles_per_split;
   const int64_t t_end = min(t_begin + tiles_per_split, ceil_div(a.V, kTile));
   const int64_t e_end = min(a.V, t_end * kTile);
