@@ -4,10 +4,11 @@
 // one row once. A warp works on batches of 32 tiles: it issues all of a batch's coalesced
 // 16-byte loads before using any (enough bytes in flight to reach DRAM bandwidth), then
 // regroups them through padded shared memory so that each lane owns one whole tile. The lane
-// forms the tile's log-mass log(sum exp(l / tau)) over kept entries with an online max in
-// registers and keeps the tile with the largest log-mass + Gumbel key (one Philox draw per
-// tile, counter = tile, as on the CPU); also the raw log-sum-exp (only when log-probs are
-// asked for) and, for tau = 0 rows, the argmax. sample_finish_kernel (one warp per row,
+// forms the tile's log-mass log(sum exp(l / tau)) over kept entries (tokens only: max, then
+// the sum, over the tile in registers; with log-probs or tau = 0: an online fold) and keeps
+// the tile with the largest log-mass + Gumbel key (one Philox draw per tile, counter = tile,
+// as on the CPU); also the raw log-sum-exp (only when log-probs are asked for) and, for
+// tau = 0 rows, the argmax. sample_finish_kernel (one warp per row,
 // launched with programmatic dependent launch on sm_90 so its launch overlaps the main
 // kernel's tail) merges the splits of a row, re-reads the winning tile and picks the token
 // inside it by inverse CDF with the tile's uniform. Rows that are not 16-byte aligned go
@@ -397,8 +398,42 @@ __device__ __forceinline__ void fold_vec(RowState& st, float& tile_max, float& t
   }
 }
 
+// 2^x with one MUFU instruction (exp2f adds a range fix-up for results below 2^-126, which
+// only matters for terms that vanish in the sum anyway).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// A whole tile in registers (tokens only, tau > 0): its kept maximum, then the sum of
+// exp((x - max) / tau) in two passes, without the per-group rescaling of fold_vec and with
+// four independent accumulators (no branches, short dependency chains). NaN entries count
+// as truncated, as in fold_vec: fmaxf ignores them and the exponent is clamped to -inf.
+// (H100, V = 128256, graph replay: fp32 B = 256 69 -> 59 us, bf16 B = 1024 165 -> 120 us.)
+template <typename T, bool kThreshold>
+__device__ __forceinline__ void tile_mass(const uint4 (&q)[kTile * sizeof(T) / 16], const RowCtx& c,
+                                          float& tile_max, float& tile_sum) {
+  constexpr int kPer = 16 / static_cast<int>(sizeof(T));
+  auto entry = [&](int j) {
+    const float x = to_float(reinterpret_cast<const T*>(&q[j / kPer])[j % kPer]);
+    return kThreshold && !(x >= c.threshold) ? -INFINITY : x;
+  };
+  float m[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+#pragma unroll
+  for (int j = 0; j < kTile; ++j) m[j % 4] = fmaxf(m[j % 4], entry(j));
+  tile_max = fmaxf(fmaxf(m[0], m[1]), fmaxf(m[2], m[3]));
+  if (tile_max == -INFINITY) return;
+  const float scale = c.inv_tau * 1.4426950408889634f;  // to base 2
+  const float shift = tile_max * scale;
+  float s[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int j = 0; j < kTile; ++j) s[j % 4] += fast_exp2(fmaxf(fmaf(entry(j), scale, -shift), -INFINITY));
+  tile_sum = (s[0] + s[1]) + (s[2] + s[3]);
+}
+
 template <typename T>
-__global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 3)
+__global__ void __launch_bounds__(kThreads, 2)
     sample_kernel(SampleArgs a, const float* thresholds, int64_t tiles_per_split) {
   constexpr int kPer = 16 / static_cast<int>(sizeof(T));  // entries per 16-byte vector
   constexpr int kVecs = kTile / kPer;                       // vectors per tile: 16 or 8
@@ -448,8 +483,14 @@ __global__ void __launch_bounds__(kThreads, sizeof(T) == 4 ? 2 : 3)
     const int64_t t = b0 + lane;
     if (t >= t_end) continue;
     float tile_max = -INFINITY, tile_sum = 0.f;
+    if (c.greedy || c.need_logprobs) {  // argmax / raw log-sum-exp: fold group by group
 #pragma unroll
-    for (int k = 0; k < kVecs; ++k) fold_vec<T>(st, tile_max, tile_sum, q[k], t * kTile + k * kPer, c);
+      for (int k = 0; k < kVecs; ++k) fold_vec<T>(st, tile_max, tile_sum, q[k], t * kTile + k * kPer, c);
+    } else if (c.threshold == -INFINITY) {
+      tile_mass<T, false>(q, c, tile_max, tile_sum);
+    } else {
+      tile_mass<T, true>(q, c, tile_max, tile_sum);
+    }
     if (c.greedy || tile_max == -INFINITY) continue;  // -inf: nothing kept in the tile
     add_tile(st, tile_max, tile_sum, c.inv_tau, seed, offset, t);
   }
