@@ -179,10 +179,12 @@ def test_recorded_tile_max_is_each_rows_largest_logit_per_tile(softcap):
 def test_filter_drops_a_target_entry_only_when_its_gradient_is_that_small():
     """filter_eps skips softmax entries below it and the target entry when
     |grad_lse * p + grad_target| < filter_eps * |grad_lse| (a confidently right token)."""
-    n, d, v, eps = 6, 8, 40, 1e-3
-    e, c, y, _ = make_inputs(n=n, d=d, v=v, dtype=torch.float64, ignore_frac=0.0)
-    e, c = e.detach().clone(), c.detach()
-    e[:3] = 40.0 * c[y[:3]]  # rows 0-2: the target's softmax is 1 to within 1e-9
+    n, d, v, eps = 6, 64, 40, 1e-3
+    c = 3.0 * torch.linalg.qr(torch.randn(d, v, dtype=torch.float64))[0].T  # orthogonal rows
+    y = torch.randint(0, v, (n,))
+    e = torch.zeros(n, d, dtype=torch.float64)
+    e[:3] = 40.0 * c[y[:3]]  # rows 0-2: target logit 360, the others 0 (softmax 1 and e^-360)
+    # rows 3-5: e = 0, a uniform softmax (1/40 everywhere, the target's gradient -39/40)
     lse, tl, zs, _ = torch.ops.fusedlm.cce_forward(e, c, y, None, 0.0, -100)
     g_l = torch.rand(n, dtype=torch.float64) + 0.5
     g_t = -g_l  # cross-entropy's gradient at the target: g * (p - 1)
