@@ -27,6 +27,7 @@
 
 #include <cudaTypedefs.h>
 
+#include "../common/fast_math.cuh"
 #include "../dispatch.h"
 #include "tile_mma.cuh"
 #include "tile_wgmma.cuh"
@@ -206,9 +207,9 @@ __device__ __forceinline__ void run_mainloop(Acc& acc, char* smem, const wg::Tma
 template <typename Mainloop>
 constexpr bool kRecordsTileMax = Mainloop::kColGroups == 1 && Mainloop::kBlockN == kTileMaxWidth;
 
-// kSoftcap is a template parameter (not a runtime branch per accumulator entry) to keep the
-// fully unrolled epilogues small: instruction-cache misses dominate otherwise.
-template <typename T, typename Mainloop, bool kSoftcap>
+// kSoftcap and kBias are template parameters (not runtime branches per accumulator entry)
+// to keep the fully unrolled epilogues small: instruction-cache misses dominate otherwise.
+template <typename T, typename Mainloop, bool kSoftcap, bool kBias>
 __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPerSm)
     forward_kernel(ForwardArgs a, int tiles_per_split, const __grid_constant__ wg::TmaMaps maps) {
   extern __shared__ __align__(128) char smem[];
@@ -248,45 +249,71 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
     b_row0 = (vt_begin + step / k_steps) * BN;
     k0 = static_cast<int64_t>(step % k_steps) * KS;
   };
+  // The epilogue of one tile, per accumulator entry: (bias,) (softcap,) the logit sum, the
+  // range mask, the tile maximum; then one FFMA + ex2 + FADD into the running sum. Column
+  // indices are relative to the thread's first column (both main loops put two adjacent
+  // columns per 8-wide n-tile in each thread), so the range test compares a register with
+  // a constant. Entries past V read as zero (zero-filled operands, zero staged bias), so
+  // the logit sum needs no mask.
   auto done = [&](int tile_index, float(&acc)[MT][NT][4]) {
     const int v0 = static_cast<int>((vt_begin + tile_index) * BN);  // V < 2^31 (host check)
     const int V = static_cast<int>(a.V);
     TileBias<Mainloop, T> tile_bias{bias, Mainloop::bias_scratch(smem), v0, V};
-    tile_bias.stage();
-    float thread_tile_max[MT][2];  // base 2, over this thread's columns of the row
+    if constexpr (kBias) tile_bias.stage();
+    const int first_col = v0 + Mainloop::col(0, 0);
+    const int cols_left = V - first_col;  // relative columns c < cols_left are in range
+    float thread_tile_max[MT][2];  // over this thread's columns of the row
+    bool holds_target = false;     // some row's target is among this thread's columns here
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        float tile_max = -INFINITY;
+        // Four independent partial maxima / sums: dependency chains of 16, not 64, entries.
+        float part_max[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+        float part_zsum[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
-          for (int q = 0; q < 2; ++q) {  // branch-free per entry (selects), small code
-            const int r = 2 * h + q;
-            const int v = v0 + Mainloop::col(nt, r);  // 32-bit: smaller epilogue code
-            const bool in = v < V;
+          for (int q = 0; q < 2; ++q) {  // branch-free per entry, small code
+            const int r = 2 * h + q, c = nt * 8 + q, j = (nt & 1) * 2 + q;
             float z = acc[mt][nt][r];
-            z += tile_bias.at(Mainloop::col(nt, r));
+            if constexpr (kBias) z += tile_bias.at(Mainloop::col(nt, r));
             if constexpr (kSoftcap) z = a.softcap * tanh_small_code(z * inv_cap);
-            z = in ? z : -INFINITY;
-            run_zsum[mt][h] += in ? z : 0.f;
-            if (v == target[mt][h]) a.target_logit[row0 + Mainloop::row(mt, r)] = z;
-            acc[mt][nt][r] = z * kLog2e;  // reuse the register: logit in base-2 units
-            tile_max = fmaxf(tile_max, acc[mt][nt][r]);
+            part_zsum[j] += z;  // 0 past V
+            z = c < cols_left ? z : -INFINITY;
+            acc[mt][nt][r] = z;  // the logit, for the sum below and the target
+            part_max[j] = fmaxf(part_max[j], z);
           }
         }
+        run_zsum[mt][h] += (part_zsum[0] + part_zsum[1]) + (part_zsum[2] + part_zsum[3]);
+        const float tile_max = fmaxf(fmaxf(part_max[0], part_max[1]), fmaxf(part_max[2], part_max[3]));
+        const int t_col = target[mt][h] - first_col;
+        holds_target |= t_col >= 0 && t_col < NT * 8 && (t_col & 6) == 0;
         thread_tile_max[mt][h] = tile_max;
         if (tile_max == -INFINITY) continue;
-        const float new_max = fmaxf(run_max[mt][h], tile_max);
-        float s = run_sum[mt][h] * exp2f(run_max[mt][h] - new_max);
+        const float new_max = fmaxf(run_max[mt][h], tile_max * kLog2e);  // base 2
+        float part_sum[4] = {run_sum[mt][h] * exp2f(run_max[mt][h] - new_max), 0.f, 0.f, 0.f};
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-          for (int q = 0; q < 2; ++q) s += exp2f(acc[mt][nt][2 * h + q] - new_max);
-        run_sum[mt][h] = s;
+          for (int q = 0; q < 2; ++q)
+            part_sum[(nt & 1) * 2 + q] += fast_exp2(fmaf(acc[mt][nt][2 * h + q], kLog2e, -new_max));
+        run_sum[mt][h] = (part_sum[0] + part_sum[1]) + (part_sum[2] + part_sum[3]);
         run_max[mt][h] = new_max;
       }
+    }
+    if (holds_target) {  // rare (a row's target is in one tile of the row): off the hot path
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int t_col = target[mt][h] - first_col;
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int q = 0; q < 2; ++q)
+              if (nt * 8 + q == t_col) a.target_logit[row0 + Mainloop::row(mt, 2 * h)] = acc[mt][nt][2 * h + q];
+        }
     }
     if constexpr (kRecordsTileMax<Mainloop>) {
       // After the loops (the accumulator is dead): only two more registers live in them.
@@ -296,7 +323,7 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
           float m = fmaxf(thread_tile_max[0][h], __shfl_xor_sync(0xffffffffu, thread_tile_max[0][h], 1));
           m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
           const int64_t row = row0 + Mainloop::row(0, 2 * h);
-          if (lane % 4 == 0 && row < a.N) a.tile_max[row * tile_max_cols(a.V) + v0 / BN] = m * kLn2;
+          if (lane % 4 == 0 && row < a.N) a.tile_max[row * tile_max_cols(a.V) + v0 / BN] = m;
         }
       }
     }
@@ -548,7 +575,7 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
             float z = acc[mt][nt][r];
             z += tile_bias.at(Mainloop::col(nt, r));
             if constexpr (kSoftcap) z = a.softcap * tanh_small_code(z * inv_cap);
-            const float p = exp2f(z * kLog2e - lse2[mt][h]);
+            const float p = fast_exp2(fmaf(z, kLog2e, -lse2[mt][h]));
             const bool is_target = v == target[mt][h];
             float g = g_l * p + g_s + (is_target ? g_t : 0.f);
             if constexpr (kSoftcap) {
@@ -895,7 +922,9 @@ cudaError_t launch_forward(const ForwardArgs& a, cudaStream_t stream) {
   constexpr int smem = Mainloop::smem_bytes();
   wg::TmaMaps maps;
   FUSEDLM_RETURN_IF_ERROR(make_maps<Mainloop>(&maps, a.dtype, a.e, a.N, a.c, a.V, a.D));
-  auto kernel = a.softcap > 0.f ? forward_kernel<T, Mainloop, true> : forward_kernel<T, Mainloop, false>;
+  const bool softcap = a.softcap > 0.f, has_bias = a.bias != nullptr;
+  auto kernel = softcap ? (has_bias ? forward_kernel<T, Mainloop, true, true> : forward_kernel<T, Mainloop, true, false>)
+                        : (has_bias ? forward_kernel<T, Mainloop, false, true> : forward_kernel<T, Mainloop, false, false>);
   FUSEDLM_RETURN_IF_ERROR(allow_smem(kernel, smem));
   if (a.tile_max != nullptr && !kRecordsTileMax<Mainloop>) {
     // Bytes 0x7f make every float 3.39e38: a bound that never lets a tile be skipped early.

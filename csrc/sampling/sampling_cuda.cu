@@ -21,6 +21,7 @@
 #include <cfloat>
 #include <cstdint>
 
+#include "../common/fast_math.cuh"
 #include "../common/philox.h"
 #include "../dispatch.h"
 
@@ -396,14 +397,6 @@ __device__ __forceinline__ void fold_vec(RowState& st, float& tile_max, float& t
       if (!(x[i] >= c.threshold)) x[i] = -INFINITY;  // truncated (or NaN)
     lse_add4(tile_max, tile_sum, x, c.inv_tau);
   }
-}
-
-// 2^x with one MUFU instruction (exp2f adds a range fix-up for results below 2^-126, which
-// only matters for terms that vanish in the sum anyway).
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
 }
 
 // A whole tile in registers (tokens only, tau > 0): its kept maximum, then the sum of

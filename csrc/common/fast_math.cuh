@@ -1,0 +1,15 @@
+// Small device math helpers shared by the CUDA kernels.
+#pragma once
+
+namespace fusedlm {
+
+// 2^x in one MUFU instruction. (exp2f adds a range fix-up for results below 2^-126; those
+// only ever feed sums of exponentials, where they vanish, or softmax entries far below any
+// filter threshold.)
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+}  // namespace fusedlm
