@@ -4,14 +4,18 @@
 // "split"; tiles are 256 wide on Hopper, 128 with mma.sync); logit tiles come from the
 // tensor-core main loop and are folded, in registers, into a per-row online log-sum-exp
 // (base 2), a logit sum and the target logit. Per-split partials [2, splits, N] are merged
-// by a small kernel. Extra memory: O(N x splits) floats.
+// by a small kernel. Extra memory: O(N x splits) floats. When a backward follows, the
+// Hopper forward also records each row's largest logit per 256-wide tile (tile_max).
 //
-// Backward, per vocabulary chunk of `vocab_chunk` entries (bounded workspace):
-//  1. grad_tile_kernel recomputes the logit tiles (128 x 256 on Hopper), forms
+// Backward, with a filter: target_mask_kernel marks the 128-wide tiles holding a target entry
+// the filter keeps (by its gradient), and keep_hint_kernel the (128 x 256) tiles that may hold
+// any kept entry (from tile_max and the LSE). Then, per vocabulary chunk of `vocab_chunk`
+// entries (bounded workspace):
+//  1. grad_tile_kernel recomputes the hinted logit tiles (128 x 256 on Hopper), forms
 //     g = grad_lse * softmax + grad_sum + grad_target * onehot (x softcap derivative) in
-//     float32 and stores it (in the input dtype) to the workspace, unless every entry of a
-//     128 x 128 tile is below filter_eps and holds no target: then that tile is marked
-//     skipped.
+//     float32 and stores it (in the input dtype) to the workspace, unless every softmax entry
+//     of a 128 x 128 tile is below filter_eps and it holds no kept target: then that tile is
+//     marked skipped (as are the tiles the hint rules out).
 //  2. dE[N, D]  += G[N, chunk] @ C[chunk, D]   (float32 accumulator buffer)
 //  3. dC[chunk, D] = G[N, chunk]^T @ E[N, D]   (float32 in registers)
 //     (grad_e_kernel / grad_c_kernel on mma.sync, grad_*_wgmma_kernel on Hopper.) Both loop
