@@ -4,11 +4,11 @@
 // one row once. A warp works on batches of 32 tiles: it issues all of a batch's coalesced
 // 16-byte loads before using any (enough bytes in flight to reach DRAM bandwidth), then
 // regroups them through padded shared memory so that each lane owns one whole tile. The lane
-// forms the tile's log-mass log(sum exp(l / tau)) over kept entries (tokens only: max, then
-// the sum, over the tile in registers; with log-probs or tau = 0: an online fold) and keeps
-// the tile with the largest log-mass + Gumbel key (one Philox draw per tile, counter = tile,
-// as on the CPU); also the raw log-sum-exp (only when log-probs are asked for) and, for
-// tau = 0 rows, the argmax. sample_finish_kernel (one warp per row,
+// forms the tile's log-mass log(sum exp(l / tau)) over kept entries (max, then the sum, over
+// the tile in registers; tau = 0 rows and truncated rows with log-probs: an online fold)
+// and keeps the tile with the largest log-mass + Gumbel key (one Philox draw per tile,
+// counter = tile, as on the CPU); also the raw log-sum-exp (only when log-probs are asked
+// for) and, for tau = 0 rows, the argmax. sample_finish_kernel (one warp per row,
 // launched with programmatic dependent launch on sm_90 so its launch overlaps the main
 // kernel's tail) merges the splits of a row, re-reads the winning tile and picks the token
 // inside it by inverse CDF with the tile's uniform. Rows that are not 16-byte aligned go
@@ -399,30 +399,43 @@ __device__ __forceinline__ void fold_vec(RowState& st, float& tile_max, float& t
   }
 }
 
-// A whole tile in registers (tokens only, tau > 0): its kept maximum, then the sum of
+// A whole tile in registers (tau > 0): its kept maximum, then the sum of
 // exp((x - max) / tau) in two passes, without the per-group rescaling of fold_vec and with
 // four independent accumulators (no branches, short dependency chains). NaN entries count
 // as truncated, as in fold_vec: fmaxf ignores them and the exponent is clamped to -inf.
 // (H100, V = 128256, graph replay: fp32 B = 256 69 -> 59 us, bf16 B = 1024 165 -> 120 us.)
-template <typename T, bool kThreshold>
+template <typename T, bool kThreshold, bool kRaw>
 __device__ __forceinline__ void tile_mass(const uint4 (&q)[kTile * sizeof(T) / 16], const RowCtx& c,
-                                          float& tile_max, float& tile_sum) {
+                                          float& tile_max, float& tile_sum, RowState& st) {
   constexpr int kPer = 16 / static_cast<int>(sizeof(T));
+  constexpr float kLog2e = 1.4426950408889634f;
+  auto raw_entry = [&](int j) { return to_float(reinterpret_cast<const T*>(&q[j / kPer])[j % kPer]); };
   auto entry = [&](int j) {
-    const float x = to_float(reinterpret_cast<const T*>(&q[j / kPer])[j % kPer]);
+    const float x = raw_entry(j);
     return kThreshold && !(x >= c.threshold) ? -INFINITY : x;
+  };
+  // exp(x - max) summed over the tile in base 2, four accumulators; NaN / -inf terms are 0.
+  // (x - max) is formed before the scaling: with a tiny tau, fma(x, scale, -max * scale)
+  // would carry the rounding of max * scale (~1e-4 relative in each term at tau = 1e-3).
+  auto sum_exp = [&](auto&& value, float max_value, float scale) {
+    float s[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < kTile; ++j) s[j % 4] += fast_exp2(fmaxf((value(j) - max_value) * scale, -INFINITY));
+    return (s[0] + s[1]) + (s[2] + s[3]);
   };
   float m[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
 #pragma unroll
   for (int j = 0; j < kTile; ++j) m[j % 4] = fmaxf(m[j % 4], entry(j));
   tile_max = fmaxf(fmaxf(m[0], m[1]), fmaxf(m[2], m[3]));
+  // The raw (tau = 1) log-sum-exp for log-probs; untruncated, so it shares the maximum.
+  // (Truncated rows with log-probs keep fold_vec: a second maximum here spilled.)
+  static_assert(!(kRaw && kThreshold), "the raw log-sum-exp shares the untruncated maximum");
+  if constexpr (kRaw) {
+    if (tile_max != -INFINITY)
+      online_merge(st.raw_max, st.raw_sum, tile_max, sum_exp(raw_entry, tile_max, kLog2e), 1.f);
+  }
   if (tile_max == -INFINITY) return;
-  const float scale = c.inv_tau * 1.4426950408889634f;  // to base 2
-  const float shift = tile_max * scale;
-  float s[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-  for (int j = 0; j < kTile; ++j) s[j % 4] += fast_exp2(fmaxf(fmaf(entry(j), scale, -shift), -INFINITY));
-  tile_sum = (s[0] + s[1]) + (s[2] + s[3]);
+  tile_sum = sum_exp(entry, tile_max, c.inv_tau * kLog2e);
 }
 
 template <typename T>
@@ -476,13 +489,17 @@ __global__ void __launch_bounds__(kThreads, 2)
     const int64_t t = b0 + lane;
     if (t >= t_end) continue;
     float tile_max = -INFINITY, tile_sum = 0.f;
-    if (c.greedy || c.need_logprobs) {  // argmax / raw log-sum-exp: fold group by group
+    if (c.greedy) {  // argmax (and the raw log-sum-exp): fold group by group
 #pragma unroll
       for (int k = 0; k < kVecs; ++k) fold_vec<T>(st, tile_max, tile_sum, q[k], t * kTile + k * kPer, c);
     } else if (c.threshold == -INFINITY) {
-      tile_mass<T, false>(q, c, tile_max, tile_sum);
+      if (c.need_logprobs) tile_mass<T, false, true>(q, c, tile_max, tile_sum, st);
+      else tile_mass<T, false, false>(q, c, tile_max, tile_sum, st);
+    } else if (c.need_logprobs) {  // truncated, with log-probs: fold group by group
+#pragma unroll
+      for (int k = 0; k < kVecs; ++k) fold_vec<T>(st, tile_max, tile_sum, q[k], t * kTile + k * kPer, c);
     } else {
-      tile_mass<T, true>(q, c, tile_max, tile_sum);
+      tile_mass<T, true, false>(q, c, tile_max, tile_sum, st);
     }
     if (c.greedy || tile_max == -INFINITY) continue;  // -inf: nothing kept in the tile
     add_tile(st, tile_max, tile_sum, c.inv_tau, seed, offset, t);
