@@ -61,7 +61,7 @@ class _CCEStatistics(torch.autograd.Function):
     @staticmethod
     def forward(ctx, e, c, targets, bias, softcap, ignore_index, filter_eps, accum_fp32,
                 uses_logit_sum):
-        kernel_eps, _ = _kernel_filter(filter_eps, softcap, uses_logit_sum)
+        kernel_eps, uniform_outside = _kernel_filter(filter_eps, softcap, uses_logit_sum)
         # With a filter, the CUDA forward also records each row's largest logit per vocabulary
         # tile, so the backward never recomputes tiles that hold nothing above the filter
         # (N x V/256 floats, kept until the backward).
@@ -71,15 +71,14 @@ class _CCEStatistics(torch.autograd.Function):
             e, c, targets, bias, softcap, ignore_index, record)
         hint = (tile_max, target_logit) if record else (None, None)
         ctx.save_for_backward(e, c, targets, bias, lse, *hint)
-        ctx.options = (softcap, filter_eps, accum_fp32, uses_logit_sum)
+        ctx.options = (softcap, kernel_eps, uniform_outside, accum_fp32)
         ctx.mark_non_differentiable(targets)
         return lse, target_logit, logit_sum
 
     @staticmethod
     def backward(ctx, grad_lse, grad_target, grad_sum):
         e, c, targets, bias, lse, tile_max, target_logit = ctx.saved_tensors
-        softcap, filter_eps, accum_fp32, uses_logit_sum = ctx.options
-        filter_eps, uniform_outside = _kernel_filter(filter_eps, softcap, uses_logit_sum)
+        softcap, filter_eps, uniform_outside, accum_fp32 = ctx.options
         kernel_grad_sum = torch.zeros_like(grad_sum) if uniform_outside else grad_sum
         grad_e, grad_c, grad_bias = ops.cce_backward(
             e, c, targets, bias, lse, grad_lse.to(lse.dtype), grad_target.to(lse.dtype),
