@@ -4,8 +4,10 @@
 // "split"; tiles are 256 wide on Hopper, 128 with mma.sync); logit tiles come from the
 // tensor-core main loop and are folded, in registers, into a per-row online log-sum-exp
 // (base 2), a logit sum and the target logit. Per-split partials [2, splits, N] are merged
-// by a small kernel. Extra memory: O(N x splits) floats. When a backward follows, the
-// Hopper forward also records each row's largest logit per 256-wide tile (tile_max).
+// by a small kernel. Extra memory: O(N x splits) floats. On Hopper the forward runs in
+// clusters of two CTAs (adjacent row tiles, same split) that multicast each classifier tile
+// to both (TMA), halving its L2 -> SM traffic. When a backward follows, the Hopper forward
+// also records each row's largest logit per 256-wide tile (tile_max).
 //
 // Backward, with a filter: target_mask_kernel marks the 128-wide tiles holding a target entry
 // the filter keeps (by its gradient), and keep_hint_kernel the (128 x 256) tiles that may hold
@@ -101,12 +103,13 @@ __device__ __forceinline__ int acc_col(int warp_n, int lane, int nt, int r) {
 // classifier tile: both stay in L2 instead of streaming from DRAM.
 constexpr int kRowGroup = 16;
 __device__ __forceinline__ void grouped_tile(int64_t linear, int64_t row_tiles, int64_t col_tiles,
-                                             int64_t& row_tile, int64_t& col_tile) {
-  const int64_t per_group = kRowGroup * col_tiles;
+                                             int64_t& row_tile, int64_t& col_tile,
+                                             int row_group = kRowGroup) {
+  const int64_t per_group = row_group * col_tiles;
   const int64_t group = linear / per_group, rest = linear % per_group;
-  const int64_t left = row_tiles - group * kRowGroup;
-  const int64_t rows_here = left < kRowGroup ? left : kRowGroup;
-  row_tile = group * kRowGroup + rest % rows_here;
+  const int64_t left = row_tiles - group * row_group;
+  const int64_t rows_here = left < row_group ? left : row_group;
+  row_tile = group * row_group + rest % rows_here;
   col_tile = rest / rows_here;
 }
 
@@ -119,6 +122,7 @@ struct SyncNt {
   static constexpr int kMTiles = tile::kMTiles, kNTiles = tile::kNTiles, kColGroups = 4;
   static constexpr int kKStep = tile::kK, kBlockN = tile::kN;
   static constexpr bool kUsesTma = false;
+  static constexpr int kClusterSize = 1;
   static constexpr int kThreadsPerCta = kThreads, kMinCtasPerSm = 1;
   static constexpr int kRowGroups = 2;  // warps holding the same columns (warp_m)
   static constexpr int smem_bytes() { return tile::smem_bytes<T, true, true>(); }
@@ -222,7 +226,16 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
   const float inv_cap = kSoftcap ? 1.f / a.softcap : 0.f;
   const T* bias = static_cast<const T*>(a.bias);
   int64_t row_tile, split_index;
-  grouped_tile(blockIdx.x, (a.N + kM - 1) / kM, a.splits, row_tile, split_index);
+  if constexpr (Mainloop::kClusterSize == 2) {
+    // A cluster (consecutive CTAs) takes two adjacent row tiles of one split: it shares the
+    // classifier tiles. With an odd row-tile count the last cluster's second CTA has no rows.
+    int64_t pair;
+    grouped_tile(blockIdx.x / 2, ((a.N + kM - 1) / kM + 1) / 2, a.splits, pair, split_index, kRowGroup / 2);
+    row_tile = 2 * pair + blockIdx.x % 2;
+  } else {
+    static_assert(Mainloop::kClusterSize == 1, "clusters of 1 or 2 CTAs");
+    grouped_tile(blockIdx.x, (a.N + kM - 1) / kM, a.splits, row_tile, split_index);
+  }
   const int64_t row0 = row_tile * kM;
   const int split = static_cast<int>(split_index);
   const int64_t vocab_tiles = (a.V + BN - 1) / BN;
@@ -850,9 +863,10 @@ cudaError_t allow_smem(Kernel kernel, int bytes) {
 
 // Hopper main loops: 128 x 256 output tiles, 4 stages, everywhere. (Forward at the Gemma
 // shape on an H100: 14.6 ms against 17.9 for 128 x 128 tiles with 6 stages and two k steps
-// of wgmmas in flight.)
+// of wgmmas in flight.) The forward runs in 2-CTA clusters sharing the classifier tiles:
+// 2-6% faster than single CTAs in A/B runs (H100, bench/NOTES.md).
 template <typename T>
-using HopperForward = wg::TmaWgmma<T, 256, 4>;
+using HopperForward = wg::TmaWgmma<T, 256, 4, wg::Major::K, wg::Major::K, 1, 2>;
 
 // The gradient-tile kernel uses 128 x 256 tiles too, deciding skips per 128-wide half:
 // 16.4 ms against 19.8 for 128 x 128 tiles at the Gemma shape (H100).
@@ -913,7 +927,7 @@ cudaError_t make_maps(wg::TmaMaps* maps, DType dtype, const void* e, int64_t N, 
   *maps = wg::TmaMaps{};
   if constexpr (Mainloop::kUsesTma) {
     FUSEDLM_RETURN_IF_ERROR(make_tma_map(&maps->a, dtype, e, N, D, Mainloop::kBlockM));
-    FUSEDLM_RETURN_IF_ERROR(make_tma_map(&maps->b, dtype, c, V, D, Mainloop::kBlockN));
+    FUSEDLM_RETURN_IF_ERROR(make_tma_map(&maps->b, dtype, c, V, D, Mainloop::kBBoxRows));
   }
   return cudaSuccess;
 }
@@ -935,9 +949,21 @@ cudaError_t launch_forward(const ForwardArgs& a, cudaStream_t stream) {
     FUSEDLM_RETURN_IF_ERROR(cudaMemsetAsync(
         a.tile_max, 0x7f, sizeof(float) * static_cast<size_t>(a.N * tile_max_cols(a.V)), stream));
   }
-  kernel<<<static_cast<unsigned>(row_tiles * a.splits), Mainloop::kThreadsPerCta, smem, stream>>>(
-      a, tiles_per_split, maps);
-  FUSEDLM_RETURN_IF_ERROR(cudaGetLastError());
+  constexpr int cluster = Mainloop::kClusterSize;
+  const int64_t grid_rows = (row_tiles + cluster - 1) / cluster * cluster;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(grid_rows * a.splits));
+  cfg.blockDim = dim3(Mainloop::kThreadsPerCta);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = cluster;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  FUSEDLM_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, kernel, a, tiles_per_split, maps));
   forward_combine_kernel<<<static_cast<unsigned>((a.N + 255) / 256), 256, 0, stream>>>(a);
   return cudaGetLastError();
 }
@@ -1079,7 +1105,9 @@ cudaError_t backward_dispatch(const BackwardArgs& a, cudaStream_t stream) {
 
 int forward_splits(int64_t N, int64_t V, DType dtype, int num_sms) {
   const int64_t tile_width = use_wgmma(dtype) ? HopperForward<__half>::kBlockN : SyncNt<float>::kBlockN;
-  const int64_t row_tiles = std::max<int64_t>(1, (N + kM - 1) / kM);
+  const int64_t cluster = use_wgmma(dtype) ? HopperForward<__half>::kClusterSize : 1;
+  // Rows padded to whole clusters: the grid has row_tiles x splits CTAs.
+  const int64_t row_tiles = std::max<int64_t>(cluster, ((N + kM - 1) / kM + cluster - 1) / cluster * cluster);
   const int64_t vocab_tiles = std::max<int64_t>(1, (V + tile_width - 1) / tile_width);
   const int64_t sms = std::max(num_sms, 1);
   // One CTA per SM is resident (the main loops use most of the shared memory). Pick the

@@ -141,6 +141,48 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, u
 #endif
 }
 
+// Loads a K-major box into the same shared-memory offset of every CTA in cta_mask (a 2-CTA
+// cluster sharing an operand tile); each destination's mbarrier at `bar`'s offset receives
+// the bytes.
+__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const CUtensorMap* map, uint64_t* bar,
+                                                      int inner, int outer, uint16_t cta_mask) {
+#if FUSEDLM_WGMMA_ENABLED
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1, {%3, %4}], [%2], %5;\n" ::"r"(tile::smem_addr(dst)),
+      "l"(map), "r"(tile::smem_addr(bar)), "r"(inner), "r"(outer), "h"(cta_mask)
+      : "memory");
+#else
+  (void)dst; (void)map; (void)bar; (void)inner; (void)outer; (void)cta_mask;
+  __trap();
+#endif
+}
+// Arrives on the mbarrier at `bar`'s shared-memory offset in CTA `cta` of the cluster.
+__device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t cta) {
+#if FUSEDLM_WGMMA_ENABLED
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(tile::smem_addr(bar)), "r"(cta));
+  // Default (.release.cta) semantics: a .cluster-scope release would add a MEMBAR.GPU per
+  // arrival, and the stage's wgmma reads have already retired.
+  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];\n" ::"r"(remote) : "memory");
+#else
+  (void)bar; (void)cta;
+#endif
+}
+__device__ __forceinline__ uint32_t cluster_rank() {
+  uint32_t rank = 0;
+#if FUSEDLM_WGMMA_ENABLED
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(rank));
+#endif
+  return rank;
+}
+// Barrier over every thread of every CTA in the cluster.
+__device__ __forceinline__ void cluster_sync() {
+#if FUSEDLM_WGMMA_ENABLED
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
+#endif
+}
+
 // Loads one stage of an operand: kRows (M or N) x 64 (K) elements. K-major: a single box at
 // (k0, mn0); MN-major: kRows / 64 boxes of 64 MN x 64 K at (mn0 + 64 i, k0).
 template <Major kMajor, int kRows>
@@ -160,9 +202,16 @@ struct StepCoords {
   int64_t a_mn, a_k, b_mn, b_k;
 };
 
+// kCluster = 2: the kernel runs in clusters of two CTAs that own adjacent row tiles and walk
+// the same B tiles (same n_tiles, k_steps and B coordinates); each CTA loads half of every B
+// stage and multicasts it to both, halving the L2 -> SM traffic of B (K-major B only). A
+// stage is refilled once the consumers of both CTAs have released it.
 template <typename T, int kTileN, int kStages, Major kMajorA = Major::K, Major kMajorB = Major::K,
-          int kInFlight = 1>
+          int kInFlight = 1, int kCluster = 1>
 struct TmaWgmma {
+  static_assert(kCluster == 1 || (kCluster == 2 && kMajorB == Major::K), "B multicast: K-major B");
+  static constexpr int kClusterSize = kCluster;
+  static constexpr int kBBoxRows = kTileN / kCluster;  // rows of B per TMA box
   // One CTA per SM; of its 65536 registers the producer keeps 40 per thread, consumers 232.
   static constexpr int kMinCtasPerSm = 1;
   static constexpr int kProducerRegs = 40, kConsumerRegs = 232;
@@ -212,6 +261,17 @@ struct TmaWgmma {
   // producer, whose register budget is too small for it. (Overlapping the epilogue with the
   // next tile's first wgmmas through a second accumulator made ptxas serialise the wgmmas:
   // C7518.)
+  // A consumer warp frees a stage: in a cluster, for the producers of every CTA (each
+  // wrote part of it).
+  __device__ static void release(uint64_t* empty_bar) {
+    if constexpr (kCluster > 1) {
+#pragma unroll
+      for (uint32_t cta = 0; cta < kCluster; ++cta) mbar_arrive_cluster(empty_bar, cta);
+    } else {
+      mbar_arrive(empty_bar);
+    }
+  }
+
   template <typename Coords, typename Done>
   __device__ static void run(float (&acc)[1][kNTiles][4], char* smem_raw, const TmaMaps& maps,
                              int n_tiles, int k_steps, Coords&& coords, Done&& done) {
@@ -224,11 +284,13 @@ struct TmaWgmma {
     if (threadIdx.x == 0) {
       for (int s = 0; s < kStages; ++s) {
         mbar_init(&full[s], 1);
-        mbar_init(&empty[s], kConsumerThreads / 32);  // one arrival per consumer warp
+        mbar_init(&empty[s], kCluster * kConsumerThreads / 32);  // one arrival per consumer warp
       }
       asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
-    __syncthreads();
+    // The peer CTA's loads and arrivals target these barriers: all must be initialised first.
+    if constexpr (kCluster > 1) cluster_sync(); else __syncthreads();
+    const uint32_t rank = kCluster > 1 ? cluster_rank() : 0;
     const int steps = n_tiles * k_steps;
     if (!is_consumer()) {
       release_registers<kProducerRegs>();
@@ -236,11 +298,22 @@ struct TmaWgmma {
         for (int step = 0; step < steps; ++step) {
           const int s = step % kStages;
           mbar_wait(&empty[s], ((step / kStages) & 1) ^ 1);
-          mbar_expect_tx(&full[s], kStageBytes);
+          mbar_expect_tx(&full[s], kStageBytes);  // both halves of B land in every CTA
           const StepCoords c = coords(step);
           load_operand<kMajorA, kM>(stage_a(s), &maps.a, &full[s], c.a_mn, c.a_k);
-          load_operand<kMajorB, kBlockN>(stage_b(s), &maps.b, &full[s], c.b_mn, c.b_k);
+          if constexpr (kCluster > 1) {
+            constexpr int kHalfBytes = kBBoxRows * kK * 2;
+            tma_load_2d_multicast(stage_b(s) + rank * kHalfBytes, &maps.b, &full[s], static_cast<int>(c.b_k),
+                                  static_cast<int>(c.b_mn + rank * kBBoxRows), (1u << kCluster) - 1);
+          } else {
+            load_operand<kMajorB, kBlockN>(stage_b(s), &maps.b, &full[s], c.b_mn, c.b_k);
+          }
         }
+      }
+      // No CTA may exit while its peer can still arrive on its barriers.
+      if constexpr (kCluster > 1) {
+        __syncwarp();
+        cluster_sync();
       }
       return;
     }
@@ -272,15 +345,16 @@ struct TmaWgmma {
         // per warp).
         if (kt >= kInFlight) {
           __syncwarp();
-          if (warp_leader) mbar_arrive(&empty[(step - kInFlight) % kStages]);
+          if (warp_leader) release(&empty[(step - kInFlight) % kStages]);
         }
       }
       wgmma_wait<0>();
       __syncwarp();
       for (int back = min(kInFlight, k_steps); back > 0; --back)
-        if (warp_leader) mbar_arrive(&empty[(step - back) % kStages]);
+        if (warp_leader) release(&empty[(step - back) % kStages]);
       done(t, acc);
     }
+    if constexpr (kCluster > 1) cluster_sync();
 #else
     (void)acc; (void)smem_raw; (void)maps; (void)n_tiles; (void)k_steps; (void)coords; (void)done;
     __trap();  // unreachable: the host only selects this path for sm_90a builds on sm_90
