@@ -962,7 +962,7 @@ cudaError_t launch_forward(const ForwardArgs& a, cudaStream_t stream) {
   attr[0].val.clusterDim.y = 1;
   attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cfg.numAttrs = cluster > 1 ? 1 : 0;  // clusters exist from sm_90 on
   FUSEDLM_RETURN_IF_ERROR(cudaLaunchKernelEx(&cfg, kernel, a, tiles_per_split, maps));
   forward_combine_kernel<<<static_cast<unsigned>((a.N + 255) / 256), 256, 0, stream>>>(a);
   return cudaGetLastError();
