@@ -19,6 +19,8 @@ namespace cce_cuda {
 // Tile sizes shared by every CCE kernel (rows of e x vocabulary entries).
 constexpr int kTileRows = 128;
 constexpr int kTileVocab = 128;
+// Number of kTileVocab-wide vocabulary tiles (columns of tile_mask / target_mask).
+FUSEDLM_HOST_DEVICE inline int64_t tile_cols(int64_t V) { return (V + kTileVocab - 1) / kTileVocab; }
 // Inputs must have D a multiple of this many elements (the glue pads otherwise).
 inline int64_t d_alignment(DType t) { return t == DType::kFloat32 ? 4 : 8; }
 

@@ -140,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cuda(
     auto bias_partials = bias.has_value() ? at::empty({row_tiles, chunk}, f32) : at::Tensor();
     const auto bytes = e.options().dtype(at::kByte);
     const bool filtered = filter_eps >= 0;
-    auto target_mask = filtered ? at::empty({row_tiles, (V + cce_cuda::kTileVocab - 1) / cce_cuda::kTileVocab}, bytes)
+    auto target_mask = filtered ? at::empty({row_tiles, cce_cuda::tile_cols(V)}, bytes)
                                 : at::Tensor();
     const at::Tensor tile_max_f = hint ? as_f32(*tile_max) : at::Tensor();
     const at::Tensor target_logit_f = hint ? as_f32(*target_logit) : at::Tensor();

@@ -433,9 +433,6 @@ __device__ __forceinline__ bool target_significant(float g_l, float g_t, float p
   return fabsf(fmaf(g_l, p, g_t)) >= filter_eps * fabsf(g_l) && (g_l != 0.f || g_t != 0.f);
 }
 
-// 128-wide vocabulary tiles (kN) in a row of the vocabulary.
-__host__ __device__ inline int64_t tile_cols(int64_t V) { return (V + kN - 1) / kN; }
-
 // Marks in target_mask [row tiles, tile_cols(V)] (zeroed before) the 128-wide tiles holding
 // a target entry that the filter keeps: by its gradient, judged from the forward's target
 // logit (the same value the tiles recompute); without that logit, every target with a

@@ -175,6 +175,33 @@ __device__ __forceinline__ float warp_max(float x) {
 
 constexpr int kTile = 64;  // entries per sampling tile (== CPU kSampleTile)
 
+struct RowCtx {
+  int64_t V;
+  float inv_tau, threshold;
+  bool greedy, need_logprobs;
+};
+
+// Folds entries v .. v+3 (x; -inf past V) into the row state: the raw log-sum-exp (for
+// log-probs), the argmax (tau = 0) or the tile's online log-sum-exp of kept entries.
+__device__ __forceinline__ void fold4(RowState& st, float& tile_max, float& tile_sum, float (&x)[4], int64_t v,
+                                      const RowCtx& c) {
+  if (c.need_logprobs) lse_add4(st.raw_max, st.raw_sum, x, 1.f);
+  if (c.greedy) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      if (v + i < c.V && (st.arg_idx < 0 || x[i] > st.arg_val)) {
+        st.arg_val = x[i];
+        st.arg_idx = v + i;
+      }
+    }
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    if (!(x[i] >= c.threshold)) x[i] = -INFINITY;  // truncated (or NaN)
+  lse_add4(tile_max, tile_sum, x, c.inv_tau);
+}
+
 // Unaligned fallback (rows not 16-byte aligned): same tile keys as sample_kernel, but each
 // lane loads its own tile 4 entries at a time (kVec: 8- or 16-byte loads where aligned).
 template <typename T, bool kVec>
@@ -185,9 +212,12 @@ __global__ void __launch_bounds__(kThreads)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const T* l = static_cast<const T*>(a.logits) + row * a.ld;
   const float tau = a.temperature[row];
-  const float inv_tau = tau > 0.f ? 1.f / tau : 1.f;
-  const bool greedy = !(tau > 0.f);
-  const float threshold = thresholds != nullptr ? thresholds[row] : -INFINITY;
+  RowCtx c;
+  c.V = a.V;
+  c.inv_tau = tau > 0.f ? 1.f / tau : 1.f;
+  c.greedy = !(tau > 0.f);
+  c.threshold = thresholds != nullptr ? thresholds[row] : -INFINITY;
+  c.need_logprobs = a.need_logprobs;
   const uint64_t seed = static_cast<uint64_t>(a.seed[row]);
   const uint64_t offset = row_offset(a, row);
   const int64_t total_tiles = (a.V + kTile - 1) / kTile;
@@ -205,27 +235,12 @@ __global__ void __launch_bounds__(kThreads)
     for (int k = 0; k < kGroups; ++k) {
       float x[4];
       load4<T, kVec>(l, t * kGroups + k, a.V, x);
-      if (a.need_logprobs) lse_add4(st.raw_max, st.raw_sum, x, 1.f);
-      if (greedy) {
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const int64_t v = t * kTile + k * 4 + q;
-          if (v < a.V && (st.arg_idx < 0 || x[q] > st.arg_val)) {
-            st.arg_val = x[q];
-            st.arg_idx = v;
-          }
-        }
-        continue;
-      }
-#pragma unroll
-      for (int q = 0; q < 4; ++q)
-        if (!(x[q] >= threshold)) x[q] = -INFINITY;  // truncated (or NaN)
-      lse_add4(tile_max, tile_sum, x, inv_tau);
+      fold4(st, tile_max, tile_sum, x, t * kTile + k * 4, c);
     }
-    if (greedy || tile_max == -INFINITY) continue;  // -inf: nothing kept in the tile
-    add_tile(st, tile_max, tile_sum, inv_tau, seed, offset, t);
+    if (c.greedy || tile_max == -INFINITY) continue;  // -inf: nothing kept in the tile
+    add_tile(st, tile_max, tile_sum, c.inv_tau, seed, offset, t);
   }
-  write_partial(a, row, split, st, greedy);
+  write_partial(a, row, split, st, c.greedy);
 }
 
 // Programmatic dependent launch (sm_90): the finish kernel is launched while the main kernel
@@ -364,12 +379,6 @@ __device__ __forceinline__ uint4 ldg_vec_tail(const T* l, int64_t e, int64_t end
   return q;
 }
 
-struct RowCtx {
-  int64_t V;
-  float inv_tau, threshold;
-  bool greedy, need_logprobs;
-};
-
 // Fold one 16-byte vector (entries v, v+1, ...) in groups of 4, as sample_unaligned_kernel does.
 template <typename T>
 __device__ __forceinline__ void fold_vec(RowState& st, float& tile_max, float& tile_sum,
@@ -380,22 +389,7 @@ __device__ __forceinline__ void fold_vec(RowState& st, float& tile_max, float& t
     float x[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) x[i] = to_float(h[g * 4 + i]);
-    if (c.need_logprobs) lse_add4(st.raw_max, st.raw_sum, x, 1.f);
-    if (c.greedy) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int64_t vi = v + g * 4 + i;
-        if (vi < c.V && (st.arg_idx < 0 || x[i] > st.arg_val)) {
-          st.arg_val = x[i];
-          st.arg_idx = vi;
-        }
-      }
-      continue;
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-      if (!(x[i] >= c.threshold)) x[i] = -INFINITY;  // truncated (or NaN)
-    lse_add4(tile_max, tile_sum, x, c.inv_tau);
+    fold4(st, tile_max, tile_sum, x, v + g * 4, c);
   }
 }
 
