@@ -187,6 +187,11 @@ def test_tile_skipping_hint_changes_no_gradient(regime, opts, mainloop, monkeypa
     if "workspace_mb" in opts:  # odd 128-wide chunk boundaries against 256-wide hint tiles
         monkeypatch.setenv("FUSEDLM_CCE_WORKSPACE_MB", opts.pop("workspace_mb"))
     softcap = opts.pop("softcap", 0.0)
+    # Seeded: the bit-identity below is the point of this test. The filter's own error
+    # against exact gradients on this small, peaked vocabulary with bias + softcap ranges
+    # from 1e-3 to a few % across seeds (3.2% at seed 37 on an H100, the same before and
+    # after the hint), so unseeded data made the sanity bound flaky.
+    torch.manual_seed(0)
     e, c, y, b = make(1100, 256, 9000, torch.bfloat16, peaked=regime == "peaked", **opts)
     e, c, b = e.detach(), c.detach(), None if b is None else b.detach()
     lse, tl, _, tile_max = torch.ops.fusedlm.cce_forward(e, c, y, b, softcap, -100, True)

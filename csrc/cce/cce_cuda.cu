@@ -20,7 +20,8 @@
 //     marked skipped (as are the tiles the hint rules out).
 //  2. dE[N, D]  += G[N, chunk] @ C[chunk, D]   (float32 accumulator buffer)
 //  3. dC[chunk, D] = G[N, chunk]^T @ E[N, D]   (float32 in registers)
-//     (grad_e_kernel / grad_c_kernel on mma.sync, grad_*_wgmma_kernel on Hopper.) Both loop
+//     (grad_e_kernel / grad_c_kernel on mma.sync; on Hopper grad_ec_wgmma_kernel runs the dE
+//     and dC tiles of a chunk in one grid: fewer partly filled waves.) Both loop
 //     only over non-skipped tiles (block-sparse) and each output tile has exactly one owner
 //     CTA: no atomics, deterministic results.
 #include <cuda_bf16.h>
@@ -500,7 +501,7 @@ __device__ __forceinline__ int nth_set_bit(unsigned mask, int n) {
   return __ffs(mask) - 1;
 }
 
-template <typename T, typename Mainloop, bool kSoftcap>
+template <typename T, typename Mainloop, bool kSoftcap, bool kBias>
 __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPerSm)
     grad_tile_kernel(BackwardArgs a, ChunkInfo ck, const __grid_constant__ wg::TmaMaps maps) {
   extern __shared__ __align__(128) char smem[];
@@ -571,7 +572,10 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
     const int v0 = static_cast<int>(ck.v0) + jt * kN;  // V < 2^31 (host check)
     const int V = static_cast<int>(a.V);
     TileBias<Mainloop, T> tile_bias{bias, Mainloop::bias_scratch(smem), v0, V};
-    tile_bias.stage();
+    if constexpr (kBias) tile_bias.stage();
+    // Relative column c = nt * 8 + q of this thread is vocabulary entry first_col + c.
+    const int first_col = v0 + Mainloop::col(0, 0);
+    const int cols_left = V - first_col;  // c < cols_left: in range
     bool keep[kHalves] = {};
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
@@ -579,6 +583,39 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
       for (int h = 0; h < 2; ++h) {
         const float g_l = g_lse[mt][h], g_t = g_tgt[mt][h], g_s = g_sum[mt][h];
         const bool has_grad = g_l != 0.f || g_t != 0.f || g_s != 0.f;
+        const int t_col = target[mt][h] - first_col;
+        const bool holds_target = t_col >= 0 && t_col < NT * 8 && (t_col & 6) == 0;
+        if (has_grad && !holds_target && cols_left >= NT * 8) {
+          // The common row: every column in range, no target entry among them. Per entry
+          // one FFMA + ex2 for p, one FFMA for g and one max for the keep test (the
+          // general loop below needs ~3x the instructions).
+          float p_max[kHalves][2];
+#pragma unroll
+          for (int hf = 0; hf < kHalves; ++hf) p_max[hf][0] = p_max[hf][1] = -INFINITY;
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+              const int r = 2 * h + q;
+              float z = acc[mt][nt][r];
+              if constexpr (kBias) z += tile_bias.at(Mainloop::col(nt, r));
+              if constexpr (kSoftcap) z = a.softcap * tanh_small_code(z * inv_cap);
+              const float p = fast_exp2(fmaf(z, kLog2e, -lse2[mt][h]));
+              p_max[nt / kNtPerHalf][nt & 1] = fmaxf(p_max[nt / kNtPerHalf][nt & 1], p);
+              float g = fmaf(g_l, p, g_s);
+              if constexpr (kSoftcap) {
+                const float t = z * inv_cap;
+                g *= 1.f - t * t;
+              }
+              acc[mt][nt][r] = g;
+            }
+          }
+#pragma unroll
+          for (int hf = 0; hf < kHalves; ++hf)
+            keep[hf] |= a.filter_eps < 0.f || fmaxf(p_max[hf][0], p_max[hf][1]) >= a.filter_eps;
+          continue;
+        }
+        // Rows with a target entry here, columns past V or no gradient: entry by entry.
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
@@ -587,7 +624,7 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
             const int v = v0 + Mainloop::col(nt, r);  // 32-bit: smaller epilogue code
             const bool live = has_grad && v < V;  // branch-free per entry (selects)
             float z = acc[mt][nt][r];
-            z += tile_bias.at(Mainloop::col(nt, r));
+            if constexpr (kBias) z += tile_bias.at(Mainloop::col(nt, r));
             if constexpr (kSoftcap) z = a.softcap * tanh_small_code(z * inv_cap);
             const float p = fast_exp2(fmaf(z, kLog2e, -lse2[mt][h]));
             const bool is_target = v == target[mt][h];
@@ -773,13 +810,12 @@ __global__ void __launch_bounds__(kThreads) grad_c_kernel(BackwardArgs a, ChunkI
 // 128 x 256 output tiles. G, c and e are read along their rows (MN-major for wgmma), so no
 // operand is transposed in memory. Same block sparsity and single ownership as above.
 //   dE[N, D] (+)= G[N, chunk] @ C[chunk, D]:  A = G (K-major), B = C chunk (MN-major)
+// (Device functions: grad_ec_wgmma_kernel runs the dE and dC tiles of a chunk in one grid.)
 template <typename T, typename Gemm>
-__global__ void __launch_bounds__(Gemm::kThreadsPerCta, 1)
-    grad_e_wgmma_kernel(BackwardArgs a, ChunkInfo ck, const __grid_constant__ wg::TmaMaps maps) {
-  extern __shared__ __align__(128) char smem[];
+__device__ __forceinline__ void grad_e_wgmma_tile(const BackwardArgs& a, const ChunkInfo& ck, const wg::TmaMaps& maps,
+                                                  char* smem, int d_tile, int row_tile) {
   int* active = reinterpret_cast<int*>(smem + Gemm::smem_bytes());
-  const int64_t d0 = static_cast<int64_t>(blockIdx.x) * Gemm::kBlockN;  // D tiles vary fastest
-  const int row_tile = blockIdx.y;                                       // (L2 reuse of G rows)
+  const int64_t d0 = static_cast<int64_t>(d_tile) * Gemm::kBlockN;
   const int64_t row0 = static_cast<int64_t>(row_tile) * kM;
   const int n_active = collect_active(a.tile_mask + static_cast<int64_t>(row_tile) * ck.chunk_tiles,
                                       1, ck.chunk_tiles, active);
@@ -812,12 +848,10 @@ __global__ void __launch_bounds__(Gemm::kThreadsPerCta, 1)
 
 //   dC[chunk, D] = G[N, chunk]^T @ E[N, D]:  A = G^T (MN-major), B = E (MN-major)
 template <typename T, typename Gemm>
-__global__ void __launch_bounds__(Gemm::kThreadsPerCta, 1)
-    grad_c_wgmma_kernel(BackwardArgs a, ChunkInfo ck, const __grid_constant__ wg::TmaMaps maps) {
-  extern __shared__ __align__(128) char smem[];
+__device__ __forceinline__ void grad_c_wgmma_tile(const BackwardArgs& a, const ChunkInfo& ck, const wg::TmaMaps& maps,
+                                                  char* smem, int d_tile, int jt) {
   int* active = reinterpret_cast<int*>(smem + Gemm::smem_bytes());
-  const int64_t d0 = static_cast<int64_t>(blockIdx.x) * Gemm::kBlockN;
-  const int jt = blockIdx.y;
+  const int64_t d0 = static_cast<int64_t>(d_tile) * Gemm::kBlockN;
   const int n_active = collect_active(a.tile_mask + jt, ck.chunk_tiles, ck.row_tiles, active);
   constexpr int kStepsPerTile = kM / wg::kK;  // k steps per 128-row token tile
   float acc[1][Gemm::kNTiles][4];  // written by the consumers in run()
@@ -837,6 +871,25 @@ __global__ void __launch_bounds__(Gemm::kThreadsPerCta, 1)
         if (v < a.V && d < a.D) grad_c[v * a.D + d] = from_float<T>(acc[0][nt][r]);
       }
   });
+}
+
+// One grid for both GEMMs of a chunk (they only read G): the dC tiles first (at the small
+// benchmark shape their reduction over all tokens is the longer one), then the dE tiles, D
+// tiles varying fastest (L2 reuse of the G rows / columns). Two grids of 4.4 waves each at
+// the Gemma shape ran 5 + 5 waves; one grid runs 9.
+template <typename T, typename GemmE, typename GemmC>
+__global__ void __launch_bounds__(GemmE::kThreadsPerCta, 1)
+    grad_ec_wgmma_kernel(BackwardArgs a, ChunkInfo ck, const __grid_constant__ wg::TmaMaps maps_e,
+                         const __grid_constant__ wg::TmaMaps maps_c, int d_tiles) {
+  static_assert(GemmE::kThreadsPerCta == GemmC::kThreadsPerCta, "one block size");
+  extern __shared__ __align__(128) char smem[];
+  const int c_ctas = d_tiles * ck.chunk_tiles;
+  const int b = static_cast<int>(blockIdx.x);
+  if (b < c_ctas) {
+    grad_c_wgmma_tile<T, GemmC>(a, ck, maps_c, smem, b % d_tiles, b / d_tiles);
+  } else {
+    grad_e_wgmma_tile<T, GemmE>(a, ck, maps_e, smem, (b - c_ctas) % d_tiles, (b - c_ctas) / d_tiles);
+  }
 }
 
 __global__ void bias_reduce_kernel(BackwardArgs a, ChunkInfo ck, int64_t chunk_len) {
@@ -1013,8 +1066,11 @@ cudaError_t backward_typed(const BackwardArgs& args, cudaStream_t stream) {
   // Shared memory of the dE / dC kernels: pipeline + the list of active tiles.
   const int smem_e = (kWgmmaGemms ? GemmE::smem_bytes() : tile::smem_bytes<T, true, false>()) + 4 * max_tiles;
   const int smem_c = (kWgmmaGemms ? GemmC::smem_bytes() : tile::smem_bytes<T, false, false>()) + 4 * row_tiles;
-  auto tile_kernel = a.softcap > 0.f ? grad_tile_kernel<T, Mainloop, true>
-                                     : grad_tile_kernel<T, Mainloop, false>;
+  const int smem_ec = std::max(smem_e, smem_c);
+  const bool has_bias = a.bias != nullptr;
+  auto tile_kernel = a.softcap > 0.f
+                         ? (has_bias ? grad_tile_kernel<T, Mainloop, true, true> : grad_tile_kernel<T, Mainloop, true, false>)
+                         : (has_bias ? grad_tile_kernel<T, Mainloop, false, true> : grad_tile_kernel<T, Mainloop, false, false>);
   FUSEDLM_RETURN_IF_ERROR(allow_smem(tile_kernel, smem_tile));
   int device = 0, sms = 1;
   FUSEDLM_RETURN_IF_ERROR(cudaGetDevice(&device));
@@ -1027,8 +1083,7 @@ cudaError_t backward_typed(const BackwardArgs& args, cudaStream_t stream) {
     FUSEDLM_RETURN_IF_ERROR(make_tma_map(&maps_e.b, a.dtype, a.c, a.V, a.D, 64));
     FUSEDLM_RETURN_IF_ERROR(make_tma_map(&maps_c.a, a.dtype, a.grad_workspace, ws_rows, a.vocab_chunk, 64));
     FUSEDLM_RETURN_IF_ERROR(make_tma_map(&maps_c.b, a.dtype, a.e, a.N, a.D, 64));
-    FUSEDLM_RETURN_IF_ERROR(allow_smem(grad_e_wgmma_kernel<T, GemmE>, smem_e));
-    FUSEDLM_RETURN_IF_ERROR(allow_smem(grad_c_wgmma_kernel<T, GemmC>, smem_c));
+    FUSEDLM_RETURN_IF_ERROR(allow_smem(grad_ec_wgmma_kernel<T, GemmE, GemmC>, smem_ec));
   } else {
     FUSEDLM_RETURN_IF_ERROR(allow_smem(grad_e_kernel<T>, smem_e));
     FUSEDLM_RETURN_IF_ERROR(allow_smem(grad_c_kernel<T>, smem_c));
@@ -1063,11 +1118,9 @@ cudaError_t backward_typed(const BackwardArgs& args, cudaStream_t stream) {
                                     Mainloop::kThreadsPerCta, smem_tile, stream>>>(a, ck, maps);
     FUSEDLM_RETURN_IF_ERROR(cudaGetLastError());
     if constexpr (kWgmmaGemms) {
-      grad_e_wgmma_kernel<T, GemmE><<<dim3(d_tiles_wide, row_tiles), GemmE::kThreadsPerCta, smem_e,
-                                      stream>>>(a, ck, maps_e);
-      FUSEDLM_RETURN_IF_ERROR(cudaGetLastError());
-      grad_c_wgmma_kernel<T, GemmC><<<dim3(d_tiles_wide, ck.chunk_tiles), GemmC::kThreadsPerCta,
-                                      smem_c, stream>>>(a, ck, maps_c);
+      const unsigned ctas = d_tiles_wide * static_cast<unsigned>(ck.chunk_tiles + row_tiles);
+      grad_ec_wgmma_kernel<T, GemmE, GemmC><<<ctas, GemmE::kThreadsPerCta, smem_ec, stream>>>(
+          a, ck, maps_e, maps_c, static_cast<int>(d_tiles_wide));
     } else {
       grad_e_kernel<T><<<dim3(row_tiles, d_tiles), kThreads, smem_e, stream>>>(a, ck);
       FUSEDLM_RETURN_IF_ERROR(cudaGetLastError());
