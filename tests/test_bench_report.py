@@ -1,0 +1,33 @@
+"""bench/report.py reads the committed benchmark CSVs (schema guard for bench/run.py's output)."""
+import glob
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import report  # noqa: E402
+
+CSVS = sorted(glob.glob(os.path.join(ROOT, "bench", "results", "bench_all_*.csv")))
+
+
+@pytest.mark.parametrize("path", CSVS, ids=os.path.basename)
+def test_report_tables_from_committed_csv(path, capsys):
+    assert report.main([path]) == 0
+    out = capsys.readouterr().out
+    rows = report.load(path)
+    cce_cases = {(r["case"], r["regime"]) for r in rows if r["suite"] == "cce"}
+    sampling_cases = {(r["case"], r["dtype"]) for r in rows if r["suite"] == "sampling" and r["case"].startswith("B")}
+    # one table line per CCE case (results and bars) and per sampling case
+    cce_lines = [line for line in out.splitlines()
+                 if line.startswith("| ") and (" | random |" in line or " | peaked |" in line)]
+    assert len(cce_lines) == 2 * len(cce_cases)
+    assert sum(line.count(" floor: ") + line.count("≤ 15 µs") for line in out.splitlines()) >= len(
+        [c for c in sampling_cases if c[0].split("xV")[0] != "B8"])
+    assert "NaN" not in out and "nan" not in out
+
+
+def test_report_needs_the_csv_argument():
+    with pytest.raises(SystemExit):
+        report.main([])
