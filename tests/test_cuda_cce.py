@@ -239,6 +239,24 @@ def test_out_of_range_target_gives_nan_not_garbage():
     assert torch.isnan(loss[3]) and torch.isfinite(loss[torch.arange(16, device=DEV) != 3]).all()
 
 
+@pytest.mark.parametrize("filter_eps", ["auto", None], ids=["filtered", "exact"])
+def test_nan_hidden_state_gives_nan_gradients_like_pytorch(filter_eps, mainloop):
+    """A NaN in one token's hidden state: that token's loss and gradient row are NaN and dC
+    is NaN (as with PyTorch and the CPU kernel); the filter must not skip the NaN row's
+    tiles (a NaN softmax is never "below" the filter) and turn its gradients into zeros."""
+    e, c, y, _ = make(300, 64, 3000, torch.bfloat16, peaked=True, ignore_frac=0.0)
+    e = e.detach().clone()
+    e[7, 5] = float("nan")
+    e.requires_grad_()
+    loss = fusedlm.linear_cross_entropy(e, c, y, reduction="none", filter_eps=filter_eps)
+    others = torch.arange(300, device=DEV) != 7
+    assert torch.isnan(loss[7]) and torch.isfinite(loss[others]).all()
+    g_e, g_c = torch.autograd.grad(loss.sum(), (e, c))
+    assert torch.isnan(g_e[7]).all() and torch.isfinite(g_e[others]).all()
+    want_c = torch.autograd.grad(F.cross_entropy(e.float() @ c.float().T, y, reduction="sum"), c)[0]
+    assert torch.equal(torch.isnan(g_c), torch.isnan(want_c)) and torch.isnan(g_c).any()
+
+
 def test_forward_memory_bound_gemma_shape():
     n, d, v = 8192, 2304, 256000
     e = torch.randn(n, d, device=DEV, dtype=torch.bfloat16)

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "filter.h"
 #include "tile_max.h"
 
 namespace fusedlm {
@@ -66,15 +67,6 @@ void forward_rows(const T* e, const T* c, const T* bias, const int64_t* targets,
     const int64_t y = targets[i];
     target_logit[i] = (y == ignore_index) ? T(0) : logit(e_row, c, bias, y, D, softcap);
   }
-}
-
-// Whether gradient filtering drops a row's target entry: when its gradient grad_lse * p +
-// grad_target (before the softcap factor) is below filter_eps * |grad_lse|, the bound the
-// filter puts on every other entry. For cross-entropy: |p - 1| < filter_eps.
-template <typename T>
-inline bool target_negligible(T grad_lse_i, T grad_target_i, T p, T filter_eps) {
-  return std::abs(grad_lse_i * p + grad_target_i) < filter_eps * std::abs(grad_lse_i) ||
-         (grad_lse_i == T(0) && grad_target_i == T(0));
 }
 
 // d loss / d z[i, v] = grad_lse[i] * softmax[i, v] + grad_target[i] * [v == y_i] + grad_sum[i],

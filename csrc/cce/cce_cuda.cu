@@ -36,6 +36,7 @@
 
 #include "../common/fast_math.cuh"
 #include "../dispatch.h"
+#include "filter.h"
 #include "tile_mma.cuh"
 #include "tile_wgmma.cuh"
 
@@ -402,6 +403,9 @@ __global__ void forward_combine_kernel(ForwardArgs a) {
     zs += a.partials[(static_cast<int64_t>(a.splits) + s) * a.N + row];
   }
   float lse = m + logf(sum);
+  // The tile maxima skip NaN logits (fmaxf), so a row of NaN logits folds to -inf: its
+  // logit sum carries the NaN into the log-sum-exp (as torch.logsumexp and the CPU kernel).
+  if (zs != zs) lse = NAN;
   const int64_t y = a.targets[row];
   if (y == a.ignore_index) {
     a.target_logit[row] = 0.f;
@@ -426,14 +430,6 @@ struct ChunkInfo {
   int tiles_per_cta;   // output tiles per gradient-tile CTA (consecutive, same rows)
 };
 
-// Whether the filter keeps a row's target entry: its gradient g_l * p + g_t (before the
-// softcap factor) against filter_eps * |g_l|, the bound the filter puts on the other entries
-// (g_l * p with p < filter_eps). For cross-entropy, |p - 1| >= filter_eps: a confidently
-// right token contributes nothing above the filter.
-__device__ __forceinline__ bool target_significant(float g_l, float g_t, float p, float filter_eps) {
-  return fabsf(fmaf(g_l, p, g_t)) >= filter_eps * fabsf(g_l) && (g_l != 0.f || g_t != 0.f);
-}
-
 // Marks in target_mask [row tiles, tile_cols(V)] (zeroed before) the 128-wide tiles holding
 // a target entry that the filter keeps: by its gradient, judged from the forward's target
 // logit (the same value the tiles recompute); without that logit, every target with a
@@ -445,7 +441,7 @@ __global__ void target_mask_kernel(BackwardArgs a) {
   const int64_t y = a.targets[row];
   if (y < 0 || y >= a.V || (g_l == 0.f && g_t == 0.f && g_s == 0.f)) return;
   if (a.target_logit != nullptr &&
-      !target_significant(g_l, g_t, expf(a.target_logit[row] - a.lse[row]), a.filter_eps))
+      target_negligible(g_l, g_t, expf(a.target_logit[row] - a.lse[row]), a.filter_eps))
     return;
   a.target_mask[(row / kM) * tile_cols(a.V) + y / kN] = 1;  // racing writes of the same value
 }
@@ -482,7 +478,7 @@ __global__ void __launch_bounds__(kM) keep_hint_kernel(BackwardArgs a) {
   for (int j = 0; j < kPer && w * kPer + j < tile_cols(a.V); ++j) keep |= targets_here[j] != 0;
   const int rows = static_cast<int>(a.N - row0 < kM ? a.N - row0 : kM);
   for (int i = 0; i < rows; ++i)  // coalesced: neighbouring threads read neighbouring tiles
-    keep |= a.tile_max[(row0 + i) * W + w] >= threshold[i];
+    keep |= !(a.tile_max[(row0 + i) * W + w] < threshold[i]);  // NaN (loss or bound): kept
   a.keep_hint[static_cast<int64_t>(blockIdx.y) * W + w] = keep;
 }
 
@@ -612,7 +608,9 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
           }
 #pragma unroll
           for (int hf = 0; hf < kHalves; ++hf)
-            keep[hf] |= a.filter_eps < 0.f || fmaxf(p_max[hf][0], p_max[hf][1]) >= a.filter_eps;
+            // (fmaxf skips NaN; a NaN logit makes the row's log-sum-exp NaN: kept whole.)
+            keep[hf] |= a.filter_eps < 0.f || fmaxf(p_max[hf][0], p_max[hf][1]) >= a.filter_eps ||
+                        lse2[mt][h] != lse2[mt][h];
           continue;
         }
         // Rows with a target entry here, columns past V or no gradient: entry by entry.
@@ -634,7 +632,7 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
               g *= 1.f - t * t;
             }
             // The target entry is judged below, by its gradient rather than its softmax.
-            keep[nt / kNtPerHalf] |= live && (a.filter_eps < 0.f || (p >= a.filter_eps && !is_target));
+            keep[nt / kNtPerHalf] |= live && (a.filter_eps < 0.f || (!(p < a.filter_eps) && !is_target));
             acc[mt][nt][r] = live ? g : 0.f;
           }
         }

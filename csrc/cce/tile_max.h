@@ -3,11 +3,7 @@
 #pragma once
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define FUSEDLM_HOST_DEVICE __host__ __device__
-#else
-#define FUSEDLM_HOST_DEVICE
-#endif
+#include "../common/host_device.h"
 
 namespace fusedlm {
 
