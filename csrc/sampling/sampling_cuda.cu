@@ -181,6 +181,17 @@ struct RowCtx {
   bool greedy, need_logprobs;
 };
 
+__device__ __forceinline__ RowCtx row_ctx(const SampleArgs& a, const float* thresholds, int64_t row) {
+  const float tau = a.temperature[row];
+  RowCtx c;
+  c.V = a.V;
+  c.inv_tau = tau > 0.f ? 1.f / tau : 1.f;
+  c.greedy = !(tau > 0.f);  // also NaN / negative: handled (token 0) by the finish kernel
+  c.threshold = thresholds != nullptr ? thresholds[row] : -INFINITY;
+  c.need_logprobs = a.need_logprobs;
+  return c;
+}
+
 // Folds entries v .. v+3 (x; -inf past V) into the row state: the raw log-sum-exp (for
 // log-probs), the argmax (tau = 0) or the tile's online log-sum-exp of kept entries.
 __device__ __forceinline__ void fold4(RowState& st, float& tile_max, float& tile_sum, float (&x)[4], int64_t v,
@@ -211,13 +222,7 @@ __global__ void __launch_bounds__(kThreads)
   const int split = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const T* l = static_cast<const T*>(a.logits) + row * a.ld;
-  const float tau = a.temperature[row];
-  RowCtx c;
-  c.V = a.V;
-  c.inv_tau = tau > 0.f ? 1.f / tau : 1.f;
-  c.greedy = !(tau > 0.f);
-  c.threshold = thresholds != nullptr ? thresholds[row] : -INFINITY;
-  c.need_logprobs = a.need_logprobs;
+  const RowCtx c = row_ctx(a, thresholds, row);
   const uint64_t seed = static_cast<uint64_t>(a.seed[row]);
   const uint64_t offset = row_offset(a, row);
   const int64_t total_tiles = (a.V + kTile - 1) / kTile;
@@ -443,13 +448,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int split = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
   const T* l = static_cast<const T*>(a.logits) + row * a.ld;
-  const float tau = a.temperature[row];
-  RowCtx c;
-  c.V = a.V;
-  c.inv_tau = tau > 0.f ? 1.f / tau : 1.f;
-  c.greedy = !(tau > 0.f);
-  c.threshold = thresholds != nullptr ? thresholds[row] : -INFINITY;
-  c.need_logprobs = a.need_logprobs;
+  const RowCtx c = row_ctx(a, thresholds, row);
   const uint64_t seed = static_cast<uint64_t>(a.seed[row]);
   const uint64_t offset = row_offset(a, row);
   const int64_t t_begin = split * tiles_per_split;
