@@ -253,14 +253,6 @@ struct TmaWgmma {
     return scratch(smem_raw) + kRowGroups * kBlockN;
   }
 
-  // Runs n_tiles output tiles of k_steps stages each; coords(step) says where step reads.
-  // The producer warpgroup returns as soon as it has issued every load: callers must not
-  // use __syncthreads afterwards (sync_consumers is the consumer-only barrier). Consumers
-  // call done(tile, acc) with the finished accumulator of each tile. The accumulator is
-  // only written by consumers: initialising it before run() would keep it live in the
-  // producer, whose register budget is too small for it. (Overlapping the epilogue with the
-  // next tile's first wgmmas through a second accumulator made ptxas serialise the wgmmas:
-  // C7518.)
   // A consumer warp frees a stage: in a cluster, for the producers of every CTA (each
   // wrote part of it).
   __device__ static void release(uint64_t* empty_bar) {
@@ -272,6 +264,14 @@ struct TmaWgmma {
     }
   }
 
+  // Runs n_tiles output tiles of k_steps stages each; coords(step) says where step reads.
+  // The producer warpgroup returns as soon as it has issued every load: callers must not
+  // use __syncthreads afterwards (sync_consumers is the consumer-only barrier). Consumers
+  // call done(tile, acc) with the finished accumulator of each tile. The accumulator is
+  // only written by consumers: initialising it before run() would keep it live in the
+  // producer, whose register budget is too small for it. (Overlapping the epilogue with the
+  // next tile's first wgmmas through a second accumulator made ptxas serialise the wgmmas:
+  // C7518.)
   template <typename Coords, typename Done>
   __device__ static void run(float (&acc)[1][kNTiles][4], char* smem_raw, const TmaMaps& maps,
                              int n_tiles, int k_steps, Coords&& coords, Done&& done) {
