@@ -11,7 +11,8 @@
 // for) and, for tau = 0 rows, the argmax. sample_finish_kernel (one warp per row,
 // launched with programmatic dependent launch on sm_90 so its launch overlaps the main
 // kernel's tail) merges the splits of a row, re-reads the winning tile and picks the token
-// inside it by inverse CDF with the tile's uniform. Rows that are not 16-byte aligned go
+// inside it by inverse CDF with the tile's uniform. When a row has one split (large batches)
+// its CTA does that itself and no finish kernel runs. Rows that are not 16-byte aligned go
 // through sample_unaligned_kernel (same tile keys, one tile per lane, simple per-lane loads).
 // truncation_kernel (one CTA per row, only when top-k / top-p / min-p are given) finds the
 // smallest kept logit by bisection on the order-preserving integer image of the floats.
@@ -119,20 +120,6 @@ __device__ __forceinline__ void add_tile(RowState& st, float tile_max, float til
   best_merge(st.best_key, st.best_idx, log_mass + gumbel_from_bits(bits.x), t);
 }
 
-// Block-reduces the CTA's row state and writes its (row, split) partial for the finish kernel.
-__device__ void write_partial(const SampleArgs& a, int64_t row, int split, RowState st, bool greedy) {
-  st = block_reduce(st, 1.f);
-  if (threadIdx.x == 0) {
-    float* out = a.workspace + (row * a.splits + split) * kPartial;
-    out[0] = st.raw_max;
-    out[1] = st.raw_sum;
-    out[2] = st.p_max;
-    out[3] = st.p_sum;
-    out[4] = greedy ? st.arg_val : st.best_key;
-    out[5] = __int_as_float(static_cast<int>(greedy ? st.arg_idx : st.best_idx));
-  }
-}
-
 __device__ __forceinline__ bool valid_tau(float tau) { return tau >= 0.f; }  // false for NaN
 
 // Four consecutive logits of a row (entries past V read as -inf). kVec: one 16-byte (float)
@@ -213,41 +200,6 @@ __device__ __forceinline__ void fold4(RowState& st, float& tile_max, float& tile
   lse_add4(tile_max, tile_sum, x, c.inv_tau);
 }
 
-// Unaligned fallback (rows not 16-byte aligned): same tile keys as sample_kernel, but each
-// lane loads its own tile 4 entries at a time (kVec: 8- or 16-byte loads where aligned).
-template <typename T, bool kVec>
-__global__ void __launch_bounds__(kThreads)
-    sample_unaligned_kernel(SampleArgs a, const float* thresholds, int64_t tiles_per_split) {
-  const int64_t row = blockIdx.x;
-  const int split = blockIdx.y;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const T* l = static_cast<const T*>(a.logits) + row * a.ld;
-  const RowCtx c = row_ctx(a, thresholds, row);
-  const uint64_t seed = static_cast<uint64_t>(a.seed[row]);
-  const uint64_t offset = row_offset(a, row);
-  const int64_t total_tiles = (a.V + kTile - 1) / kTile;
-  const int64_t t_begin = split * tiles_per_split;
-  const int64_t t_end = min(t_begin + tiles_per_split, total_tiles);
-  RowState st;  // p_max / p_sum: log-sum-exp of tile log-masses; best_*: winning tile
-  // Lane j of a warp owns a whole tile (t0 + j) and streams its 32 groups of 4 entries with an
-  // online max / sum-exp in registers: no cross-lane reductions, one Philox draw per tile.
-  constexpr int kWarps = kThreads / 32, kGroups = kTile / 4;
-  for (int64_t t0 = t_begin + warp * 32; t0 < t_end; t0 += kWarps * 32) {
-    const int64_t t = t0 + lane;
-    if (t >= t_end) continue;
-    float tile_max = -INFINITY, tile_sum = 0.f;
-#pragma unroll 4
-    for (int k = 0; k < kGroups; ++k) {
-      float x[4];
-      load4<T, kVec>(l, t * kGroups + k, a.V, x);
-      fold4(st, tile_max, tile_sum, x, t * kTile + k * 4, c);
-    }
-    if (c.greedy || tile_max == -INFINITY) continue;  // -inf: nothing kept in the tile
-    add_tile(st, tile_max, tile_sum, c.inv_tau, seed, offset, t);
-  }
-  write_partial(a, row, split, st, c.greedy);
-}
-
 // Programmatic dependent launch (sm_90): the finish kernel is launched while the main kernel
 // still runs and waits here for its results; both are no-ops without the launch attribute.
 __device__ __forceinline__ void griddep_wait() {
@@ -261,28 +213,14 @@ __device__ __forceinline__ void griddep_launch_dependents() {
 #endif
 }
 
-// One warp per row: merge the splits, then draw the token inside the winning tile.
+// One warp, with the row's merged state in every lane: the token (inside the winning tile,
+// by inverse CDF with the tile's uniform; tau = 0: the argmax) and the log-probs.
 template <typename T, bool kVec>
-__global__ void sample_finish_kernel(SampleArgs a, const float* thresholds) {
-  griddep_wait();  // the partials of the main kernel
-  const int64_t row = blockIdx.x;
-  const int lane = threadIdx.x;
+__device__ void finish_row(const SampleArgs& a, const float* thresholds, int64_t row, int lane,
+                           const RowState& st) {
   const float tau = a.temperature[row];
   const float inv_tau = tau > 0.f ? 1.f / tau : 1.f;
   const bool greedy = !(tau > 0.f);
-  RowState st;  // lanes merge strided splits in parallel, then across the warp
-  for (int s = lane; s < a.splits; s += 32) {
-    const float* p = a.workspace + (row * a.splits + s) * kPartial;
-    online_merge(st.raw_max, st.raw_sum, p[0], p[1], 1.f);
-    online_merge(st.p_max, st.p_sum, p[2], p[3], 1.f);
-    best_merge(st.best_key, st.best_idx, p[4], __float_as_int(p[5]));
-  }
-  for (int off = 16; off > 0; off >>= 1) {
-    const RowState other = shfl_state(st, off);
-    online_merge(st.raw_max, st.raw_sum, other.raw_max, other.raw_sum, 1.f);
-    online_merge(st.p_max, st.p_sum, other.p_max, other.p_sum, 1.f);
-    best_merge(st.best_key, st.best_idx, other.best_key, other.best_idx);
-  }
   const bool masked_row = greedy ? (a.need_logprobs && st.raw_max == -INFINITY) : st.best_idx < 0;
   if (!valid_tau(tau) || st.best_idx < 0 || masked_row) {
     // invalid temperature or a fully masked row: documented fallback, no crash
@@ -348,6 +286,94 @@ __global__ void sample_finish_kernel(SampleArgs a, const float* thresholds) {
   a.raw_logprob[row] = lt - st.raw_max - logf(st.raw_sum);
   a.logprob[row] = greedy ? 0.f : lt * inv_tau - (st.p_max + logf(st.p_sum));
 }
+
+// Block-reduces the CTA's row state. With one split the CTA holds the whole row: warp 0
+// draws the token itself (no finish kernel is launched); otherwise thread 0 writes the (row,
+// split) partial for the finish kernel.
+template <typename T, bool kVec>
+__device__ void finish_or_write_partial(const SampleArgs& a, const float* thresholds, int64_t row, int split,
+                                        RowState st, bool greedy) {
+  st = block_reduce(st, 1.f);
+  if (greedy) {  // the partial's winner slot holds the argmax for tau = 0 rows
+    st.best_key = st.arg_val;
+    st.best_idx = st.arg_idx;
+  }
+  if (a.splits == 1) {
+    __shared__ RowState row_state;
+    if (threadIdx.x == 0) row_state = st;
+    __syncthreads();
+    if (threadIdx.x < 32) finish_row<T, kVec>(a, thresholds, row, static_cast<int>(threadIdx.x), row_state);
+    return;
+  }
+  if (threadIdx.x == 0) {
+    float* out = a.workspace + (row * a.splits + split) * kPartial;
+    out[0] = st.raw_max;
+    out[1] = st.raw_sum;
+    out[2] = st.p_max;
+    out[3] = st.p_sum;
+    out[4] = st.best_key;
+    out[5] = __int_as_float(static_cast<int>(st.best_idx));
+  }
+}
+
+// One warp per row: merge the splits, then draw the token inside the winning tile.
+template <typename T, bool kVec>
+__global__ void sample_finish_kernel(SampleArgs a, const float* thresholds) {
+  griddep_wait();  // the partials of the main kernel
+  const int64_t row = blockIdx.x;
+  const int lane = threadIdx.x;
+  RowState st;  // lanes merge strided splits in parallel, then across the warp
+  for (int s = lane; s < a.splits; s += 32) {
+    const float* p = a.workspace + (row * a.splits + s) * kPartial;
+    online_merge(st.raw_max, st.raw_sum, p[0], p[1], 1.f);
+    online_merge(st.p_max, st.p_sum, p[2], p[3], 1.f);
+    best_merge(st.best_key, st.best_idx, p[4], __float_as_int(p[5]));
+  }
+  for (int off = 16; off > 0; off >>= 1) {
+    const RowState other = shfl_state(st, off);
+    online_merge(st.raw_max, st.raw_sum, other.raw_max, other.raw_sum, 1.f);
+    online_merge(st.p_max, st.p_sum, other.p_max, other.p_sum, 1.f);
+    best_merge(st.best_key, st.best_idx, other.best_key, other.best_idx);
+  }
+  finish_row<T, kVec>(a, thresholds, row, lane, st);
+}
+
+// Unaligned fallback (rows not 16-byte aligned): same tile keys as sample_kernel, but each
+// lane loads its own tile 4 entries at a time (kVec: 8- or 16-byte loads where aligned).
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads)
+    sample_unaligned_kernel(SampleArgs a, const float* thresholds, int64_t tiles_per_split) {
+  const int64_t row = blockIdx.x;
+  const int split = blockIdx.y;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const T* l = static_cast<const T*>(a.logits) + row * a.ld;
+  const RowCtx c = row_ctx(a, thresholds, row);
+  const uint64_t seed = static_cast<uint64_t>(a.seed[row]);
+  const uint64_t offset = row_offset(a, row);
+  const int64_t total_tiles = (a.V + kTile - 1) / kTile;
+  const int64_t t_begin = split * tiles_per_split;
+  const int64_t t_end = min(t_begin + tiles_per_split, total_tiles);
+  RowState st;  // p_max / p_sum: log-sum-exp of tile log-masses; best_*: winning tile
+  // Lane j of a warp owns a whole tile (t0 + j) and streams its 32 groups of 4 entries with an
+  // online max / sum-exp in registers: no cross-lane reductions, one Philox draw per tile.
+  constexpr int kWarps = kThreads / 32, kGroups = kTile / 4;
+  for (int64_t t0 = t_begin + warp * 32; t0 < t_end; t0 += kWarps * 32) {
+    const int64_t t = t0 + lane;
+    if (t >= t_end) continue;
+    float tile_max = -INFINITY, tile_sum = 0.f;
+#pragma unroll 4
+    for (int k = 0; k < kGroups; ++k) {
+      float x[4];
+      load4<T, kVec>(l, t * kGroups + k, a.V, x);
+      fold4(st, tile_max, tile_sum, x, t * kTile + k * 4, c);
+    }
+    if (c.greedy || tile_max == -INFINITY) continue;  // -inf: nothing kept in the tile
+    add_tile(st, tile_max, tile_sum, c.inv_tau, seed, offset, t);
+  }
+  finish_or_write_partial<T, kVec>(a, thresholds, row, split, st, c.greedy);
+}
+
+
 
 // ---- sample_kernel: a warp loads a batch of 32 tiles with every load issued up front ----
 // Loading and folding one vector at a time keeps only ~16 B in flight per lane, far below what
@@ -497,7 +523,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     if (c.greedy || tile_max == -INFINITY) continue;  // -inf: nothing kept in the tile
     add_tile(st, tile_max, tile_sum, c.inv_tau, seed, offset, t);
   }
-  write_partial(a, row, split, st, c.greedy);
+  finish_or_write_partial<T, true>(a, thresholds, row, split, st, c.greedy);
 }
 
 __device__ __forceinline__ float from_order_key(uint32_t k) {
@@ -680,7 +706,8 @@ cudaError_t sample_aligned_launch(const SampleArgs& a, const float* thresholds, 
   sample_kernel<T><<<dim3(static_cast<unsigned>(a.B), a.splits), warps * 32, smem, stream>>>(
       a, thresholds, per_split * kBatchTiles);
   err = cudaGetLastError();
-  return err != cudaSuccess ? err : finish_launch<T, true>(a, thresholds, stream);
+  if (err != cudaSuccess || a.splits == 1) return err;  // one split: the CTA drew the token
+  return finish_launch<T, true>(a, thresholds, stream);
 }
 
 template <typename T, bool kVec>
@@ -689,7 +716,8 @@ cudaError_t sample_unaligned_launch(const SampleArgs& a, const float* thresholds
   sample_unaligned_kernel<T, kVec><<<dim3(static_cast<unsigned>(a.B), a.splits), kThreads, 0, stream>>>(
       a, thresholds, tiles_per_split);
   const cudaError_t err = cudaGetLastError();
-  return err != cudaSuccess ? err : finish_launch<T, kVec>(a, thresholds, stream);
+  if (err != cudaSuccess || a.splits == 1) return err;  // one split: the CTA drew the token
+  return finish_launch<T, kVec>(a, thresholds, stream);
 }
 
 template <typename T>
