@@ -186,6 +186,24 @@ struct TileBias {
   }
 };
 
+// A logit tile entry: the accumulator plus the bias (kBias), softcapped (kSoftcap).
+template <bool kSoftcap, bool kBias, typename Bias>
+__device__ __forceinline__ float tile_logit(float acc, const Bias& bias, int col, float cap, float inv_cap) {
+  float z = acc;
+  if constexpr (kBias) z += bias.at(col);
+  if constexpr (kSoftcap) z = cap * tanh_small_code(z * inv_cap);
+  return z;
+}
+// Slope of the softcap at the softcapped logit z: 1 - (z / cap)^2.
+__device__ __forceinline__ float softcap_slope(float z, float inv_cap) {
+  const float t = z * inv_cap;
+  return 1.f - t * t;
+}
+// Whether a row passes any gradient back (else all its entries' gradients are zero).
+__device__ __forceinline__ bool row_has_gradient(float g_lse, float g_target, float g_sum) {
+  return g_lse != 0.f || g_target != 0.f || g_sum != 0.f;
+}
+
 // Merge two base-2 online log-sum-exp states (max, sum of 2^(x - max)).
 __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2) {
   const float mx = fmaxf(m, m2);
@@ -295,9 +313,8 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
 #pragma unroll
           for (int q = 0; q < 2; ++q) {  // branch-free per entry, small code
             const int r = 2 * h + q, c = nt * 8 + q, j = (nt & 1) * 2 + q;
-            float z = acc[mt][nt][r];
-            if constexpr (kBias) z += tile_bias.at(Mainloop::col(nt, r));
-            if constexpr (kSoftcap) z = a.softcap * tanh_small_code(z * inv_cap);
+            float z = tile_logit<kSoftcap, kBias>(acc[mt][nt][r], tile_bias, Mainloop::col(nt, r), a.softcap,
+                                                  inv_cap);
             part_zsum[j] += z;  // 0 past V
             z = c < cols_left ? z : -INFINITY;
             acc[mt][nt][r] = z;  // the logit, for the sum below and the target
@@ -439,7 +456,7 @@ __global__ void target_mask_kernel(BackwardArgs a) {
   if (row >= a.N) return;
   const float g_l = a.grad_lse[row], g_t = a.grad_target[row], g_s = a.grad_sum[row];
   const int64_t y = a.targets[row];
-  if (y < 0 || y >= a.V || (g_l == 0.f && g_t == 0.f && g_s == 0.f)) return;
+  if (y < 0 || y >= a.V || !row_has_gradient(g_l, g_t, g_s)) return;
   if (a.target_logit != nullptr &&
       target_negligible(g_l, g_t, expf(a.target_logit[row] - a.lse[row]), a.filter_eps))
     return;
@@ -463,7 +480,7 @@ __global__ void __launch_bounds__(kM) keep_hint_kernel(BackwardArgs a) {
     float thr = INFINITY;
     if (row < a.N) {
       const float g_l = a.grad_lse[row], g_t = a.grad_target[row], g_s = a.grad_sum[row];
-      if (g_l != 0.f || g_t != 0.f || g_s != 0.f)  // else the row has no gradient at all
+      if (row_has_gradient(g_l, g_t, g_s))  // else nothing of the row is kept
         thr = a.lse[row] + logf(a.filter_eps) - 0.01f;  // filter_eps == 0: -inf, all kept
     }
     threshold[threadIdx.x] = thr;
@@ -578,7 +595,7 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const float g_l = g_lse[mt][h], g_t = g_tgt[mt][h], g_s = g_sum[mt][h];
-        const bool has_grad = g_l != 0.f || g_t != 0.f || g_s != 0.f;
+        const bool has_grad = row_has_gradient(g_l, g_t, g_s);
         const int t_col = target[mt][h] - first_col;
         const bool holds_target = t_col >= 0 && t_col < NT * 8 && (t_col & 6) == 0;
         if (has_grad && !holds_target && cols_left >= NT * 8) {
@@ -593,16 +610,12 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
 #pragma unroll
             for (int q = 0; q < 2; ++q) {
               const int r = 2 * h + q;
-              float z = acc[mt][nt][r];
-              if constexpr (kBias) z += tile_bias.at(Mainloop::col(nt, r));
-              if constexpr (kSoftcap) z = a.softcap * tanh_small_code(z * inv_cap);
+              const float z = tile_logit<kSoftcap, kBias>(acc[mt][nt][r], tile_bias, Mainloop::col(nt, r),
+                                                          a.softcap, inv_cap);
               const float p = fast_exp2(fmaf(z, kLog2e, -lse2[mt][h]));
               p_max[nt / kNtPerHalf][nt & 1] = fmaxf(p_max[nt / kNtPerHalf][nt & 1], p);
               float g = fmaf(g_l, p, g_s);
-              if constexpr (kSoftcap) {
-                const float t = z * inv_cap;
-                g *= 1.f - t * t;
-              }
+              if constexpr (kSoftcap) g *= softcap_slope(z, inv_cap);
               acc[mt][nt][r] = g;
             }
           }
@@ -621,16 +634,12 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
             const int r = 2 * h + q;
             const int v = v0 + Mainloop::col(nt, r);  // 32-bit: smaller epilogue code
             const bool live = has_grad && v < V;  // branch-free per entry (selects)
-            float z = acc[mt][nt][r];
-            if constexpr (kBias) z += tile_bias.at(Mainloop::col(nt, r));
-            if constexpr (kSoftcap) z = a.softcap * tanh_small_code(z * inv_cap);
+            const float z = tile_logit<kSoftcap, kBias>(acc[mt][nt][r], tile_bias, Mainloop::col(nt, r),
+                                                        a.softcap, inv_cap);
             const float p = fast_exp2(fmaf(z, kLog2e, -lse2[mt][h]));
             const bool is_target = v == target[mt][h];
             float g = g_l * p + g_s + (is_target ? g_t : 0.f);
-            if constexpr (kSoftcap) {
-              const float t = z * inv_cap;
-              g *= 1.f - t * t;
-            }
+            if constexpr (kSoftcap) g *= softcap_slope(z, inv_cap);
             // The target entry is judged below, by its gradient rather than its softmax.
             keep[nt / kNtPerHalf] |= live && (a.filter_eps < 0.f || (!(p < a.filter_eps) && !is_target));
             acc[mt][nt][r] = live ? g : 0.f;
