@@ -34,6 +34,7 @@
 
 #include <cudaTypedefs.h>
 
+#include "../common/convert.cuh"
 #include "../common/fast_math.cuh"
 #include "../dispatch.h"
 #include "filter.h"
@@ -54,15 +55,6 @@ using tile::kThreads;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 static_assert(kTileRows == kM && kTileVocab == kN, "tile sizes must agree");
-
-template <typename T>
-__device__ __forceinline__ float to_float(T x);
-template <>
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <>
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-template <>
-__device__ __forceinline__ float to_float(float x) { return x; }
 
 template <typename T>
 __device__ __forceinline__ T from_float(float x);

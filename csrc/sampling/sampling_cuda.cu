@@ -22,6 +22,7 @@
 #include <cfloat>
 #include <cstdint>
 
+#include "../common/convert.cuh"
 #include "../common/fast_math.cuh"
 #include "../common/philox.h"
 #include "../dispatch.h"
@@ -173,7 +174,7 @@ __device__ __forceinline__ RowCtx row_ctx(const SampleArgs& a, const float* thre
   RowCtx c;
   c.V = a.V;
   c.inv_tau = tau > 0.f ? 1.f / tau : 1.f;
-  c.greedy = !(tau > 0.f);  // also NaN / negative: handled (token 0) by the finish kernel
+  c.greedy = !(tau > 0.f);  // also NaN / negative: finish_row returns token 0 for them
   c.threshold = thresholds != nullptr ? thresholds[row] : -INFINITY;
   c.need_logprobs = a.need_logprobs;
   return c;
@@ -373,8 +374,6 @@ __global__ void __launch_bounds__(kThreads)
   finish_or_write_partial<T, kVec>(a, thresholds, row, split, st, c.greedy);
 }
 
-
-
 // ---- sample_kernel: a warp loads a batch of 32 tiles with every load issued up front ----
 // Loading and folding one vector at a time keeps only ~16 B in flight per lane, far below what
 // an SM needs to reach DRAM bandwidth. Here each lane first issues all 16 (fp32) or 8 (16-bit)
@@ -385,9 +384,6 @@ constexpr int kBatchTiles = 32;  // tiles per warp batch: one per lane
 
 __host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 template <typename T> __device__ __forceinline__ T neg_inf();
 template <> __device__ __forceinline__ float neg_inf<float>() { return -INFINITY; }
 template <> __device__ __forceinline__ __nv_bfloat16 neg_inf<__nv_bfloat16>() { return __ushort_as_bfloat16(0xff80u); }
