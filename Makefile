@@ -14,7 +14,7 @@ export PYTHONPATH := $(CURDIR)/python$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 $(VENV)/.installed:
 	$(PY) -m venv $(VENV)
-	$(VPY) -m pip install -q $(TORCH_PKGS) $(DEPS)
+	$(VPY) -m pip install -q --no-cache-dir $(TORCH_PKGS) $(DEPS)
 	touch $@
 
 venv: $(VENV)/.installed
