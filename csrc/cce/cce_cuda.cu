@@ -23,7 +23,9 @@
 //     (grad_e_kernel / grad_c_kernel on mma.sync; on Hopper grad_ec_wgmma_kernel runs the dE
 //     and dC tiles of a chunk in one grid: fewer partly filled waves.) Both loop
 //     only over non-skipped tiles (block-sparse) and each output tile has exactly one owner
-//     CTA: no atomics, deterministic results.
+//     CTA. dE of the chunks after the first is added with vector reductions (red.add in L2,
+//     the CTA does not wait for the old values): one add per entry per launch, launches in
+//     chunk order, so the results are deterministic.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -74,6 +76,19 @@ __device__ __forceinline__ void store_pair(__half* p, float x, float y) {
 }
 __device__ __forceinline__ void store_pair(float* p, float x, float y) {
   *reinterpret_cast<float2*>(p) = make_float2(x, y);
+}
+// Adds two adjacent float32 values to global memory (p is 8-byte aligned). On sm_90 a
+// vector reduction: the L2 does the read-modify-write, so the CTA neither waits for the old
+// values nor keeps them in registers. Exactly one add per element per launch keeps the sum
+// deterministic. (Like atomicAdd on float, it flushes subnormal results to zero.)
+__device__ __forceinline__ void add_pair(float* p, float x, float y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(x), "f"(y) : "memory");
+#else
+  float2* q = reinterpret_cast<float2*>(p);
+  const float2 old = *q;
+  *q = make_float2(old.x + x, old.y + y);
+#endif
 }
 
 // tanh from one exp2 and one fast division: absolute error a few 1e-8 and a fraction of
@@ -833,14 +848,9 @@ __device__ __forceinline__ void grad_e_wgmma_tile(const BackwardArgs& a, const C
         const int64_t row = row0 + Gemm::row(0, 2 * h);
         const int64_t d = d0 + Gemm::col(nt, 2 * h);  // even; D is a multiple of 8
         if (row >= a.N || d >= a.D) continue;
-        float2* out = reinterpret_cast<float2*>(a.grad_e_acc + row * a.D + d);
-        float2 v = make_float2(acc[0][nt][2 * h], acc[0][nt][2 * h + 1]);
-        if (!ck.first_chunk) {
-          const float2 old = *out;
-          v.x += old.x;
-          v.y += old.y;
-        }
-        *out = v;
+        float* out = a.grad_e_acc + row * a.D + d;
+        if (ck.first_chunk) store_pair(out, acc[0][nt][2 * h], acc[0][nt][2 * h + 1]);
+        else add_pair(out, acc[0][nt][2 * h], acc[0][nt][2 * h + 1]);
       }
   });
 }
@@ -864,10 +874,10 @@ __device__ __forceinline__ void grad_c_wgmma_tile(const BackwardArgs& a, const C
 #pragma unroll
     for (int nt = 0; nt < Gemm::kNTiles; ++nt)
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int64_t v = ck.v0 + j0 + Gemm::row(0, r);
-        const int64_t d = d0 + Gemm::col(nt, r);
-        if (v < a.V && d < a.D) grad_c[v * a.D + d] = from_float<T>(acc[0][nt][r]);
+      for (int h = 0; h < 2; ++h) {  // two adjacent columns per store
+        const int64_t v = ck.v0 + j0 + Gemm::row(0, 2 * h);
+        const int64_t d = d0 + Gemm::col(nt, 2 * h);  // even; D is a multiple of 8
+        if (v < a.V && d < a.D) store_pair(grad_c + v * a.D + d, acc[0][nt][2 * h], acc[0][nt][2 * h + 1]);
       }
   });
 }
