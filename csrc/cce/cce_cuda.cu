@@ -111,6 +111,8 @@ __device__ __forceinline__ int acc_col(int warp_n, int lane, int nt, int r) {
 // touch few row blocks of e (which they re-read for every vocabulary tile) and share each
 // classifier tile: both stay in L2 instead of streaming from DRAM.
 constexpr int kRowGroup = 16;
+// Output tiles a gradient-tile CTA recomputes at most (see tiles_per_cta).
+constexpr int kMaxTilesPerCta = 8;
 __device__ __forceinline__ void grouped_tile(int64_t linear, int64_t row_tiles, int64_t col_tiles,
                                              int64_t& row_tile, int64_t& col_tile,
                                              int row_group = kRowGroup) {
@@ -506,13 +508,26 @@ __global__ void __launch_bounds__(kM) keep_hint_kernel(BackwardArgs a) {
   a.keep_hint[static_cast<int64_t>(blockIdx.y) * W + w] = keep;
 }
 
-// Whether the hint lets vocabulary entries [v_begin, v_end) of a row tile hold a kept entry.
-__device__ __forceinline__ bool hint_keeps(const BackwardArgs& a, int64_t row_tile, int64_t v_begin,
-                                           int64_t v_end) {
-  const int64_t W = tile_max_cols(a.V);
-  for (int64_t f = v_begin / kTileMaxWidth; f <= (v_end - 1) / kTileMaxWidth; ++f)
-    if (a.keep_hint[row_tile * W + f]) return true;
-  return false;
+// Whether the hint lets output tile t (vocabulary entries [v_begin, v_begin + kWidth)) of a
+// CTA's range hold a kept entry, for every tile of the range: all flags are loaded before any
+// is tested (one memory round trip; a loop of early exits waited for each load in turn).
+template <int kWidth, int kMaxTiles>
+__device__ __forceinline__ unsigned hinted_tiles(const BackwardArgs& a, int64_t row_tile, int64_t v_first,
+                                                 int n_tiles) {
+  static_assert(kWidth <= kTileMaxWidth, "a tile spans at most two hint columns");
+  const uint8_t* hint = a.keep_hint + row_tile * tile_max_cols(a.V);
+  uint8_t flag[kMaxTiles][2];
+#pragma unroll
+  for (int t = 0; t < kMaxTiles; ++t) {  // predicated loads, no branches between them
+    const int64_t v_begin = v_first + static_cast<int64_t>(t) * kWidth;
+    const int64_t f0 = v_begin / kTileMaxWidth, f1 = (min(v_begin + kWidth, a.V) - 1) / kTileMaxWidth;
+    flag[t][0] = t < n_tiles ? hint[f0] : 0;
+    flag[t][1] = t < n_tiles && f1 != f0 ? hint[f1] : 0;
+  }
+  unsigned keeps = 0;
+#pragma unroll
+  for (int t = 0; t < kMaxTiles; ++t) keeps |= (flag[t][0] | flag[t][1]) ? 1u << t : 0u;
+  return keeps;
 }
 
 // Position of the n-th (from 0) set bit of mask.
@@ -539,16 +554,15 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
   const int64_t row0 = row_tile * kM;
   const int first = static_cast<int>(col_group) * ck.tiles_per_cta;  // in output tiles
   const int jt0 = first * kHalves;                                   // in 128-wide tiles
-  const int n_range = min(ck.tiles_per_cta, wide_tiles - first);     // <= 8
+  const int n_range = min(ck.tiles_per_cta, wide_tiles - first);     // <= kMaxTilesPerCta
   // The tiles of the range to recompute (bit t: output tile t). With the forward's hint, the
   // others cannot hold an entry the filter keeps: they are marked skipped without the GEMM.
   unsigned todo = (1u << n_range) - 1;
   if (a.keep_hint != nullptr) {
+    todo = hinted_tiles<BN, kMaxTilesPerCta>(a, row_tile, ck.v0 + static_cast<int64_t>(jt0) * kN, n_range);
     for (int t = 0; t < n_range; ++t) {
+      if (todo & (1u << t)) continue;
       const int jt = jt0 + t * kHalves;
-      const int64_t v_begin = ck.v0 + static_cast<int64_t>(jt) * kN;
-      if (hint_keeps(a, row_tile, v_begin, min(v_begin + BN, a.V))) continue;
-      todo &= ~(1u << t);
       for (int hf = 0; hf < kHalves; ++hf)
         if (threadIdx.x == 0 && jt + hf < ck.chunk_tiles)
           a.tile_mask[static_cast<int64_t>(row_tile) * ck.chunk_tiles + jt + hf] = 0;
@@ -729,17 +743,30 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
   }
 }
 
-// Collect the indices i in [0, count) with mask[i * stride] != 0 into list; returns how many.
+// Collects the indices i in [0, count) with mask[i * stride] != 0 into list, in ascending
+// order; returns how many. Every thread of the CTA (a multiple of 32, at most 1024) reads
+// one flag per round: one memory round trip per blockDim.x flags, where a single thread's
+// loop waited for one every 4 flags (tens of microseconds per CTA for 128 row tiles).
 __device__ int collect_active(const uint8_t* mask, int64_t stride, int count, int* list) {
-  __shared__ int total;
-  if (threadIdx.x == 0) {
-    int n = 0;
-    for (int i = 0; i < count; ++i)
-      if (mask[static_cast<int64_t>(i) * stride]) list[n++] = i;
-    total = n;
+  __shared__ int warp_counts[32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  int n = 0;
+  for (int i0 = 0; i0 < count; i0 += blockDim.x) {
+    const int i = i0 + threadIdx.x;
+    const bool active = i < count && mask[static_cast<int64_t>(i) * stride] != 0;
+    const unsigned ballot = __ballot_sync(0xffffffffu, active);
+    if (lane == 0) warp_counts[warp] = __popc(ballot);
+    __syncthreads();
+    int before = n, round = 0;  // set entries of earlier warps; all warps of the round
+    for (int w = 0; w < warps; ++w) {
+      before += w < warp ? warp_counts[w] : 0;
+      round += warp_counts[w];
+    }
+    if (active) list[before + __popc(ballot & ((1u << lane) - 1))] = i;
+    n += round;
+    __syncthreads();  // the list is complete and warp_counts may be reused
   }
-  __syncthreads();
-  return total;
+  return n;
 }
 
 template <typename T>
@@ -1035,20 +1062,24 @@ cudaError_t forward_typed(const ForwardArgs& a, cudaStream_t stream) {
   return launch_forward<T, SyncNt<T>>(a, stream);
 }
 
-// Largest dynamic shared memory a CTA may use (227 KiB on sm_90, 163 KiB on sm_80).
-int max_smem_per_block() {
+// Largest dynamic shared memory a CTA of `kernel` may use: the device's opt-in limit (227 KiB
+// on sm_90, 163 KiB on sm_80) less the kernel's static shared memory.
+template <typename Kernel>
+int max_dynamic_smem(Kernel kernel) {
   int device = 0, bytes = 0;
+  cudaFuncAttributes attr{};
   if (cudaGetDevice(&device) != cudaSuccess) return 0;
   if (cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
     return 0;
-  return bytes;
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) return 0;
+  return bytes - static_cast<int>(attr.sharedSizeBytes);
 }
 
 // Output tiles per gradient-tile CTA (one CTA per SM is resident): as many as keep the
 // grid's last wave at least 90% full, so the pipeline fill and each tile's epilogue overlap
 // the next tile's loads instead of a new CTA's start.
 int tiles_per_cta(int row_tiles, int out_tiles, int sms) {
-  for (int per_cta = 8; per_cta > 1; --per_cta) {
+  for (int per_cta = kMaxTilesPerCta; per_cta > 1; --per_cta) {
     const int64_t ctas = static_cast<int64_t>(row_tiles) * ((out_tiles + per_cta - 1) / per_cta);
     const int64_t waves = (ctas + sms - 1) / sms;
     const double useful = static_cast<double>(row_tiles) * out_tiles;
@@ -1152,7 +1183,8 @@ cudaError_t backward_dispatch(const BackwardArgs& a, cudaStream_t stream) {
       // The active-tile lists live in shared memory next to the pipeline: beyond ~800k tokens
       // per call the token list no longer fits and the mma.sync GEMMs (smaller pipeline) run.
       const int row_tiles = static_cast<int>((a.N + kM - 1) / kM);
-      if (HopperGradC<T>::smem_bytes() + 4 * row_tiles <= max_smem_per_block())
+      const auto gemms = grad_ec_wgmma_kernel<T, HopperGradE<T>, HopperGradC<T>>;
+      if (HopperGradC<T>::smem_bytes() + 4 * row_tiles <= max_dynamic_smem(gemms))
         return backward_typed<T, HopperGradTile<T>, true>(a, stream);
       return backward_typed<T, HopperGradTile<T>, false>(a, stream);
     }
