@@ -15,7 +15,8 @@
 // its CTA does that itself and no finish kernel runs. Rows that are not 16-byte aligned go
 // through sample_unaligned_kernel (same tile keys, one tile per lane, simple per-lane loads).
 // truncation_kernel (one CTA per row, only when top-k / top-p / min-p are given) finds the
-// smallest kept logit by bisection on the order-preserving integer image of the floats.
+// smallest kept logit by radix selection over the order-preserving integer image of the
+// floats: three histogram passes per threshold.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -560,20 +561,111 @@ __device__ float block_max(float x) {
   return r;
 }
 
-// Largest float t >= -inf with measure(t) >= target (measure is non-increasing in t), by
-// bisection over the order-preserving integer image of the floats (-inf maps to 0x007fffff).
-template <typename Measure>
-__device__ float bisect_threshold(Measure&& measure, float target) {
-  uint32_t lo = 0x007fffffu, hi = 0xff800000u;  // -inf .. +inf
-  while (lo < hi) {
-    const uint32_t mid = lo + (hi - lo + 1) / 2;
-    if (measure(from_order_key(mid)) >= target) lo = mid; else hi = mid - 1;
+// Order-preserving integer image of a float (larger float, larger key; -inf maps to
+// 0x007fffff). -0 is folded onto +0, as a float comparison sees them.
+__device__ __forceinline__ uint32_t to_order_key(float x) {
+  const uint32_t bits = __float_as_uint(x == 0.f ? 0.f : x);
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+// Radix selection of a truncation threshold: the largest float t with
+// measure(t) = sum of weight(x) over the row's entries x >= t at least `target`, which is
+// the key of one entry. Three passes over the row histogram the entries' keys by 11, 11
+// and 10 bits (2048 bins in shared memory), each pass only the entries whose higher bits
+// match the digits chosen so far; after a pass, the highest bin whose entries plus all
+// those above it reach the target is chosen. Weights are integers (counts, or masses in
+// 32-bit fixed point), so the sums do not depend on the order of the atomic adds: the
+// threshold is deterministic. (The bisection this replaces made ~32 passes per threshold.)
+// Returns -inf when the whole row's measure is below target. NaN entries weigh nothing (a
+// comparison never keeps them).
+constexpr int kRadixBins = 2048;
+static_assert(kRadixBins % kThreads == 0 && (kRadixBins / 2) % kThreads == 0, "bins per thread");
+struct RadixScratch {
+  unsigned long long hist[kRadixBins];
+  unsigned long long warp_sums[kThreads / 32];
+  unsigned long long above;  // measure of the entries above the chosen bins
+  int bin, found;
+};
+
+template <typename T, typename Weight, typename Target>
+__device__ __forceinline__ float radix_threshold(const T* l, int64_t V, RadixScratch& sh, Weight&& weight, Target&& target_of) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  uint32_t prefix = 0;  // the digits chosen so far
+  int prefix_bits = 0;
+  unsigned long long above = 0, target = 0;
+#pragma unroll 1
+  for (int pass = 0; pass < 3; ++pass) {
+    const int bits = pass < 2 ? 11 : 10, bins = 1 << bits, shift = 32 - prefix_bits - bits;
+    for (int i = threadIdx.x; i < bins; i += kThreads) sh.hist[i] = 0;
+    if (threadIdx.x == 0) sh.found = 0;
+    __syncthreads();
+    // Consecutive entries of a thread often share a bin (coarse first digit, masked -inf
+    // runs): their weights are combined in a register before one shared atomic add.
+    int pending_bin = -1;
+    unsigned long long pending = 0;
+    for (int64_t v = threadIdx.x; v < V; v += kThreads) {
+      const float x = load_logit(l + v);
+      if (x != x) continue;
+      const uint32_t key = to_order_key(x);
+      if (prefix_bits > 0 && (key >> (32 - prefix_bits)) != prefix) continue;
+      const int b = static_cast<int>((key >> shift) & static_cast<uint32_t>(bins - 1));
+      if (b != pending_bin) {
+        if (pending != 0) atomicAdd(&sh.hist[pending_bin], pending);
+        pending_bin = b;
+        pending = 0;
+      }
+      pending += weight(x);
+    }
+    if (pending != 0) atomicAdd(&sh.hist[pending_bin], pending);
+    __syncthreads();
+    // Suffix sums over the bins, highest first: thread t owns bins [t * per, (t + 1) * per).
+    const int per = bins / kThreads;
+    unsigned long long mine = 0;
+    for (int j = 0; j < per; ++j) mine += sh.hist[threadIdx.x * per + j];
+    unsigned long long from_here = mine;  // this thread's bins and those of higher lanes
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const unsigned long long up = __shfl_down_sync(0xffffffffu, from_here, off);
+      if (lane + off < 32) from_here += up;
+    }
+    if (lane == 0) sh.warp_sums[warp] = from_here;
+    __syncthreads();
+    unsigned long long total = 0;
+    for (int w = 0; w < kThreads / 32; ++w) {
+      total += sh.warp_sums[w];
+      if (w > warp) from_here += sh.warp_sums[w];
+    }
+    if (pass == 0) target = target_of(total);
+    // The one thread whose bins cross the target picks the bin.
+    const unsigned long long before = above + (from_here - mine);
+    if (before < target && before + mine >= target) {
+      unsigned long long cum = before;
+      for (int j = per - 1; j >= 0; --j) {
+        const int b = threadIdx.x * per + j;
+        if (cum + sh.hist[b] >= target) {
+          sh.bin = b;
+          sh.above = cum;
+          sh.found = 1;
+          break;
+        }
+        cum += sh.hist[b];
+      }
+    }
+    __syncthreads();
+    const bool found = sh.found != 0;
+    const int bin = sh.bin;
+    above = sh.above;
+    __syncthreads();  // read before the next pass clears them
+    if (!found) return -INFINITY;  // (uniform) the whole row weighs less than the target
+    prefix = (prefix << bits) | static_cast<uint32_t>(bin);
+    prefix_bits += bits;
   }
-  return from_order_key(lo);
+  return from_order_key(prefix);
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) truncation_kernel(SampleArgs a, float* thresholds) {
+  __shared__ RadixScratch scratch;
   const int64_t row = blockIdx.x;
   const T* l = static_cast<const T*>(a.logits) + row * a.ld;
   const float tau = a.temperature[row];
@@ -586,27 +678,24 @@ __global__ void __launch_bounds__(kThreads) truncation_kernel(SampleArgs a, floa
   for (int64_t v = threadIdx.x; v < a.V; v += kThreads) local_max = fmaxf(local_max, load_logit(l + v));
   const float row_max = block_max(local_max);
   const int64_t k = a.top_k != nullptr ? a.top_k[row] : 0;
-  if (k > 0 && k < a.V) {
-    auto count_at_least = [&](float t) {
-      float n = 0.f;
-      for (int64_t v = threadIdx.x; v < a.V; v += kThreads) n += load_logit(l + v) >= t ? 1.f : 0.f;
-      return block_sum(n);
-    };
-    threshold = bisect_threshold(count_at_least, static_cast<float>(k));
+  if (k > 0 && k < a.V) {  // the k-th largest entry (ties at it are all kept)
+    threshold = radix_threshold(l, a.V, scratch, [](float) { return 1ull; },
+                                [k](unsigned long long) { return static_cast<unsigned long long>(k); });
   }
   const float top_p = a.top_p != nullptr ? a.top_p[row] : 1.f;
   if (top_p < 1.f && row_max != -INFINITY) {
+    // The smallest entry of the top-p mass (of the tempered softmax, among the top-k).
     const float inv_tau = 1.f / tau;
     const float floor_k = threshold;
-    auto mass_at_least = [&](float t) {
-      float m = 0.f;
-      for (int64_t v = threadIdx.x; v < a.V; v += kThreads) {
-        const float x = load_logit(l + v);
-        if (x >= t && x >= floor_k) m += __expf((x - row_max) * inv_tau);
-      }
-      return block_sum(m);
+    auto mass = [&](float x) {  // exp((x - max) / tau) in [0, 1], 32-bit fixed point
+      if (!(x >= floor_k)) return 0ull;
+      if (x == row_max) return 1ull << 32;  // (also when max = +inf: no inf - inf)
+      return __float2ull_rz(__expf((x - row_max) * inv_tau) * 4294967296.f);
     };
-    threshold = fmaxf(threshold, bisect_threshold(mass_at_least, top_p * mass_at_least(-INFINITY)));
+    auto share_of_total = [top_p](unsigned long long total) {
+      return static_cast<unsigned long long>(ceil(static_cast<double>(top_p) * static_cast<double>(total)));
+    };
+    threshold = fmaxf(threshold, radix_threshold(l, a.V, scratch, mass, share_of_total));
   }
   const float min_p = a.min_p != nullptr ? a.min_p[row] : 0.f;
   if (min_p > 0.f) threshold = fmaxf(threshold, row_max + tau * logf(min_p));
