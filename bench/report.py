@@ -69,6 +69,13 @@ def sampling_tables(rows):
         out.append(f"| {v} | {dtype} | {b} | {cell('fusedlm', 'sample_graph')} | {cell('fusedlm', 'sample_graph20')} | "
                    f"{cell('fusedlm_logprobs', 'sample_graph20')} | {cell('torch_amax_read', 'sample_graph20')} | "
                    f"{m[('torch_softmax_multinomial', 'sample')][0] * 1e3:.0f} µs | {bar} |")
+    if any(("fusedlm_top_p", "sample_graph20") in m for m in t.values()):
+        out += ["", "Truncated sampling (top_p = 0.9 / top_k = 50; µs per call in a graph of 20, torch eager):", "",
+                "| V | dtype | B | fusedlm | fusedlm top-p | fusedlm top-k | torch top-p (sort) |", "|---|---|---|---|---|---|---|"]
+        for (v, dtype, b), m in sorted(t.items()):
+            us = lambda method, p: "–" if (method, p) not in m else f"{m[(method, p)][0] * 1e3:.1f}"  # noqa: E731
+            out.append(f"| {v} | {dtype} | {b} | {us('fusedlm', 'sample_graph20')} | {us('fusedlm_top_p', 'sample_graph20')} | "
+                       f"{us('fusedlm_top_k', 'sample_graph20')} | {us('torch_top_p_sort', 'sample')} |")
     tiny = {r["pass"]: float(r["time_ms"]) * 1e3 for r in rows
             if r["suite"] == "sampling" and r["case"] == "one_element"}
     if tiny:

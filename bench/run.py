@@ -187,6 +187,7 @@ def copy_bandwidth():
 
 
 GRAPH_CALLS = 20  # sample_graph20: per-call time in a graph of 20 back-to-back calls
+TOP_P, TOP_K = 0.9, 50  # the truncated-sampling rows (fusedlm_top_p / _top_k, torch_top_p_sort)
 
 
 def bench_sampling(args, rows, meta):
@@ -224,11 +225,20 @@ def bench_sampling(args, rows, meta):
                     probs = torch.softmax(logits.float() / t, -1)
                     return (probs / torch.empty_like(probs).exponential_()).argmax(-1)
 
+                def torch_top_p_sort():  # the usual top-p: sort, cumulative mass, mask, multinomial
+                    t = tau.clamp_min(1e-5)[:, None]
+                    probs, order = torch.sort(torch.softmax(logits.float() / t, -1), dim=-1, descending=True)
+                    probs = probs.masked_fill(probs.cumsum(-1) - probs > TOP_P, 0.0)
+                    return order.gather(-1, torch.multinomial(probs, 1))
+
                 methods = {"fusedlm": lambda: fusedlm.sample(logits, tau, seed=seeds),
                            "fusedlm_logprobs": lambda: fusedlm.sample(logits, tau, seed=seeds,
                                                                       return_logprobs=True),
+                           "fusedlm_top_p": lambda: fusedlm.sample(logits, tau, seed=seeds, top_p=TOP_P),
+                           "fusedlm_top_k": lambda: fusedlm.sample(logits, tau, seed=seeds, top_k=TOP_K),
                            "torch_softmax_multinomial": torch_multinomial,
                            "torch_exponential_race": torch_race,
+                           "torch_top_p_sort": torch_top_p_sort,
                            "torch_amax_read": lambda: logits.amax(-1)}
                 for name, fn in methods.items():
                     t = cuda_time(fn, warmup=5, reps=30)

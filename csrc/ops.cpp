@@ -119,10 +119,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cpu(
           bias.has_value() ? grad_bias.to(bias->scalar_type()) : grad_bias.to(c.scalar_type())};
 }
 
-void check_temperatures_cpu(const at::Tensor& temperature) {
+void check_temperatures_cpu(const at::Tensor& temperature, const char* op) {
   const float* tau = temperature.const_data_ptr<float>();
   for (int64_t b = 0; b < temperature.numel(); ++b) {
-    TORCH_CHECK_VALUE(tau[b] >= 0.0f, "sample: temperature[", b, "] = ", tau[b],
+    TORCH_CHECK_VALUE(tau[b] >= 0.0f, op, ": temperature[", b, "] = ", tau[b],
                       " is negative or NaN; use 0 for greedy decoding");
   }
 }
@@ -137,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
   const int64_t B = logits.size(0), V = logits.size(1);
   const at::Tensor l = logits.to(at::kFloat).contiguous();
   const at::Tensor tau = temperature.contiguous();
-  check_temperatures_cpu(tau);
+  check_temperatures_cpu(tau, "sample");
   const at::Tensor seeds = seed.contiguous();
   const at::Tensor offsets = offset.has_value() ? offset->contiguous() : at::Tensor();
   const at::Tensor k_t = optional_per_row(top_k, "sample: top_k", at::kLong, B, logits);
@@ -170,7 +170,7 @@ at::Tensor temperature_logprobs_cpu(const at::Tensor& logits, const at::Tensor& 
   const int64_t B = logits.size(0), V = logits.size(1);
   const at::Tensor l = logits.to(at::kFloat).contiguous(), y = tokens.contiguous();
   const at::Tensor taus = temperatures.contiguous();
-  check_temperatures_cpu(taus);
+  check_temperatures_cpu(taus, "temperature_logprobs");
   const int64_t K = taus.numel();
   for (int64_t b = 0; b < B; ++b) {
     const int64_t t = y.const_data_ptr<int64_t>()[b];

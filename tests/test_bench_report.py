@@ -31,3 +31,28 @@ def test_report_tables_from_committed_csv(path, capsys):
 def test_report_needs_the_csv_argument():
     with pytest.raises(SystemExit):
         report.main([])
+
+
+def test_truncated_sampling_table(tmp_path, capsys):
+    """Runs with top-p / top-k rows get a table of them (one line per sampling case)."""
+    rows = report.load(CSVS[0])
+    extra = []
+    for r in rows:
+        if r["suite"] == "sampling" and r["method"] == "fusedlm" and r["case"].startswith("B"):
+            extra += [dict(r, method="fusedlm_top_p", time_ms=str(2 * float(r["time_ms"]))),
+                      dict(r, method="fusedlm_top_k", time_ms=str(3 * float(r["time_ms"]))),
+                      dict(r, method="torch_top_p_sort", **{"pass": "sample"})]
+    path = tmp_path / "with_truncation.csv"
+    import csv
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        writer.writeheader()
+        writer.writerows(rows + extra)
+    assert report.main([str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "Truncated sampling" in out
+    table = out.split("Truncated sampling")[1]
+    cases = {(r["case"], r["dtype"]) for r in extra}
+    lines = [line for line in table.splitlines() if line[:3] in ("| 1", "| 2")]
+    assert len(lines) == len(cases)
+    assert all("–" not in line for line in lines)

@@ -243,6 +243,7 @@ BAD_CALLS = [
     ("smoothing", lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y, label_smoothing=2.0), ValueError),
     ("filter_eps", lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y, filter_eps="fast"), ValueError),
     ("bias shape", lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y, torch.zeros(3, dtype=c.dtype)), ValueError),
+    ("empty vocabulary", lambda e, c, y: fusedlm.linear_cross_entropy(e, c[:0], torch.full_like(y, -100)), ValueError),  # not IndexError from the targets
 ]
 
 

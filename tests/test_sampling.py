@@ -169,6 +169,13 @@ BAD = [
     ("top_k", lambda l: fusedlm.sample(l, 1.0, top_k=-1), ValueError),
     ("min_p", lambda l: fusedlm.sample(l, 1.0, min_p=1.5), ValueError),
     ("seed type", lambda l: fusedlm.sample(l, 1.0, seed=1.5), TypeError),
+    # Integer parameters as float / bool tensors would be truncated silently.
+    ("float seed tensor", lambda l: fusedlm.sample(l, 1.0, seed=torch.rand(3)), TypeError),
+    ("bool seed tensor", lambda l: fusedlm.sample(l, 1.0, seed=torch.ones(3, dtype=torch.bool)), TypeError),
+    ("float offset tensor", lambda l: fusedlm.sample(l, 1.0, seed=0, offset=torch.rand(3)), TypeError),
+    ("float top_k tensor", lambda l: fusedlm.sample(l, 1.0, top_k=torch.full((3,), 2.5)), TypeError),
+    ("negative tau in temperature_logprobs",
+     lambda l: fusedlm.temperature_logprobs(l, torch.tensor([0, 1, 2]), [1.0, -1.0]), ValueError),
     ("token range", lambda l: fusedlm.temperature_logprobs(l, torch.tensor([0, 1, 99]), [1.0]), IndexError),
 ]
 
@@ -177,6 +184,18 @@ BAD = [
 def test_bad_input_raises(name, call, exc):
     with pytest.raises(exc):
         call(torch.randn(3, 20))
+
+
+def test_integer_tensors_of_any_integer_dtype_are_accepted():
+    logits = torch.randn(3, 20)
+    a = fusedlm.sample(logits, 1.0, seed=torch.arange(3, dtype=torch.int32), top_k=torch.full((3,), 5, dtype=torch.int16))
+    b = fusedlm.sample(logits, 1.0, seed=torch.arange(3), top_k=5)
+    assert torch.equal(a, b)
+
+
+def test_temperature_logprobs_error_names_the_op():
+    with pytest.raises(ValueError, match="temperature_logprobs"):
+        fusedlm.temperature_logprobs(torch.randn(3, 20), torch.tensor([0, 1, 2]), [-1.0])
 
 
 def test_opcheck_ops():
