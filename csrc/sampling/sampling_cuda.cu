@@ -12,7 +12,9 @@
 // launched with programmatic dependent launch on sm_90 so its launch overlaps the main
 // kernel's tail) merges the splits of a row, re-reads the winning tile and picks the token
 // inside it by inverse CDF with the tile's uniform. When a row has one split (large batches)
-// its CTA does that itself and no finish kernel runs. Rows that are not 16-byte aligned go
+// its CTA does that itself and no finish kernel runs; with 2..8 splits on sm_90 the row's
+// CTAs run as one thread-block cluster, and split 0 merges the others' partials from their
+// shared memory and draws the token (no finish kernel either). Rows that are not 16-byte aligned go
 // through sample_unaligned_kernel (same tile keys, one tile per lane, simple per-lane loads).
 // truncation_kernel (one CTA per row, only when top-k / top-p / min-p are given) finds the
 // smallest kept logit by radix selection over the order-preserving integer image of the
@@ -34,6 +36,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kPartial = 8;  // floats per (row, split) partial
+constexpr int kMaxClusterSplits = 8;  // portable cluster size
 
 template <typename T>
 __device__ __forceinline__ float load_logit(const T* p);
@@ -215,6 +218,34 @@ __device__ __forceinline__ void griddep_launch_dependents() {
 #endif
 }
 
+// Thread-block clusters (sm_90): the splits of a row run as one cluster and merge their
+// partials through distributed shared memory instead of a finish kernel.
+__device__ __forceinline__ uint32_t cluster_size() {
+  uint32_t n = 1;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mov.u32 %0, %%cluster_nctarank;\n" : "=r"(n));
+#endif
+  return n;
+}
+__device__ __forceinline__ void cluster_sync_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#endif
+}
+// Reads the float at `p`'s shared-memory offset in CTA `rank` of the cluster.
+__device__ __forceinline__ float load_cluster_shared(const float* p, uint32_t rank) {
+  float v = 0.f;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n"
+               : "=r"(remote) : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(p))), "r"(rank));
+  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
+#else
+  (void)p; (void)rank;
+#endif
+  return v;
+}
+
 // One warp, with the row's merged state in every lane: the token (inside the winning tile,
 // by inverse CDF with the tile's uniform; tau = 0: the argmax) and the log-probs.
 template <typename T, bool kVec>
@@ -289,6 +320,26 @@ __device__ void finish_row(const SampleArgs& a, const float* thresholds, int64_t
   a.logprob[row] = greedy ? 0.f : lt * inv_tau - (st.p_max + logf(st.p_sum));
 }
 
+// Merges a row's split partials on one warp: lane s takes partials s, s + 32, ... (partial(s,
+// i) gives entry i of split s's), then the lanes merge by a butterfly. The finish kernel and
+// the cluster path use the same order, so they give the same token.
+template <typename Partial>
+__device__ RowState merge_partials(int splits, int lane, Partial&& partial) {
+  RowState st;
+  for (int s = lane; s < splits; s += 32) {
+    online_merge(st.raw_max, st.raw_sum, partial(s, 0), partial(s, 1), 1.f);
+    online_merge(st.p_max, st.p_sum, partial(s, 2), partial(s, 3), 1.f);
+    best_merge(st.best_key, st.best_idx, partial(s, 4), __float_as_int(partial(s, 5)));
+  }
+  for (int off = 16; off > 0; off >>= 1) {
+    const RowState other = shfl_state(st, off);
+    online_merge(st.raw_max, st.raw_sum, other.raw_max, other.raw_sum, 1.f);
+    online_merge(st.p_max, st.p_sum, other.p_max, other.p_sum, 1.f);
+    best_merge(st.best_key, st.best_idx, other.best_key, other.best_idx);
+  }
+  return st;
+}
+
 // Block-reduces the CTA's row state. With one split the CTA holds the whole row: warp 0
 // draws the token itself (no finish kernel is launched); otherwise thread 0 writes the (row,
 // split) partial for the finish kernel.
@@ -307,15 +358,29 @@ __device__ void finish_or_write_partial(const SampleArgs& a, const float* thresh
     if (threadIdx.x < 32) finish_row<T, kVec>(a, thresholds, row, static_cast<int>(threadIdx.x), row_state);
     return;
   }
-  if (threadIdx.x == 0) {
-    float* out = a.workspace + (row * a.splits + split) * kPartial;
+  auto write_partial = [&](float* out) {
     out[0] = st.raw_max;
     out[1] = st.raw_sum;
     out[2] = st.p_max;
     out[3] = st.p_sum;
     out[4] = st.best_key;
     out[5] = __int_as_float(static_cast<int>(st.best_idx));
+  };
+  if (cluster_size() > 1) {  // the row's splits are one cluster (cluster rank == split)
+    __shared__ float partial[kPartial];
+    if (threadIdx.x == 0) write_partial(partial);
+    cluster_sync_all();  // every split's partial is written
+    if (split == 0 && threadIdx.x < 32) {
+      const int lane = static_cast<int>(threadIdx.x);
+      const RowState merged = merge_partials(a.splits, lane, [&](int s, int i) {
+        return load_cluster_shared(partial + i, static_cast<uint32_t>(s));
+      });
+      finish_row<T, kVec>(a, thresholds, row, lane, merged);
+    }
+    cluster_sync_all();  // no CTA leaves while split 0 may still read its partial
+    return;
   }
+  if (threadIdx.x == 0) write_partial(a.workspace + (row * a.splits + split) * kPartial);
 }
 
 // One warp per row: merge the splits, then draw the token inside the winning tile.
@@ -324,19 +389,8 @@ __global__ void sample_finish_kernel(SampleArgs a, const float* thresholds) {
   griddep_wait();  // the partials of the main kernel
   const int64_t row = blockIdx.x;
   const int lane = threadIdx.x;
-  RowState st;  // lanes merge strided splits in parallel, then across the warp
-  for (int s = lane; s < a.splits; s += 32) {
-    const float* p = a.workspace + (row * a.splits + s) * kPartial;
-    online_merge(st.raw_max, st.raw_sum, p[0], p[1], 1.f);
-    online_merge(st.p_max, st.p_sum, p[2], p[3], 1.f);
-    best_merge(st.best_key, st.best_idx, p[4], __float_as_int(p[5]));
-  }
-  for (int off = 16; off > 0; off >>= 1) {
-    const RowState other = shfl_state(st, off);
-    online_merge(st.raw_max, st.raw_sum, other.raw_max, other.raw_sum, 1.f);
-    online_merge(st.p_max, st.p_sum, other.p_max, other.p_sum, 1.f);
-    best_merge(st.best_key, st.best_idx, other.best_key, other.best_idx);
-  }
+  const float* partials = a.workspace + row * a.splits * kPartial;
+  const RowState st = merge_partials(a.splits, lane, [&](int s, int i) { return partials[s * kPartial + i]; });
   finish_row<T, kVec>(a, thresholds, row, lane, st);
 }
 
@@ -788,10 +842,34 @@ cudaError_t sample_aligned_launch(const SampleArgs& a, const float* thresholds, 
     err = cudaFuncSetAttribute(sample_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  sample_kernel<T><<<dim3(static_cast<unsigned>(a.B), a.splits), warps * 32, smem, stream>>>(
-      a, thresholds, per_split * kBatchTiles);
-  err = cudaGetLastError();
-  if (err != cudaSuccess || a.splits == 1) return err;  // one split: the CTA drew the token
+  int device = 0, major = 0;
+  err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err != cudaSuccess) return err;
+  // 2..8 splits on sm_90: a row's splits form one thread-block cluster that merges their
+  // partials in distributed shared memory and draws the token: no finish kernel.
+  const bool clustered = major >= 9 && a.splits > 1 && a.splits <= kMaxClusterSplits;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 1;
+  attr[0].val.clusterDim.y = static_cast<unsigned>(a.splits);
+  attr[0].val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(a.B), static_cast<unsigned>(a.splits));
+  cfg.blockDim = dim3(static_cast<unsigned>(warps * 32));
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = clustered ? 1 : 0;
+  err = cudaLaunchKernelEx(&cfg, sample_kernel<T>, a, thresholds, per_split * kBatchTiles);
+  if (err != cudaSuccess && clustered) {  // no room for such a cluster (e.g. a small MIG slice)
+    (void)cudaGetLastError();
+    cfg.numAttrs = 0;
+    err = cudaLaunchKernelEx(&cfg, sample_kernel<T>, a, thresholds, per_split * kBatchTiles);
+    if (err != cudaSuccess) return err;
+    return finish_launch<T, true>(a, thresholds, stream);
+  }
+  if (err != cudaSuccess || a.splits == 1 || clustered) return err;  // the token is drawn
   return finish_launch<T, true>(a, thresholds, stream);
 }
 
