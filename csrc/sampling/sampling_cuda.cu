@@ -24,6 +24,7 @@
 
 #include <cfloat>
 #include <cstdint>
+#include <cstdlib>
 
 #include "../common/convert.cuh"
 #include "../common/fast_math.cuh"
@@ -628,11 +629,14 @@ __device__ __forceinline__ uint32_t to_order_key(float x) {
 // and 10 bits (2048 bins in shared memory), each pass only the entries whose higher bits
 // match the digits chosen so far; after a pass, the highest bin whose entries plus all
 // those above it reach the target is chosen. Weights are integers (counts, or masses in
-// 32-bit fixed point), so the sums do not depend on the order of the atomic adds: the
+// fixed point), so the sums do not depend on the order of the atomic adds: the
 // threshold is deterministic. (The bisection this replaces made ~32 passes per threshold.)
 // Returns -inf when the whole row's measure is below target. NaN entries weigh nothing (a
 // comparison never keeps them).
 constexpr int kRadixBins = 2048;
+// Masses in fixed point with 26 fraction bits (resolution 1.5e-8 of the largest entry's; a
+// float32 running sum of the row resolves ~6e-8 of the total): 32 lanes' sum fits 32 bits.
+constexpr uint32_t kMassOne = 1u << 26;
 static_assert(kRadixBins % kThreads == 0 && (kRadixBins / 2) % kThreads == 0, "bins per thread");
 struct RadixScratch {
   unsigned long long hist[kRadixBins];
@@ -641,7 +645,7 @@ struct RadixScratch {
   int bin, found;
 };
 
-template <typename T, typename Weight, typename Target>
+template <bool kWarpAggregate, typename T, typename Weight, typename Target>
 __device__ __forceinline__ float radix_threshold(const T* l, int64_t V, RadixScratch& sh, Weight&& weight, Target&& target_of) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   uint32_t prefix = 0;  // the digits chosen so far
@@ -653,24 +657,45 @@ __device__ __forceinline__ float radix_threshold(const T* l, int64_t V, RadixScr
     for (int i = threadIdx.x; i < bins; i += kThreads) sh.hist[i] = 0;
     if (threadIdx.x == 0) sh.found = 0;
     __syncthreads();
-    // Consecutive entries of a thread often share a bin (coarse first digit, masked -inf
-    // runs): their weights are combined in a register before one shared atomic add.
-    int pending_bin = -1;
-    unsigned long long pending = 0;
-    for (int64_t v = threadIdx.x; v < V; v += kThreads) {
-      const float x = load_logit(l + v);
-      if (x != x) continue;
-      const uint32_t key = to_order_key(x);
-      if (prefix_bits > 0 && (key >> (32 - prefix_bits)) != prefix) continue;
-      const int b = static_cast<int>((key >> shift) & static_cast<uint32_t>(bins - 1));
-      if (b != pending_bin) {
-        if (pending != 0) atomicAdd(&sh.hist[pending_bin], pending);
-        pending_bin = b;
-        pending = 0;
+    if constexpr (kWarpAggregate) {
+      // Lanes of a warp whose entries fall in one bin add their weights (match + warp
+      // reduction) and one of them adds the sum: one shared atomic per distinct bin.
+      for (int64_t base = 0; base < V; base += kThreads) {  // warp-uniform trip count
+        const int64_t v = base + threadIdx.x;
+        uint32_t bin = 0xffffffffu, w = 0;
+        if (v < V) {
+          const float x = load_logit(l + v);
+          const uint32_t key = to_order_key(x);
+          if (x == x && (prefix_bits == 0 || (key >> (32 - prefix_bits)) == prefix)) {
+            bin = (key >> shift) & static_cast<uint32_t>(bins - 1);
+            w = weight(x);
+          }
+        }
+        if (!__any_sync(0xffffffffu, w != 0)) continue;
+        const uint32_t peers = __match_any_sync(0xffffffffu, bin);
+        const uint32_t sum = __reduce_add_sync(peers, w);  // <= 32 * 2^26
+        if (lane == __ffs(peers) - 1 && sum != 0) atomicAdd(&sh.hist[bin], static_cast<unsigned long long>(sum));
       }
-      pending += weight(x);
+    } else {
+      // Consecutive entries of a thread often share a bin (coarse first digit, masked -inf
+      // runs): their weights are combined in a register before one shared atomic add.
+      int pending_bin = -1;
+      unsigned long long pending = 0;
+      for (int64_t v = threadIdx.x; v < V; v += kThreads) {
+        const float x = load_logit(l + v);
+        if (x != x) continue;
+        const uint32_t key = to_order_key(x);
+        if (prefix_bits > 0 && (key >> (32 - prefix_bits)) != prefix) continue;
+        const int b = static_cast<int>((key >> shift) & static_cast<uint32_t>(bins - 1));
+        if (b != pending_bin) {
+          if (pending != 0) atomicAdd(&sh.hist[pending_bin], pending);
+          pending_bin = b;
+          pending = 0;
+        }
+        pending += weight(x);
+      }
+      if (pending != 0) atomicAdd(&sh.hist[pending_bin], pending);
     }
-    if (pending != 0) atomicAdd(&sh.hist[pending_bin], pending);
     __syncthreads();
     // Suffix sums over the bins, highest first: thread t owns bins [t * per, (t + 1) * per).
     const int per = bins / kThreads;
@@ -717,7 +742,7 @@ __device__ __forceinline__ float radix_threshold(const T* l, int64_t V, RadixScr
   return from_order_key(prefix);
 }
 
-template <typename T>
+template <typename T, bool kWarpAggregate>
 __global__ void __launch_bounds__(kThreads) truncation_kernel(SampleArgs a, float* thresholds) {
   __shared__ RadixScratch scratch;
   const int64_t row = blockIdx.x;
@@ -733,7 +758,7 @@ __global__ void __launch_bounds__(kThreads) truncation_kernel(SampleArgs a, floa
   const float row_max = block_max(local_max);
   const int64_t k = a.top_k != nullptr ? a.top_k[row] : 0;
   if (k > 0 && k < a.V) {  // the k-th largest entry (ties at it are all kept)
-    threshold = radix_threshold(l, a.V, scratch, [](float) { return 1ull; },
+    threshold = radix_threshold<kWarpAggregate>(l, a.V, scratch, [](float) { return 1u; },
                                 [k](unsigned long long) { return static_cast<unsigned long long>(k); });
   }
   const float top_p = a.top_p != nullptr ? a.top_p[row] : 1.f;
@@ -741,15 +766,15 @@ __global__ void __launch_bounds__(kThreads) truncation_kernel(SampleArgs a, floa
     // The smallest entry of the top-p mass (of the tempered softmax, among the top-k).
     const float inv_tau = 1.f / tau;
     const float floor_k = threshold;
-    auto mass = [&](float x) {  // exp((x - max) / tau) in [0, 1], 32-bit fixed point
-      if (!(x >= floor_k)) return 0ull;
-      if (x == row_max) return 1ull << 32;  // (also when max = +inf: no inf - inf)
-      return __float2ull_rz(__expf((x - row_max) * inv_tau) * 4294967296.f);
+    auto mass = [&](float x) {  // exp((x - max) / tau) in [0, 1], fixed point
+      if (!(x >= floor_k)) return 0u;
+      if (x == row_max) return kMassOne;  // (also when max = +inf: no inf - inf)
+      return __float2uint_rz(__expf((x - row_max) * inv_tau) * static_cast<float>(kMassOne));
     };
     auto share_of_total = [top_p](unsigned long long total) {
       return static_cast<unsigned long long>(ceil(static_cast<double>(top_p) * static_cast<double>(total)));
     };
-    threshold = fmaxf(threshold, radix_threshold(l, a.V, scratch, mass, share_of_total));
+    threshold = fmaxf(threshold, radix_threshold<kWarpAggregate>(l, a.V, scratch, mass, share_of_total));
   }
   const float min_p = a.min_p != nullptr ? a.min_p[row] : 0.f;
   if (min_p > 0.f) threshold = fmaxf(threshold, row_max + tau * logf(min_p));
@@ -889,7 +914,13 @@ cudaError_t sample_typed(const SampleArgs& a, cudaStream_t stream) {
   if (a.top_k != nullptr || a.top_p != nullptr || a.min_p != nullptr) {
     // The workspace has room after B * splits * kPartial floats (see the glue).
     thresholds = a.workspace + a.B * a.splits * kPartial;
-    truncation_kernel<T><<<static_cast<unsigned>(a.B), kThreads, 0, stream>>>(a, thresholds);
+    // EXPERIMENT (branch only, remove the slower one before merging): the two ways of
+    // filling the radix histograms, for an A/B on a GPU. Both give identical thresholds.
+    const char* aggregate = std::getenv("FUSEDLM_RADIX_AGGREGATE");
+    if (aggregate != nullptr && aggregate[0] == '1')
+      truncation_kernel<T, true><<<static_cast<unsigned>(a.B), kThreads, 0, stream>>>(a, thresholds);
+    else
+      truncation_kernel<T, false><<<static_cast<unsigned>(a.B), kThreads, 0, stream>>>(a, thresholds);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
