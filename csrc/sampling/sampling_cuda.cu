@@ -623,6 +623,44 @@ __device__ __forceinline__ uint32_t to_order_key(float x) {
   return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
+// Calls f(x, valid) for every entry of a row, read with 16-byte loads (4 in flight per thread:
+// one CTA may be a whole row's reader); the entries before the first 16-byte boundary and
+// after the last whole vector are read one per thread. Every thread makes the same number of
+// calls (valid = false past the row), so f may use warp-collective operations.
+template <typename T, typename F>
+__device__ __forceinline__ void for_row_entries(const T* l, int64_t V, F&& f) {
+  constexpr int kPer = 16 / static_cast<int>(sizeof(T));
+  constexpr int kInFlight = 4;
+  static_assert(kPer <= kThreads, "the head and tail take one entry per thread");
+  const int64_t misalign = static_cast<int64_t>(reinterpret_cast<uintptr_t>(l) % 16) / static_cast<int64_t>(sizeof(T));
+  const int64_t head = min(V, (kPer - misalign) % kPer);
+  const int64_t vectors = (V - head) / kPer;
+  const int64_t tail = head + vectors * kPer;
+  {
+    const bool valid = threadIdx.x < head;
+    f(valid ? load_logit(l + threadIdx.x) : 0.f, valid);
+  }
+  const uint4* body = reinterpret_cast<const uint4*>(l + head);
+  for (int64_t base = 0; base < vectors; base += kThreads * kInFlight) {
+    uint4 q[kInFlight];
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) {
+      const int64_t i = base + u * kThreads + threadIdx.x;
+      q[u] = i < vectors ? __ldg(body + i) : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int u = 0; u < kInFlight; ++u) {
+      const bool valid = base + u * kThreads + threadIdx.x < vectors;
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) f(to_float(reinterpret_cast<const T*>(&q[u])[j]), valid);
+    }
+  }
+  {
+    const bool valid = tail + threadIdx.x < V;
+    f(valid ? load_logit(l + tail + threadIdx.x) : 0.f, valid);
+  }
+}
+
 // Radix selection of a truncation threshold: the largest float t with
 // measure(t) = sum of weight(x) over the row's entries x >= t at least `target`, which is
 // the key of one entry. Three passes over the row histogram the entries' keys by 11, 11
@@ -657,43 +695,38 @@ __device__ __forceinline__ float radix_threshold(const T* l, int64_t V, RadixScr
     for (int i = threadIdx.x; i < bins; i += kThreads) sh.hist[i] = 0;
     if (threadIdx.x == 0) sh.found = 0;
     __syncthreads();
+    // An entry's bin among those whose higher digits match the prefix (-1: not counted).
+    auto bin_of = [&](float x, bool valid) {
+      const uint32_t key = to_order_key(x);
+      const bool counted = valid && x == x && (prefix_bits == 0 || (key >> (32 - prefix_bits)) == prefix);
+      return counted ? static_cast<int>((key >> shift) & static_cast<uint32_t>(bins - 1)) : -1;
+    };
     if constexpr (kWarpAggregate) {
       // Lanes of a warp whose entries fall in one bin add their weights (match + warp
       // reduction) and one of them adds the sum: one shared atomic per distinct bin.
-      for (int64_t base = 0; base < V; base += kThreads) {  // warp-uniform trip count
-        const int64_t v = base + threadIdx.x;
-        uint32_t bin = 0xffffffffu, w = 0;
-        if (v < V) {
-          const float x = load_logit(l + v);
-          const uint32_t key = to_order_key(x);
-          if (x == x && (prefix_bits == 0 || (key >> (32 - prefix_bits)) == prefix)) {
-            bin = (key >> shift) & static_cast<uint32_t>(bins - 1);
-            w = weight(x);
-          }
-        }
-        if (!__any_sync(0xffffffffu, w != 0)) continue;
-        const uint32_t peers = __match_any_sync(0xffffffffu, bin);
+      for_row_entries(l, V, [&](float x, bool valid) {
+        const int b = bin_of(x, valid);
+        const uint32_t w = b >= 0 ? weight(x) : 0u;
+        if (!__any_sync(0xffffffffu, w != 0)) return;
+        const uint32_t peers = __match_any_sync(0xffffffffu, b);
         const uint32_t sum = __reduce_add_sync(peers, w);  // <= 32 * 2^26
-        if (lane == __ffs(peers) - 1 && sum != 0) atomicAdd(&sh.hist[bin], static_cast<unsigned long long>(sum));
-      }
+        if (lane == __ffs(peers) - 1 && sum != 0) atomicAdd(&sh.hist[b], static_cast<unsigned long long>(sum));
+      });
     } else {
       // Consecutive entries of a thread often share a bin (coarse first digit, masked -inf
       // runs): their weights are combined in a register before one shared atomic add.
       int pending_bin = -1;
       unsigned long long pending = 0;
-      for (int64_t v = threadIdx.x; v < V; v += kThreads) {
-        const float x = load_logit(l + v);
-        if (x != x) continue;
-        const uint32_t key = to_order_key(x);
-        if (prefix_bits > 0 && (key >> (32 - prefix_bits)) != prefix) continue;
-        const int b = static_cast<int>((key >> shift) & static_cast<uint32_t>(bins - 1));
+      for_row_entries(l, V, [&](float x, bool valid) {
+        const int b = bin_of(x, valid);
+        if (b < 0) return;
         if (b != pending_bin) {
           if (pending != 0) atomicAdd(&sh.hist[pending_bin], pending);
           pending_bin = b;
           pending = 0;
         }
         pending += weight(x);
-      }
+      });
       if (pending != 0) atomicAdd(&sh.hist[pending_bin], pending);
     }
     __syncthreads();
@@ -754,7 +787,7 @@ __global__ void __launch_bounds__(kThreads) truncation_kernel(SampleArgs a, floa
     return;
   }
   float local_max = -INFINITY;
-  for (int64_t v = threadIdx.x; v < a.V; v += kThreads) local_max = fmaxf(local_max, load_logit(l + v));
+  for_row_entries(l, a.V, [&](float x, bool valid) { local_max = fmaxf(local_max, valid ? x : -INFINITY); });
   const float row_max = block_max(local_max);
   const int64_t k = a.top_k != nullptr ? a.top_k[row] : 0;
   if (k > 0 && k < a.V) {  // the k-th largest entry (ties at it are all kept)
