@@ -34,6 +34,47 @@ def test_same_tokens_as_cpu(dtype, v, ld):
         torch.testing.assert_close(a[same], b.cpu()[same], rtol=1e-4, atol=1e-4)
 
 
+def assert_same_tokens_as_cpu(logits, tau, **kw):
+    """CUDA tokens equal the CPU kernel's for the same seeds (up to float-rounding near-ties),
+    and so do the log-probs of the rows that agree."""
+    b = logits.shape[0]
+    seeds = torch.randint(0, 2**62, (b,))
+    cpu = fusedlm.sample(logits.float().cpu(), tau, seed=seeds, return_logprobs=True, **kw)
+    gpu = fusedlm.sample(logits.to(DEV), tau.to(DEV), seed=seeds.to(DEV), return_logprobs=True, **kw)
+    same = cpu[0] == gpu[0].cpu()
+    assert (~same).sum() <= max(1, int(0.002 * b)), (~same).sum()
+    for a, g in zip(cpu[1:], gpu[1:]):
+        torch.testing.assert_close(a[same], g.cpu()[same], rtol=1e-4, atol=1e-4)
+
+
+# 64 x 128256 rows take 2-8 splits each (merged by a cluster on sm_90), 8 x 128256 many (the
+# finish kernel), 300 x 128256 one; 50257-wide rows are not 16-byte aligned.
+@pytest.mark.parametrize("b,v", [(64, 128256), (8, 128256), (300, 128256), (64, 50257)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_split_merges_same_tokens_as_cpu(b, v, dtype):
+    logits = (torch.randn(b, v) * 3).to(dtype)
+    tau = torch.rand(b) * 1.5
+    tau[::9] = 0.0
+    assert_same_tokens_as_cpu(logits, tau)
+
+
+# Truncation thresholds (radix selection on the GPU, a sort on the CPU): masked entries,
+# many exact ties (logits rounded to 0.5) and NaN-free rows of odd width.
+@pytest.mark.parametrize("trunc", [dict(top_k=50), dict(top_p=0.9), dict(min_p=0.02),
+                                   dict(top_k=1000, top_p=0.95, min_p=0.001)],
+                         ids=["top_k", "top_p", "min_p", "all"])
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_truncated_same_tokens_as_cpu(trunc, ties, dtype):
+    logits = torch.randn(64, 50257) * 3
+    if ties:
+        logits = (logits * 2).round() / 2
+    logits[:, ::17] = float("-inf")
+    logits = logits.to(dtype)
+    tau = torch.rand(64) * 1.5 + 0.05
+    assert_same_tokens_as_cpu(logits, tau, **trunc)
+
+
 @pytest.mark.parametrize("tau", [0.3, 1.0, 2.5])
 @pytest.mark.parametrize("trunc", [{}, dict(top_k=6), dict(top_p=0.8), dict(min_p=0.05),
                                    dict(top_k=9, top_p=0.95, min_p=0.01)],
