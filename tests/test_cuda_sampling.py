@@ -47,8 +47,9 @@ def assert_same_tokens_as_cpu(logits, tau, **kw):
         torch.testing.assert_close(a[same], g.cpu()[same], rtol=1e-4, atol=1e-4)
 
 
-# 64 x 128256 rows take 2-8 splits each (merged by a cluster on sm_90), 8 x 128256 many (the
-# finish kernel), 300 x 128256 one; 50257-wide rows are not 16-byte aligned.
+# How a row's splits are merged depends on their number: 64 x 128256 rows take 2-8 splits,
+# 8 x 128256 many, 300 x 128256 one (see sampling_cuda.cu); 50257-wide rows are not 16-byte
+# aligned.
 @pytest.mark.parametrize("b,v", [(64, 128256), (8, 128256), (300, 128256), (64, 50257)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_split_merges_same_tokens_as_cpu(b, v, dtype):
