@@ -623,7 +623,7 @@ __device__ __forceinline__ uint32_t to_order_key(float x) {
   return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
-// Calls f(x, valid) for every entry of a row, read with 16-byte loads (4 in flight per thread:
+// Calls f(x, valid, index) for every entry of a row, read with 16-byte loads (4 in flight per thread:
 // one CTA may be a whole row's reader); the entries before the first 16-byte boundary and
 // after the last whole vector are read one per thread. Every thread makes the same number of
 // calls (valid = false past the row), so f may use warp-collective operations.
@@ -638,7 +638,7 @@ __device__ __forceinline__ void for_row_entries(const T* l, int64_t V, F&& f) {
   const int64_t tail = head + vectors * kPer;
   {
     const bool valid = threadIdx.x < head;
-    f(valid ? load_logit(l + threadIdx.x) : 0.f, valid);
+    f(valid ? load_logit(l + threadIdx.x) : 0.f, valid, static_cast<int64_t>(threadIdx.x));
   }
   const uint4* body = reinterpret_cast<const uint4*>(l + head);
   for (int64_t base = 0; base < vectors; base += kThreads * kInFlight) {
@@ -652,12 +652,13 @@ __device__ __forceinline__ void for_row_entries(const T* l, int64_t V, F&& f) {
     for (int u = 0; u < kInFlight; ++u) {
       const bool valid = base + u * kThreads + threadIdx.x < vectors;
 #pragma unroll
-      for (int j = 0; j < kPer; ++j) f(to_float(reinterpret_cast<const T*>(&q[u])[j]), valid);
+      for (int j = 0; j < kPer; ++j)
+        f(to_float(reinterpret_cast<const T*>(&q[u])[j]), valid, head + (base + u * kThreads + threadIdx.x) * kPer + j);
     }
   }
   {
     const bool valid = tail + threadIdx.x < V;
-    f(valid ? load_logit(l + tail + threadIdx.x) : 0.f, valid);
+    f(valid ? load_logit(l + tail + threadIdx.x) : 0.f, valid, tail + threadIdx.x);
   }
 }
 
@@ -704,7 +705,7 @@ __device__ __forceinline__ float radix_threshold(const T* l, int64_t V, RadixScr
     if constexpr (kWarpAggregate) {
       // Lanes of a warp whose entries fall in one bin add their weights (match + warp
       // reduction) and one of them adds the sum: one shared atomic per distinct bin.
-      for_row_entries(l, V, [&](float x, bool valid) {
+      for_row_entries(l, V, [&](float x, bool valid, int64_t) {
         const int b = bin_of(x, valid);
         const uint32_t w = b >= 0 ? weight(x) : 0u;
         if (!__any_sync(0xffffffffu, w != 0)) return;
@@ -717,7 +718,7 @@ __device__ __forceinline__ float radix_threshold(const T* l, int64_t V, RadixScr
       // runs): their weights are combined in a register before one shared atomic add.
       int pending_bin = -1;
       unsigned long long pending = 0;
-      for_row_entries(l, V, [&](float x, bool valid) {
+      for_row_entries(l, V, [&](float x, bool valid, int64_t) {
         const int b = bin_of(x, valid);
         if (b < 0) return;
         if (b != pending_bin) {
@@ -787,7 +788,7 @@ __global__ void __launch_bounds__(kThreads) truncation_kernel(SampleArgs a, floa
     return;
   }
   float local_max = -INFINITY;
-  for_row_entries(l, a.V, [&](float x, bool valid) { local_max = fmaxf(local_max, valid ? x : -INFINITY); });
+  for_row_entries(l, a.V, [&](float x, bool valid, int64_t) { local_max = fmaxf(local_max, valid ? x : -INFINITY); });
   const float row_max = block_max(local_max);
   const int64_t k = a.top_k != nullptr ? a.top_k[row] : 0;
   if (k > 0 && k < a.V) {  // the k-th largest entry (ties at it are all kept)
@@ -821,13 +822,13 @@ __global__ void __launch_bounds__(kThreads) temperature_logprobs_kernel(Temperat
   const T* l = static_cast<const T*>(a.logits) + row * a.ld;
   float local_max = -INFINITY;
   int64_t local_arg = -1;
-  for (int64_t v = threadIdx.x; v < a.V; v += kThreads) {
-    const float x = load_logit(l + v);
-    if (local_arg < 0 || x > local_max) {
+  // Each thread sees its entries in increasing index order: the first of equal maxima wins.
+  for_row_entries(l, a.V, [&](float x, bool valid, int64_t v) {
+    if (valid && (local_arg < 0 || x > local_max)) {
       local_max = x;
       local_arg = v;
     }
-  }
+  });
   RowState st;
   st.arg_val = local_max;
   st.arg_idx = local_arg;
@@ -842,12 +843,17 @@ __global__ void __launch_bounds__(kThreads) temperature_logprobs_kernel(Temperat
   float sums[kMaxK];
 #pragma unroll
   for (int k = 0; k < kMaxK; ++k) sums[k] = 0.f;
-  for (int64_t v = threadIdx.x; v < a.V; v += kThreads) {
-    const float centred = load_logit(l + v) - row_max;
+  float inv_tau[kMaxK];  // 0 for tau = 0 and past K (those sums stay unused)
+#pragma unroll
+  for (int k = 0; k < kMaxK; ++k) inv_tau[k] = k < a.K && a.temperatures[k] > 0.f ? 1.f / a.temperatures[k] : 0.f;
+  const float m = row_max;
+  for_row_entries(l, a.V, [&](float x, bool valid, int64_t) {
+    if (!valid) return;
+    const float centred = x - m;
 #pragma unroll
     for (int k = 0; k < kMaxK; ++k)
-      if (k < a.K && a.temperatures[k] > 0.f) sums[k] += __expf(centred / a.temperatures[k]);
-  }
+      if (inv_tau[k] > 0.f) sums[k] += __expf(centred * inv_tau[k]);
+  });
   const int64_t token = a.tokens[row];
   const float lt = (token >= 0 && token < a.V) ? load_logit(l + token) : NAN;
 #pragma unroll
