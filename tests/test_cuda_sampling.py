@@ -141,6 +141,15 @@ def test_position_independent_and_graph_safe():
     assert torch.equal(out, a)
 
 
+def test_temperature_logprobs_greedy_takes_the_first_of_tied_maxima():
+    logits = torch.randn(5, 50257)
+    logits[:, 7] = logits[:, 40000] = 9.0  # tied maxima (rows of odd width: unaligned starts)
+    tokens = torch.tensor([7, 40000, 7, 40000, 3])
+    out = fusedlm.temperature_logprobs(logits.to(DEV), tokens.to(DEV), [0.0, 1.0]).cpu()
+    assert out[:, 0].tolist() == [0.0, -math.inf, 0.0, -math.inf, -math.inf]
+    torch.testing.assert_close(out, fusedlm.temperature_logprobs(logits, tokens, [0.0, 1.0]), rtol=1e-4, atol=1e-4)
+
+
 def test_temperature_logprobs_cuda_matches_cpu():
     logits = torch.randn(33, 4099) * 2
     tokens = torch.randint(0, 4099, (33,))
