@@ -43,6 +43,13 @@ def run(cmd, cwd):
     assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
 
+def test_every_example_parses():
+    """Skipped fragments are not run, but they must still be valid Python."""
+    for page in PAGES:
+        for k, (_, code) in enumerate(python_blocks(page)):
+            compile(code, f"{page} (python block {k})", "exec")
+
+
 def test_marker_modes_are_known():
     for page in PAGES:
         modes = {mode for mode, _ in python_blocks(page)}
