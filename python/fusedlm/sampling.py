@@ -32,16 +32,17 @@ def _per_row(value, batch: int, device, dtype, name: str, check) -> Optional[Ten
                              f"{tuple(value.shape)}")
         if value.device != device:
             raise ValueError(f"{name} is on {value.device} but logits are on {device}")
-        _check_integer_tensor(value, name, dtype)
+        if not dtype.is_floating_point:
+            _check_integer_tensor(value, name)
         return value.to(dtype)
     check(value)
     return torch.full((batch,), value, dtype=dtype, device=device)
 
 
-def _check_integer_tensor(value: Tensor, name: str, dtype) -> None:
+def _check_integer_tensor(value: Tensor, name: str) -> None:
     """An integer parameter given as a tensor must hold integers: a float tensor would be
     truncated silently (e.g. seeds drawn with torch.rand would all become 0)."""
-    if dtype == torch.int64 and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
 
 
@@ -75,7 +76,7 @@ def _row_seeds(seed, batch: int, device, generator) -> Tensor:
             raise ValueError(f"seed tensor must have shape ({batch},), got {tuple(seed.shape)}")
         if seed.device != device:
             raise ValueError(f"seed is on {seed.device} but logits are on {device}")
-        _check_integer_tensor(seed, "seed", torch.int64)
+        _check_integer_tensor(seed, "seed")
         return seed.to(torch.int64)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be None, an int or an int64 tensor, got {type(seed)}")
