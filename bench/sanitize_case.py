@@ -41,11 +41,12 @@ fusedlm.sample(logits, torch.tensor([0.0, 0.5, 1.0, 2.0, 1.0], device="cuda"), t
                min_p=0.01, return_logprobs=True)
 fusedlm.sample(logits.bfloat16(), 1.0)
 fusedlm.temperature_logprobs(logits, torch.arange(5, device="cuda"), [0.0, 0.5, 1.0])
-# The three ways a row's splits are merged: many (finish kernel), 2..8 (one cluster on sm_90),
-# one (the CTA draws the token).
+# A row's splits merged by the finish kernel (B = 1, 64) or a single split drawing the token
+# (B = 300), with and without truncation (the radix passes).
 for batch in (1, 64, 300):
     big = torch.randn(batch, 128256, device="cuda", dtype=torch.bfloat16) * 3
     fusedlm.sample(big, torch.rand(batch, device="cuda"), seed=torch.arange(batch, device="cuda"),
                    return_logprobs=True)
+    fusedlm.sample(big, torch.rand(batch, device="cuda"), top_k=50, top_p=0.9)
 torch.cuda.synchronize()
 print("sanitize case done")

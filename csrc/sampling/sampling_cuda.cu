@@ -12,9 +12,7 @@
 // launched with programmatic dependent launch on sm_90 so its launch overlaps the main
 // kernel's tail) merges the splits of a row, re-reads the winning tile and picks the token
 // inside it by inverse CDF with the tile's uniform. When a row has one split (large batches)
-// its CTA does that itself and no finish kernel runs; with 2..8 splits on sm_90 the row's
-// CTAs run as one thread-block cluster, and split 0 merges the others' partials from their
-// shared memory and draws the token (no finish kernel either). Rows that are not 16-byte aligned go
+// its CTA does that itself and no finish kernel runs. Rows that are not 16-byte aligned go
 // through sample_unaligned_kernel (same tile keys, one tile per lane, simple per-lane loads).
 // truncation_kernel (one CTA per row, only when top-k / top-p / min-p are given) finds the
 // smallest kept logit by radix selection over the order-preserving integer image of the
@@ -24,7 +22,6 @@
 
 #include <cfloat>
 #include <cstdint>
-#include <cstdlib>
 
 #include "../common/convert.cuh"
 #include "../common/fast_math.cuh"
@@ -37,7 +34,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kPartial = 8;  // floats per (row, split) partial
-constexpr int kMaxClusterSplits = 8;  // portable cluster size
 
 template <typename T>
 __device__ __forceinline__ float load_logit(const T* p);
@@ -219,34 +215,6 @@ __device__ __forceinline__ void griddep_launch_dependents() {
 #endif
 }
 
-// Thread-block clusters (sm_90): the splits of a row run as one cluster and merge their
-// partials through distributed shared memory instead of a finish kernel.
-__device__ __forceinline__ uint32_t cluster_size() {
-  uint32_t n = 1;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mov.u32 %0, %%cluster_nctarank;\n" : "=r"(n));
-#endif
-  return n;
-}
-__device__ __forceinline__ void cluster_sync_all() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-#endif
-}
-// Reads the float at `p`'s shared-memory offset in CTA `rank` of the cluster.
-__device__ __forceinline__ float load_cluster_shared(const float* p, uint32_t rank) {
-  float v = 0.f;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n"
-               : "=r"(remote) : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(p))), "r"(rank));
-  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(remote) : "memory");
-#else
-  (void)p; (void)rank;
-#endif
-  return v;
-}
-
 // One warp, with the row's merged state in every lane: the token (inside the winning tile,
 // by inverse CDF with the tile's uniform; tau = 0: the argmax) and the log-probs.
 template <typename T, bool kVec>
@@ -321,26 +289,6 @@ __device__ void finish_row(const SampleArgs& a, const float* thresholds, int64_t
   a.logprob[row] = greedy ? 0.f : lt * inv_tau - (st.p_max + logf(st.p_sum));
 }
 
-// Merges a row's split partials on one warp: lane s takes partials s, s + 32, ... (partial(s,
-// i) gives entry i of split s's), then the lanes merge by a butterfly. The finish kernel and
-// the cluster path use the same order, so they give the same token.
-template <typename Partial>
-__device__ RowState merge_partials(int splits, int lane, Partial&& partial) {
-  RowState st;
-  for (int s = lane; s < splits; s += 32) {
-    online_merge(st.raw_max, st.raw_sum, partial(s, 0), partial(s, 1), 1.f);
-    online_merge(st.p_max, st.p_sum, partial(s, 2), partial(s, 3), 1.f);
-    best_merge(st.best_key, st.best_idx, partial(s, 4), __float_as_int(partial(s, 5)));
-  }
-  for (int off = 16; off > 0; off >>= 1) {
-    const RowState other = shfl_state(st, off);
-    online_merge(st.raw_max, st.raw_sum, other.raw_max, other.raw_sum, 1.f);
-    online_merge(st.p_max, st.p_sum, other.p_max, other.p_sum, 1.f);
-    best_merge(st.best_key, st.best_idx, other.best_key, other.best_idx);
-  }
-  return st;
-}
-
 // Block-reduces the CTA's row state. With one split the CTA holds the whole row: warp 0
 // draws the token itself (no finish kernel is launched); otherwise thread 0 writes the (row,
 // split) partial for the finish kernel.
@@ -359,29 +307,15 @@ __device__ void finish_or_write_partial(const SampleArgs& a, const float* thresh
     if (threadIdx.x < 32) finish_row<T, kVec>(a, thresholds, row, static_cast<int>(threadIdx.x), row_state);
     return;
   }
-  auto write_partial = [&](float* out) {
+  if (threadIdx.x == 0) {
+    float* out = a.workspace + (row * a.splits + split) * kPartial;
     out[0] = st.raw_max;
     out[1] = st.raw_sum;
     out[2] = st.p_max;
     out[3] = st.p_sum;
     out[4] = st.best_key;
     out[5] = __int_as_float(static_cast<int>(st.best_idx));
-  };
-  if (cluster_size() > 1) {  // the row's splits are one cluster (cluster rank == split)
-    __shared__ float partial[kPartial];
-    if (threadIdx.x == 0) write_partial(partial);
-    cluster_sync_all();  // every split's partial is written
-    if (split == 0 && threadIdx.x < 32) {
-      const int lane = static_cast<int>(threadIdx.x);
-      const RowState merged = merge_partials(a.splits, lane, [&](int s, int i) {
-        return load_cluster_shared(partial + i, static_cast<uint32_t>(s));
-      });
-      finish_row<T, kVec>(a, thresholds, row, lane, merged);
-    }
-    cluster_sync_all();  // no CTA leaves while split 0 may still read its partial
-    return;
   }
-  if (threadIdx.x == 0) write_partial(a.workspace + (row * a.splits + split) * kPartial);
 }
 
 // One warp per row: merge the splits, then draw the token inside the winning tile.
@@ -390,8 +324,19 @@ __global__ void sample_finish_kernel(SampleArgs a, const float* thresholds) {
   griddep_wait();  // the partials of the main kernel
   const int64_t row = blockIdx.x;
   const int lane = threadIdx.x;
-  const float* partials = a.workspace + row * a.splits * kPartial;
-  const RowState st = merge_partials(a.splits, lane, [&](int s, int i) { return partials[s * kPartial + i]; });
+  RowState st;  // lanes merge strided splits in parallel, then across the warp
+  for (int s = lane; s < a.splits; s += 32) {
+    const float* p = a.workspace + (row * a.splits + s) * kPartial;
+    online_merge(st.raw_max, st.raw_sum, p[0], p[1], 1.f);
+    online_merge(st.p_max, st.p_sum, p[2], p[3], 1.f);
+    best_merge(st.best_key, st.best_idx, p[4], __float_as_int(p[5]));
+  }
+  for (int off = 16; off > 0; off >>= 1) {
+    const RowState other = shfl_state(st, off);
+    online_merge(st.raw_max, st.raw_sum, other.raw_max, other.raw_sum, 1.f);
+    online_merge(st.p_max, st.p_sum, other.p_max, other.p_sum, 1.f);
+    best_merge(st.best_key, st.best_idx, other.best_key, other.best_idx);
+  }
   finish_row<T, kVec>(a, thresholds, row, lane, st);
 }
 
@@ -582,15 +527,16 @@ __device__ __forceinline__ float from_order_key(uint32_t k) {
   return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
 }
 
+template <int kBlock = kThreads>
 __device__ float block_sum(float x) {
-  __shared__ float part[kThreads / 32];
+  __shared__ float part[kBlock / 32];
   __shared__ float total;
   for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
   if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = x;
   __syncthreads();
   if (threadIdx.x == 0) {
     float s = 0.f;
-    for (int w = 0; w < kThreads / 32; ++w) s += part[w];
+    for (int w = 0; w < kBlock / 32; ++w) s += part[w];
     total = s;
   }
   __syncthreads();
@@ -599,15 +545,16 @@ __device__ float block_sum(float x) {
   return r;
 }
 
+template <int kBlock = kThreads>
 __device__ float block_max(float x) {
-  __shared__ float part[kThreads / 32];
+  __shared__ float part[kBlock / 32];
   __shared__ float total;
   for (int off = 16; off > 0; off >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, off));
   if (threadIdx.x % 32 == 0) part[threadIdx.x / 32] = x;
   __syncthreads();
   if (threadIdx.x == 0) {
     float m = -INFINITY;
-    for (int w = 0; w < kThreads / 32; ++w) m = fmaxf(m, part[w]);
+    for (int w = 0; w < kBlock / 32; ++w) m = fmaxf(m, part[w]);
     total = m;
   }
   __syncthreads();
@@ -627,11 +574,11 @@ __device__ __forceinline__ uint32_t to_order_key(float x) {
 // one CTA may be a whole row's reader); the entries before the first 16-byte boundary and
 // after the last whole vector are read one per thread. Every thread makes the same number of
 // calls (valid = false past the row), so f may use warp-collective operations.
-template <typename T, typename F>
+template <int kBlock = kThreads, typename T, typename F>
 __device__ __forceinline__ void for_row_entries(const T* l, int64_t V, F&& f) {
   constexpr int kPer = 16 / static_cast<int>(sizeof(T));
   constexpr int kInFlight = 4;
-  static_assert(kPer <= kThreads, "the head and tail take one entry per thread");
+  static_assert(kPer <= kBlock, "the head and tail take one entry per thread");
   const int64_t misalign = static_cast<int64_t>(reinterpret_cast<uintptr_t>(l) % 16) / static_cast<int64_t>(sizeof(T));
   const int64_t head = min(V, (kPer - misalign) % kPer);
   const int64_t vectors = (V - head) / kPer;
@@ -641,19 +588,19 @@ __device__ __forceinline__ void for_row_entries(const T* l, int64_t V, F&& f) {
     f(valid ? load_logit(l + threadIdx.x) : 0.f, valid, static_cast<int64_t>(threadIdx.x));
   }
   const uint4* body = reinterpret_cast<const uint4*>(l + head);
-  for (int64_t base = 0; base < vectors; base += kThreads * kInFlight) {
+  for (int64_t base = 0; base < vectors; base += kBlock * kInFlight) {
     uint4 q[kInFlight];
 #pragma unroll
     for (int u = 0; u < kInFlight; ++u) {
-      const int64_t i = base + u * kThreads + threadIdx.x;
+      const int64_t i = base + u * kBlock + threadIdx.x;
       q[u] = i < vectors ? __ldg(body + i) : make_uint4(0u, 0u, 0u, 0u);
     }
 #pragma unroll
     for (int u = 0; u < kInFlight; ++u) {
-      const bool valid = base + u * kThreads + threadIdx.x < vectors;
+      const bool valid = base + u * kBlock + threadIdx.x < vectors;
 #pragma unroll
       for (int j = 0; j < kPer; ++j)
-        f(to_float(reinterpret_cast<const T*>(&q[u])[j]), valid, head + (base + u * kThreads + threadIdx.x) * kPer + j);
+        f(to_float(reinterpret_cast<const T*>(&q[u])[j]), valid, head + (base + u * kBlock + threadIdx.x) * kPer + j);
     }
   }
   {
@@ -667,25 +614,28 @@ __device__ __forceinline__ void for_row_entries(const T* l, int64_t V, F&& f) {
 // the key of one entry. Three passes over the row histogram the entries' keys by 11, 11
 // and 10 bits (2048 bins in shared memory), each pass only the entries whose higher bits
 // match the digits chosen so far; after a pass, the highest bin whose entries plus all
-// those above it reach the target is chosen. Weights are integers (counts, or masses in
-// fixed point), so the sums do not depend on the order of the atomic adds: the
-// threshold is deterministic. (The bisection this replaces made ~32 passes per threshold.)
+// those above it reach the target is chosen. Weights are 32-bit integers (counts, or
+// masses in fixed point) whose row total fits 32 bits, so the bins are filled with native
+// shared atomic adds (a 64-bit add is a compare-and-swap loop, which stalled on the few
+// bins that random logits crowd into) and the sums do not depend on the order of the
+// adds: the threshold is deterministic. (The bisection this replaces made ~32 passes.)
 // Returns -inf when the whole row's measure is below target. NaN entries weigh nothing (a
 // comparison never keeps them).
 constexpr int kRadixBins = 2048;
-// Masses in fixed point with 26 fraction bits (resolution 1.5e-8 of the largest entry's; a
-// float32 running sum of the row resolves ~6e-8 of the total): 32 lanes' sum fits 32 bits.
-constexpr uint32_t kMassOne = 1u << 26;
-static_assert(kRadixBins % kThreads == 0 && (kRadixBins / 2) % kThreads == 0, "bins per thread");
+// Few rows: each row's CTA is its only reader, so it gets 4x the threads (4x the loads in
+// flight); many rows: 256-thread CTAs share the SMs (4 per SM at 64 registers).
+constexpr int kTruncationThreadsFewRows = 1024;
+template <int kBlock>
 struct RadixScratch {
-  unsigned long long hist[kRadixBins];
-  unsigned long long warp_sums[kThreads / 32];
+  static_assert(kRadixBins % kBlock == 0 && (kRadixBins / 2) % kBlock == 0, "bins per thread");
+  uint32_t hist[kRadixBins];
+  unsigned long long warp_sums[kBlock / 32];
   unsigned long long above;  // measure of the entries above the chosen bins
   int bin, found;
 };
 
-template <bool kWarpAggregate, typename T, typename Weight, typename Target>
-__device__ __forceinline__ float radix_threshold(const T* l, int64_t V, RadixScratch& sh, Weight&& weight, Target&& target_of) {
+template <int kBlock, typename T, typename Weight, typename Target>
+__device__ __forceinline__ float radix_threshold(const T* l, int64_t V, RadixScratch<kBlock>& sh, Weight&& weight, Target&& target_of) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   uint32_t prefix = 0;  // the digits chosen so far
   int prefix_bits = 0;
@@ -693,46 +643,31 @@ __device__ __forceinline__ float radix_threshold(const T* l, int64_t V, RadixScr
 #pragma unroll 1
   for (int pass = 0; pass < 3; ++pass) {
     const int bits = pass < 2 ? 11 : 10, bins = 1 << bits, shift = 32 - prefix_bits - bits;
-    for (int i = threadIdx.x; i < bins; i += kThreads) sh.hist[i] = 0;
+    for (int i = threadIdx.x; i < bins; i += kBlock) sh.hist[i] = 0;
     if (threadIdx.x == 0) sh.found = 0;
     __syncthreads();
-    // An entry's bin among those whose higher digits match the prefix (-1: not counted).
-    auto bin_of = [&](float x, bool valid) {
+    // Consecutive entries of a thread often share a bin (coarse first digit, masked -inf
+    // runs): their weights are combined in a register before one shared atomic add.
+    // Zero weights (masses below the fixed point's resolution) add nothing.
+    int pending_bin = -1;
+    uint32_t pending = 0;
+    for_row_entries<kBlock>(l, V, [&](float x, bool valid, int64_t) {
       const uint32_t key = to_order_key(x);
-      const bool counted = valid && x == x && (prefix_bits == 0 || (key >> (32 - prefix_bits)) == prefix);
-      return counted ? static_cast<int>((key >> shift) & static_cast<uint32_t>(bins - 1)) : -1;
-    };
-    if constexpr (kWarpAggregate) {
-      // Lanes of a warp whose entries fall in one bin add their weights (match + warp
-      // reduction) and one of them adds the sum: one shared atomic per distinct bin.
-      for_row_entries(l, V, [&](float x, bool valid, int64_t) {
-        const int b = bin_of(x, valid);
-        const uint32_t w = b >= 0 ? weight(x) : 0u;
-        if (!__any_sync(0xffffffffu, w != 0)) return;
-        const uint32_t peers = __match_any_sync(0xffffffffu, b);
-        const uint32_t sum = __reduce_add_sync(peers, w);  // <= 32 * 2^26
-        if (lane == __ffs(peers) - 1 && sum != 0) atomicAdd(&sh.hist[b], static_cast<unsigned long long>(sum));
-      });
-    } else {
-      // Consecutive entries of a thread often share a bin (coarse first digit, masked -inf
-      // runs): their weights are combined in a register before one shared atomic add.
-      int pending_bin = -1;
-      unsigned long long pending = 0;
-      for_row_entries(l, V, [&](float x, bool valid, int64_t) {
-        const int b = bin_of(x, valid);
-        if (b < 0) return;
-        if (b != pending_bin) {
-          if (pending != 0) atomicAdd(&sh.hist[pending_bin], pending);
-          pending_bin = b;
-          pending = 0;
-        }
-        pending += weight(x);
-      });
-      if (pending != 0) atomicAdd(&sh.hist[pending_bin], pending);
-    }
+      if (!valid || x != x || (prefix_bits != 0 && (key >> (32 - prefix_bits)) != prefix)) return;
+      const uint32_t w = weight(x);
+      if (w == 0) return;
+      const int b = static_cast<int>((key >> shift) & static_cast<uint32_t>(bins - 1));
+      if (b != pending_bin) {
+        if (pending != 0) atomicAdd(&sh.hist[pending_bin], pending);
+        pending_bin = b;
+        pending = 0;
+      }
+      pending += w;
+    });
+    if (pending != 0) atomicAdd(&sh.hist[pending_bin], pending);
     __syncthreads();
     // Suffix sums over the bins, highest first: thread t owns bins [t * per, (t + 1) * per).
-    const int per = bins / kThreads;
+    const int per = bins / kBlock;
     unsigned long long mine = 0;
     for (int j = 0; j < per; ++j) mine += sh.hist[threadIdx.x * per + j];
     unsigned long long from_here = mine;  // this thread's bins and those of higher lanes
@@ -744,7 +679,7 @@ __device__ __forceinline__ float radix_threshold(const T* l, int64_t V, RadixScr
     if (lane == 0) sh.warp_sums[warp] = from_here;
     __syncthreads();
     unsigned long long total = 0;
-    for (int w = 0; w < kThreads / 32; ++w) {
+    for (int w = 0; w < kBlock / 32; ++w) {
       total += sh.warp_sums[w];
       if (w > warp) from_here += sh.warp_sums[w];
     }
@@ -776,9 +711,14 @@ __device__ __forceinline__ float radix_threshold(const T* l, int64_t V, RadixScr
   return from_order_key(prefix);
 }
 
-template <typename T, bool kWarpAggregate>
-__global__ void __launch_bounds__(kThreads) truncation_kernel(SampleArgs a, float* thresholds) {
-  __shared__ RadixScratch scratch;
+// exp((x - m) / tau) with the equal case exact (also when m = x = +inf: no inf - inf).
+__device__ __forceinline__ float tempered_ratio(float x, float m, float inv_tau) {
+  return x == m ? 1.f : __expf((x - m) * inv_tau);
+}
+
+template <typename T, int kBlock>
+__global__ void __launch_bounds__(kBlock, 1024 / kBlock) truncation_kernel(SampleArgs a, float* thresholds) {
+  __shared__ RadixScratch<kBlock> scratch;
   const int64_t row = blockIdx.x;
   const T* l = static_cast<const T*>(a.logits) + row * a.ld;
   const float tau = a.temperature[row];
@@ -787,28 +727,46 @@ __global__ void __launch_bounds__(kThreads) truncation_kernel(SampleArgs a, floa
     if (threadIdx.x == 0) thresholds[row] = threshold;
     return;
   }
-  float local_max = -INFINITY;
-  for_row_entries(l, a.V, [&](float x, bool valid, int64_t) { local_max = fmaxf(local_max, valid ? x : -INFINITY); });
-  const float row_max = block_max(local_max);
+  const float inv_tau = 1.f / tau;
+  const float top_p = a.top_p != nullptr ? a.top_p[row] : 1.f;
+  const bool by_mass = top_p < 1.f;
+  // The row's maximum and, for top-p, the tempered softmax's normaliser sum exp((x - max) / tau)
+  // in the same pass (online: a thread rescales its sum when its maximum grows).
+  float local_max = -INFINITY, local_sum = 0.f;
+  for_row_entries<kBlock>(l, a.V, [&](float x, bool valid, int64_t) {
+    if (!valid || !(x > -INFINITY)) return;  // (-inf and NaN weigh nothing)
+    if (by_mass) {
+      if (x > local_max) {
+        local_sum = local_sum * tempered_ratio(local_max, x, inv_tau) + 1.f;
+        local_max = x;
+      } else {
+        local_sum += tempered_ratio(x, local_max, inv_tau);
+      }
+    } else {
+      local_max = fmaxf(local_max, x);
+    }
+  });
+  const float row_max = block_max<kBlock>(local_max);
   const int64_t k = a.top_k != nullptr ? a.top_k[row] : 0;
   if (k > 0 && k < a.V) {  // the k-th largest entry (ties at it are all kept)
-    threshold = radix_threshold<kWarpAggregate>(l, a.V, scratch, [](float) { return 1u; },
-                                [k](unsigned long long) { return static_cast<unsigned long long>(k); });
+    threshold = radix_threshold<kBlock>(l, a.V, scratch, [](float) { return 1u; },
+                                        [k](unsigned long long) { return static_cast<unsigned long long>(k); });
   }
-  const float top_p = a.top_p != nullptr ? a.top_p[row] : 1.f;
-  if (top_p < 1.f && row_max != -INFINITY) {
+  if (by_mass && row_max != -INFINITY) {
     // The smallest entry of the top-p mass (of the tempered softmax, among the top-k).
-    const float inv_tau = 1.f / tau;
+    // Masses are probabilities in fixed point with 2^31 = the whole row (rounded to nearest:
+    // the kept mass is within ~V * 2^-32 of the exact one; a float32 cumulative sum over a
+    // sorted row errs by ~1e-5), so a row's total stays below 2^32.
+    const float row_sum = block_sum<kBlock>(local_max == -INFINITY ? 0.f : local_sum * tempered_ratio(local_max, row_max, inv_tau));
+    const float scale = 2147483648.f / row_sum;
     const float floor_k = threshold;
-    auto mass = [&](float x) {  // exp((x - max) / tau) in [0, 1], fixed point
-      if (!(x >= floor_k)) return 0u;
-      if (x == row_max) return kMassOne;  // (also when max = +inf: no inf - inf)
-      return __float2uint_rz(__expf((x - row_max) * inv_tau) * static_cast<float>(kMassOne));
+    auto mass = [&](float x) {
+      return x >= floor_k ? __float2uint_rn(tempered_ratio(x, row_max, inv_tau) * scale) : 0u;
     };
     auto share_of_total = [top_p](unsigned long long total) {
       return static_cast<unsigned long long>(ceil(static_cast<double>(top_p) * static_cast<double>(total)));
     };
-    threshold = fmaxf(threshold, radix_threshold<kWarpAggregate>(l, a.V, scratch, mass, share_of_total));
+    threshold = fmaxf(threshold, radix_threshold<kBlock>(l, a.V, scratch, mass, share_of_total));
   }
   const float min_p = a.min_p != nullptr ? a.min_p[row] : 0.f;
   if (min_p > 0.f) threshold = fmaxf(threshold, row_max + tau * logf(min_p));
@@ -906,34 +864,10 @@ cudaError_t sample_aligned_launch(const SampleArgs& a, const float* thresholds, 
     err = cudaFuncSetAttribute(sample_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  int device = 0, major = 0;
-  err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (err != cudaSuccess) return err;
-  // 2..8 splits on sm_90: a row's splits form one thread-block cluster that merges their
-  // partials in distributed shared memory and draws the token: no finish kernel.
-  const bool clustered = major >= 9 && a.splits > 1 && a.splits <= kMaxClusterSplits;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 1;
-  attr[0].val.clusterDim.y = static_cast<unsigned>(a.splits);
-  attr[0].val.clusterDim.z = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(a.B), static_cast<unsigned>(a.splits));
-  cfg.blockDim = dim3(static_cast<unsigned>(warps * 32));
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cfg.attrs = attr;
-  cfg.numAttrs = clustered ? 1 : 0;
-  err = cudaLaunchKernelEx(&cfg, sample_kernel<T>, a, thresholds, per_split * kBatchTiles);
-  if (err != cudaSuccess && clustered) {  // no room for such a cluster (e.g. a small MIG slice)
-    (void)cudaGetLastError();
-    cfg.numAttrs = 0;
-    err = cudaLaunchKernelEx(&cfg, sample_kernel<T>, a, thresholds, per_split * kBatchTiles);
-    if (err != cudaSuccess) return err;
-    return finish_launch<T, true>(a, thresholds, stream);
-  }
-  if (err != cudaSuccess || a.splits == 1 || clustered) return err;  // the token is drawn
+  sample_kernel<T><<<dim3(static_cast<unsigned>(a.B), a.splits), warps * 32, smem, stream>>>(
+      a, thresholds, per_split * kBatchTiles);
+  err = cudaGetLastError();
+  if (err != cudaSuccess || a.splits == 1) return err;  // one split: the CTA drew the token
   return finish_launch<T, true>(a, thresholds, stream);
 }
 
@@ -953,14 +887,15 @@ cudaError_t sample_typed(const SampleArgs& a, cudaStream_t stream) {
   if (a.top_k != nullptr || a.top_p != nullptr || a.min_p != nullptr) {
     // The workspace has room after B * splits * kPartial floats (see the glue).
     thresholds = a.workspace + a.B * a.splits * kPartial;
-    // EXPERIMENT (branch only, remove the slower one before merging): the two ways of
-    // filling the radix histograms, for an A/B on a GPU. Both give identical thresholds.
-    const char* aggregate = std::getenv("FUSEDLM_RADIX_AGGREGATE");
-    if (aggregate != nullptr && aggregate[0] == '1')
-      truncation_kernel<T, true><<<static_cast<unsigned>(a.B), kThreads, 0, stream>>>(a, thresholds);
+    int device = 0, sms = 0;
+    cudaError_t err = cudaGetDevice(&device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (err != cudaSuccess) return err;
+    if (a.B <= sms)
+      truncation_kernel<T, kTruncationThreadsFewRows><<<static_cast<unsigned>(a.B), kTruncationThreadsFewRows, 0, stream>>>(a, thresholds);
     else
-      truncation_kernel<T, false><<<static_cast<unsigned>(a.B), kThreads, 0, stream>>>(a, thresholds);
-    const cudaError_t err = cudaGetLastError();
+      truncation_kernel<T, kThreads><<<static_cast<unsigned>(a.B), kThreads, 0, stream>>>(a, thresholds);
+    err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   if (rows_aligned(a.dtype, a.logits, a.ld)) return sample_aligned_launch<T>(a, thresholds, stream);
