@@ -25,12 +25,13 @@ c = torch.randn(32000, 64, device="cuda", dtype=torch.bfloat16, requires_grad=Tr
 y = torch.randint(0, 32000, (2048,), device="cuda")
 fusedlm.linear_cross_entropy(e, c, y, filter_eps=None).backward()
 # Filtered backward with the forward's tile maxima (whole tiles skipped), half the rows
-# confidently right, over several vocabulary chunks (a 1 MB workspace is read per call).
+# confidently right, over several vocabulary chunks (a 1 MB workspace is read per call);
+# 5 row tiles (an odd count).
 os.environ["FUSEDLM_CCE_WORKSPACE_MB"] = "1"
 c = torch.randn(9000, 64, device="cuda", dtype=torch.bfloat16) / 8
-y = torch.randint(0, 9000, (700,), device="cuda")
-e = torch.randn(700, 64, device="cuda", dtype=torch.bfloat16)
-e[:350] += 40 * c[y[:350]]
+y = torch.randint(0, 9000, (600,), device="cuda")
+e = torch.randn(600, 64, device="cuda", dtype=torch.bfloat16)
+e[:300] += 40 * c[y[:300]]
 b = torch.randn(9000, device="cuda", dtype=torch.bfloat16)
 for t in (e, c, b):
     t.requires_grad_()

@@ -621,21 +621,59 @@ __device__ __forceinline__ void for_row_entries(const T* l, int64_t V, F&& f) {
 // adds: the threshold is deterministic. (The bisection this replaces made ~32 passes.)
 // Returns -inf when the whole row's measure is below target. NaN entries weigh nothing (a
 // comparison never keeps them).
+//
+// Few rows: a row is read by a thread-block cluster of up to 8 CTAs (sm_90), each over one
+// slice of it; after each pass every CTA sums the cluster's histograms from distributed
+// shared memory (integer sums: the same totals, hence the same choices, in every CTA).
 constexpr int kRadixBins = 2048;
-// Few rows: each row's CTA is its only reader, so it gets 4x the threads (4x the loads in
-// flight); many rows: 256-thread CTAs share the SMs (4 per SM at 64 registers).
+constexpr int kMaxRowCtas = 8;  // portable cluster size
+// Few rows: 1024-thread CTAs (4x the loads in flight); many rows: 256-thread CTAs share the
+// SMs (4 per SM at 64 registers).
 constexpr int kTruncationThreadsFewRows = 1024;
 template <int kBlock>
 struct RadixScratch {
   static_assert(kRadixBins % kBlock == 0 && (kRadixBins / 2) % kBlock == 0, "bins per thread");
   uint32_t hist[kRadixBins];
+  uint32_t merged[kRadixBins];  // a cluster: this CTA's share of the bins, summed over the row
   unsigned long long warp_sums[kBlock / 32];
   unsigned long long above;  // measure of the entries above the chosen bins
   int bin, found;
+  float cta_max, cta_sum;  // this CTA's share of the max pass
+  float row_max[kMaxRowCtas], row_sum[kMaxRowCtas];  // every CTA's share, gathered
 };
 
+// Barrier over the CTAs that share a row (a cluster of `ctas`; one CTA: __syncthreads).
+// Release / acquire: each CTA's shared-memory writes are visible to the others after it.
+__device__ __forceinline__ void row_barrier(int ctas) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (ctas > 1) {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+    return;
+  }
+#endif
+  __syncthreads();
+}
+
+// The 32-bit word at `p`'s shared-memory offset in CTA `rank` of the row's cluster.
+__device__ __forceinline__ uint32_t load_row_shared(const void* p, int rank, int ctas) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (ctas > 1) {
+    uint32_t remote, v;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n"
+                 : "=r"(remote) : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(p))), "r"(rank));
+    asm volatile("ld.shared::cluster.u32 %0, [%1];\n" : "=r"(v) : "r"(remote) : "memory");
+    return v;
+  }
+#endif
+  (void)rank;
+  (void)ctas;
+  return *static_cast<const volatile uint32_t*>(p);
+}
+
 template <int kBlock, typename T, typename Weight, typename Target>
-__device__ __forceinline__ float radix_threshold(const T* l, int64_t V, RadixScratch<kBlock>& sh, Weight&& weight, Target&& target_of) {
+__device__ __forceinline__ float radix_threshold(const T* l, int64_t V, int ctas, RadixScratch<kBlock>& sh,
+                                                 Weight&& weight, Target&& target_of) {
+  constexpr int kMaxPer = kRadixBins / kBlock;  // bins per thread
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   uint32_t prefix = 0;  // the digits chosen so far
   int prefix_bits = 0;
@@ -665,11 +703,45 @@ __device__ __forceinline__ float radix_threshold(const T* l, int64_t V, RadixScr
       pending += w;
     });
     if (pending != 0) atomicAdd(&sh.hist[pending_bin], pending);
-    __syncthreads();
-    // Suffix sums over the bins, highest first: thread t owns bins [t * per, (t + 1) * per).
+    // This thread's bins [t * per, (t + 1) * per), summed over the row's CTAs.
     const int per = bins / kBlock;
+    uint32_t count[kMaxPer];
     unsigned long long mine = 0;
-    for (int j = 0; j < per; ++j) mine += sh.hist[threadIdx.x * per + j];
+    if (ctas == 1) {
+      __syncthreads();
+#pragma unroll
+      for (int j = 0; j < kMaxPer; ++j) {
+        count[j] = j < per ? sh.hist[threadIdx.x * per + j] : 0u;
+        mine += count[j];
+      }
+    } else {
+      // Each CTA sums its share of the bins over the cluster's histograms, then every CTA
+      // reads the sums from their owners: 2 x bins remote loads per CTA, not ctas x bins
+      // (distributed shared memory moves one 4-byte load per request).
+      row_barrier(ctas);  // every CTA's histogram is complete
+      const int share = bins / ctas, owner_rank = static_cast<int>(blockIdx.x % ctas);
+      for (int i = threadIdx.x; i < share; i += kBlock) {
+        uint32_t part[kMaxRowCtas];
+#pragma unroll
+        for (int r = 0; r < kMaxRowCtas; ++r)  // all loads issued before any is used
+          part[r] = r < ctas ? load_row_shared(&sh.hist[owner_rank * share + i], r, ctas) : 0u;
+        uint32_t sum = 0;
+#pragma unroll
+        for (int r = 0; r < kMaxRowCtas; ++r) sum += part[r];
+        sh.merged[owner_rank * share + i] = sum;
+      }
+      // Every share is summed: no CTA reads a histogram any more (the next pass may clear
+      // them), and the merged sums stay until every CTA has passed the next pass's first
+      // barrier (or the kernel's last one).
+      row_barrier(ctas);
+#pragma unroll
+      for (int j = 0; j < kMaxPer; ++j) {
+        const int b = threadIdx.x * per + j;
+        count[j] = j < per ? load_row_shared(&sh.merged[b], b / share, ctas) : 0u;
+        mine += count[j];
+      }
+    }
+    // Suffix sums over the bins, highest first.
     unsigned long long from_here = mine;  // this thread's bins and those of higher lanes
 #pragma unroll
     for (int off = 1; off < 32; off <<= 1) {
@@ -688,15 +760,17 @@ __device__ __forceinline__ float radix_threshold(const T* l, int64_t V, RadixScr
     const unsigned long long before = above + (from_here - mine);
     if (before < target && before + mine >= target) {
       unsigned long long cum = before;
-      for (int j = per - 1; j >= 0; --j) {
-        const int b = threadIdx.x * per + j;
-        if (cum + sh.hist[b] >= target) {
-          sh.bin = b;
+      bool picked = false;
+#pragma unroll
+      for (int j = kMaxPer - 1; j >= 0; --j) {
+        if (j >= per || picked) continue;
+        if (cum + count[j] >= target) {
+          sh.bin = threadIdx.x * per + j;
           sh.above = cum;
           sh.found = 1;
-          break;
+          picked = true;
         }
-        cum += sh.hist[b];
+        cum += count[j];
       }
     }
     __syncthreads();
@@ -704,7 +778,7 @@ __device__ __forceinline__ float radix_threshold(const T* l, int64_t V, RadixScr
     const int bin = sh.bin;
     above = sh.above;
     __syncthreads();  // read before the next pass clears them
-    if (!found) return -INFINITY;  // (uniform) the whole row weighs less than the target
+    if (!found) return -INFINITY;  // (uniform over the row's CTAs) the row weighs less than the target
     prefix = (prefix << bits) | static_cast<uint32_t>(bin);
     prefix_bits += bits;
   }
@@ -716,24 +790,31 @@ __device__ __forceinline__ float tempered_ratio(float x, float m, float inv_tau)
   return x == m ? 1.f : __expf((x - m) * inv_tau);
 }
 
+// Grid: B x ctas CTAs; the `ctas` consecutive CTAs of a row (a cluster when ctas > 1) each
+// read one slice of it.
 template <typename T, int kBlock>
-__global__ void __launch_bounds__(kBlock, 1024 / kBlock) truncation_kernel(SampleArgs a, float* thresholds) {
+__global__ void __launch_bounds__(kBlock, 1024 / kBlock) truncation_kernel(SampleArgs a, float* thresholds, int ctas) {
   __shared__ RadixScratch<kBlock> scratch;
-  const int64_t row = blockIdx.x;
-  const T* l = static_cast<const T*>(a.logits) + row * a.ld;
+  const int64_t row = blockIdx.x / ctas;
+  const int rank = static_cast<int>(blockIdx.x % ctas);
   const float tau = a.temperature[row];
   float threshold = -INFINITY;
-  if (!(tau > 0.f)) {
-    if (threadIdx.x == 0) thresholds[row] = threshold;
+  if (!(tau > 0.f)) {  // (uniform over the row's CTAs)
+    if (rank == 0 && threadIdx.x == 0) thresholds[row] = threshold;
     return;
   }
+  // This CTA's slice of the row (16-entry multiples: whole 16-byte vectors).
+  const int64_t slice = ceil_div(ceil_div(a.V, ctas), 16) * 16;
+  const int64_t begin = min(a.V, rank * slice);
+  const int64_t len = min(slice, a.V - begin);
+  const T* l = static_cast<const T*>(a.logits) + row * a.ld + begin;
   const float inv_tau = 1.f / tau;
   const float top_p = a.top_p != nullptr ? a.top_p[row] : 1.f;
   const bool by_mass = top_p < 1.f;
   // The row's maximum and, for top-p, the tempered softmax's normaliser sum exp((x - max) / tau)
   // in the same pass (online: a thread rescales its sum when its maximum grows).
   float local_max = -INFINITY, local_sum = 0.f;
-  for_row_entries<kBlock>(l, a.V, [&](float x, bool valid, int64_t) {
+  for_row_entries<kBlock>(l, len, [&](float x, bool valid, int64_t) {
     if (!valid || !(x > -INFINITY)) return;  // (-inf and NaN weigh nothing)
     if (by_mass) {
       if (x > local_max) {
@@ -746,10 +827,27 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) truncation_kernel(Sampl
       local_max = fmaxf(local_max, x);
     }
   });
-  const float row_max = block_max<kBlock>(local_max);
+  const float cta_max = block_max<kBlock>(local_max);
+  const float cta_sum =
+      by_mass ? block_sum<kBlock>(local_max == -INFINITY ? 0.f : local_sum * tempered_ratio(local_max, cta_max, inv_tau))
+              : 0.f;
+  if (threadIdx.x == 0) {
+    scratch.cta_max = cta_max;
+    scratch.cta_sum = cta_sum;
+  }
+  row_barrier(ctas);
+  if (threadIdx.x < ctas) {  // one remote load per CTA and value, then shared within the CTA
+    scratch.row_max[threadIdx.x] = __uint_as_float(load_row_shared(&scratch.cta_max, threadIdx.x, ctas));
+    scratch.row_sum[threadIdx.x] = __uint_as_float(load_row_shared(&scratch.cta_sum, threadIdx.x, ctas));
+  }
+  __syncthreads();
+  float row_max = -INFINITY, row_sum = 0.f;  // merged in rank order: the same in every CTA
+  for (int r = 0; r < ctas; ++r) row_max = fmaxf(row_max, scratch.row_max[r]);
+  for (int r = 0; r < ctas; ++r)
+    if (scratch.row_max[r] != -INFINITY) row_sum += scratch.row_sum[r] * tempered_ratio(scratch.row_max[r], row_max, inv_tau);
   const int64_t k = a.top_k != nullptr ? a.top_k[row] : 0;
   if (k > 0 && k < a.V) {  // the k-th largest entry (ties at it are all kept)
-    threshold = radix_threshold<kBlock>(l, a.V, scratch, [](float) { return 1u; },
+    threshold = radix_threshold<kBlock>(l, len, ctas, scratch, [](float) { return 1u; },
                                         [k](unsigned long long) { return static_cast<unsigned long long>(k); });
   }
   if (by_mass && row_max != -INFINITY) {
@@ -757,7 +855,6 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) truncation_kernel(Sampl
     // Masses are probabilities in fixed point with 2^31 = the whole row (rounded to nearest:
     // the kept mass is within ~V * 2^-32 of the exact one; a float32 cumulative sum over a
     // sorted row errs by ~1e-5), so a row's total stays below 2^32.
-    const float row_sum = block_sum<kBlock>(local_max == -INFINITY ? 0.f : local_sum * tempered_ratio(local_max, row_max, inv_tau));
     const float scale = 2147483648.f / row_sum;
     const float floor_k = threshold;
     auto mass = [&](float x) {
@@ -766,11 +863,49 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) truncation_kernel(Sampl
     auto share_of_total = [top_p](unsigned long long total) {
       return static_cast<unsigned long long>(ceil(static_cast<double>(top_p) * static_cast<double>(total)));
     };
-    threshold = fmaxf(threshold, radix_threshold<kBlock>(l, a.V, scratch, mass, share_of_total));
+    threshold = fmaxf(threshold, radix_threshold<kBlock>(l, len, ctas, scratch, mass, share_of_total));
   }
   const float min_p = a.min_p != nullptr ? a.min_p[row] : 0.f;
   if (min_p > 0.f) threshold = fmaxf(threshold, row_max + tau * logf(min_p));
-  if (threadIdx.x == 0) thresholds[row] = threshold;
+  if (rank == 0 && threadIdx.x == 0) thresholds[row] = threshold;
+  row_barrier(ctas);  // no CTA leaves while another may still read its shared memory
+}
+
+// Launches the truncation kernel: rows <= SMs get 1024-thread CTAs, and on sm_90 up to 8
+// CTAs per row (a cluster) while the grid stays within one CTA per SM.
+template <typename T>
+cudaError_t truncation_launch(const SampleArgs& a, float* thresholds, cudaStream_t stream) {
+  int device = 0, sms = 0, major = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err != cudaSuccess) return err;
+  if (a.B > sms) {
+    truncation_kernel<T, kThreads><<<static_cast<unsigned>(a.B), kThreads, 0, stream>>>(a, thresholds, 1);
+    return cudaGetLastError();
+  }
+  int ctas = 1;
+  while (major >= 9 && ctas < kMaxRowCtas && a.B * ctas * 2 <= sms) ctas *= 2;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(a.B * ctas));
+  cfg.blockDim = dim3(kTruncationThreadsFewRows);
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(ctas);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = ctas > 1 ? 1 : 0;
+  const auto kernel = truncation_kernel<T, kTruncationThreadsFewRows>;
+  err = cudaLaunchKernelEx(&cfg, kernel, a, thresholds, ctas);
+  if (err != cudaSuccess && ctas > 1) {  // no room for such clusters (e.g. a small MIG slice)
+    (void)cudaGetLastError();
+    cfg.gridDim = dim3(static_cast<unsigned>(a.B));
+    cfg.numAttrs = 0;
+    err = cudaLaunchKernelEx(&cfg, kernel, a, thresholds, 1);
+  }
+  return err != cudaSuccess ? err : cudaGetLastError();
 }
 
 template <typename T>
@@ -887,15 +1022,7 @@ cudaError_t sample_typed(const SampleArgs& a, cudaStream_t stream) {
   if (a.top_k != nullptr || a.top_p != nullptr || a.min_p != nullptr) {
     // The workspace has room after B * splits * kPartial floats (see the glue).
     thresholds = a.workspace + a.B * a.splits * kPartial;
-    int device = 0, sms = 0;
-    cudaError_t err = cudaGetDevice(&device);
-    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    if (err != cudaSuccess) return err;
-    if (a.B <= sms)
-      truncation_kernel<T, kTruncationThreadsFewRows><<<static_cast<unsigned>(a.B), kTruncationThreadsFewRows, 0, stream>>>(a, thresholds);
-    else
-      truncation_kernel<T, kThreads><<<static_cast<unsigned>(a.B), kThreads, 0, stream>>>(a, thresholds);
-    err = cudaGetLastError();
+    const cudaError_t err = truncation_launch<T>(a, thresholds, stream);
     if (err != cudaSuccess) return err;
   }
   if (rows_aligned(a.dtype, a.logits, a.ld)) return sample_aligned_launch<T>(a, thresholds, stream);
