@@ -14,9 +14,9 @@
 // inside it by inverse CDF with the tile's uniform. When a row has one split (large batches)
 // its CTA does that itself and no finish kernel runs. Rows that are not 16-byte aligned go
 // through sample_unaligned_kernel (same tile keys, one tile per lane, simple per-lane loads).
-// truncation_kernel (one CTA per row, only when top-k / top-p / min-p are given) finds the
-// smallest kept logit by radix selection over the order-preserving integer image of the
-// floats: three histogram passes per threshold.
+// truncation_kernel (only when top-k / top-p / min-p are given; one CTA per row, or a cluster
+// of up to 8 CTAs per row when rows are few) finds the smallest kept logit by radix selection
+// over the order-preserving integer image of the floats: three histogram passes per threshold.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
