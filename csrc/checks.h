@@ -66,7 +66,7 @@ inline void check_tile_max_hint(const std::optional<at::Tensor>& tile_max,
                       t->scalar_type());
 }
 
-// An optional per-row truncation parameter (top_k / top_p / min_p): checked, made contiguous;
+// An optional per-row parameter (offset / top_k / top_p / min_p): checked, made contiguous;
 // an undefined tensor when absent.
 inline at::Tensor optional_per_row(const std::optional<at::Tensor>& t, const char* name,
                                    at::ScalarType dtype, int64_t n, const at::Tensor& like) {
@@ -77,7 +77,7 @@ inline at::Tensor optional_per_row(const std::optional<at::Tensor>& t, const cha
 }
 
 inline void check_sample_inputs(const at::Tensor& logits, const at::Tensor& temperature,
-                                const at::Tensor& seed, const std::optional<at::Tensor>& offset) {
+                                const at::Tensor& seed) {
   TORCH_CHECK_VALUE(logits.dim() == 2, "sample: logits must be 2-D [B, V], got shape ",
                     logits.sizes());
   TORCH_CHECK_VALUE(logits.size(1) > 0, "sample: logits must have V >= 1 columns");
@@ -91,11 +91,6 @@ inline void check_sample_inputs(const at::Tensor& logits, const at::Tensor& temp
   check_per_row(seed, "sample: seed", B, logits);
   TORCH_CHECK_VALUE(seed.scalar_type() == at::kLong, "sample: seed must be int64, got ",
                     seed.scalar_type());
-  if (offset.has_value()) {
-    check_per_row(*offset, "sample: offset", B, logits);
-    TORCH_CHECK_VALUE(offset->scalar_type() == at::kLong, "sample: offset must be int64, got ",
-                      offset->scalar_type());
-  }
 }
 
 inline void check_temperature_logprobs_inputs(const at::Tensor& logits, const at::Tensor& tokens,

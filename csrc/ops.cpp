@@ -133,13 +133,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
     const std::optional<at::Tensor>& top_p, const std::optional<at::Tensor>& min_p,
     bool need_logprobs) {
   (void)need_logprobs;  // the CPU reference always computes them
-  check_sample_inputs(logits, temperature, seed, offset);
+  check_sample_inputs(logits, temperature, seed);
   const int64_t B = logits.size(0), V = logits.size(1);
   const at::Tensor l = logits.to(at::kFloat).contiguous();
   const at::Tensor tau = temperature.contiguous();
   check_temperatures_cpu(tau, "sample");
   const at::Tensor seeds = seed.contiguous();
-  const at::Tensor offsets = offset.has_value() ? offset->contiguous() : at::Tensor();
+  const at::Tensor offsets = optional_per_row(offset, "sample: offset", at::kLong, B, logits);
   const at::Tensor k_t = optional_per_row(top_k, "sample: top_k", at::kLong, B, logits);
   const at::Tensor p_t = optional_per_row(top_p, "sample: top_p", at::kFloat, B, logits);
   const at::Tensor mp_t = optional_per_row(min_p, "sample: min_p", at::kFloat, B, logits);

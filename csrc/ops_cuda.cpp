@@ -171,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
     const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& top_k,
     const std::optional<at::Tensor>& top_p, const std::optional<at::Tensor>& min_p,
     bool need_logprobs) {
-  check_sample_inputs(logits, temperature, seed, offset);
+  check_sample_inputs(logits, temperature, seed);
   const c10::cuda::CUDAGuard guard(logits.device());
   const DType dt = kernel_dtype(logits, "sample");
   const int64_t B = logits.size(0), V = logits.size(1);
@@ -180,7 +180,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
   const at::Tensor p_t = optional_per_row(top_p, "sample: top_p", at::kFloat, B, logits);
   const at::Tensor mp_t = optional_per_row(min_p, "sample: min_p", at::kFloat, B, logits);
   const at::Tensor tau = temperature.contiguous(), seeds = seed.contiguous();
-  const at::Tensor offsets = offset.has_value() ? offset->contiguous() : at::Tensor();
+  const at::Tensor offsets = optional_per_row(offset, "sample: offset", at::kLong, B, logits);
   auto tokens = at::empty({B}, logits.options().dtype(at::kLong));
   auto logprob = at::empty({B}, logits.options().dtype(at::kFloat));
   auto raw_logprob = at::empty({B}, logits.options().dtype(at::kFloat));
