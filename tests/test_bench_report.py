@@ -56,3 +56,21 @@ def test_truncated_sampling_table(tmp_path, capsys):
     lines = [line for line in table.splitlines() if line[:3] in ("| 1", "| 2")]
     assert len(lines) == len(cases)
     assert all("–" not in line for line in lines)
+
+
+def test_exact_alternating_ratio(tmp_path, capsys):
+    """Runs that time the exact fwd+bwd alternating with the GEMM show that ratio next to the
+    first one, checked against the same bar."""
+    rows = report.load(CSVS[0])
+    extra = [dict(r, **{"pass": "fwd+bwd_interleaved"}, ratio="4.3") for r in rows
+             if r["suite"] == "cce" and r["method"] == "fusedlm_exact" and r["pass"] == "fwd+bwd"]
+    path = tmp_path / "with_exact_alternating.csv"
+    import csv
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        writer.writeheader()
+        writer.writerows(rows + extra)
+    assert report.main([str(path)]) == 0
+    bars = capsys.readouterr().out.split("## CCE bars")[1].split("##")[0]
+    lines = [line for line in bars.splitlines() if " | random |" in line or " | peaked |" in line]
+    assert lines and all("; 4.30 met |" in line for line in lines)
