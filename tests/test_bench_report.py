@@ -1,4 +1,5 @@
 """bench/report.py reads the committed benchmark CSVs (schema guard for bench/run.py's output)."""
+import csv
 import glob
 import os
 import sys
@@ -33,6 +34,17 @@ def test_report_needs_the_csv_argument():
         report.main([])
 
 
+def report_of(rows, tmp_path, capsys):
+    """report.py's output for a CSV of these rows."""
+    path = tmp_path / "rows.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert report.main([str(path)]) == 0
+    return capsys.readouterr().out
+
+
 def test_truncated_sampling_table(tmp_path, capsys):
     """Runs with top-p / top-k rows get a table of them (one line per sampling case)."""
     rows = report.load(CSVS[0])
@@ -42,14 +54,7 @@ def test_truncated_sampling_table(tmp_path, capsys):
             extra += [dict(r, method="fusedlm_top_p", time_ms=str(2 * float(r["time_ms"]))),
                       dict(r, method="fusedlm_top_k", time_ms=str(3 * float(r["time_ms"]))),
                       dict(r, method="torch_top_p_sort", **{"pass": "sample"})]
-    path = tmp_path / "with_truncation.csv"
-    import csv
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        writer.writeheader()
-        writer.writerows(rows + extra)
-    assert report.main([str(path)]) == 0
-    out = capsys.readouterr().out
+    out = report_of(rows + extra, tmp_path, capsys)
     assert "Truncated sampling" in out
     table = out.split("Truncated sampling")[1]
     cases = {(r["case"], r["dtype"]) for r in extra}
@@ -64,13 +69,6 @@ def test_exact_alternating_ratio(tmp_path, capsys):
     rows = report.load(CSVS[0])
     extra = [dict(r, **{"pass": "fwd+bwd_interleaved"}, ratio="4.3") for r in rows
              if r["suite"] == "cce" and r["method"] == "fusedlm_exact" and r["pass"] == "fwd+bwd"]
-    path = tmp_path / "with_exact_alternating.csv"
-    import csv
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-        writer.writeheader()
-        writer.writerows(rows + extra)
-    assert report.main([str(path)]) == 0
-    bars = capsys.readouterr().out.split("## CCE bars")[1].split("##")[0]
+    bars = report_of(rows + extra, tmp_path, capsys).split("## CCE bars")[1].split("##")[0]
     lines = [line for line in bars.splitlines() if " | random |" in line or " | peaked |" in line]
     assert lines and all("; 4.30 met |" in line for line in lines)
