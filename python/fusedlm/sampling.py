@@ -109,7 +109,10 @@ def sample(
             the kernel without a host sync: such rows return token 0 and NaN log-probs).
         top_k, top_p, min_p: optional truncation, scalar or ``[B]``, applied in this order to
             the tempered distribution (``top_k=0``, ``top_p=1``, ``min_p=0`` are off). Ties
-            at a truncation boundary are all kept.
+            at a truncation boundary are all kept. top-p keeps the smallest set of largest
+            entries whose mass reaches ``top_p``; on CUDA the masses are summed in 2^-31
+            fixed point (deterministic), so the boundary may differ from a float64 sum by
+            one entry when the mass is within ~V * 2^-32 of ``top_p``.
         seed: None (draw per-row seeds from ``generator`` / torch's default generator), an
             int (per-row streams derived from it and the row index), or an int64 ``[B]``
             tensor (a row's token then depends only on its logits, seed and offset, not on
