@@ -63,11 +63,15 @@ def test_split_merges_same_tokens_as_cpu(b, v, dtype):
     assert_same_tokens_as_cpu(logits, tau)
 
 
+# Each truncation alone and all three together.
+each_truncation = pytest.mark.parametrize(
+    "trunc", [dict(top_k=50), dict(top_p=0.9), dict(min_p=0.02), dict(top_k=1000, top_p=0.95, min_p=0.001)],
+    ids=["top_k", "top_p", "min_p", "all"])
+
+
 # Truncation thresholds (radix selection on the GPU, a sort on the CPU): masked entries,
 # many exact ties (logits rounded to 0.5) and NaN-free rows of odd width.
-@pytest.mark.parametrize("trunc", [dict(top_k=50), dict(top_p=0.9), dict(min_p=0.02),
-                                   dict(top_k=1000, top_p=0.95, min_p=0.001)],
-                         ids=["top_k", "top_p", "min_p", "all"])
+@each_truncation
 @pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_truncated_same_tokens_as_cpu(trunc, ties, dtype):
@@ -83,9 +87,7 @@ def test_truncated_same_tokens_as_cpu(trunc, ties, dtype):
 # The truncation kernel splits a row over a cluster of up to 8 CTAs when rows are few
 # (B = 1, 7: 8 CTAs, B = 40: 2), uses one CTA per row otherwise (B = 300); V = 37 leaves
 # some of the 8 CTAs an empty slice.
-@pytest.mark.parametrize("trunc", [dict(top_k=50), dict(top_p=0.9), dict(min_p=0.02),
-                                   dict(top_k=1000, top_p=0.95, min_p=0.001)],
-                         ids=["top_k", "top_p", "min_p", "all"])
+@each_truncation
 @pytest.mark.parametrize("batch,vocab", [(1, 128256), (7, 50257), (40, 32000), (300, 5001), (1, 37)])
 def test_truncated_row_split_same_tokens_as_cpu(trunc, batch, vocab):
     logits = (torch.randn(batch, vocab) * 6).round() / 2  # exact ties
