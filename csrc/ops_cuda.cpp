@@ -1,6 +1,7 @@
 // CUDA implementations of the fusedlm ops: validation, workspace allocation and calls into
 // the ATen-free launchers declared in dispatch.h. Compiled only in CUDA builds.
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -33,11 +34,8 @@ DType kernel_dtype(const at::Tensor& t, const char* op) {
   return DType::kFloat32;
 }
 
-int num_sms(int device) {
-  int sms = 0;
-  FUSEDLM_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms;
-}
+// (PyTorch caches the device properties: no driver query per call.)
+int num_sms(int device) { return at::cuda::getDeviceProperties(device)->multiProcessorCount; }
 
 // Row-major contiguous, 16-byte aligned, D padded with zeros to the kernels' vector width.
 at::Tensor kernel_layout(const at::Tensor& t, int64_t d_pad) {
@@ -185,8 +183,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
   auto logprob = at::empty({B}, logits.options().dtype(at::kFloat));
   auto raw_logprob = at::empty({B}, logits.options().dtype(at::kFloat));
   if (B == 0) return {tokens, logprob, raw_logprob};
+  const cudaDeviceProp* device = at::cuda::getDeviceProperties(logits.get_device());
   const int splits = sampling_cuda::sample_splits(dt, l.const_data_ptr(), l.stride(0), B, V,
-                                                  num_sms(logits.get_device()));
+                                                  device->multiProcessorCount);
   auto workspace = at::empty({B * splits * 8 + B}, logits.options().dtype(at::kFloat));
   sampling_cuda::SampleArgs args{dt,
                                  l.const_data_ptr(),
@@ -204,7 +203,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
                                  tokens.mutable_data_ptr<int64_t>(),
                                  logprob.mutable_data_ptr<float>(),
                                  raw_logprob.mutable_data_ptr<float>(),
-                                 need_logprobs};
+                                 need_logprobs,
+                                 device->multiProcessorCount,
+                                 device->major >= 9};
   FUSEDLM_CUDA_CHECK(sampling_cuda::sample(args, c10::cuda::getCurrentCUDAStream()));
   return {tokens, logprob, raw_logprob};
 }

@@ -183,6 +183,54 @@ __device__ __forceinline__ void cluster_sync() {
 #endif
 }
 
+// ---- Epilogue stores through shared memory (TMA store) ----
+// Stores four 8x8 matrices of 16-bit values (stmatrix .x4): lane l gives the shared address of
+// row l % 8 of matrix l / 8, and register j holds this lane's two adjacent values of matrix j in
+// the mma accumulator layout (row lane / 4, columns 2 * (lane % 4) + {0, 1}).
+__device__ __forceinline__ void stmatrix_x4(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+#if FUSEDLM_WGMMA_ENABLED
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r0), "r"(r1),
+               "r"(r2), "r"(r3)
+               : "memory");
+#else
+  (void)addr; (void)r0; (void)r1; (void)r2; (void)r3;
+#endif
+}
+// Makes this thread's shared-memory writes visible to the TMA (async proxy).
+__device__ __forceinline__ void fence_async_shared() {
+#if FUSEDLM_WGMMA_ENABLED
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+// Stores a box from shared memory to global memory (one bulk group per commit).
+__device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, const void* src, int inner, int outer) {
+#if FUSEDLM_WGMMA_ENABLED
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];\n" ::"l"(map),
+               "r"(tile::smem_addr(src)), "r"(inner), "r"(outer)
+               : "memory");
+#else
+  (void)map; (void)src; (void)inner; (void)outer;
+#endif
+}
+__device__ __forceinline__ void bulk_commit() {
+#if FUSEDLM_WGMMA_ENABLED
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+#endif
+}
+// Waits until at most N committed bulk stores still read their shared-memory source.
+template <int N>
+__device__ __forceinline__ void bulk_wait_read() {
+#if FUSEDLM_WGMMA_ENABLED
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+#endif
+}
+// Waits until every committed bulk store has completed (its global writes done).
+__device__ __forceinline__ void bulk_wait_all() {
+#if FUSEDLM_WGMMA_ENABLED
+  asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+#endif
+}
+
 // Loads one stage of an operand: kRows (M or N) x 64 (K) elements. K-major: a single box at
 // (k0, mn0); MN-major: kRows / 64 boxes of 64 MN x 64 K at (mn0 + 64 i, k0).
 template <Major kMajor, int kRows>
@@ -206,8 +254,10 @@ struct StepCoords {
 // the same B tiles (same n_tiles, k_steps and B coordinates); each CTA loads half of every B
 // stage and multicasts it to both, halving the L2 -> SM traffic of B (K-major B only). A
 // stage is refilled once the consumers of both CTAs have released it.
+// kStagingBytes > 0: the epilogue scratch is at least that large (and 1024-byte aligned), for
+// output tiles staged in shared memory and stored by TMA.
 template <typename T, int kTileN, int kStages, Major kMajorA = Major::K, Major kMajorB = Major::K,
-          int kInFlight = 1, int kCluster = 1>
+          int kInFlight = 1, int kCluster = 1, int kStaging = 0>
 struct TmaWgmma {
   static_assert(kCluster == 1 || (kCluster == 2 && kMajorB == Major::K), "B multicast: K-major B");
   static constexpr int kClusterSize = kCluster;
@@ -224,8 +274,10 @@ struct TmaWgmma {
   static constexpr int kRowGroups = 8;        // consumer warps, 16 rows each
   static constexpr int kABytes = kM * kK * 2, kBBytes = kBlockN * kK * 2;
   static constexpr int kStageBytes = kABytes + kBBytes;
-  // Epilogue scratch: reductions [kRowGroups][kBlockN] floats, then one tile's bias values.
-  static constexpr int kScratchBytes = (kRowGroups + 1) * kBlockN * 4;
+  // Epilogue scratch: reductions [kRowGroups][kBlockN] floats, then one tile's bias values;
+  // or (sharing the space) the staging buffers of TMA stores.
+  static constexpr int kStagingBytes = kStaging;
+  static constexpr int kScratchBytes = (kRowGroups + 1) * kBlockN * 4 > kStaging ? (kRowGroups + 1) * kBlockN * 4 : kStaging;
   __host__ __device__ static constexpr int smem_bytes() {
     return kStages * kStageBytes + 1024 + 1024 + kScratchBytes;
   }

@@ -22,6 +22,7 @@
 
 #include <cfloat>
 #include <cstdint>
+#include <type_traits>
 
 #include "../common/convert.cuh"
 #include "../common/fast_math.cuh"
@@ -166,7 +167,7 @@ constexpr int kTile = 64;  // entries per sampling tile (== CPU kSampleTile)
 
 struct RowCtx {
   int64_t V;
-  float inv_tau, threshold;
+  float tau, inv_tau, threshold;
   bool greedy, need_logprobs;
 };
 
@@ -174,6 +175,7 @@ __device__ __forceinline__ RowCtx row_ctx(const SampleArgs& a, const float* thre
   const float tau = a.temperature[row];
   RowCtx c;
   c.V = a.V;
+  c.tau = tau;
   c.inv_tau = tau > 0.f ? 1.f / tau : 1.f;
   c.greedy = !(tau > 0.f);  // also NaN / negative: finish_row returns token 0 for them
   c.threshold = thresholds != nullptr ? thresholds[row] : -INFINITY;
@@ -220,11 +222,10 @@ __device__ __forceinline__ void griddep_launch_dependents() {
 template <typename T, bool kVec>
 __device__ void finish_row(const SampleArgs& a, const float* thresholds, int64_t row, int lane,
                            const RowState& st) {
-  const float tau = a.temperature[row];
-  const float inv_tau = tau > 0.f ? 1.f / tau : 1.f;
-  const bool greedy = !(tau > 0.f);
+  const RowCtx c = row_ctx(a, thresholds, row);
+  const bool greedy = c.greedy;
   const bool masked_row = greedy ? (a.need_logprobs && st.raw_max == -INFINITY) : st.best_idx < 0;
-  if (!valid_tau(tau) || st.best_idx < 0 || masked_row) {
+  if (!valid_tau(c.tau) || st.best_idx < 0 || masked_row) {
     // invalid temperature or a fully masked row: documented fallback, no crash
     if (lane == 0) {
       a.tokens[row] = 0;
@@ -237,18 +238,18 @@ __device__ void finish_row(const SampleArgs& a, const float* thresholds, int64_t
   int64_t token = st.best_idx;  // greedy: the argmax index
   if (!greedy) {
     const int64_t t = st.best_idx;
-    const float threshold = thresholds != nullptr ? thresholds[row] : -INFINITY;
+    const float threshold = c.threshold;
     float x[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
     if (lane < kTile / 4) load4<T, kVec>(l, t * (kTile / 4) + lane, a.V, x);
 #pragma unroll
     for (int q = 0; q < 4; ++q)
       if (!(x[q] >= threshold)) x[q] = -INFINITY;
     const float m = warp_max(fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3])));
-    float c[4], run = 0.f;
+    float cum[4], run = 0.f;
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      run += __expf((x[q] - m) * inv_tau);
-      c[q] = run;  // cumulative within the lane, in index order
+      run += __expf((x[q] - m) * c.inv_tau);
+      cum[q] = run;  // cumulative within the lane, in index order
     }
     float base = run;  // inclusive scan over lanes, then exclusive
     for (int off = 1; off < 32; off <<= 1) {
@@ -265,7 +266,7 @@ __device__ void finish_row(const SampleArgs& a, const float* thresholds, int64_t
     for (int q = 3; q >= 0; --q) {
       if (x[q] == -INFINITY) continue;
       if (last_kept < 0) last_kept = q;
-      if (base + c[q] > target) first = q;
+      if (base + cum[q] > target) first = q;
     }
     const unsigned found = __ballot_sync(0xffffffffu, first < 4);
     if (found != 0u) {
@@ -286,7 +287,7 @@ __device__ void finish_row(const SampleArgs& a, const float* thresholds, int64_t
   }
   const float lt = load_logit(l + token);
   a.raw_logprob[row] = lt - st.raw_max - logf(st.raw_sum);
-  a.logprob[row] = greedy ? 0.f : lt * inv_tau - (st.p_max + logf(st.p_sum));
+  a.logprob[row] = greedy ? 0.f : lt * c.inv_tau - (st.p_max + logf(st.p_sum));
 }
 
 // Block-reduces the CTA's row state. With one split the CTA holds the whole row: warp 0
@@ -479,18 +480,28 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t e_end = min(a.V, t_end * kTile);
   uint4* stage = stage_all + warp * kBatchTiles * (kVecs + 1);
   RowState st;
-  for (int64_t b0 = t_begin + warp * kBatchTiles; b0 < t_end; b0 += nwarps * kBatchTiles) {
-    // Split ranges are whole batches, so only a row's last batch takes the tail path.
-    const bool full = (b0 + kBatchTiles) * kTile <= e_end;  // warp-uniform
-    uint4 q[kVecs];
-    const T* p = l + b0 * kTile + lane * kPer;  // vector i * 32 + lane of the batch
-    if (full) {
+  // A batch's loads: vector i * 32 + lane of the batch starting at tile b0. Split ranges are
+  // whole batches, so only a row's last batch takes the tail path.
+  auto load_batch = [&](uint4(&q)[kVecs], int64_t b0) {
+    const T* p = l + b0 * kTile + lane * kPer;
+    if ((b0 + kBatchTiles) * kTile <= e_end) {  // warp-uniform
 #pragma unroll
       for (int i = 0; i < kVecs; ++i) q[i] = ldg_vec(p + i * 32 * kPer);
     } else {
 #pragma unroll
       for (int i = 0; i < kVecs; ++i) q[i] = ldg_vec_tail(l, b0 * kTile + (i * 32 + lane) * kPer, e_end);
     }
+  };
+  // 16-bit logits: the next batch's loads are issued before this batch is folded (its 8
+  // vectors per lane fit next to the current ones), so a warp's batches do not each wait a
+  // full memory latency. (float32 batches are 16 vectors per lane: no room for two.)
+  constexpr bool kPrefetch = sizeof(T) == 2;
+  const int64_t step = static_cast<int64_t>(nwarps) * kBatchTiles;
+  uint4 q[kVecs];
+  int64_t b0 = t_begin + warp * kBatchTiles;
+  if (kPrefetch && b0 < t_end) load_batch(q, b0);
+  for (; b0 < t_end; b0 += step) {
+    if constexpr (!kPrefetch) load_batch(q, b0);
     // Regroup: vector g of the batch is part g % kVecs of tile g / kVecs. Tiles are padded
     // by one vector, so both the stores and lane-strided reads are bank-conflict free.
     __syncwarp();  // the previous batch's reads are done
@@ -500,22 +511,24 @@ __global__ void __launch_bounds__(kThreads, 2)
       stage[(g / kVecs) * (kVecs + 1) + g % kVecs] = q[i];
     }
     __syncwarp();
+    uint4 tile[kVecs];
 #pragma unroll
-    for (int k = 0; k < kVecs; ++k) q[k] = stage[lane * (kVecs + 1) + k];
+    for (int k = 0; k < kVecs; ++k) tile[k] = stage[lane * (kVecs + 1) + k];
+    if (kPrefetch && b0 + step < t_end) load_batch(q, b0 + step);
     const int64_t t = b0 + lane;
     if (t >= t_end) continue;
     float tile_max = -INFINITY, tile_sum = 0.f;
     if (c.greedy) {  // argmax (and the raw log-sum-exp): fold group by group
 #pragma unroll
-      for (int k = 0; k < kVecs; ++k) fold_vec<T>(st, tile_max, tile_sum, q[k], t * kTile + k * kPer, c);
+      for (int k = 0; k < kVecs; ++k) fold_vec<T>(st, tile_max, tile_sum, tile[k], t * kTile + k * kPer, c);
     } else if (c.threshold == -INFINITY) {
-      if (c.need_logprobs) tile_mass<T, false, true>(q, c, tile_max, tile_sum, st);
-      else tile_mass<T, false, false>(q, c, tile_max, tile_sum, st);
+      if (c.need_logprobs) tile_mass<T, false, true>(tile, c, tile_max, tile_sum, st);
+      else tile_mass<T, false, false>(tile, c, tile_max, tile_sum, st);
     } else if (c.need_logprobs) {  // truncated, with log-probs: fold group by group
 #pragma unroll
-      for (int k = 0; k < kVecs; ++k) fold_vec<T>(st, tile_max, tile_sum, q[k], t * kTile + k * kPer, c);
+      for (int k = 0; k < kVecs; ++k) fold_vec<T>(st, tile_max, tile_sum, tile[k], t * kTile + k * kPer, c);
     } else {
-      tile_mass<T, true, false>(q, c, tile_max, tile_sum, st);
+      tile_mass<T, true, false>(tile, c, tile_max, tile_sum, st);
     }
     if (c.greedy || tile_max == -INFINITY) continue;  // -inf: nothing kept in the tile
     add_tile(st, tile_max, tile_sum, c.inv_tau, seed, offset, t);
@@ -627,6 +640,7 @@ __device__ __forceinline__ void for_row_entries(const T* l, int64_t V, F&& f) {
 // shared memory (integer sums: the same totals, hence the same choices, in every CTA).
 constexpr int kRadixBins = 2048;
 constexpr int kMaxRowCtas = 8;  // portable cluster size
+constexpr int kRadixCache = 4096;  // entries (16 KB) the third radix pass may read from shared memory
 // Few rows: 1024-thread CTAs (4x the loads in flight); many rows: 256-thread CTAs share the
 // SMs (4 per SM at 64 registers).
 constexpr int kTruncationThreadsFewRows = 1024;
@@ -640,7 +654,25 @@ struct RadixScratch {
   int bin, found;
   float cta_max, cta_sum;  // this CTA's share of the max pass
   float row_max[kMaxRowCtas], row_sum[kMaxRowCtas];  // every CTA's share, gathered
+  // The second pass keeps its matching entries (those that weigh anything) here, so the
+  // third pass reads them instead of the row when they fit.
+  float cache[kRadixCache];
+  int cached;  // entries the second pass matched (may exceed kRadixCache: then unused)
 };
+
+// Appends x to the radix cache where keep is set (warp-collective: one shared atomic per
+// warp and call).
+template <int kBlock>
+__device__ __forceinline__ void cache_append(RadixScratch<kBlock>& sh, float x, bool keep) {
+  const unsigned ballot = __ballot_sync(0xffffffffu, keep);
+  if (ballot == 0) return;
+  const int lane = threadIdx.x % 32, leader = __ffs(ballot) - 1;
+  int base = 0;
+  if (lane == leader) base = atomicAdd(&sh.cached, __popc(ballot));
+  base = __shfl_sync(0xffffffffu, base, leader);
+  const int slot = base + __popc(ballot & ((1u << lane) - 1));
+  if (keep && slot < kRadixCache) sh.cache[slot] = x;
+}
 
 // Barrier over the CTAs that share a row (a cluster of `ctas`; one CTA: __syncthreads).
 // Release / acquire: each CTA's shared-memory writes are visible to the others after it.
@@ -670,9 +702,36 @@ __device__ __forceinline__ uint32_t load_row_shared(const void* p, int rank, int
   return *static_cast<const volatile uint32_t*>(p);
 }
 
-template <int kBlock, typename T, typename Weight, typename Target>
+// Adds weights to histogram bins; consecutive entries of a thread often share a bin (coarse
+// first digit, masked -inf runs): their weights are combined in a register before one shared
+// atomic add.
+struct BinAdder {
+  uint32_t* hist;
+  int bin = -1;
+  uint32_t sum = 0;
+  __device__ __forceinline__ void add(int b, uint32_t w) {
+    if (b != bin) {
+      if (sum != 0) atomicAdd(&hist[bin], sum);
+      bin = b;
+      sum = 0;
+    }
+    sum += w;
+  }
+  __device__ __forceinline__ void flush() {
+    if (sum != 0) atomicAdd(&hist[bin], sum);
+  }
+};
+constexpr int kFirstDigitShift = 21;  // the first pass's 11-bit digit: key >> 21
+
+// first_pass_filled: the caller already filled sh.hist with the first pass's histogram (the
+// top-k counts are gathered during the max pass, saving one read of the row). kCache: the
+// third pass reads the second pass's matches from shared memory when they fit (top-k: few
+// entries share the k-th largest's top 22 bits; top-p's boundary often has more than fit, and
+// collecting them slowed it: H100, fp32 B = 256, V = 128256, 364 -> 497 us).
+template <int kBlock, bool kCache, typename T, typename Weight, typename Target>
 __device__ __forceinline__ float radix_threshold(const T* l, int64_t V, int ctas, RadixScratch<kBlock>& sh,
-                                                 Weight&& weight, Target&& target_of) {
+                                                 Weight&& weight, Target&& target_of,
+                                                 bool first_pass_filled = false) {
   constexpr int kMaxPer = kRadixBins / kBlock;  // bins per thread
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   uint32_t prefix = 0;  // the digits chosen so far
@@ -681,28 +740,48 @@ __device__ __forceinline__ float radix_threshold(const T* l, int64_t V, int ctas
 #pragma unroll 1
   for (int pass = 0; pass < 3; ++pass) {
     const int bits = pass < 2 ? 11 : 10, bins = 1 << bits, shift = 32 - prefix_bits - bits;
-    for (int i = threadIdx.x; i < bins; i += kBlock) sh.hist[i] = 0;
-    if (threadIdx.x == 0) sh.found = 0;
+    const bool fill = pass > 0 || !first_pass_filled;
+    const bool collect = kCache && pass == 1;  // the second pass fills the cache
+    const int cached = sh.cached;              // (set by the second pass; read by the third only)
+    const bool from_cache = kCache && pass == 2 && cached <= kRadixCache;  // uniform over the CTA
+    if (fill)
+      for (int i = threadIdx.x; i < bins; i += kBlock) sh.hist[i] = 0;
+    if (kCache) __syncthreads();  // every thread has read sh.cached
+    if (threadIdx.x == 0) {
+      sh.found = 0;
+      if (collect) sh.cached = 0;
+    }
     __syncthreads();
-    // Consecutive entries of a thread often share a bin (coarse first digit, masked -inf
-    // runs): their weights are combined in a register before one shared atomic add.
-    // Zero weights (masses below the fixed point's resolution) add nothing.
-    int pending_bin = -1;
-    uint32_t pending = 0;
-    for_row_entries<kBlock>(l, V, [&](float x, bool valid, int64_t) {
-      const uint32_t key = to_order_key(x);
-      if (!valid || x != x || (prefix_bits != 0 && (key >> (32 - prefix_bits)) != prefix)) return;
-      const uint32_t w = weight(x);
-      if (w == 0) return;
-      const int b = static_cast<int>((key >> shift) & static_cast<uint32_t>(bins - 1));
-      if (b != pending_bin) {
-        if (pending != 0) atomicAdd(&sh.hist[pending_bin], pending);
-        pending_bin = b;
-        pending = 0;
+    if (fill) {
+      // Zero weights (masses below the fixed point's resolution) add nothing.
+      BinAdder adder{sh.hist};
+      auto visit = [&](float x, bool valid, auto collect_tag) {
+        const uint32_t key = to_order_key(x);
+        const bool match = valid && x == x && (prefix_bits == 0 || (key >> (32 - prefix_bits)) == prefix);
+        const int bin = static_cast<int>((key >> shift) & static_cast<uint32_t>(bins - 1));
+        if constexpr (decltype(collect_tag)::value) {  // top-k (weights 1): every lane takes part
+          cache_append(sh, x, match);                  // (warp-collective)
+          if (match) adder.add(bin, weight(x));
+        } else {
+          // An early exit, so that top-p's weight (an exp) is computed for matching entries
+          // only: as a select it ran for every entry of every pass (fp32 B = 256 top-p +19%).
+          if (!match) return;
+          const uint32_t w = weight(x);
+          if (w != 0) adder.add(bin, w);
+        }
+      };
+      if (from_cache) {
+        for (int i0 = 0; i0 < cached; i0 += kBlock) {
+          const int i = i0 + static_cast<int>(threadIdx.x);
+          visit(i < cached ? sh.cache[i] : 0.f, i < cached, std::false_type{});
+        }
+      } else if (collect) {
+        for_row_entries<kBlock>(l, V, [&](float x, bool valid, int64_t) { visit(x, valid, std::true_type{}); });
+      } else {
+        for_row_entries<kBlock>(l, V, [&](float x, bool valid, int64_t) { visit(x, valid, std::false_type{}); });
       }
-      pending += w;
-    });
-    if (pending != 0) atomicAdd(&sh.hist[pending_bin], pending);
+      adder.flush();
+    }
     // This thread's bins [t * per, (t + 1) * per), summed over the row's CTAs.
     const int per = bins / kBlock;
     uint32_t count[kMaxPer];
@@ -811,22 +890,39 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) truncation_kernel(Sampl
   const float inv_tau = 1.f / tau;
   const float top_p = a.top_p != nullptr ? a.top_p[row] : 1.f;
   const bool by_mass = top_p < 1.f;
+  const int64_t k = a.top_k != nullptr ? a.top_k[row] : 0;
+  const bool by_count = k > 0 && k < a.V;
+  if (by_count)
+    for (int i = threadIdx.x; i < kRadixBins; i += kBlock) scratch.hist[i] = 0;
+  if (threadIdx.x == 0) scratch.cached = 0;  // (read by every radix pass, used by the third)
+  __syncthreads();
   // The row's maximum and, for top-p, the tempered softmax's normaliser sum exp((x - max) / tau)
-  // in the same pass (online: a thread rescales its sum when its maximum grows).
+  // in the same pass (online: a thread rescales its sum when its maximum grows); for top-k,
+  // also the first radix pass's counts (every non-NaN entry, -inf included, counts 1).
   float local_max = -INFINITY, local_sum = 0.f;
-  for_row_entries<kBlock>(l, len, [&](float x, bool valid, int64_t) {
-    if (!valid || !(x > -INFINITY)) return;  // (-inf and NaN weigh nothing)
-    if (by_mass) {
-      if (x > local_max) {
-        local_sum = local_sum * tempered_ratio(local_max, x, inv_tau) + 1.f;
-        local_max = x;
+  // Two instantiations, so that rows without top-k run the plain max pass (a per-entry test
+  // of by_count cost top-p ~10% at B = 256: registers, and spills in the float32 kernels).
+  auto max_pass = [&](auto count_tag) {
+    BinAdder first_digits{scratch.hist};
+    for_row_entries<kBlock>(l, len, [&](float x, bool valid, int64_t) {
+      if constexpr (decltype(count_tag)::value)
+        if (valid && x == x) first_digits.add(static_cast<int>(to_order_key(x) >> kFirstDigitShift), 1u);
+      if (!valid || !(x > -INFINITY)) return;  // (-inf and NaN weigh nothing)
+      if (by_mass) {
+        if (x > local_max) {
+          local_sum = local_sum * tempered_ratio(local_max, x, inv_tau) + 1.f;
+          local_max = x;
+        } else {
+          local_sum += tempered_ratio(x, local_max, inv_tau);
+        }
       } else {
-        local_sum += tempered_ratio(x, local_max, inv_tau);
+        local_max = fmaxf(local_max, x);
       }
-    } else {
-      local_max = fmaxf(local_max, x);
-    }
-  });
+    });
+    if constexpr (decltype(count_tag)::value) first_digits.flush();
+  };
+  if (by_count) max_pass(std::true_type{});
+  else max_pass(std::false_type{});
   const float cta_max = block_max<kBlock>(local_max);
   const float cta_sum =
       by_mass ? block_sum<kBlock>(local_max == -INFINITY ? 0.f : local_sum * tempered_ratio(local_max, cta_max, inv_tau))
@@ -845,10 +941,10 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) truncation_kernel(Sampl
   for (int r = 0; r < ctas; ++r) row_max = fmaxf(row_max, scratch.row_max[r]);
   for (int r = 0; r < ctas; ++r)
     if (scratch.row_max[r] != -INFINITY) row_sum += scratch.row_sum[r] * tempered_ratio(scratch.row_max[r], row_max, inv_tau);
-  const int64_t k = a.top_k != nullptr ? a.top_k[row] : 0;
-  if (k > 0 && k < a.V) {  // the k-th largest entry (ties at it are all kept)
-    threshold = radix_threshold<kBlock>(l, len, ctas, scratch, [](float) { return 1u; },
-                                        [k](unsigned long long) { return static_cast<unsigned long long>(k); });
+  if (by_count) {  // the k-th largest entry (ties at it are all kept)
+    threshold = radix_threshold<kBlock, true>(l, len, ctas, scratch, [](float) { return 1u; },
+                                        [k](unsigned long long) { return static_cast<unsigned long long>(k); },
+                                        /*first_pass_filled=*/true);
   }
   if (by_mass && row_max != -INFINITY) {
     // The smallest entry of the top-p mass (of the tempered softmax, among the top-k).
@@ -863,7 +959,7 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) truncation_kernel(Sampl
     auto share_of_total = [top_p](unsigned long long total) {
       return static_cast<unsigned long long>(ceil(static_cast<double>(top_p) * static_cast<double>(total)));
     };
-    threshold = fmaxf(threshold, radix_threshold<kBlock>(l, len, ctas, scratch, mass, share_of_total));
+    threshold = fmaxf(threshold, radix_threshold<kBlock, false>(l, len, ctas, scratch, mass, share_of_total));
   }
   const float min_p = a.min_p != nullptr ? a.min_p[row] : 0.f;
   if (min_p > 0.f) threshold = fmaxf(threshold, row_max + tau * logf(min_p));
@@ -875,17 +971,13 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) truncation_kernel(Sampl
 // CTAs per row (a cluster) while the grid stays within one CTA per SM.
 template <typename T>
 cudaError_t truncation_launch(const SampleArgs& a, float* thresholds, cudaStream_t stream) {
-  int device = 0, sms = 0, major = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (err != cudaSuccess) return err;
+  const int sms = a.num_sms;
   if (a.B > sms) {
     truncation_kernel<T, kThreads><<<static_cast<unsigned>(a.B), kThreads, 0, stream>>>(a, thresholds, 1);
     return cudaGetLastError();
   }
   int ctas = 1;
-  while (major >= 9 && ctas < kMaxRowCtas && a.B * ctas * 2 <= sms) ctas *= 2;
+  while (a.clusters && ctas < kMaxRowCtas && a.B * ctas * 2 <= sms) ctas *= 2;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(static_cast<unsigned>(a.B * ctas));
   cfg.blockDim = dim3(kTruncationThreadsFewRows);
@@ -898,7 +990,7 @@ cudaError_t truncation_launch(const SampleArgs& a, float* thresholds, cudaStream
   cfg.attrs = attr;
   cfg.numAttrs = ctas > 1 ? 1 : 0;
   const auto kernel = truncation_kernel<T, kTruncationThreadsFewRows>;
-  err = cudaLaunchKernelEx(&cfg, kernel, a, thresholds, ctas);
+  cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, a, thresholds, ctas);
   if (err != cudaSuccess && ctas > 1) {  // no room for such clusters (e.g. a small MIG slice)
     (void)cudaGetLastError();
     cfg.gridDim = dim3(static_cast<unsigned>(a.B));
