@@ -103,7 +103,7 @@ struct SampleArgs {
   float* raw_logprob;        // [B] (NaN unless need_logprobs)
   bool need_logprobs;        // false: skip the two log-sum-exps (tokens only)
   int num_sms;               // the device's multiprocessors
-  bool clusters;             // thread-block clusters (sm_90+): truncation splits small batches' rows
+  bool sm90;                 // sm_90+: clusters (truncation splits small batches' rows) and PDL
 };
 
 // The split plan depends on whether the rows are 16-byte aligned (see sampling_cuda.cu).

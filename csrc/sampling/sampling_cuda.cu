@@ -8,12 +8,12 @@
 // the tile in registers; tau = 0 rows and truncated rows with log-probs: an online fold)
 // and keeps the tile with the largest log-mass + Gumbel key (one Philox draw per tile,
 // counter = tile, as on the CPU); also the raw log-sum-exp (only when log-probs are asked
-// for) and, for tau = 0 rows, the argmax. sample_finish_kernel (one warp per row,
-// launched with programmatic dependent launch on sm_90 so its launch overlaps the main
-// kernel's tail) merges the splits of a row, re-reads the winning tile and picks the token
-// inside it by inverse CDF with the tile's uniform. When a row has one split (large batches)
-// its CTA does that itself and no finish kernel runs. Rows that are not 16-byte aligned go
-// through sample_unaligned_kernel (same tile keys, one tile per lane, simple per-lane loads).
+// for) and, for tau = 0 rows, the argmax. sample_finish_kernel (one warp per row) merges
+// the splits of a row, re-reads the winning tile and picks the token inside it by inverse
+// CDF with the tile's uniform. When a row has one split (large batches) its CTA does that
+// itself and no finish kernel runs. Rows that are not 16-byte aligned go through
+// sample_unaligned_kernel (same tile keys, one tile per lane, simple per-lane loads). On
+// sm_90 every kernel is a programmatic dependent launch (launch latency hidden).
 // truncation_kernel (only when top-k / top-p / min-p are given; one CTA per row, or a cluster
 // of up to 8 CTAs per row when rows are few) finds the smallest kept logit by radix selection
 // over the order-preserving integer image of the floats: three histogram passes per threshold.
@@ -204,8 +204,9 @@ __device__ __forceinline__ void fold4(RowState& st, float& tile_max, float& tile
   lse_add4(tile_max, tile_sum, x, c.inv_tau);
 }
 
-// Programmatic dependent launch (sm_90): the finish kernel is launched while the main kernel
-// still runs and waits here for its results; both are no-ops without the launch attribute.
+// Programmatic dependent launch (sm_90; see pdl_launch): every sampling kernel is launched
+// while the kernel before it still runs, and waits here for its results before touching
+// global memory; both are no-ops without the launch attribute.
 __device__ __forceinline__ void griddep_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -323,6 +324,7 @@ __device__ void finish_or_write_partial(const SampleArgs& a, const float* thresh
 template <typename T, bool kVec>
 __global__ void sample_finish_kernel(SampleArgs a, const float* thresholds) {
   griddep_wait();  // the partials of the main kernel
+  griddep_launch_dependents();  // (tiny kernel: the next one may get resident)
   const int64_t row = blockIdx.x;
   const int lane = threadIdx.x;
   RowState st;  // lanes merge strided splits in parallel, then across the warp
@@ -346,6 +348,8 @@ __global__ void sample_finish_kernel(SampleArgs a, const float* thresholds) {
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads)
     sample_unaligned_kernel(SampleArgs a, const float* thresholds, int64_t tiles_per_split) {
+  griddep_wait();  // launched early (PDL): the previous kernel's results
+  griddep_launch_dependents();
   const int64_t row = blockIdx.x;
   const int split = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -467,6 +471,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   constexpr int kPer = 16 / static_cast<int>(sizeof(T));  // entries per 16-byte vector
   constexpr int kVecs = kTile / kPer;                       // vectors per tile: 16 or 8
   extern __shared__ uint4 stage_all[];  // per warp: 32 tiles of kVecs + 1 (pad) vectors
+  griddep_wait();                       // launched early (PDL): the previous kernel's results
   griddep_launch_dependents();          // let the PDL finish kernel get resident early
   const int64_t row = blockIdx.x;
   const int split = blockIdx.y;
@@ -874,6 +879,8 @@ __device__ __forceinline__ float tempered_ratio(float x, float m, float inv_tau)
 template <typename T, int kBlock>
 __global__ void __launch_bounds__(kBlock, 1024 / kBlock) truncation_kernel(SampleArgs a, float* thresholds, int ctas) {
   __shared__ RadixScratch<kBlock> scratch;
+  griddep_wait();  // launched early (PDL): the previous kernel's results
+  griddep_launch_dependents();
   const int64_t row = blockIdx.x / ctas;
   const int rank = static_cast<int>(blockIdx.x % ctas);
   const float tau = a.temperature[row];
@@ -967,37 +974,56 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) truncation_kernel(Sampl
   row_barrier(ctas);  // no CTA leaves while another may still read its shared memory
 }
 
+// Programmatic dependent launch on sm_90+: a sampling kernel gets resident while the kernel
+// before it in the stream still runs, and waits (griddep_wait, before any global access) until
+// that kernel's results are visible: the launch latency overlaps the previous kernel's tail
+// (the finish kernel's overlaps the main kernel's last CTAs).
+template <typename... Params, typename... Args>
+cudaError_t pdl_launch(const SampleArgs& a, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                       cudaStream_t stream, Args... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = a.sm90 ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
 // Launches the truncation kernel: rows <= SMs get 1024-thread CTAs, and on sm_90 up to 8
 // CTAs per row (a cluster) while the grid stays within one CTA per SM.
 template <typename T>
 cudaError_t truncation_launch(const SampleArgs& a, float* thresholds, cudaStream_t stream) {
   const int sms = a.num_sms;
-  if (a.B > sms) {
-    truncation_kernel<T, kThreads><<<static_cast<unsigned>(a.B), kThreads, 0, stream>>>(a, thresholds, 1);
-    return cudaGetLastError();
-  }
+  if (a.B > sms)
+    return pdl_launch(a, truncation_kernel<T, kThreads>, dim3(static_cast<unsigned>(a.B)), dim3(kThreads), 0, stream,
+                      a, thresholds, 1);
   int ctas = 1;
-  while (a.clusters && ctas < kMaxRowCtas && a.B * ctas * 2 <= sms) ctas *= 2;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(a.B * ctas));
-  cfg.blockDim = dim3(kTruncationThreadsFewRows);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(ctas);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = ctas > 1 ? 1 : 0;
+  while (a.sm90 && ctas < kMaxRowCtas && a.B * ctas * 2 <= sms) ctas *= 2;
   const auto kernel = truncation_kernel<T, kTruncationThreadsFewRows>;
-  cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, a, thresholds, ctas);
-  if (err != cudaSuccess && ctas > 1) {  // no room for such clusters (e.g. a small MIG slice)
-    (void)cudaGetLastError();
-    cfg.gridDim = dim3(static_cast<unsigned>(a.B));
-    cfg.numAttrs = 0;
-    err = cudaLaunchKernelEx(&cfg, kernel, a, thresholds, 1);
+  if (ctas > 1) {
+    cudaLaunchAttribute attr[2];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(ctas);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[1].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>(a.B * ctas));
+    cfg.blockDim = dim3(kTruncationThreadsFewRows);
+    cfg.stream = stream;
+    cfg.attrs = attr;
+    cfg.numAttrs = 2;
+    if (cudaLaunchKernelEx(&cfg, kernel, a, thresholds, ctas) == cudaSuccess) return cudaSuccess;
+    (void)cudaGetLastError();  // no room for such clusters (e.g. a small MIG slice): one CTA per row
   }
-  return err != cudaSuccess ? err : cudaGetLastError();
+  return pdl_launch(a, kernel, dim3(static_cast<unsigned>(a.B)), dim3(kTruncationThreadsFewRows), 0, stream, a,
+                    thresholds, 1);
 }
 
 template <typename T>
@@ -1059,24 +1085,10 @@ bool rows_aligned(DType dtype, const void* logits, int64_t ld) {
   return row_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(logits) % 16 == 0;
 }
 
-// Programmatic dependent launch on sm_90+: the finish kernel gets resident while the main
-// kernel's last CTAs still run (its griddep_wait holds it until their results are visible).
 template <typename T, bool kVec>
 cudaError_t finish_launch(const SampleArgs& a, const float* thresholds, cudaStream_t stream) {
-  int device = 0, major = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-  if (err != cudaSuccess) return err;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(a.B));
-  cfg.blockDim = dim3(32);
-  cfg.stream = stream;
-  cfg.attrs = attr;
-  cfg.numAttrs = major >= 9 ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, sample_finish_kernel<T, kVec>, a, thresholds);
+  return pdl_launch(a, sample_finish_kernel<T, kVec>, dim3(static_cast<unsigned>(a.B)), dim3(32), 0, stream, a,
+                    thresholds);
 }
 
 template <typename T>
@@ -1091,9 +1103,8 @@ cudaError_t sample_aligned_launch(const SampleArgs& a, const float* thresholds, 
     err = cudaFuncSetAttribute(sample_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  sample_kernel<T><<<dim3(static_cast<unsigned>(a.B), a.splits), warps * 32, smem, stream>>>(
-      a, thresholds, per_split * kBatchTiles);
-  err = cudaGetLastError();
+  err = pdl_launch(a, sample_kernel<T>, dim3(static_cast<unsigned>(a.B), a.splits), dim3(warps * 32), smem, stream,
+                   a, thresholds, per_split * kBatchTiles);
   if (err != cudaSuccess || a.splits == 1) return err;  // one split: the CTA drew the token
   return finish_launch<T, true>(a, thresholds, stream);
 }
@@ -1101,9 +1112,8 @@ cudaError_t sample_aligned_launch(const SampleArgs& a, const float* thresholds, 
 template <typename T, bool kVec>
 cudaError_t sample_unaligned_launch(const SampleArgs& a, const float* thresholds, cudaStream_t stream) {
   const int64_t tiles_per_split = ceil_div(ceil_div(a.V, kTile), a.splits);
-  sample_unaligned_kernel<T, kVec><<<dim3(static_cast<unsigned>(a.B), a.splits), kThreads, 0, stream>>>(
-      a, thresholds, tiles_per_split);
-  const cudaError_t err = cudaGetLastError();
+  const cudaError_t err = pdl_launch(a, sample_unaligned_kernel<T, kVec>, dim3(static_cast<unsigned>(a.B), a.splits),
+                                     dim3(kThreads), 0, stream, a, thresholds, tiles_per_split);
   if (err != cudaSuccess || a.splits == 1) return err;  // one split: the CTA drew the token
   return finish_launch<T, kVec>(a, thresholds, stream);
 }
