@@ -1186,13 +1186,14 @@ cudaError_t backward_typed(const BackwardArgs& args, cudaStream_t stream) {
   FUSEDLM_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   wg::TmaMaps maps, maps_e{}, maps_c{};
   FUSEDLM_RETURN_IF_ERROR(make_maps<Mainloop>(&maps, a.dtype, a.e, a.N, a.c, a.V, a.D));
-  CUtensorMap g_store{};  // the workspace, in the boxes the staged epilogue stores
-  if constexpr (staging_bytes<Mainloop>() > 0)
-    FUSEDLM_RETURN_IF_ERROR(make_tma_map(&g_store, a.dtype, a.grad_workspace,
-                                         static_cast<int64_t>(row_tiles) * kM, a.vocab_chunk, kM));
+  // The workspace in 64-column x 128-row boxes: where the staged epilogue stores g and the
+  // dE GEMM reads it as its A operand.
+  const int64_t ws_rows = static_cast<int64_t>(row_tiles) * kM;
+  CUtensorMap g_store{};
+  if constexpr (staging_bytes<Mainloop>() > 0 || kWgmmaGemms)
+    FUSEDLM_RETURN_IF_ERROR(make_tma_map(&g_store, a.dtype, a.grad_workspace, ws_rows, a.vocab_chunk, kM));
   if constexpr (kWgmmaGemms) {
-    const int64_t ws_rows = static_cast<int64_t>(row_tiles) * kM;
-    FUSEDLM_RETURN_IF_ERROR(make_tma_map(&maps_e.a, a.dtype, a.grad_workspace, ws_rows, a.vocab_chunk, kM));
+    maps_e.a = g_store;
     FUSEDLM_RETURN_IF_ERROR(make_tma_map(&maps_e.b, a.dtype, a.c, a.V, a.D, 64));
     FUSEDLM_RETURN_IF_ERROR(make_tma_map(&maps_c.a, a.dtype, a.grad_workspace, ws_rows, a.vocab_chunk, 64));
     FUSEDLM_RETURN_IF_ERROR(make_tma_map(&maps_c.b, a.dtype, a.e, a.N, a.D, 64));

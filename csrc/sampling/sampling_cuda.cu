@@ -204,7 +204,7 @@ __device__ __forceinline__ void fold4(RowState& st, float& tile_max, float& tile
   lse_add4(tile_max, tile_sum, x, c.inv_tau);
 }
 
-// Programmatic dependent launch (sm_90; see pdl_launch): every sampling kernel is launched
+// Programmatic dependent launch (sm_90; see launch): every sampling kernel is launched
 // while the kernel before it still runs, and waits here for its results before touching
 // global memory; both are no-ops without the launch attribute.
 __device__ __forceinline__ void griddep_wait() {
@@ -974,23 +974,33 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) truncation_kernel(Sampl
   row_barrier(ctas);  // no CTA leaves while another may still read its shared memory
 }
 
-// Programmatic dependent launch on sm_90+: a sampling kernel gets resident while the kernel
-// before it in the stream still runs, and waits (griddep_wait, before any global access) until
-// that kernel's results are visible: the launch latency overlaps the previous kernel's tail
-// (the finish kernel's overlaps the main kernel's last CTAs).
+// Launches a sampling kernel, on sm_90+ as a programmatic dependent launch: it gets resident
+// while the kernel before it in the stream still runs, and waits (griddep_wait, before any
+// global access) until that kernel's results are visible, so the launch latency overlaps the
+// previous kernel's tail (the finish kernel's overlaps the main kernel's last CTAs).
+// cluster > 1: consecutive CTAs form thread-block clusters of that size.
 template <typename... Params, typename... Args>
-cudaError_t pdl_launch(const SampleArgs& a, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
-                       cudaStream_t stream, Args... args) {
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
+cudaError_t launch(const SampleArgs& a, int cluster, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                   cudaStream_t stream, Args... args) {
+  cudaLaunchAttribute attr[2];
+  unsigned n = 0;
+  if (a.sm90) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cluster > 1) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n].val.clusterDim.x = static_cast<unsigned>(cluster);
+    attr[n].val.clusterDim.y = 1;
+    attr[n++].val.clusterDim.z = 1;
+  }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cfg.attrs = attr;
-  cfg.numAttrs = a.sm90 ? 1 : 0;
+  cfg.numAttrs = n;
   return cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 
@@ -1000,30 +1010,19 @@ template <typename T>
 cudaError_t truncation_launch(const SampleArgs& a, float* thresholds, cudaStream_t stream) {
   const int sms = a.num_sms;
   if (a.B > sms)
-    return pdl_launch(a, truncation_kernel<T, kThreads>, dim3(static_cast<unsigned>(a.B)), dim3(kThreads), 0, stream,
-                      a, thresholds, 1);
+    return launch(a, 1, truncation_kernel<T, kThreads>, dim3(static_cast<unsigned>(a.B)), dim3(kThreads), 0, stream,
+                  a, thresholds, 1);
   int ctas = 1;
   while (a.sm90 && ctas < kMaxRowCtas && a.B * ctas * 2 <= sms) ctas *= 2;
   const auto kernel = truncation_kernel<T, kTruncationThreadsFewRows>;
+  const dim3 block(kTruncationThreadsFewRows);
   if (ctas > 1) {
-    cudaLaunchAttribute attr[2];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = static_cast<unsigned>(ctas);
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[1].val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(static_cast<unsigned>(a.B * ctas));
-    cfg.blockDim = dim3(kTruncationThreadsFewRows);
-    cfg.stream = stream;
-    cfg.attrs = attr;
-    cfg.numAttrs = 2;
-    if (cudaLaunchKernelEx(&cfg, kernel, a, thresholds, ctas) == cudaSuccess) return cudaSuccess;
+    if (launch(a, ctas, kernel, dim3(static_cast<unsigned>(a.B * ctas)), block, 0, stream, a, thresholds, ctas) ==
+        cudaSuccess)
+      return cudaSuccess;
     (void)cudaGetLastError();  // no room for such clusters (e.g. a small MIG slice): one CTA per row
   }
-  return pdl_launch(a, kernel, dim3(static_cast<unsigned>(a.B)), dim3(kTruncationThreadsFewRows), 0, stream, a,
-                    thresholds, 1);
+  return launch(a, 1, kernel, dim3(static_cast<unsigned>(a.B)), block, 0, stream, a, thresholds, 1);
 }
 
 template <typename T>
@@ -1087,8 +1086,8 @@ bool rows_aligned(DType dtype, const void* logits, int64_t ld) {
 
 template <typename T, bool kVec>
 cudaError_t finish_launch(const SampleArgs& a, const float* thresholds, cudaStream_t stream) {
-  return pdl_launch(a, sample_finish_kernel<T, kVec>, dim3(static_cast<unsigned>(a.B)), dim3(32), 0, stream, a,
-                    thresholds);
+  return launch(a, 1, sample_finish_kernel<T, kVec>, dim3(static_cast<unsigned>(a.B)), dim3(32), 0, stream, a,
+                thresholds);
 }
 
 template <typename T>
@@ -1103,8 +1102,8 @@ cudaError_t sample_aligned_launch(const SampleArgs& a, const float* thresholds, 
     err = cudaFuncSetAttribute(sample_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  err = pdl_launch(a, sample_kernel<T>, dim3(static_cast<unsigned>(a.B), a.splits), dim3(warps * 32), smem, stream,
-                   a, thresholds, per_split * kBatchTiles);
+  err = launch(a, 1, sample_kernel<T>, dim3(static_cast<unsigned>(a.B), a.splits), dim3(warps * 32), smem, stream,
+               a, thresholds, per_split * kBatchTiles);
   if (err != cudaSuccess || a.splits == 1) return err;  // one split: the CTA drew the token
   return finish_launch<T, true>(a, thresholds, stream);
 }
@@ -1112,8 +1111,8 @@ cudaError_t sample_aligned_launch(const SampleArgs& a, const float* thresholds, 
 template <typename T, bool kVec>
 cudaError_t sample_unaligned_launch(const SampleArgs& a, const float* thresholds, cudaStream_t stream) {
   const int64_t tiles_per_split = ceil_div(ceil_div(a.V, kTile), a.splits);
-  const cudaError_t err = pdl_launch(a, sample_unaligned_kernel<T, kVec>, dim3(static_cast<unsigned>(a.B), a.splits),
-                                     dim3(kThreads), 0, stream, a, thresholds, tiles_per_split);
+  const cudaError_t err = launch(a, 1, sample_unaligned_kernel<T, kVec>, dim3(static_cast<unsigned>(a.B), a.splits),
+                                 dim3(kThreads), 0, stream, a, thresholds, tiles_per_split);
   if (err != cudaSuccess || a.splits == 1) return err;  // one split: the CTA drew the token
   return finish_launch<T, kVec>(a, thresholds, stream);
 }
