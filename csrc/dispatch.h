@@ -77,6 +77,7 @@ struct BackwardArgs {
   // recomputed).
   const float* tile_max;
   uint8_t* keep_hint;
+  int num_sms;  // the device's multiprocessors
 };
 
 int64_t backward_vocab_chunk(int64_t N, int64_t V, DType dtype, int64_t budget_bytes);
@@ -97,7 +98,7 @@ struct SampleArgs {
   const float* top_p;        // [B] or nullptr
   const float* min_p;        // [B] or nullptr
   int splits;                // vocabulary splits per row (see sample_splits)
-  float* workspace;          // [B, splits, 8] floats
+  float* workspace;          // [B * splits * kSampleSplitFloats + B] floats
   int64_t* tokens;           // [B]
   float* logprob;            // [B] (NaN unless need_logprobs)
   float* raw_logprob;        // [B] (NaN unless need_logprobs)
@@ -106,6 +107,8 @@ struct SampleArgs {
   bool sm90;                 // sm_90+: clusters (truncation splits small batches' rows) and PDL
 };
 
+// Workspace floats per (row, split): a partial of 8 floats for each of up to 8 warps.
+constexpr int kSampleSplitFloats = 64;
 // The split plan depends on whether the rows are 16-byte aligned (see sampling_cuda.cu).
 int sample_splits(DType dtype, const void* logits, int64_t ld, int64_t B, int64_t V, int num_sms);
 cudaError_t sample(const SampleArgs& args, cudaStream_t stream);

@@ -155,7 +155,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cuda(
         filtered ? target_mask.mutable_data_ptr<uint8_t>() : nullptr,
         hint ? target_logit_f.const_data_ptr<float>() : nullptr,
         hint ? tile_max_f.const_data_ptr<float>() : nullptr,
-        hint ? keep_hint.mutable_data_ptr<uint8_t>() : nullptr};
+        hint ? keep_hint.mutable_data_ptr<uint8_t>() : nullptr,
+        num_sms(e.get_device())};
     FUSEDLM_CUDA_CHECK(cce_cuda::backward(args, c10::cuda::getCurrentCUDAStream()));
   }
   at::Tensor grad_e = grad_e_acc.narrow(1, 0, D).to(e.scalar_type()).contiguous();
@@ -186,7 +187,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
   const cudaDeviceProp* device = at::cuda::getDeviceProperties(logits.get_device());
   const int splits = sampling_cuda::sample_splits(dt, l.const_data_ptr(), l.stride(0), B, V,
                                                   device->multiProcessorCount);
-  auto workspace = at::empty({B * splits * 8 + B}, logits.options().dtype(at::kFloat));
+  auto workspace = at::empty({B * splits * sampling_cuda::kSampleSplitFloats + B},
+                             logits.options().dtype(at::kFloat));
   sampling_cuda::SampleArgs args{dt,
                                  l.const_data_ptr(),
                                  B,

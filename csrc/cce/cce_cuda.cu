@@ -1181,9 +1181,7 @@ cudaError_t backward_typed(const BackwardArgs& args, cudaStream_t stream) {
                          ? (has_bias ? grad_tile_kernel<T, Mainloop, true, true> : grad_tile_kernel<T, Mainloop, true, false>)
                          : (has_bias ? grad_tile_kernel<T, Mainloop, false, true> : grad_tile_kernel<T, Mainloop, false, false>);
   FUSEDLM_RETURN_IF_ERROR(allow_smem(tile_kernel, smem_tile));
-  int device = 0, sms = 1;
-  FUSEDLM_RETURN_IF_ERROR(cudaGetDevice(&device));
-  FUSEDLM_RETURN_IF_ERROR(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int sms = a.num_sms > 0 ? a.num_sms : 1;
   wg::TmaMaps maps, maps_e{}, maps_c{};
   FUSEDLM_RETURN_IF_ERROR(make_maps<Mainloop>(&maps, a.dtype, a.e, a.N, a.c, a.V, a.D));
   // The workspace in 64-column x 128-row boxes: where the staged epilogue stores g and the

@@ -34,7 +34,8 @@ namespace sampling_cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kPartial = 8;  // floats per (row, split) partial
+constexpr int kPartial = 8;  // floats per (row, split, warp) partial
+static_assert(kThreads / 32 * kPartial == kSampleSplitFloats, "workspace per (row, split): see dispatch.h");
 
 template <typename T>
 __device__ __forceinline__ float load_logit(const T* p);
@@ -100,27 +101,23 @@ __device__ RowState shfl_state(const RowState& s, int off) {
   return o;
 }
 
-__device__ RowState block_reduce(RowState s, float inv_tau) {
+// Every lane ends with the warp's merged state.
+__device__ __noinline__ RowState warp_reduce(RowState s) {
+  for (int off = 16; off > 0; off >>= 1) merge_state(s, shfl_state(s, off), 1.f);
+  return s;
+}
+
+// The CTA's merged state, in every lane of warp 0. The warps' states are merged by warp 0 in
+// parallel (3 shuffle rounds), not one after another by thread 0 (7 dependent merges, each
+// with exps: ~0.5 us at the end of every CTA).
+__device__ RowState block_reduce(RowState s) {
   __shared__ RowState warp_states[kThreads / 32];
-  for (int off = 16; off > 0; off >>= 1) merge_state(s, shfl_state(s, off), inv_tau);
+  s = warp_reduce(s);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) warp_states[warp] = s;
   __syncthreads();
-  if (threadIdx.x == 0) {
-    for (int w = 1; w < static_cast<int>(blockDim.x / 32); ++w) merge_state(s, warp_states[w], inv_tau);
-  }
-  return s;  // valid in thread 0
-}
-
-// Folds one finished tile (max and sum of exp((l - max) / tau) over its kept entries) into
-// the row state: its log-mass joins the processed LSE and, plus the tile's Gumbel noise
-// (Philox counter = tile index, as on the CPU), competes for the sampled tile.
-__device__ __forceinline__ void add_tile(RowState& st, float tile_max, float tile_sum, float inv_tau,
-                                         uint64_t seed, uint64_t offset, int64_t t) {
-  const float log_mass = tile_max * inv_tau + logf(tile_sum);
-  online_merge(st.p_max, st.p_sum, log_mass, 1.f, 1.f);
-  const Uint4 bits = philox_block(seed, offset, static_cast<uint64_t>(t));
-  best_merge(st.best_key, st.best_idx, log_mass + gumbel_from_bits(bits.x), t);
+  if (warp == 0) s = warp_reduce(lane < static_cast<int>(blockDim.x / 32) ? warp_states[lane] : RowState());
+  return s;
 }
 
 __device__ __forceinline__ bool valid_tau(float tau) { return tau >= 0.f; }  // false for NaN
@@ -171,16 +168,34 @@ struct RowCtx {
   bool greedy, need_logprobs;
 };
 
-__device__ __forceinline__ RowCtx row_ctx(const SampleArgs& a, const float* thresholds, int64_t row) {
-  const float tau = a.temperature[row];
+__device__ __forceinline__ RowCtx row_ctx(const SampleArgs& a, float tau, float threshold) {
   RowCtx c;
   c.V = a.V;
   c.tau = tau;
   c.inv_tau = tau > 0.f ? 1.f / tau : 1.f;
   c.greedy = !(tau > 0.f);  // also NaN / negative: finish_row returns token 0 for them
-  c.threshold = thresholds != nullptr ? thresholds[row] : -INFINITY;
+  c.threshold = threshold;
   c.need_logprobs = a.need_logprobs;
   return c;
+}
+
+__device__ __forceinline__ float row_threshold(const float* thresholds, int64_t row) {
+  return thresholds != nullptr ? thresholds[row] : -INFINITY;
+}
+
+__device__ __forceinline__ RowCtx row_ctx(const SampleArgs& a, const float* thresholds, int64_t row) {
+  return row_ctx(a, a.temperature[row], row_threshold(thresholds, row));
+}
+
+// Folds one finished tile (max and sum of exp((l - max) / tau) over its kept entries) into
+// the row state: plus the tile's Gumbel noise (Philox counter = tile index, as on the CPU),
+// its log-mass competes for the sampled tile; with log-probs it also joins the processed LSE.
+__device__ __forceinline__ void add_tile(RowState& st, float tile_max, float tile_sum, const RowCtx& c,
+                                         uint64_t seed, uint64_t offset, int64_t t) {
+  const float log_mass = tile_max * c.inv_tau + logf(tile_sum);
+  if (c.need_logprobs) online_merge(st.p_max, st.p_sum, log_mass, 1.f, 1.f);
+  const Uint4 bits = philox_block(seed, offset, static_cast<uint64_t>(t));
+  best_merge(st.best_key, st.best_idx, log_mass + gumbel_from_bits(bits.x), t);
 }
 
 // Folds entries v .. v+3 (x; -inf past V) into the row state: the raw log-sum-exp (for
@@ -219,11 +234,11 @@ __device__ __forceinline__ void griddep_launch_dependents() {
 }
 
 // One warp, with the row's merged state in every lane: the token (inside the winning tile,
-// by inverse CDF with the tile's uniform; tau = 0: the argmax) and the log-probs.
+// by inverse CDF with the tile's uniform; tau = 0: the argmax) and the log-probs. The row's
+// inputs (c, seed, offset) come from the caller, which loaded them early.
 template <typename T, bool kVec>
-__device__ void finish_row(const SampleArgs& a, const float* thresholds, int64_t row, int lane,
-                           const RowState& st) {
-  const RowCtx c = row_ctx(a, thresholds, row);
+__device__ void finish_row(const SampleArgs& a, int64_t row, int lane, const RowState& st, const RowCtx& c,
+                           uint64_t seed, uint64_t offset) {
   const bool greedy = c.greedy;
   const bool masked_row = greedy ? (a.need_logprobs && st.raw_max == -INFINITY) : st.best_idx < 0;
   if (!valid_tau(c.tau) || st.best_idx < 0 || masked_row) {
@@ -236,7 +251,8 @@ __device__ void finish_row(const SampleArgs& a, const float* thresholds, int64_t
     return;
   }
   const T* l = static_cast<const T*>(a.logits) + row * a.ld;
-  int64_t token = st.best_idx;  // greedy: the argmax index
+  int64_t token = st.best_idx;     // greedy: the argmax index
+  float token_logit = st.best_key;  // greedy: its logit (see finish_or_write_partial)
   if (!greedy) {
     const int64_t t = st.best_idx;
     const float threshold = c.threshold;
@@ -259,8 +275,6 @@ __device__ void finish_row(const SampleArgs& a, const float* thresholds, int64_t
     }
     const float total = __shfl_sync(0xffffffffu, base, 31);
     base -= run;
-    const uint64_t seed = static_cast<uint64_t>(a.seed[row]);
-    const uint64_t offset = row_offset(a, row);
     const float target = bits_to_open_unit(philox_block(seed, offset, static_cast<uint64_t>(t)).y) * total;
     int first = 4, last_kept = -1;
 #pragma unroll
@@ -270,14 +284,12 @@ __device__ void finish_row(const SampleArgs& a, const float* thresholds, int64_t
       if (base + cum[q] > target) first = q;
     }
     const unsigned found = __ballot_sync(0xffffffffu, first < 4);
-    if (found != 0u) {
-      const int src = __ffs(found) - 1;
-      token = t * kTile + src * 4 + __shfl_sync(0xffffffffu, first, src);
-    } else {  // rounding left the target unreached: the last kept entry of the tile
-      const unsigned any = __ballot_sync(0xffffffffu, last_kept >= 0);
-      const int src = 31 - __clz(any);
-      token = t * kTile + src * 4 + __shfl_sync(0xffffffffu, last_kept, src);
-    }
+    // Not found: rounding left the target unreached; the last kept entry of the tile.
+    const unsigned any = found != 0u ? found : __ballot_sync(0xffffffffu, last_kept >= 0);
+    const int src = found != 0u ? __ffs(found) - 1 : 31 - __clz(any);
+    const int q = __shfl_sync(0xffffffffu, found != 0u ? first : last_kept, src);
+    token = t * kTile + src * 4 + q;
+    token_logit = __shfl_sync(0xffffffffu, q == 0 ? x[0] : q == 1 ? x[1] : q == 2 ? x[2] : x[3], src);
   }
   if (lane != 0) return;
   a.tokens[row] = token;
@@ -286,53 +298,66 @@ __device__ void finish_row(const SampleArgs& a, const float* thresholds, int64_t
     a.logprob[row] = NAN;
     return;
   }
-  const float lt = load_logit(l + token);
+  const float lt = token_logit;  // kept, so never replaced by -inf above
   a.raw_logprob[row] = lt - st.raw_max - logf(st.raw_sum);
   a.logprob[row] = greedy ? 0.f : lt * c.inv_tau - (st.p_max + logf(st.p_sum));
 }
 
-// Block-reduces the CTA's row state. With one split the CTA holds the whole row: warp 0
-// draws the token itself (no finish kernel is launched); otherwise thread 0 writes the (row,
-// split) partial for the finish kernel.
+// With one split the CTA holds the whole row: warp 0 merges the warps' states and draws the
+// token itself (no finish kernel is launched). Otherwise each warp writes its own (row,
+// split, warp) partial: no barrier or CTA-wide merge at the end of the main kernel, whose
+// slowest CTA the finish kernel waits for; the finish kernel's lanes merge the partials.
 template <typename T, bool kVec>
-__device__ void finish_or_write_partial(const SampleArgs& a, const float* thresholds, int64_t row, int split,
-                                        RowState st, bool greedy) {
-  st = block_reduce(st, 1.f);
-  if (greedy) {  // the partial's winner slot holds the argmax for tau = 0 rows
+__device__ void finish_or_write_partial(const SampleArgs& a, int64_t row, int split, RowState st, const RowCtx& c,
+                                        uint64_t seed, uint64_t offset) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  st = a.splits == 1 ? block_reduce(st) : warp_reduce(st);
+  if (c.greedy) {  // the partial's winner slot holds the argmax for tau = 0 rows
     st.best_key = st.arg_val;
     st.best_idx = st.arg_idx;
   }
   if (a.splits == 1) {
-    __shared__ RowState row_state;
-    if (threadIdx.x == 0) row_state = st;
-    __syncthreads();
-    if (threadIdx.x < 32) finish_row<T, kVec>(a, thresholds, row, static_cast<int>(threadIdx.x), row_state);
+    if (warp == 0) finish_row<T, kVec>(a, row, lane, st, c, seed, offset);
     return;
   }
-  if (threadIdx.x == 0) {
-    float* out = a.workspace + (row * a.splits + split) * kPartial;
-    out[0] = st.raw_max;
-    out[1] = st.raw_sum;
-    out[2] = st.p_max;
-    out[3] = st.p_sum;
-    out[4] = st.best_key;
-    out[5] = __int_as_float(static_cast<int>(st.best_idx));
+  if (lane == 0) {
+    const int warps = static_cast<int>(blockDim.x / 32);
+    float4* out = reinterpret_cast<float4*>(a.workspace + ((row * a.splits + split) * warps + warp) * kPartial);
+    out[0] = make_float4(st.raw_max, st.raw_sum, st.p_max, st.p_sum);
+    out[1] = make_float4(st.best_key, __int_as_float(static_cast<int>(st.best_idx)), 0.f, 0.f);
   }
 }
 
-// One warp per row: merge the splits, then draw the token inside the winning tile.
+// One warp per row: merge the row's partials (one per warp of each split), then draw the
+// token inside the winning tile.
 template <typename T, bool kVec>
-__global__ void sample_finish_kernel(SampleArgs a, const float* thresholds) {
+__global__ void sample_finish_kernel(SampleArgs a, const float* thresholds, int partials_per_row) {
   griddep_wait();  // the partials of the main kernel
   griddep_launch_dependents();  // (tiny kernel: the next one may get resident)
   const int64_t row = blockIdx.x;
   const int lane = threadIdx.x;
-  RowState st;  // lanes merge strided splits in parallel, then across the warp
-  for (int s = lane; s < a.splits; s += 32) {
-    const float* p = a.workspace + (row * a.splits + s) * kPartial;
-    online_merge(st.raw_max, st.raw_sum, p[0], p[1], 1.f);
-    online_merge(st.p_max, st.p_sum, p[2], p[3], 1.f);
-    best_merge(st.best_key, st.best_idx, p[4], __float_as_int(p[5]));
+  // Every load of the row is issued before any is used (one memory round trip): with the
+  // merge's branches between them, the partial's fields and the row's inputs were loaded one
+  // dependent round trip after another.
+  const float4* partials = reinterpret_cast<const float4*>(a.workspace + row * partials_per_row * kPartial);
+  float4 lo = {}, hi = {};
+  if (lane < partials_per_row) {
+    lo = partials[2 * lane];
+    hi = partials[2 * lane + 1];
+  }
+  const float tau = a.temperature[row], threshold = row_threshold(thresholds, row);
+  const uint64_t seed = static_cast<uint64_t>(a.seed[row]);
+  const uint64_t offset = row_offset(a, row);
+  const RowCtx c = row_ctx(a, tau, threshold);
+  RowState st;  // lanes merge strided partials in parallel, then across the warp
+  for (int s = lane; s < partials_per_row; s += 32) {
+    if (s != lane) {  // more than 32 partials per row (few rows)
+      lo = partials[2 * s];
+      hi = partials[2 * s + 1];
+    }
+    online_merge(st.raw_max, st.raw_sum, lo.x, lo.y, 1.f);
+    online_merge(st.p_max, st.p_sum, lo.z, lo.w, 1.f);
+    best_merge(st.best_key, st.best_idx, hi.x, __float_as_int(hi.y));
   }
   for (int off = 16; off > 0; off >>= 1) {
     const RowState other = shfl_state(st, off);
@@ -340,7 +365,7 @@ __global__ void sample_finish_kernel(SampleArgs a, const float* thresholds) {
     online_merge(st.p_max, st.p_sum, other.p_max, other.p_sum, 1.f);
     best_merge(st.best_key, st.best_idx, other.best_key, other.best_idx);
   }
-  finish_row<T, kVec>(a, thresholds, row, lane, st);
+  finish_row<T, kVec>(a, row, lane, st, c, seed, offset);
 }
 
 // Unaligned fallback (rows not 16-byte aligned): same tile keys as sample_kernel, but each
@@ -375,9 +400,9 @@ __global__ void __launch_bounds__(kThreads)
       fold4(st, tile_max, tile_sum, x, t * kTile + k * 4, c);
     }
     if (c.greedy || tile_max == -INFINITY) continue;  // -inf: nothing kept in the tile
-    add_tile(st, tile_max, tile_sum, c.inv_tau, seed, offset, t);
+    add_tile(st, tile_max, tile_sum, c, seed, offset, t);
   }
-  finish_or_write_partial<T, kVec>(a, thresholds, row, split, st, c.greedy);
+  finish_or_write_partial<T, kVec>(a, row, split, st, c, seed, offset);
 }
 
 // ---- sample_kernel: a warp loads a batch of 32 tiles with every load issued up front ----
@@ -536,9 +561,9 @@ __global__ void __launch_bounds__(kThreads, 2)
       tile_mass<T, true, false>(tile, c, tile_max, tile_sum, st);
     }
     if (c.greedy || tile_max == -INFINITY) continue;  // -inf: nothing kept in the tile
-    add_tile(st, tile_max, tile_sum, c.inv_tau, seed, offset, t);
+    add_tile(st, tile_max, tile_sum, c, seed, offset, t);
   }
-  finish_or_write_partial<T, true>(a, thresholds, row, split, st, c.greedy);
+  finish_or_write_partial<T, true>(a, row, split, st, c, seed, offset);
 }
 
 __device__ __forceinline__ float from_order_key(uint32_t k) {
@@ -1042,7 +1067,7 @@ __global__ void __launch_bounds__(kThreads) temperature_logprobs_kernel(Temperat
   RowState st;
   st.arg_val = local_max;
   st.arg_idx = local_arg;
-  st = block_reduce(st, 1.f);
+  st = block_reduce(st);
   __shared__ float row_max;
   __shared__ int64_t row_arg;
   if (threadIdx.x == 0) {
@@ -1085,9 +1110,9 @@ bool rows_aligned(DType dtype, const void* logits, int64_t ld) {
 }
 
 template <typename T, bool kVec>
-cudaError_t finish_launch(const SampleArgs& a, const float* thresholds, cudaStream_t stream) {
+cudaError_t finish_launch(const SampleArgs& a, const float* thresholds, int warps, cudaStream_t stream) {
   return launch(a, 1, sample_finish_kernel<T, kVec>, dim3(static_cast<unsigned>(a.B)), dim3(32), 0, stream, a,
-                thresholds);
+                thresholds, a.splits * warps);
 }
 
 template <typename T>
@@ -1105,7 +1130,7 @@ cudaError_t sample_aligned_launch(const SampleArgs& a, const float* thresholds, 
   err = launch(a, 1, sample_kernel<T>, dim3(static_cast<unsigned>(a.B), a.splits), dim3(warps * 32), smem, stream,
                a, thresholds, per_split * kBatchTiles);
   if (err != cudaSuccess || a.splits == 1) return err;  // one split: the CTA drew the token
-  return finish_launch<T, true>(a, thresholds, stream);
+  return finish_launch<T, true>(a, thresholds, warps, stream);
 }
 
 template <typename T, bool kVec>
@@ -1114,15 +1139,15 @@ cudaError_t sample_unaligned_launch(const SampleArgs& a, const float* thresholds
   const cudaError_t err = launch(a, 1, sample_unaligned_kernel<T, kVec>, dim3(static_cast<unsigned>(a.B), a.splits),
                                  dim3(kThreads), 0, stream, a, thresholds, tiles_per_split);
   if (err != cudaSuccess || a.splits == 1) return err;  // one split: the CTA drew the token
-  return finish_launch<T, kVec>(a, thresholds, stream);
+  return finish_launch<T, kVec>(a, thresholds, kThreads / 32, stream);
 }
 
 template <typename T>
 cudaError_t sample_typed(const SampleArgs& a, cudaStream_t stream) {
   float* thresholds = nullptr;
   if (a.top_k != nullptr || a.top_p != nullptr || a.min_p != nullptr) {
-    // The workspace has room after B * splits * kPartial floats (see the glue).
-    thresholds = a.workspace + a.B * a.splits * kPartial;
+    // The workspace has room after the partials (see the glue).
+    thresholds = a.workspace + a.B * a.splits * kSampleSplitFloats;
     const cudaError_t err = truncation_launch<T>(a, thresholds, stream);
     if (err != cudaSuccess) return err;
   }
