@@ -49,5 +49,10 @@ for batch in (1, 64, 300):
     fusedlm.sample(big, torch.rand(batch, device="cuda"), seed=torch.arange(batch, device="cuda"),
                    return_logprobs=True)
     fusedlm.sample(big, torch.rand(batch, device="cuda"), top_k=50, top_p=0.9)
+# NaN entries (the clamped exp path, the NaN-skipping argmax of tau = 0 rows).
+nan_rows = torch.randn(64, 128256, device="cuda", dtype=torch.bfloat16)
+nan_rows[:, ::101] = float("nan")
+fusedlm.sample(nan_rows, torch.rand(64, device="cuda") * (torch.arange(64, device="cuda") % 3 > 0),
+               return_logprobs=True)
 torch.cuda.synchronize()
 print("sanitize case done")

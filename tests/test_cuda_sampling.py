@@ -37,7 +37,8 @@ def assert_logprobs_close(cpu, gpu, same, logits, tau, tol):
     terms of size max|l| / tau, formed in float32 on the GPU (float64 on the CPU), so each
     row is also allowed a few float32 ulps of that size (tau = 0.005 with logits near 13 makes
     it ~2600: an ulp there is 2.4e-4)."""
-    largest = logits.float().abs().amax(1)
+    finite = logits.float().isfinite()
+    largest = logits.float().masked_fill(~finite, 0.0).abs().amax(1)  # -inf / NaN entries add no error
     for a, g, t in ((cpu[1], gpu[1], tau), (cpu[2], gpu[2], torch.ones_like(tau))):
         size = largest / torch.where(t > 0, t, torch.ones_like(t))
         atol = (tol + 8 * torch.finfo(torch.float32).eps * size)[same].double()
@@ -71,6 +72,31 @@ def test_split_merges_same_tokens_as_cpu(b, v, dtype):
     tau = torch.rand(b) * 1.5
     tau[::9] = 0.0
     assert_same_tokens_as_cpu(logits, tau)
+
+
+# NaN logits count as -inf on both devices: the CUDA kernels give bit-identical results with
+# the NaN entries replaced by -inf (tiles holding a NaN take the clamped exp path), and the
+# same tokens as the CPU. Column 0, a whole tile of row 1 and ~0.1% of the rest are NaN;
+# tau = 0 rows take the argmax.
+@pytest.mark.parametrize("trunc", [{}, dict(top_k=50), dict(top_p=0.9)], ids=["plain", "top_k", "top_p"])
+@pytest.mark.parametrize("b,v", [(64, 128256), (300, 5120), (64, 50257)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_nan_logits_count_as_minus_inf(dtype, b, v, trunc):
+    logits = torch.randn(b, v) * 3
+    nan_at = torch.rand(b, v) < 0.001
+    nan_at[:, 0] = True
+    nan_at[1, 64:128] = True
+    logits = logits.masked_fill(nan_at, float("nan")).to(dtype)
+    tau = torch.rand(b) * 1.5 + 0.05
+    tau[::9] = 0.0
+    seeds = torch.randint(0, 2**62, (b,), device=DEV)
+    with_nan = fusedlm.sample(logits.to(DEV), tau.to(DEV), seed=seeds, return_logprobs=True, **trunc)
+    with_inf = fusedlm.sample(logits.masked_fill(nan_at, float("-inf")).to(DEV), tau.to(DEV), seed=seeds,
+                              return_logprobs=True, **trunc)
+    for x, y in zip(with_nan, with_inf):
+        assert torch.equal(x.isnan(), y.isnan()) and torch.equal(x.nan_to_num(), y.nan_to_num())
+    assert not with_nan[1][tau.to(DEV) > 0].isnan().any()
+    assert_same_tokens_as_cpu(logits, tau, **trunc)
 
 
 # Each truncation alone and all three together.

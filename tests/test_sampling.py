@@ -133,6 +133,24 @@ def test_masked_and_all_masked_rows():
     assert tokens[2].item() == 10
 
 
+@pytest.mark.parametrize("trunc", [{}, dict(top_k=5), dict(top_p=0.8), dict(min_p=0.1)],
+                         ids=["plain", "top_k", "top_p", "min_p"])
+def test_nan_logits_count_as_minus_inf(trunc):
+    logits = torch.randn(7, 301) * 2
+    nan_at = torch.rand(7, 301) < 0.1
+    nan_at[:, 0] = True  # also the first entry, where an argmax scan starts
+    nan_at[6] = True     # a row of NaN only: like a row of -inf
+    tau = torch.tensor([0.0, 0.7, 1.3, 0.0, 1.3, 0.5, 1.0])
+    seeds = torch.arange(7) * 7919
+    got = fusedlm.sample(logits.masked_fill(nan_at, float("nan")), tau, seed=seeds, return_logprobs=True, **trunc)
+    want = fusedlm.sample(logits.masked_fill(nan_at, float("-inf")), tau, seed=seeds, return_logprobs=True,
+                          **trunc)
+    assert torch.equal(got[0], want[0])
+    for x, y in zip(got[1:], want[1:]):
+        assert torch.allclose(x, y, equal_nan=True)
+    assert got[0][6] == 0 and got[1][6].isnan() and not got[1][:6].isnan().any()
+
+
 @pytest.mark.parametrize("vocab", [1, 3, 1031])
 @pytest.mark.parametrize("batch", [1, 5])
 def test_odd_shapes(vocab, batch):

@@ -11,7 +11,8 @@
 //    inverse CDF with a uniform u_t. g_t and u_t come from Philox keyed by (seed, offset) with
 //    counter t, so the same key gives the same token on any batch position. One exp per entry
 //    and one random draw per tile, instead of a Gumbel variate per entry.
-//  * A row whose logits are all -inf returns token 0 and NaN log-probs.
+//  * NaN logits count as -inf. A row whose logits are all -inf (or NaN) returns token 0 and
+//    NaN log-probs.
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -31,12 +32,12 @@ struct RowResult {
   double raw_logprob;  // under softmax(l), tau = 1, no truncation
 };
 
-// Index of the largest logit, lowest index on ties.
+// Index of the largest logit, lowest index on ties; NaN entries are skipped (0 if all are).
 inline int64_t row_argmax(const float* l, int64_t V) {
-  int64_t argmax = 0;
-  for (int64_t v = 1; v < V; ++v)
-    if (l[v] > l[argmax]) argmax = v;
-  return argmax;
+  int64_t argmax = -1;
+  for (int64_t v = 0; v < V; ++v)
+    if (l[v] == l[v] && (argmax < 0 || l[v] > l[argmax])) argmax = v;
+  return argmax < 0 ? 0 : argmax;
 }
 
 inline double log_sum_exp(const float* l, int64_t V, double scale, double threshold,
@@ -54,9 +55,12 @@ inline double truncation_threshold(const float* l, int64_t V, double tau, int64_
   double threshold = -std::numeric_limits<double>::infinity();
   std::vector<float> kept;
   if (top_k > 0 && top_k < V) {
-    kept.assign(l, l + V);
-    std::nth_element(kept.begin(), kept.begin() + (top_k - 1), kept.end(), std::greater<float>());
-    threshold = kept[top_k - 1];
+    for (int64_t v = 0; v < V; ++v)
+      if (l[v] == l[v]) kept.push_back(l[v]);  // NaN entries are never kept (nor ordered)
+    if (top_k < static_cast<int64_t>(kept.size())) {
+      std::nth_element(kept.begin(), kept.begin() + (top_k - 1), kept.end(), std::greater<float>());
+      threshold = kept[top_k - 1];
+    }
   }
   if (top_p < 1.0) {
     kept.clear();
@@ -88,7 +92,7 @@ inline RowResult sample_row(const float* l, int64_t V, float tau, uint64_t seed,
   const double nan = std::numeric_limits<double>::quiet_NaN();
   const int64_t argmax = row_argmax(l, V);
   const float max_value = l[argmax];
-  if (max_value == -std::numeric_limits<float>::infinity()) return {0, nan, nan};
+  if (!(max_value > -std::numeric_limits<float>::infinity())) return {0, nan, nan};  // all -inf / NaN
   const double raw_lse = max_value + log_sum_exp(l, V, 1.0, -INFINITY, max_value);
   if (tau == 0.0f) return {argmax, 0.0, l[argmax] - raw_lse};
 

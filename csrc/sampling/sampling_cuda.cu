@@ -199,14 +199,20 @@ __device__ __forceinline__ void add_tile(RowState& st, float tile_max, float til
 }
 
 // Folds entries v .. v+3 (x; -inf past V) into the row state: the raw log-sum-exp (for
-// log-probs), the argmax (tau = 0) or the tile's online log-sum-exp of kept entries.
+// log-probs), the argmax (tau = 0) or the tile's online log-sum-exp of kept entries. NaN
+// entries count as -inf everywhere (as on the CPU).
 __device__ __forceinline__ void fold4(RowState& st, float& tile_max, float& tile_sum, float (&x)[4], int64_t v,
                                       const RowCtx& c) {
-  if (c.need_logprobs) lse_add4(st.raw_max, st.raw_sum, x, 1.f);
+  if (c.need_logprobs) {
+    float r[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) r[i] = x[i] == x[i] ? x[i] : -INFINITY;
+    lse_add4(st.raw_max, st.raw_sum, r, 1.f);
+  }
   if (c.greedy) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      if (v + i < c.V && (st.arg_idx < 0 || x[i] > st.arg_val)) {
+      if (v + i < c.V && x[i] == x[i] && (st.arg_idx < 0 || x[i] > st.arg_val)) {
         st.arg_val = x[i];
         st.arg_idx = v + i;
       }
@@ -451,43 +457,118 @@ __device__ __forceinline__ void fold_vec(RowState& st, float& tile_max, float& t
   }
 }
 
-// A whole tile in registers (tau > 0): its kept maximum, then the sum of
-// exp((x - max) / tau) in two passes, without the per-group rescaling of fold_vec and with
-// four independent accumulators (no branches, short dependency chains). NaN entries count
-// as truncated, as in fold_vec: fmaxf ignores them and the exponent is clamped to -inf.
-// (H100, V = 128256, graph replay: fp32 B = 256 69 -> 59 us, bf16 B = 1024 165 -> 120 us.)
-template <typename T, bool kThreshold, bool kRaw>
-__device__ __forceinline__ void tile_mass(const uint4 (&q)[kTile * sizeof(T) / 16], const RowCtx& c,
-                                          float& tile_max, float& tile_sum, RowState& st) {
+// Entry `high` (0: the lower address) of a 32-bit word holding two 16-bit entries, as a
+// float: one instruction (bf16: a shift or a mask).
+template <typename T>
+__device__ __forceinline__ float pair_half_to_float(uint32_t w, int high) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __uint_as_float(high ? (w & 0xffff0000u) : (w << 16));
+  } else {
+    return __half2float(__ushort_as_half(static_cast<unsigned short>(high ? w >> 16 : w & 0xffffu)));
+  }
+}
+
+// The largest of a tile's 16-bit entries, compared in pairs (one instruction for two
+// entries, no conversions; exact), or NaN if an entry is NaN.
+template <typename T>
+__device__ __forceinline__ float tile_max_pairs(const uint4 (&q)[kTile * 2 / 16]) {
+  using Pair = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
+  const T ninf = neg_inf<T>();
+  Pair m[4] = {{ninf, ninf}, {ninf, ninf}, {ninf, ninf}, {ninf, ninf}};
+#pragma unroll
+  for (int i = 0; i < kTile * 2 / 16; ++i) {
+    const Pair* pairs = reinterpret_cast<const Pair*>(&q[i]);
+#pragma unroll
+    for (int w = 0; w < 4; ++w) m[w] = __hmax2_nan(m[w], pairs[w]);
+  }
+  const Pair r = __hmax2_nan(__hmax2_nan(m[0], m[1]), __hmax2_nan(m[2], m[3]));
+  return fmax_nan(to_float(r.x), to_float(r.y));
+}
+
+// Entry j of a tile held as 16-byte vectors, as a float (kThreshold: -inf below the threshold,
+// and for NaN).
+template <typename T, bool kThreshold>
+__device__ __forceinline__ float tile_entry(const uint4 (&q)[kTile * sizeof(T) / 16], int j, float threshold) {
   constexpr int kPer = 16 / static_cast<int>(sizeof(T));
+  float x;
+  if constexpr (sizeof(T) == 2) {  // converted straight from the 32-bit word of a pair
+    x = pair_half_to_float<T>(reinterpret_cast<const uint32_t*>(&q[j / kPer])[j % kPer / 2], j % 2);
+  } else {
+    x = reinterpret_cast<const float*>(&q[j / kPer])[j % kPer];
+  }
+  return kThreshold && !(x >= threshold) ? -INFINITY : x;
+}
+
+struct TileSums {
+  float max, sum, raw_sum;  // sum: of exp((x - max) / tau) over kept entries; raw_sum: tau = 1
+};
+
+// A tile's sums given its maximum (> -inf), in base 2 with four accumulators. (x - max) is
+// formed before the scaling: with a tiny tau, fma(x, scale, -max * scale) would carry the
+// rounding of max * scale (~1e-4 relative in each term at tau = 1e-3). kClamp: NaN terms
+// (from NaN entries, or x = max = +inf) count 0; without it a NaN entry poisons the sum.
+template <typename T, bool kThreshold, bool kRaw, bool kClamp>
+__device__ __forceinline__ TileSums tile_sums(const uint4 (&q)[kTile * sizeof(T) / 16], float max, float threshold,
+                                              float inv_tau) {
   constexpr float kLog2e = 1.4426950408889634f;
-  auto raw_entry = [&](int j) { return to_float(reinterpret_cast<const T*>(&q[j / kPer])[j % kPer]); };
-  auto entry = [&](int j) {
-    const float x = raw_entry(j);
-    return kThreshold && !(x >= c.threshold) ? -INFINITY : x;
-  };
-  // exp(x - max) summed over the tile in base 2, four accumulators; NaN / -inf terms are 0.
-  // (x - max) is formed before the scaling: with a tiny tau, fma(x, scale, -max * scale)
-  // would carry the rounding of max * scale (~1e-4 relative in each term at tau = 1e-3).
-  auto sum_exp = [&](auto&& value, float max_value, float scale) {
+  auto sum_terms = [&](auto threshold_tag, float scale) {
     float s[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-    for (int j = 0; j < kTile; ++j) s[j % 4] += fast_exp2(fmaxf((value(j) - max_value) * scale, -INFINITY));
+    for (int j = 0; j < kTile; ++j) {
+      float z = (tile_entry<T, decltype(threshold_tag)::value>(q, j, threshold) - max) * scale;
+      if constexpr (kClamp) z = fmaxf(z, -INFINITY);
+      s[j % 4] += fast_exp2(z);
+    }
     return (s[0] + s[1]) + (s[2] + s[3]);
   };
-  float m[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+  TileSums r{max, 0.f, 0.f};
+  if constexpr (kRaw) r.raw_sum = sum_terms(std::false_type{}, kLog2e);  // untruncated
+  r.sum = sum_terms(std::integral_constant<bool, kThreshold>{}, inv_tau * kLog2e);
+  return r;
+}
+
+// Tiles holding a NaN or +inf entry (rare): the maximum over non-NaN entries and clamped
+// sums. Out of line, from the tile's copy in shared memory, so that the hot loop stays compact.
+template <typename T, bool kThreshold, bool kRaw>
+__device__ __noinline__ TileSums tile_sums_rare(const uint4* tile_shared, float threshold, float inv_tau) {
+  uint4 q[kTile * sizeof(T) / 16];
 #pragma unroll
-  for (int j = 0; j < kTile; ++j) m[j % 4] = fmaxf(m[j % 4], entry(j));
-  tile_max = fmaxf(fmaxf(m[0], m[1]), fmaxf(m[2], m[3]));
-  // The raw (tau = 1) log-sum-exp for log-probs; untruncated, so it shares the maximum.
-  // (Truncated rows with log-probs keep fold_vec: a second maximum here spilled.)
+  for (int k = 0; k < kTile * static_cast<int>(sizeof(T)) / 16; ++k) q[k] = tile_shared[k];
+  float m = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < kTile; ++j) m = fmaxf(m, tile_entry<T, kThreshold>(q, j, threshold));
+  if (m == -INFINITY) return {m, 0.f, 0.f};
+  return tile_sums<T, kThreshold, kRaw, true>(q, m, threshold, inv_tau);
+}
+
+// A whole tile in registers (tau > 0): its kept maximum, then the sum of
+// exp((x - max) / tau) in a second pass, without the per-group rescaling of fold_vec (no
+// branches, short dependency chains); kRaw: also the raw log-sum-exp (for log-probs), which
+// shares the untruncated maximum. NaN entries count as truncated, as in fold_vec. The first
+// pass's maximum is NaN if an entry is NaN (16-bit entries compared in pairs); only such
+// tiles, and those holding +inf, can have NaN terms, and they go to tile_sums_rare: the
+// others skip the clamp of each term. tile_shared: the tile's copy in shared memory.
+// (H100, V = 128256, graph replay: fp32 B = 256 69 -> 59 us, bf16 B = 1024 165 -> 120 us.)
+template <typename T, bool kThreshold, bool kRaw>
+__device__ __forceinline__ void tile_mass(const uint4 (&q)[kTile * sizeof(T) / 16], const uint4* tile_shared,
+                                          const RowCtx& c, float& tile_max, float& tile_sum, RowState& st) {
   static_assert(!(kRaw && kThreshold), "the raw log-sum-exp shares the untruncated maximum");
-  if constexpr (kRaw) {
-    if (tile_max != -INFINITY)
-      online_merge(st.raw_max, st.raw_sum, tile_max, sum_exp(raw_entry, tile_max, kLog2e), 1.f);
+  float m;
+  if constexpr (sizeof(T) == 2 && !kThreshold) {
+    m = tile_max_pairs<T>(q);
+  } else {  // (truncation already made NaN entries -inf)
+    float mj[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < kTile; ++j) mj[j % 4] = fmax_nan(mj[j % 4], tile_entry<T, kThreshold>(q, j, c.threshold));
+    m = fmax_nan(fmax_nan(mj[0], mj[1]), fmax_nan(mj[2], mj[3]));
   }
-  if (tile_max == -INFINITY) return;
-  tile_sum = sum_exp(entry, tile_max, c.inv_tau * kLog2e);
+  if (m == -INFINITY) return;  // nothing kept in the tile
+  const TileSums r = m < INFINITY ? tile_sums<T, kThreshold, kRaw, false>(q, m, c.threshold, c.inv_tau)
+                                  : tile_sums_rare<T, kThreshold, kRaw>(tile_shared, c.threshold, c.inv_tau);
+  tile_max = r.max;
+  if (r.max == -INFINITY) return;
+  if constexpr (kRaw) online_merge(st.raw_max, st.raw_sum, r.max, r.raw_sum, 1.f);
+  tile_sum = r.sum;
 }
 
 template <typename T>
@@ -544,6 +625,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     uint4 tile[kVecs];
 #pragma unroll
     for (int k = 0; k < kVecs; ++k) tile[k] = stage[lane * (kVecs + 1) + k];
+    const uint4* tile_shared = stage + lane * (kVecs + 1);  // intact until the next batch's regroup
     if (kPrefetch && b0 + step < t_end) load_batch(q, b0 + step);
     const int64_t t = b0 + lane;
     if (t >= t_end) continue;
@@ -552,13 +634,13 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
       for (int k = 0; k < kVecs; ++k) fold_vec<T>(st, tile_max, tile_sum, tile[k], t * kTile + k * kPer, c);
     } else if (c.threshold == -INFINITY) {
-      if (c.need_logprobs) tile_mass<T, false, true>(tile, c, tile_max, tile_sum, st);
-      else tile_mass<T, false, false>(tile, c, tile_max, tile_sum, st);
+      if (c.need_logprobs) tile_mass<T, false, true>(tile, tile_shared, c, tile_max, tile_sum, st);
+      else tile_mass<T, false, false>(tile, tile_shared, c, tile_max, tile_sum, st);
     } else if (c.need_logprobs) {  // truncated, with log-probs: fold group by group
 #pragma unroll
       for (int k = 0; k < kVecs; ++k) fold_vec<T>(st, tile_max, tile_sum, tile[k], t * kTile + k * kPer, c);
     } else {
-      tile_mass<T, true, false>(tile, c, tile_max, tile_sum, st);
+      tile_mass<T, true, false>(tile, tile_shared, c, tile_max, tile_sum, st);
     }
     if (c.greedy || tile_max == -INFINITY) continue;  // -inf: nothing kept in the tile
     add_tile(st, tile_max, tile_sum, c, seed, offset, t);
@@ -1059,7 +1141,7 @@ __global__ void __launch_bounds__(kThreads) temperature_logprobs_kernel(Temperat
   int64_t local_arg = -1;
   // Each thread sees its entries in increasing index order: the first of equal maxima wins.
   for_row_entries(l, a.V, [&](float x, bool valid, int64_t v) {
-    if (valid && (local_arg < 0 || x > local_max)) {
+    if (valid && x == x && (local_arg < 0 || x > local_max)) {  // NaN: never the argmax
       local_max = x;
       local_arg = v;
     }

@@ -102,8 +102,8 @@ def sample(
 
     Args:
         logits: ``[B, V]`` float32, bfloat16 or float16 (read as is, no float32 copy on the
-            GPU). ``-inf`` entries are never drawn. A row of all ``-inf`` returns token 0 and
-            NaN log-probs.
+            GPU). ``-inf`` entries are never drawn; NaN entries count as ``-inf``. A row of
+            all ``-inf`` (or NaN) returns token 0 and NaN log-probs.
         temperature: a float or a ``[B]`` tensor; 0 = exact argmax (lowest index on ties).
             Negative or NaN raises ``ValueError`` (for CUDA tensors the check runs inside
             the kernel without a host sync: such rows return token 0 and NaN log-probs).
