@@ -107,9 +107,9 @@ __device__ __noinline__ RowState warp_reduce(RowState s) {
   return s;
 }
 
-// The CTA's merged state, in every lane of warp 0. The warps' states are merged by warp 0 in
-// parallel (3 shuffle rounds), not one after another by thread 0 (7 dependent merges, each
-// with exps: ~0.5 us at the end of every CTA).
+// The CTA's merged state, in every lane of warp 0. Warp 0 merges the warps' states with
+// shuffles, in parallel, rather than thread 0 one after another (7 dependent merges, each
+// with exps, at the end of every CTA).
 __device__ RowState block_reduce(RowState s) {
   __shared__ RowState warp_states[kThreads / 32];
   s = warp_reduce(s);

@@ -34,7 +34,7 @@ def _per_row(value, batch: int, device, dtype, name: str, check) -> Optional[Ten
             raise ValueError(f"{name} is on {value.device} but logits are on {device}")
         if not dtype.is_floating_point:
             _check_integer_tensor(value, name)
-        return value.to(dtype)
+        return value if value.dtype == dtype else value.to(dtype)  # (.to costs ~1 us even as a no-op)
     check(value)
     return torch.full((batch,), value, dtype=dtype, device=device)
 
@@ -77,7 +77,7 @@ def _row_seeds(seed, batch: int, device, generator) -> Tensor:
         if seed.device != device:
             raise ValueError(f"seed is on {seed.device} but logits are on {device}")
         _check_integer_tensor(seed, "seed")
-        return seed.to(torch.int64)
+        return seed if seed.dtype == torch.int64 else seed.to(torch.int64)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be None, an int or an int64 tensor, got {type(seed)}")
     # One int for the batch: derive distinct per-row streams, so identical rows do not draw
