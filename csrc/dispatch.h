@@ -110,7 +110,8 @@ struct SampleArgs {
 // Workspace floats per (row, split): a partial of 8 floats for each of up to 8 warps.
 constexpr int kSampleSplitFloats = 64;
 // The split plan depends on whether the rows are 16-byte aligned (see sampling_cuda.cu).
-int sample_splits(DType dtype, const void* logits, int64_t ld, int64_t B, int64_t V, int num_sms);
+// clusters: sm_90+ (a row's splits may then merge in a thread-block cluster).
+int sample_splits(DType dtype, const void* logits, int64_t ld, int64_t B, int64_t V, int num_sms, bool clusters);
 cudaError_t sample(const SampleArgs& args, cudaStream_t stream);
 
 struct TemperatureLogprobArgs {

@@ -185,8 +185,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
   auto raw_logprob = at::empty({B}, logits.options().dtype(at::kFloat));
   if (B == 0) return {tokens, logprob, raw_logprob};
   const cudaDeviceProp* device = at::cuda::getDeviceProperties(logits.get_device());
+  const bool sm90 = device->major >= 9;
   const int splits = sampling_cuda::sample_splits(dt, l.const_data_ptr(), l.stride(0), B, V,
-                                                  device->multiProcessorCount);
+                                                  device->multiProcessorCount, sm90);
   auto workspace = at::empty({B * splits * sampling_cuda::kSampleSplitFloats + B},
                              logits.options().dtype(at::kFloat));
   sampling_cuda::SampleArgs args{dt,
@@ -207,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
                                  raw_logprob.mutable_data_ptr<float>(),
                                  need_logprobs,
                                  device->multiProcessorCount,
-                                 device->major >= 9};
+                                 sm90};
   FUSEDLM_CUDA_CHECK(sampling_cuda::sample(args, c10::cuda::getCurrentCUDAStream()));
   return {tokens, logprob, raw_logprob};
 }

@@ -239,6 +239,32 @@ __device__ __forceinline__ void griddep_launch_dependents() {
 #endif
 }
 
+// Barrier over the CTAs that share a row (a cluster of `ctas`; one CTA: __syncthreads).
+// Release / acquire: each CTA's shared-memory writes are visible to the others after it.
+__device__ __forceinline__ void row_barrier(int ctas) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (ctas > 1) {
+    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+    return;
+  }
+#endif
+  __syncthreads();
+}
+
+// Stores v at `p`'s shared-memory offset in CTA `rank` of this CTA's cluster (sm_90).
+__device__ __forceinline__ void store_cluster_shared(float4* p, int rank, float4 v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n"
+               : "=r"(remote) : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(p))), "r"(rank));
+  asm volatile("st.shared::cluster.v4.f32 [%0], {%1, %2, %3, %4};\n"
+               :: "r"(remote), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w) : "memory");
+#else
+  (void)rank;
+  *p = v;  // (never reached: clusters are launched on sm_90 only)
+#endif
+}
+
 // One warp, with the row's merged state in every lane: the token (inside the winning tile,
 // by inverse CDF with the tile's uniform; tau = 0: the argmax) and the log-probs. The row's
 // inputs (c, seed, offset) come from the caller, which loaded them early.
@@ -309,14 +335,44 @@ __device__ void finish_row(const SampleArgs& a, int64_t row, int lane, const Row
   a.logprob[row] = greedy ? 0.f : lt * c.inv_tau - (st.p_max + logf(st.p_sum));
 }
 
+// The row's merged state, in every lane of one warp, from its n partials (one per warp of
+// each split; float4 pairs, in global or shared memory): lanes merge strided partials in
+// parallel, then across the warp. lo / hi: partial `lane`, which the caller loaded early.
+// The warp merge is inline, without the argmax fields: warp_reduce (an out-of-line call)
+// measured up to 1 us slower in the finish kernel (H100, B = 64 with log-probs).
+__device__ __forceinline__ RowState merge_partials(const float4* partials, int n, int lane, float4 lo, float4 hi) {
+  RowState st;
+  for (int s = lane; s < n; s += 32) {
+    if (s != lane) {  // more than 32 partials per row (few rows)
+      lo = partials[2 * s];
+      hi = partials[2 * s + 1];
+    }
+    online_merge(st.raw_max, st.raw_sum, lo.x, lo.y, 1.f);
+    online_merge(st.p_max, st.p_sum, lo.z, lo.w, 1.f);
+    best_merge(st.best_key, st.best_idx, hi.x, __float_as_int(hi.y));
+  }
+  for (int off = 16; off > 0; off >>= 1) {
+    const RowState other = shfl_state(st, off);
+    online_merge(st.raw_max, st.raw_sum, other.raw_max, other.raw_sum, 1.f);
+    online_merge(st.p_max, st.p_sum, other.p_max, other.p_sum, 1.f);
+    best_merge(st.best_key, st.best_idx, other.best_key, other.best_idx);
+  }
+  return st;
+}
+
+constexpr int kMaxClusterSplits = 8;  // portable cluster size
+
 // With one split the CTA holds the whole row: warp 0 merges the warps' states and draws the
-// token itself (no finish kernel is launched). Otherwise each warp writes its own (row,
-// split, warp) partial: no barrier or CTA-wide merge at the end of the main kernel, whose
-// slowest CTA the finish kernel waits for; the finish kernel's lanes merge the partials.
+// token itself (no finish kernel is launched). Otherwise each warp makes a partial of its
+// state. cluster_merge (the row's splits form one thread-block cluster, sm_90): the partials
+// go to the shared memory of the row's first CTA, whose warp 0 merges them after a cluster
+// barrier and draws the token (no finish kernel, no global round trip). Else each warp writes
+// its (row, split, warp) partial to the workspace for the finish kernel: no barrier or
+// CTA-wide merge at the end of the main kernel, whose slowest CTA the finish kernel waits for.
 template <typename T, bool kVec>
 __device__ void finish_or_write_partial(const SampleArgs& a, int64_t row, int split, RowState st, const RowCtx& c,
-                                        uint64_t seed, uint64_t offset) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+                                        uint64_t seed, uint64_t offset, bool cluster_merge = false) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   st = a.splits == 1 ? block_reduce(st) : warp_reduce(st);
   if (c.greedy) {  // the partial's winner slot holds the argmax for tau = 0 rows
     st.best_key = st.arg_val;
@@ -326,12 +382,31 @@ __device__ void finish_or_write_partial(const SampleArgs& a, int64_t row, int sp
     if (warp == 0) finish_row<T, kVec>(a, row, lane, st, c, seed, offset);
     return;
   }
-  if (lane == 0) {
-    const int warps = static_cast<int>(blockDim.x / 32);
-    float4* out = reinterpret_cast<float4*>(a.workspace + ((row * a.splits + split) * warps + warp) * kPartial);
-    out[0] = make_float4(st.raw_max, st.raw_sum, st.p_max, st.p_sum);
-    out[1] = make_float4(st.best_key, __int_as_float(static_cast<int>(st.best_idx)), 0.f, 0.f);
+  const int slot = split * warps + warp;
+  const float4 lo = make_float4(st.raw_max, st.raw_sum, st.p_max, st.p_sum);
+  const float4 hi = make_float4(st.best_key, __int_as_float(static_cast<int>(st.best_idx)), 0.f, 0.f);
+  if (!cluster_merge) {
+    if (lane == 0) {
+      float4* out = reinterpret_cast<float4*>(a.workspace + row * a.splits * warps * kPartial);
+      out[2 * slot] = lo;
+      out[2 * slot + 1] = hi;
+    }
+    return;
   }
+  __shared__ float4 row_partials[2 * kMaxClusterSplits * kThreads / 32];
+  if (lane == 0) {
+    store_cluster_shared(&row_partials[2 * slot], 0, lo);
+    store_cluster_shared(&row_partials[2 * slot + 1], 0, hi);
+  }
+  row_barrier(a.splits);  // release / acquire: the row's partials are in CTA 0
+  if (split != 0 || warp != 0) return;
+  const int n = a.splits * warps;
+  float4 plo = {}, phi = {};
+  if (lane < n) {
+    plo = row_partials[2 * lane];
+    phi = row_partials[2 * lane + 1];
+  }
+  finish_row<T, kVec>(a, row, lane, merge_partials(row_partials, n, lane, plo, phi), c, seed, offset);
 }
 
 // One warp per row: merge the row's partials (one per warp of each split), then draw the
@@ -354,26 +429,8 @@ __global__ void sample_finish_kernel(SampleArgs a, const float* thresholds, int 
   const float tau = a.temperature[row], threshold = row_threshold(thresholds, row);
   const uint64_t seed = static_cast<uint64_t>(a.seed[row]);
   const uint64_t offset = row_offset(a, row);
-  const RowCtx c = row_ctx(a, tau, threshold);
-  RowState st;  // lanes merge strided partials in parallel, then across the warp
-  for (int s = lane; s < partials_per_row; s += 32) {
-    if (s != lane) {  // more than 32 partials per row (few rows)
-      lo = partials[2 * s];
-      hi = partials[2 * s + 1];
-    }
-    online_merge(st.raw_max, st.raw_sum, lo.x, lo.y, 1.f);
-    online_merge(st.p_max, st.p_sum, lo.z, lo.w, 1.f);
-    best_merge(st.best_key, st.best_idx, hi.x, __float_as_int(hi.y));
-  }
-  // Inline, without the argmax merge: warp_reduce (an out-of-line call) measured up to 1 us
-  // slower here (H100, B = 64 with log-probs).
-  for (int off = 16; off > 0; off >>= 1) {
-    const RowState other = shfl_state(st, off);
-    online_merge(st.raw_max, st.raw_sum, other.raw_max, other.raw_sum, 1.f);
-    online_merge(st.p_max, st.p_sum, other.p_max, other.p_sum, 1.f);
-    best_merge(st.best_key, st.best_idx, other.best_key, other.best_idx);
-  }
-  finish_row<T, kVec>(a, row, lane, st, c, seed, offset);
+  const RowState st = merge_partials(partials, partials_per_row, lane, lo, hi);
+  finish_row<T, kVec>(a, row, lane, st, row_ctx(a, tau, threshold), seed, offset);
 }
 
 // Unaligned fallback (rows not 16-byte aligned): same tile keys as sample_kernel, but each
@@ -575,7 +632,7 @@ __device__ __forceinline__ void tile_mass(const uint4 (&q)[kTile * sizeof(T) / 1
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
-    sample_kernel(SampleArgs a, const float* thresholds, int64_t tiles_per_split) {
+    sample_kernel(SampleArgs a, const float* thresholds, int64_t tiles_per_split, bool cluster_merge) {
   constexpr int kPer = 16 / static_cast<int>(sizeof(T));  // entries per 16-byte vector
   constexpr int kVecs = kTile / kPer;                       // vectors per tile: 16 or 8
   extern __shared__ uint4 stage_all[];  // per warp: 32 tiles of kVecs + 1 (pad) vectors
@@ -647,7 +704,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     if (c.greedy || tile_max == -INFINITY) continue;  // -inf: nothing kept in the tile
     add_tile(st, tile_max, tile_sum, c, seed, offset, t);
   }
-  finish_or_write_partial<T, true>(a, row, split, st, c, seed, offset);
+  finish_or_write_partial<T, true>(a, row, split, st, c, seed, offset, cluster_merge);
 }
 
 __device__ __forceinline__ float from_order_key(uint32_t k) {
@@ -786,18 +843,6 @@ __device__ __forceinline__ void cache_append(RadixScratch<kBlock>& sh, float x, 
   base = __shfl_sync(0xffffffffu, base, leader);
   const int slot = base + __popc(ballot & ((1u << lane) - 1));
   if (keep && slot < kRadixCache) sh.cache[slot] = x;
-}
-
-// Barrier over the CTAs that share a row (a cluster of `ctas`; one CTA: __syncthreads).
-// Release / acquire: each CTA's shared-memory writes are visible to the others after it.
-__device__ __forceinline__ void row_barrier(int ctas) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (ctas > 1) {
-    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-    return;
-  }
-#endif
-  __syncthreads();
 }
 
 // The 32-bit word at `p`'s shared-memory offset in CTA `rank` of the row's cluster.
@@ -1087,9 +1132,9 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) truncation_kernel(Sampl
 // while the kernel before it in the stream still runs, and waits (griddep_wait, before any
 // global access) until that kernel's results are visible, so the launch latency overlaps the
 // previous kernel's tail (the finish kernel's overlaps the main kernel's last CTAs).
-// cluster > 1: consecutive CTAs form thread-block clusters of that size.
+// cluster: CTAs form thread-block clusters of that shape (one CTA: none).
 template <typename... Params, typename... Args>
-cudaError_t launch(const SampleArgs& a, int cluster, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+cudaError_t launch(const SampleArgs& a, dim3 cluster, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
                    cudaStream_t stream, Args... args) {
   cudaLaunchAttribute attr[2];
   unsigned n = 0;
@@ -1097,11 +1142,11 @@ cudaError_t launch(const SampleArgs& a, int cluster, void (*kernel)(Params...), 
     attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attr[n++].val.programmaticStreamSerializationAllowed = 1;
   }
-  if (cluster > 1) {
+  if (cluster.x * cluster.y * cluster.z > 1) {
     attr[n].id = cudaLaunchAttributeClusterDimension;
-    attr[n].val.clusterDim.x = static_cast<unsigned>(cluster);
-    attr[n].val.clusterDim.y = 1;
-    attr[n++].val.clusterDim.z = 1;
+    attr[n].val.clusterDim.x = cluster.x;
+    attr[n].val.clusterDim.y = cluster.y;
+    attr[n++].val.clusterDim.z = cluster.z;
   }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
@@ -1211,8 +1256,15 @@ cudaError_t sample_aligned_launch(const SampleArgs& a, const float* thresholds, 
     err = cudaFuncSetAttribute(sample_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  err = launch(a, 1, sample_kernel<T>, dim3(static_cast<unsigned>(a.B), a.splits), dim3(warps * 32), smem, stream,
-               a, thresholds, per_split * kBatchTiles);
+  const dim3 grid(static_cast<unsigned>(a.B), static_cast<unsigned>(a.splits));
+  const int64_t tiles_per_split = per_split * kBatchTiles;
+  if (a.sm90 && a.splits > 1 && a.splits <= kMaxClusterSplits) {  // a row's splits merge in a cluster
+    if (launch(a, dim3(1, a.splits), sample_kernel<T>, grid, dim3(warps * 32), smem, stream, a, thresholds,
+               tiles_per_split, true) == cudaSuccess)
+      return cudaSuccess;
+    (void)cudaGetLastError();  // no room for such clusters (e.g. a small MIG slice): the finish kernel
+  }
+  err = launch(a, 1, sample_kernel<T>, grid, dim3(warps * 32), smem, stream, a, thresholds, tiles_per_split, false);
   if (err != cudaSuccess || a.splits == 1) return err;  // one split: the CTA drew the token
   return finish_launch<T, true>(a, thresholds, warps, stream);
 }
@@ -1244,7 +1296,7 @@ cudaError_t sample_typed(const SampleArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
-int sample_splits(DType dtype, const void* logits, int64_t ld, int64_t B, int64_t V, int num_sms) {
+int sample_splits(DType dtype, const void* logits, int64_t ld, int64_t B, int64_t V, int num_sms, bool clusters) {
   if (rows_aligned(dtype, logits, ld)) {
     // Unit of work: a warp batch of 32 tiles. Enough warps for ~16 per SM (64-128 KB of loads
     // in flight) with up to 16 batches per warp: fewer, longer CTAs, so large batches run in
@@ -1259,6 +1311,10 @@ int sample_splits(DType dtype, const void* logits, int64_t ld, int64_t B, int64_
     int64_t warps_per_cta = B * warps_per_row / num_sms;
     warps_per_cta = warps_per_cta < 1 ? 1 : (warps_per_cta > kThreads / 32 ? kThreads / 32 : warps_per_cta);
     int64_t s = ceil_div(warps_per_row, warps_per_cta);
+    // sm_90: at most a cluster's worth of splits, of full CTAs, so that the row's CTAs merge
+    // in a cluster instead of a finish kernel (B = 1 / 8, V = 128256: 8 CTAs of 8 warps).
+    // (Only up to two batches per warp: longer rows keep more SMs busy.)
+    if (clusters && s > kMaxClusterSplits && batches <= 2 * kMaxClusterSplits * (kThreads / 32)) s = kMaxClusterSplits;
     s = ceil_div(batches, ceil_div(batches, s));  // no empty splits
     return static_cast<int>(s > 65535 ? 65535 : s);
   }
