@@ -104,13 +104,14 @@ struct SampleArgs {
   float* raw_logprob;        // [B] (NaN unless need_logprobs)
   bool need_logprobs;        // false: skip the two log-sum-exps (tokens only)
   int num_sms;               // the device's multiprocessors
-  bool sm90;                 // sm_90+: clusters (truncation splits small batches' rows) and PDL
+  bool sm90;                 // sm_90+: programmatic dependent launches
+  bool clusters;             // thread-block clusters (sm_90+; off with FUSEDLM_NO_CLUSTERS=1)
 };
 
 // Workspace floats per (row, split): a partial of 8 floats for each of up to 8 warps.
 constexpr int kSampleSplitFloats = 64;
 // The split plan depends on whether the rows are 16-byte aligned (see sampling_cuda.cu).
-// clusters: sm_90+ (a row's splits may then merge in a thread-block cluster).
+// clusters: a row's splits may merge in a thread-block cluster (SampleArgs::clusters).
 int sample_splits(DType dtype, const void* logits, int64_t ld, int64_t B, int64_t V, int num_sms, bool clusters);
 cudaError_t sample(const SampleArgs& args, cudaStream_t stream);
 

@@ -186,8 +186,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
   if (B == 0) return {tokens, logprob, raw_logprob};
   const cudaDeviceProp* device = at::cuda::getDeviceProperties(logits.get_device());
   const bool sm90 = device->major >= 9;
+  // FUSEDLM_NO_CLUSTERS=1: no thread-block clusters (tests cover both paths with it).
+  const bool clusters = sm90 && std::getenv("FUSEDLM_NO_CLUSTERS") == nullptr;
   const int splits = sampling_cuda::sample_splits(dt, l.const_data_ptr(), l.stride(0), B, V,
-                                                  device->multiProcessorCount, sm90);
+                                                  device->multiProcessorCount, clusters);
   auto workspace = at::empty({B * splits * sampling_cuda::kSampleSplitFloats + B},
                              logits.options().dtype(at::kFloat));
   sampling_cuda::SampleArgs args{dt,
@@ -208,7 +210,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
                                  raw_logprob.mutable_data_ptr<float>(),
                                  need_logprobs,
                                  device->multiProcessorCount,
-                                 sm90};
+                                 sm90,
+                                 clusters};
   FUSEDLM_CUDA_CHECK(sampling_cuda::sample(args, c10::cuda::getCurrentCUDAStream()));
   return {tokens, logprob, raw_logprob};
 }

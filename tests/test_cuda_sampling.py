@@ -62,9 +62,9 @@ def assert_same_tokens_as_cpu(logits, tau, **kw):
     assert_logprobs_close(cpu, gpu, same, logits, tau, 2e-3 if kw.get("top_p") is not None else 1e-4)
 
 
-# How a row's splits are merged depends on their number: 64 x 128256 rows take 2-8 splits,
-# 8 x 128256 many, 300 x 128256 one (see sampling_cuda.cu); 50257-wide rows are not 16-byte
-# aligned.
+# How a row's splits are merged depends on their number: 64 x 128256 rows take 4 splits
+# and 8 x 128256 take 8 (on sm_90: a cluster), 300 x 128256 one (see sampling_cuda.cu);
+# 50257-wide rows are not 16-byte aligned (many splits, merged by the finish kernel).
 @pytest.mark.parametrize("b,v", [(64, 128256), (8, 128256), (300, 128256), (64, 50257)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_split_merges_same_tokens_as_cpu(b, v, dtype):
@@ -134,6 +134,100 @@ def test_truncated_row_split_same_tokens_as_cpu(trunc, batch, vocab):
     gpu = torch.stack([fusedlm.sample(logits.to(DEV), tau.to(DEV), seed=s.to(DEV), **trunc)
                        for s in seeds]).cpu()
     assert (cpu != gpu).sum() <= max(1, int(0.002 * cpu.numel()))
+
+
+# Tokens-only rows and rows with log-probs fold their tiles in different instantiations (the
+# latter also sums the raw log-sum-exp of each tile) but must give the same tile keys, hence
+# identical tokens, for any temperature (1e-3 .. 10), with masked halves and peaked rows, in
+# every layout (B = 1: 63 one-warp splits merged by the finish kernel, B = 8: a cluster of 8
+# splits on sm_90, B = 64: 4 splits, B = 300: one split, 10^6-wide rows: many splits).
+@pytest.mark.parametrize("b,v", [(1, 128256), (8, 128256), (64, 128256), (300, 5120), (3, 1000000)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_tokens_only_same_tokens_as_with_logprobs(b, v, dtype):
+    g = torch.Generator(device=DEV).manual_seed(b + v)
+    draws = 32 if b == 1 else 2  # seeds per row
+    logits = torch.randn(b, v, device=DEV, generator=g) * 3
+    logits[::3, v // 2:] = float("-inf")
+    logits[1::4, 5] += 40
+    logits = logits.to(dtype)
+    tau = 10 ** (torch.rand(b, device=DEV, generator=g) * 4 - 3)
+    for _ in range(draws):
+        seeds = torch.randint(0, 2**62, (b,), device=DEV, generator=g)
+        tokens = fusedlm.sample(logits, tau, seed=seeds)
+        assert torch.equal(tokens, fusedlm.sample(logits, tau, seed=seeds, return_logprobs=True)[0])
+
+
+# Tokens-only draws (the other CUDA tests mostly ask for log-probs too) against the CPU, with
+# and without truncation, 16 draws per row so that B = 1 counts too.
+@pytest.mark.parametrize("trunc", [{}, dict(top_k=50), dict(top_p=0.9)], ids=["plain", "top_k", "top_p"])
+@pytest.mark.parametrize("b", [1, 8, 64])
+def test_tokens_only_same_tokens_as_cpu(b, trunc):
+    logits = (torch.randn(b, 128256) * 3).to(torch.bfloat16)
+    tau = torch.rand(b) * 1.5 + 0.01
+    seeds = torch.randint(0, 2**62, (16, b))
+    cpu = torch.stack([fusedlm.sample(logits.float(), tau, seed=s, **trunc) for s in seeds])
+    gpu = torch.stack([fusedlm.sample(logits.to(DEV), tau.to(DEV), seed=s.to(DEV), **trunc)
+                       for s in seeds]).cpu()
+    assert (cpu != gpu).sum() <= max(1, int(0.002 * cpu.numel()))
+
+
+# A row's token does not depend on the batch around it, though the layout does: alone it is
+# split over 63 one-warp CTAs (merged by the finish kernel), in a batch of 8 over a cluster of
+# 8 CTAs (sm_90), in a batch of 64 over 4, in a batch of 300 it has one CTA.
+@pytest.mark.parametrize("return_logprobs", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_row_tokens_do_not_depend_on_the_layout(dtype, return_logprobs):
+    rows = (torch.randn(4, 128256, device=DEV) * 3).to(dtype)
+    tau = torch.tensor([0.05, 0.5, 1.0, 2.0], device=DEV)
+    seeds = torch.randint(0, 2**62, (4,), device=DEV)
+
+    def tokens(logits, t, s):
+        out = fusedlm.sample(logits, t, seed=s, return_logprobs=return_logprobs)
+        return out[0] if return_logprobs else out
+
+    alone = torch.cat([tokens(rows[i:i + 1], tau[i:i + 1], seeds[i:i + 1]) for i in range(4)])
+    for b in (8, 64, 300):
+        batch = (torch.randn(b, 128256, device=DEV) * 3).to(dtype)
+        at = torch.arange(4, device=DEV) * (b // 4)
+        batch[at] = rows
+        t, s = torch.rand(b, device=DEV), torch.randint(0, 2**62, (b,), device=DEV)
+        t[at], s[at] = tau, seeds
+        assert torch.equal(tokens(batch, t, s)[at], alone), b
+
+
+def sampling_kernel_names(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.key for e in prof.key_averages() if "sample" in e.key}
+
+
+# On sm_90 the splits of a row merge in a thread-block cluster (no finish kernel) when the
+# batch is small but not tiny (B = 8, 16 here); FUSEDLM_NO_CLUSTERS=1 turns that off (more
+# splits, merged by the finish kernel). Same tokens either way; log-probs within rounding
+# (the partials differ).
+@pytest.mark.parametrize("trunc", [{}, dict(top_p=0.9)], ids=["plain", "top_p"])
+@pytest.mark.parametrize("b,v", [(8, 128256), (16, 128256), (8, 256000)])
+def test_cluster_merge_same_as_finish_kernel(b, v, trunc, monkeypatch):
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("clusters need sm_90")
+    logits = (torch.randn(b, v, device=DEV) * 3).to(torch.bfloat16)
+    tau = torch.rand(b, device=DEV) * 1.5
+    tau[::5] = 0.0
+    seeds = torch.randint(0, 2**62, (b,), device=DEV)
+
+    def draw():
+        return (fusedlm.sample(logits, tau, seed=seeds, **trunc),
+                fusedlm.sample(logits, tau, seed=seeds, return_logprobs=True, **trunc))
+
+    assert not any("finish" in k for k in sampling_kernel_names(draw))
+    clustered = draw()
+    monkeypatch.setenv("FUSEDLM_NO_CLUSTERS", "1")
+    assert any("finish" in k for k in sampling_kernel_names(draw))
+    plain = draw()
+    assert torch.equal(clustered[0], plain[0]) and torch.equal(clustered[1][0], plain[1][0])
+    for x, y in zip(clustered[1][1:], plain[1][1:]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
 @pytest.mark.parametrize("tau", [0.3, 1.0, 2.5])

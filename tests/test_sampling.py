@@ -26,8 +26,22 @@ def truncated_probs(logits, tau, top_k=0, top_p=1.0, min_p=0.0):
 
 
 def chi_square_pvalue(observed, expected):
-    """Pearson chi-square goodness-of-fit p-value (regularised upper incomplete gamma)."""
+    """Pearson chi-square goodness-of-fit p-value (regularised upper incomplete gamma). Bins
+    expecting fewer than 5 draws are pooled into one (merged into the smallest other bin if
+    the pool still expects fewer than 5): the chi-square law only holds for such counts, and
+    one draw in a bin expecting 0.01 would read as p ~ 1e-18."""
     observed, expected = observed.double(), expected.double()
+    small = expected < 5
+    if small.any():
+        observed = torch.cat([observed[~small], observed[small].sum().reshape(1)])
+        expected = torch.cat([expected[~small], expected[small].sum().reshape(1)])
+        if expected[-1] < 5 and expected.numel() > 1:
+            i = expected[:-1].argmin()
+            observed[i] += observed[-1]
+            expected[i] += expected[-1]
+            observed, expected = observed[:-1], expected[:-1]
+    if observed.numel() < 2:
+        return 1.0
     stat = ((observed - expected) ** 2 / expected).sum()
     dof = torch.tensor(float(observed.numel() - 1), dtype=torch.float64)
     return torch.special.gammaincc(dof / 2, stat / 2).item()

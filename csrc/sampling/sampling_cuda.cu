@@ -11,7 +11,8 @@
 // for) and, for tau = 0 rows, the argmax. sample_finish_kernel (one warp per row) merges
 // the splits of a row, re-reads the winning tile and picks the token inside it by inverse
 // CDF with the tile's uniform. When a row has one split (large batches) its CTA does that
-// itself and no finish kernel runs. Rows that are not 16-byte aligned go through
+// itself and no finish kernel runs; for small batches on sm_90 (B = 8..16 on an H100) a row's
+// splits form a thread-block cluster and merge in its first CTA's shared memory instead. Rows that are not 16-byte aligned go through
 // sample_unaligned_kernel (same tile keys, one tile per lane, simple per-lane loads). On
 // sm_90 every kernel is a programmatic dependent launch (launch latency hidden).
 // truncation_kernel (only when top-k / top-p / min-p are given; one CTA per row, or a cluster
@@ -251,6 +252,19 @@ __device__ __forceinline__ void row_barrier(int ctas) {
   __syncthreads();
 }
 
+// Split cluster barrier (sm_90): every thread arrives early and waits later, before its first
+// access to another CTA's shared memory (that CTA must have started).
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
+#endif
+}
+
 // Stores v at `p`'s shared-memory offset in CTA `rank` of this CTA's cluster (sm_90).
 __device__ __forceinline__ void store_cluster_shared(float4* p, int rank, float4 v) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -362,16 +376,26 @@ __device__ __forceinline__ RowState merge_partials(const float4* partials, int n
 
 constexpr int kMaxClusterSplits = 8;  // portable cluster size
 
+// Whether the splits of each row merge in a thread-block cluster (sm_90) rather than in the
+// finish kernel: up to 8 splits, and a grid of at most one CTA per SM (one wave) that covers
+// at least a quarter of the SMs. (H100, graph of 20 calls, B = 8: V = 128256 bf16 6.5 -> 5.8
+// us, fp32 6.8 -> 6.3; V = 256000 8.6 -> 7.2 and 9.5 -> 8.3. Outside these limits it lost:
+// B = 64's 256 CTAs in clusters of 4 took 9.9 -> 13.3 us, B = 1's 8 CTAs of 8 warps left the
+// other SMs idle, V = 256000 6.3 -> 7.1 us.)
+__host__ __device__ constexpr bool use_cluster_merge(int64_t B, int64_t splits, int num_sms) {
+  return splits > 1 && splits <= kMaxClusterSplits && B * splits <= num_sms && 4 * B * splits >= num_sms;
+}
+
 // With one split the CTA holds the whole row: warp 0 merges the warps' states and draws the
-// token itself (no finish kernel is launched). Otherwise each warp makes a partial of its
-// state. cluster_merge (the row's splits form one thread-block cluster, sm_90): the partials
-// go to the shared memory of the row's first CTA, whose warp 0 merges them after a cluster
-// barrier and draws the token (no finish kernel, no global round trip). Else each warp writes
-// its (row, split, warp) partial to the workspace for the finish kernel: no barrier or
-// CTA-wide merge at the end of the main kernel, whose slowest CTA the finish kernel waits for.
-template <typename T, bool kVec>
+// token itself (no finish kernel is launched). Otherwise each warp writes its (row, split,
+// warp) partial to the workspace for the finish kernel: no barrier or CTA-wide merge at the
+// end of the main kernel, whose slowest CTA the finish kernel waits for. kCluster (the row's
+// splits form one thread-block cluster, sm_90): the partials go to cluster_partials in the
+// shared memory of the row's first CTA instead, whose warp 0 merges them after a cluster
+// barrier and draws the token (no finish kernel, no global round trip).
+template <typename T, bool kVec, bool kCluster = false>
 __device__ void finish_or_write_partial(const SampleArgs& a, int64_t row, int split, RowState st, const RowCtx& c,
-                                        uint64_t seed, uint64_t offset, bool cluster_merge = false) {
+                                        uint64_t seed, uint64_t offset, float4* cluster_partials = nullptr) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   st = a.splits == 1 ? block_reduce(st) : warp_reduce(st);
   if (c.greedy) {  // the partial's winner slot holds the argmax for tau = 0 rows
@@ -385,28 +409,28 @@ __device__ void finish_or_write_partial(const SampleArgs& a, int64_t row, int sp
   const int slot = split * warps + warp;
   const float4 lo = make_float4(st.raw_max, st.raw_sum, st.p_max, st.p_sum);
   const float4 hi = make_float4(st.best_key, __int_as_float(static_cast<int>(st.best_idx)), 0.f, 0.f);
-  if (!cluster_merge) {
+  if constexpr (!kCluster) {
     if (lane == 0) {
       float4* out = reinterpret_cast<float4*>(a.workspace + row * a.splits * warps * kPartial);
       out[2 * slot] = lo;
       out[2 * slot + 1] = hi;
     }
-    return;
+  } else {
+    cluster_wait();  // every CTA of the cluster has started (see sample_kernel)
+    if (lane == 0) {
+      store_cluster_shared(&cluster_partials[2 * slot], 0, lo);
+      store_cluster_shared(&cluster_partials[2 * slot + 1], 0, hi);
+    }
+    row_barrier(a.splits);  // release / acquire: the row's partials are in CTA 0
+    if (split != 0 || warp != 0) return;
+    const int n = a.splits * warps;
+    float4 plo = {}, phi = {};
+    if (lane < n) {
+      plo = cluster_partials[2 * lane];
+      phi = cluster_partials[2 * lane + 1];
+    }
+    finish_row<T, kVec>(a, row, lane, merge_partials(cluster_partials, n, lane, plo, phi), c, seed, offset);
   }
-  __shared__ float4 row_partials[2 * kMaxClusterSplits * kThreads / 32];
-  if (lane == 0) {
-    store_cluster_shared(&row_partials[2 * slot], 0, lo);
-    store_cluster_shared(&row_partials[2 * slot + 1], 0, hi);
-  }
-  row_barrier(a.splits);  // release / acquire: the row's partials are in CTA 0
-  if (split != 0 || warp != 0) return;
-  const int n = a.splits * warps;
-  float4 plo = {}, phi = {};
-  if (lane < n) {
-    plo = row_partials[2 * lane];
-    phi = row_partials[2 * lane + 1];
-  }
-  finish_row<T, kVec>(a, row, lane, merge_partials(row_partials, n, lane, plo, phi), c, seed, offset);
 }
 
 // One warp per row: merge the row's partials (one per warp of each split), then draw the
@@ -630,13 +654,17 @@ __device__ __forceinline__ void tile_mass(const uint4 (&q)[kTile * sizeof(T) / 1
   tile_sum = r.sum;
 }
 
-template <typename T>
+// kCluster: a row's splits form a thread-block cluster and merge in it (see
+// finish_or_write_partial); a separate instantiation, so that the other kernel is unchanged.
+template <typename T, bool kCluster>
 __global__ void __launch_bounds__(kThreads, 2)
-    sample_kernel(SampleArgs a, const float* thresholds, int64_t tiles_per_split, bool cluster_merge) {
+    sample_kernel(SampleArgs a, const float* thresholds, int64_t tiles_per_split) {
   constexpr int kPer = 16 / static_cast<int>(sizeof(T));  // entries per 16-byte vector
   constexpr int kVecs = kTile / kPer;                       // vectors per tile: 16 or 8
-  extern __shared__ uint4 stage_all[];  // per warp: 32 tiles of kVecs + 1 (pad) vectors
-  griddep_wait();                       // launched early (PDL): the previous kernel's results
+  // Per warp: 32 tiles of kVecs + 1 (pad) vectors; kCluster: then the row's partials.
+  extern __shared__ uint4 stage_all[];
+  if constexpr (kCluster) cluster_arrive_relaxed();  // (waited for before the partials are stored)
+  griddep_wait();                                    // launched early (PDL): the previous kernel's results
   griddep_launch_dependents();          // let the PDL finish kernel get resident early
   const int64_t row = blockIdx.x;
   const int split = blockIdx.y;
@@ -704,7 +732,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     if (c.greedy || tile_max == -INFINITY) continue;  // -inf: nothing kept in the tile
     add_tile(st, tile_max, tile_sum, c, seed, offset, t);
   }
-  finish_or_write_partial<T, true>(a, row, split, st, c, seed, offset, cluster_merge);
+  finish_or_write_partial<T, true, kCluster>(a, row, split, st, c, seed, offset,
+                                             reinterpret_cast<float4*>(stage_all + nwarps * kBatchTiles * (kVecs + 1)));
 }
 
 __device__ __forceinline__ float from_order_key(uint32_t k) {
@@ -1167,7 +1196,7 @@ cudaError_t truncation_launch(const SampleArgs& a, float* thresholds, cudaStream
     return launch(a, 1, truncation_kernel<T, kThreads>, dim3(static_cast<unsigned>(a.B)), dim3(kThreads), 0, stream,
                   a, thresholds, 1);
   int ctas = 1;
-  while (a.sm90 && ctas < kMaxRowCtas && a.B * ctas * 2 <= sms) ctas *= 2;
+  while (a.clusters && ctas < kMaxRowCtas && a.B * ctas * 2 <= sms) ctas *= 2;
   const auto kernel = truncation_kernel<T, kTruncationThreadsFewRows>;
   const dim3 block(kTruncationThreadsFewRows);
   if (ctas > 1) {
@@ -1251,20 +1280,25 @@ cudaError_t sample_aligned_launch(const SampleArgs& a, const float* thresholds, 
   const int64_t per_split = ceil_div(batches, a.splits);  // whole batches (see sample_splits)
   const int warps = static_cast<int>(per_split < kThreads / 32 ? per_split : kThreads / 32);
   const size_t smem = static_cast<size_t>(warps) * kBatchTiles * (kVecs + 1) * sizeof(uint4);
-  cudaError_t err = cudaSuccess;
-  if (smem > 48 * 1024)  // fp32 with 6-8 warps: 52-68 KB
-    err = cudaFuncSetAttribute(sample_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(a.B), static_cast<unsigned>(a.splits));
   const int64_t tiles_per_split = per_split * kBatchTiles;
-  if (a.sm90 && a.splits > 1 && a.splits <= kMaxClusterSplits) {  // a row's splits merge in a cluster
-    if (launch(a, dim3(1, a.splits), sample_kernel<T>, grid, dim3(warps * 32), smem, stream, a, thresholds,
-               tiles_per_split, true) == cudaSuccess)
+  if (a.clusters && use_cluster_merge(a.B, a.splits, a.num_sms)) {  // a row's splits merge in a cluster
+    const size_t cluster_smem = smem + 2 * sizeof(float4) * static_cast<size_t>(a.splits * warps);  // + partials
+    cudaError_t err = cudaSuccess;
+    if (cluster_smem > 48 * 1024)  // fp32 with 6-8 warps: 52-70 KB
+      err = cudaFuncSetAttribute(sample_kernel<T, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 static_cast<int>(cluster_smem));
+    if (err == cudaSuccess && launch(a, dim3(1, a.splits), sample_kernel<T, true>, grid, dim3(warps * 32),
+                                     cluster_smem, stream, a, thresholds, tiles_per_split) == cudaSuccess)
       return cudaSuccess;
     (void)cudaGetLastError();  // no room for such clusters (e.g. a small MIG slice): the finish kernel
   }
-  err = launch(a, 1, sample_kernel<T>, grid, dim3(warps * 32), smem, stream, a, thresholds, tiles_per_split, false);
+  cudaError_t err = cudaSuccess;
+  if (smem > 48 * 1024)
+    err = cudaFuncSetAttribute(sample_kernel<T, false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  err = launch(a, 1, sample_kernel<T, false>, grid, dim3(warps * 32), smem, stream, a, thresholds, tiles_per_split);
   if (err != cudaSuccess || a.splits == 1) return err;  // one split: the CTA drew the token
   return finish_launch<T, true>(a, thresholds, warps, stream);
 }
@@ -1311,10 +1345,14 @@ int sample_splits(DType dtype, const void* logits, int64_t ld, int64_t B, int64_
     int64_t warps_per_cta = B * warps_per_row / num_sms;
     warps_per_cta = warps_per_cta < 1 ? 1 : (warps_per_cta > kThreads / 32 ? kThreads / 32 : warps_per_cta);
     int64_t s = ceil_div(warps_per_row, warps_per_cta);
-    // sm_90: at most a cluster's worth of splits, of full CTAs, so that the row's CTAs merge
-    // in a cluster instead of a finish kernel (B = 1 / 8, V = 128256: 8 CTAs of 8 warps).
-    // (Only up to two batches per warp: longer rows keep more SMs busy.)
-    if (clusters && s > kMaxClusterSplits && batches <= 2 * kMaxClusterSplits * (kThreads / 32)) s = kMaxClusterSplits;
+    // A cluster's worth of splits of full CTAs, where that lets the row's CTAs merge in a
+    // cluster instead of a finish kernel (B = 8, V = 128256: 8 CTAs of 8 warps instead of
+    // 21 of 3): one batch per warp, or two while the grid covers at most half the SMs (H100:
+    // V = 256000 B = 8 gained 8.7 -> 7.2 us with two, B = 16 lost 8.8 -> 9.2).
+    const int64_t per_warp = 2 * B * kMaxClusterSplits <= num_sms ? 2 : 1;
+    if (clusters && s > kMaxClusterSplits && batches <= per_warp * kMaxClusterSplits * (kThreads / 32) &&
+        use_cluster_merge(B, kMaxClusterSplits, num_sms))
+      s = kMaxClusterSplits;
     s = ceil_div(batches, ceil_div(batches, s));  // no empty splits
     return static_cast<int>(s > 65535 ? 65535 : s);
   }
