@@ -100,8 +100,8 @@ struct SampleArgs {
   int splits;                // vocabulary splits per row (see sample_splits)
   float* workspace;          // [B * splits * kSampleSplitFloats + B] floats
   int64_t* tokens;           // [B]
-  float* logprob;            // [B] (NaN unless need_logprobs)
-  float* raw_logprob;        // [B] (NaN unless need_logprobs)
+  float* logprob;            // [B]; written only if need_logprobs
+  float* raw_logprob;        // [B]; written only if need_logprobs
   bool need_logprobs;        // false: skip the two log-sum-exps (tokens only)
   int num_sms;               // the device's multiprocessors
   bool sm90;                 // sm_90+: programmatic dependent launches

@@ -132,7 +132,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
     const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& top_k,
     const std::optional<at::Tensor>& top_p, const std::optional<at::Tensor>& min_p,
     bool need_logprobs) {
-  (void)need_logprobs;  // the CPU reference always computes them
   check_sample_inputs(logits, temperature, seed);
   const int64_t B = logits.size(0), V = logits.size(1);
   const at::Tensor l = logits.to(at::kFloat).contiguous();
@@ -144,8 +143,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
   const at::Tensor p_t = optional_per_row(top_p, "sample: top_p", at::kFloat, B, logits);
   const at::Tensor mp_t = optional_per_row(min_p, "sample: min_p", at::kFloat, B, logits);
   auto tokens = at::empty({B}, logits.options().dtype(at::kLong));
-  auto logprob = at::empty({B}, logits.options().dtype(at::kFloat));
-  auto raw_logprob = at::empty({B}, logits.options().dtype(at::kFloat));
+  // Log-probs only on request (else empty: two allocations less per call).
+  auto logprob = at::empty({need_logprobs ? B : 0}, logits.options().dtype(at::kFloat));
+  auto raw_logprob = at::empty({need_logprobs ? B : 0}, logits.options().dtype(at::kFloat));
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t k = k_t.defined() ? k_t.const_data_ptr<int64_t>()[b] : 0;
@@ -157,6 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
           offsets.defined() ? static_cast<uint64_t>(offsets.const_data_ptr<int64_t>()[b]) : 0, k,
           p, mp);
       tokens.mutable_data_ptr<int64_t>()[b] = r.token;
+      if (!need_logprobs) continue;
       logprob.mutable_data_ptr<float>()[b] = static_cast<float>(r.logprob);
       raw_logprob.mutable_data_ptr<float>()[b] = static_cast<float>(r.raw_logprob);
     }
@@ -205,7 +206,7 @@ TORCH_LIBRARY(fusedlm, m) {
   m.def(
       "sample(Tensor logits, Tensor temperature, Tensor seed, Tensor? offset, Tensor? top_k, "
       "Tensor? top_p, Tensor? min_p, bool need_logprobs=True) -> (Tensor tokens, Tensor logprob, "
-      "Tensor raw_logprob)");
+      "Tensor raw_logprob)");  // logprob, raw_logprob: [B] if need_logprobs, else empty
   m.def("temperature_logprobs(Tensor logits, Tensor tokens, Tensor temperatures) -> Tensor");
 }
 

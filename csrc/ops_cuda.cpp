@@ -181,8 +181,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
   const at::Tensor tau = temperature.contiguous(), seeds = seed.contiguous();
   const at::Tensor offsets = optional_per_row(offset, "sample: offset", at::kLong, B, logits);
   auto tokens = at::empty({B}, logits.options().dtype(at::kLong));
-  auto logprob = at::empty({B}, logits.options().dtype(at::kFloat));
-  auto raw_logprob = at::empty({B}, logits.options().dtype(at::kFloat));
+  // Log-probs only on request (else empty: each allocation costs a few us of host time).
+  auto logprob = at::empty({need_logprobs ? B : 0}, logits.options().dtype(at::kFloat));
+  auto raw_logprob = at::empty({need_logprobs ? B : 0}, logits.options().dtype(at::kFloat));
   if (B == 0) return {tokens, logprob, raw_logprob};
   const cudaDeviceProp* device = at::cuda::getDeviceProperties(logits.get_device());
   const bool sm90 = device->major >= 9;

@@ -319,3 +319,15 @@ def test_torch_compile_fullgraph_cuda():
     fn = torch.compile(lambda l, t: fusedlm.sample(l, t, seed=seeds), fullgraph=True)
     tau = torch.rand(8, device=DEV)
     assert torch.equal(fn(logits, tau), fusedlm.sample(logits, tau, seed=seeds))
+
+
+@pytest.mark.parametrize("need_logprobs", [True, False])
+def test_opcheck_cuda(need_logprobs):
+    logits = torch.randn(4, 5003, device=DEV)  # unaligned rows; and 5120-wide aligned ones
+    for l in (logits, torch.randn(4, 5120, device=DEV, dtype=torch.bfloat16)):
+        args = (l, torch.tensor([0.0, 0.5, 1.0, 2.0], device=DEV), torch.arange(4, device=DEV),
+                torch.zeros(4, dtype=torch.long, device=DEV), torch.tensor([0, 3, 0, 10], device=DEV),
+                torch.tensor([1.0, 0.9, 0.5, 1.0], device=DEV), None, need_logprobs)
+        torch.library.opcheck(torch.ops.fusedlm.sample.default, args)
+        tokens, lp, raw = torch.ops.fusedlm.sample(*args)
+        assert lp.shape == raw.shape == ((4,) if need_logprobs else (0,))

@@ -239,6 +239,10 @@ def test_opcheck_ops():
     opcheck(torch.ops.fusedlm.sample.default, no_offset)
     for a, b in zip(torch.ops.fusedlm.sample(*args), torch.ops.fusedlm.sample(*no_offset)):
         assert torch.equal(a, b)
+    tokens_only = args + (False,)  # need_logprobs=False: the same tokens, empty log-prob outputs
+    opcheck(torch.ops.fusedlm.sample.default, tokens_only)
+    tokens, lp, raw = torch.ops.fusedlm.sample(*tokens_only)
+    assert torch.equal(tokens, torch.ops.fusedlm.sample(*args)[0]) and lp.shape == raw.shape == (0,)
     opcheck(torch.ops.fusedlm.temperature_logprobs.default,
             (logits, torch.tensor([1, 2, 3, 4]), torch.tensor([0.0, 0.5, 1.0])))
 

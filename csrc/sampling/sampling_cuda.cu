@@ -291,8 +291,10 @@ __device__ void finish_row(const SampleArgs& a, int64_t row, int lane, const Row
     // invalid temperature or a fully masked row: documented fallback, no crash
     if (lane == 0) {
       a.tokens[row] = 0;
-      a.logprob[row] = NAN;
-      a.raw_logprob[row] = NAN;
+      if (a.need_logprobs) {
+        a.logprob[row] = NAN;
+        a.raw_logprob[row] = NAN;
+      }
     }
     return;
   }
@@ -339,11 +341,7 @@ __device__ void finish_row(const SampleArgs& a, int64_t row, int lane, const Row
   }
   if (lane != 0) return;
   a.tokens[row] = token;
-  if (!a.need_logprobs) {
-    a.raw_logprob[row] = NAN;
-    a.logprob[row] = NAN;
-    return;
-  }
+  if (!a.need_logprobs) return;
   const float lt = token_logit;  // kept, so never replaced by -inf above
   a.raw_logprob[row] = lt - st.raw_max - logf(st.raw_sum);
   a.logprob[row] = greedy ? 0.f : lt * c.inv_tau - (st.p_max + logf(st.p_sum));

@@ -40,8 +40,9 @@ def _cce_backward_fake(e, c, targets, bias, lse, grad_lse, grad_target, grad_sum
 def _sample_fake(logits, temperature, seed, offset, top_k, top_p, min_p, need_logprobs=True):
     torch._check(logits.dim() == 2)
     b = logits.shape[0]
-    return (logits.new_empty(b, dtype=torch.int64), logits.new_empty(b, dtype=torch.float32),
-            logits.new_empty(b, dtype=torch.float32))
+    lp = b if need_logprobs else 0  # log-probs only on request (else empty)
+    return (logits.new_empty(b, dtype=torch.int64), logits.new_empty(lp, dtype=torch.float32),
+            logits.new_empty(lp, dtype=torch.float32))
 
 
 @torch.library.register_fake("fusedlm::temperature_logprobs")
