@@ -11,8 +11,9 @@
 // for) and, for tau = 0 rows, the argmax. sample_finish_kernel (one warp per row) merges
 // the splits of a row, re-reads the winning tile and picks the token inside it by inverse
 // CDF with the tile's uniform. When a row has one split (large batches) its CTA does that
-// itself and no finish kernel runs; for small batches on sm_90 (B = 8..16 on an H100) a row's
-// splits form a thread-block cluster and merge in its first CTA's shared memory instead. Rows that are not 16-byte aligned go through
+// itself and no finish kernel runs; for small batches on sm_90 (B = 8..16 on an H100) a
+// row's splits form a thread-block cluster and merge in its first CTA's shared memory
+// instead (see use_cluster_merge). Rows that are not 16-byte aligned go through
 // sample_unaligned_kernel (same tile keys, one tile per lane, simple per-lane loads). On
 // sm_90 every kernel is a programmatic dependent launch (launch latency hidden).
 // truncation_kernel (only when top-k / top-p / min-p are given; one CTA per row, or a cluster
@@ -376,10 +377,10 @@ constexpr int kMaxClusterSplits = 8;  // portable cluster size
 
 // Whether the splits of each row merge in a thread-block cluster (sm_90) rather than in the
 // finish kernel: up to 8 splits, and a grid of at most one CTA per SM (one wave) that covers
-// at least a quarter of the SMs. (H100, graph of 20 calls, B = 8: V = 128256 bf16 6.5 -> 5.8
-// us, fp32 6.8 -> 6.3; V = 256000 8.6 -> 7.2 and 9.5 -> 8.3. Outside these limits it lost:
-// B = 64's 256 CTAs in clusters of 4 took 9.9 -> 13.3 us, B = 1's 8 CTAs of 8 warps left the
-// other SMs idle, V = 256000 6.3 -> 7.1 us.)
+// at least a quarter of the SMs. (H100, graph of 20 calls, B = 8: V = 128256 bf16 6.5 -> 6.0
+// us, fp32 6.8 -> 6.4; V = 256000 8.7 -> 7.2 and 9.6 -> 8.4; B = 16, V = 128256: 8.0 -> 7.3.
+// Outside these limits it lost: B = 64's 256 CTAs in clusters of 4 took 9.9 -> 13.3 us,
+// B = 1's 8 CTAs of 8 warps left the other SMs idle, V = 256000 6.3 -> 7.1 us.)
 __host__ __device__ constexpr bool use_cluster_merge(int64_t B, int64_t splits, int num_sms) {
   return splits > 1 && splits <= kMaxClusterSplits && B * splits <= num_sms && 4 * B * splits >= num_sms;
 }
@@ -662,8 +663,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   // Per warp: 32 tiles of kVecs + 1 (pad) vectors; kCluster: then the row's partials.
   extern __shared__ uint4 stage_all[];
   if constexpr (kCluster) cluster_arrive_relaxed();  // (waited for before the partials are stored)
-  griddep_wait();                                    // launched early (PDL): the previous kernel's results
-  griddep_launch_dependents();          // let the PDL finish kernel get resident early
+  griddep_wait();                // launched early (PDL): the previous kernel's results
+  griddep_launch_dependents();   // let the PDL finish kernel get resident early
   const int64_t row = blockIdx.x;
   const int split = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
