@@ -266,12 +266,20 @@ __device__ __forceinline__ void cluster_wait() {
 #endif
 }
 
-// Stores v at `p`'s shared-memory offset in CTA `rank` of this CTA's cluster (sm_90).
-__device__ __forceinline__ void store_cluster_shared(float4* p, int rank, float4 v) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// The shared::cluster address of `p`'s shared-memory offset in CTA `rank` of this CTA's cluster.
+__device__ __forceinline__ uint32_t cluster_shared_address(const void* p, int rank) {
   uint32_t remote;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n"
                : "=r"(remote) : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(p))), "r"(rank));
+  return remote;
+}
+#endif
+
+// Stores v at `p`'s shared-memory offset in CTA `rank` of this CTA's cluster (sm_90).
+__device__ __forceinline__ void store_cluster_shared(float4* p, int rank, float4 v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const uint32_t remote = cluster_shared_address(p, rank);
   asm volatile("st.shared::cluster.v4.f32 [%0], {%1, %2, %3, %4};\n"
                :: "r"(remote), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w) : "memory");
 #else
@@ -877,10 +885,8 @@ __device__ __forceinline__ void cache_append(RadixScratch<kBlock>& sh, float x, 
 __device__ __forceinline__ uint32_t load_row_shared(const void* p, int rank, int ctas) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if (ctas > 1) {
-    uint32_t remote, v;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n"
-                 : "=r"(remote) : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(p))), "r"(rank));
-    asm volatile("ld.shared::cluster.u32 %0, [%1];\n" : "=r"(v) : "r"(remote) : "memory");
+    uint32_t v;
+    asm volatile("ld.shared::cluster.u32 %0, [%1];\n" : "=r"(v) : "r"(cluster_shared_address(p, rank)) : "memory");
     return v;
   }
 #endif
