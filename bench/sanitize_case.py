@@ -42,9 +42,9 @@ fusedlm.sample(logits, torch.tensor([0.0, 0.5, 1.0, 2.0, 1.0], device="cuda"), t
                min_p=0.01, return_logprobs=True)
 fusedlm.sample(logits.bfloat16(), 1.0)
 fusedlm.temperature_logprobs(logits, torch.arange(5, device="cuda"), [0.0, 0.5, 1.0])
-# A row's splits merged by the finish kernel (B = 1, 64; B = 8 without clusters), in a cluster
-# (B = 8) or a single split drawing the token (B = 300); tokens only and with log-probs, with
-# and without truncation (the radix passes).
+# A row's splits merged by the finish kernel (B = 1; B = 8, 64 without clusters), in a cluster
+# (B = 8: 8 CTAs, B = 64: 2 CTAs of 16 warps) or a single split drawing the token (B = 300);
+# tokens only and with log-probs, with and without truncation (the radix passes).
 for batch in (1, 8, 64, 300):
     big = torch.randn(batch, 128256, device="cuda", dtype=torch.bfloat16) * 3
     tau = torch.rand(batch, device="cuda")
@@ -54,6 +54,7 @@ for batch in (1, 8, 64, 300):
 os.environ["FUSEDLM_NO_CLUSTERS"] = "1"
 fusedlm.sample(big[:8], tau[:8])
 fusedlm.sample(big[:8], tau[:8], top_p=0.9, return_logprobs=True)
+fusedlm.sample(big[:64], tau[:64], return_logprobs=True)
 del os.environ["FUSEDLM_NO_CLUSTERS"]
 fusedlm.sample(torch.randn(2, 1000000, device="cuda"), torch.rand(2, device="cuda"))
 # NaN entries (the clamped exp path, the NaN-skipping argmax of tau = 0 rows).

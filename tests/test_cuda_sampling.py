@@ -63,7 +63,8 @@ def assert_same_tokens_as_cpu(logits, tau, **kw):
 
 
 # How a row's splits are merged depends on their number: 64 x 128256 rows take 4 splits
-# and 8 x 128256 take 8 (on sm_90: a cluster), 300 x 128256 one (see sampling_cuda.cu);
+# (on sm_90: 2, a cluster) and 8 x 128256 take 8 (a cluster on sm_90), 300 x 128256 one
+# (see sampling_cuda.cu);
 # 50257-wide rows are not 16-byte aligned (many splits, merged by the finish kernel).
 @pytest.mark.parametrize("b,v", [(64, 128256), (8, 128256), (300, 128256), (64, 50257)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -140,7 +141,8 @@ def test_truncated_row_split_same_tokens_as_cpu(trunc, batch, vocab):
 # latter also sums the raw log-sum-exp of each tile) but must give the same tile keys, hence
 # identical tokens, for any temperature (1e-3 .. 10), with masked halves and peaked rows, in
 # every layout (B = 1: 63 one-warp splits merged by the finish kernel, B = 8: a cluster of 8
-# splits on sm_90, B = 64: 4 splits, B = 300: one split, 10^6-wide rows: many splits).
+# splits on sm_90, B = 64: a cluster of 2 on sm_90, else 4 splits, B = 300: one split,
+# 10^6-wide rows: many splits).
 @pytest.mark.parametrize("b,v", [(1, 128256), (8, 128256), (64, 128256), (300, 5120), (3, 1000000)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_tokens_only_same_tokens_as_with_logprobs(b, v, dtype):
@@ -173,7 +175,7 @@ def test_tokens_only_same_tokens_as_cpu(b, trunc):
 
 # A row's token does not depend on the batch around it, though the layout does: alone it is
 # split over 63 one-warp CTAs (merged by the finish kernel), in a batch of 8 over a cluster of
-# 8 CTAs (sm_90), in a batch of 64 over 4, in a batch of 300 it has one CTA.
+# 8 CTAs (sm_90), in a batch of 64 over a cluster of 2 (sm_90), in a batch of 300 it has one CTA.
 @pytest.mark.parametrize("return_logprobs", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_row_tokens_do_not_depend_on_the_layout(dtype, return_logprobs):
@@ -203,11 +205,11 @@ def sampling_kernel_names(fn):
 
 
 # On sm_90 the splits of a row merge in a thread-block cluster (no finish kernel) when the
-# batch is small but not tiny (B = 8, 16 here); FUSEDLM_NO_CLUSTERS=1 turns that off (more
-# splits, merged by the finish kernel). Same tokens either way; log-probs within rounding
-# (the partials differ).
+# batch is small but not tiny (B = 8, 16: clusters of 8 CTAs; B = 64: of two 16-warp CTAs);
+# FUSEDLM_NO_CLUSTERS=1 turns that off (splits merged by the finish kernel). Same tokens
+# either way; log-probs within rounding (the partials differ).
 @pytest.mark.parametrize("trunc", [{}, dict(top_p=0.9)], ids=["plain", "top_p"])
-@pytest.mark.parametrize("b,v", [(8, 128256), (16, 128256), (8, 256000)])
+@pytest.mark.parametrize("b,v", [(8, 128256), (16, 128256), (8, 256000), (64, 128256)])
 def test_cluster_merge_same_as_finish_kernel(b, v, trunc, monkeypatch):
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("clusters need sm_90")

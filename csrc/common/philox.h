@@ -41,13 +41,18 @@ FUSEDLM_HD Uint4 philox4x32_10(Uint4 counter, uint64_t key64) {
   return counter;
 }
 
-// Four random words for counter `group` of a row keyed by (seed, offset); the sampler uses
-// one call per 64-entry tile (a Gumbel variate and a uniform).
+// Four random words for counter `group` of a row keyed by (seed, offset). The sampler uses
+// one call per pair of 64-entry tiles 2g, 2g + 1 (group g): per tile a noise word (the
+// Gumbel variate of its key) and a uniform word (the draw inside it), see the two below.
 FUSEDLM_HD Uint4 philox_block(uint64_t seed, uint64_t offset, uint64_t group) {
   const Uint4 counter{static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32),
                       static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32)};
   return philox4x32_10(counter, seed);
 }
+
+// Tile t's words in its pair's block philox_block(seed, offset, t / 2).
+FUSEDLM_HD uint32_t tile_noise_word(const Uint4& block, uint64_t t) { return t % 2 ? block.z : block.x; }
+FUSEDLM_HD uint32_t tile_uniform_word(const Uint4& block, uint64_t t) { return t % 2 ? block.w : block.y; }
 
 FUSEDLM_HD float bits_to_open_unit(uint32_t bits) {
   // (bits >> 8) in [0, 2^24); +0.5 keeps the result strictly inside (0, 1).
@@ -57,9 +62,11 @@ FUSEDLM_HD float bits_to_open_unit(uint32_t bits) {
 }  // namespace fusedlm
 
 namespace fusedlm {
-// Standard Gumbel noise -log(-log(u)); accurate logf on both host and device, so CPU and
-// CUDA agree to float rounding.
-FUSEDLM_HD float gumbel_from_bits(uint32_t bits) {
-  return -logf(-logf(bits_to_open_unit(bits)));
-}
+// Standard exponential noise -log(u); accurate logf on both host and device (for u near 1
+// only an accurate log keeps the small result's relative error small), so CPU and CUDA
+// agree to float rounding.
+FUSEDLM_HD float exponential_from_bits(uint32_t bits) { return -logf(bits_to_open_unit(bits)); }
+
+// Standard Gumbel noise -log(-log(u)).
+FUSEDLM_HD float gumbel_from_bits(uint32_t bits) { return -logf(exponential_from_bits(bits)); }
 }  // namespace fusedlm

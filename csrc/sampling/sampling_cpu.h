@@ -9,8 +9,9 @@
 //    the key log(sum_{kept v in t} exp(l_v / tau)) + g_t with Gumbel noise g_t, the tile with
 //    the largest key wins (Gumbel-max over tile masses), and the token inside it is found by
 //    inverse CDF with a uniform u_t. g_t and u_t come from Philox keyed by (seed, offset) with
-//    counter t, so the same key gives the same token on any batch position. One exp per entry
-//    and one random draw per tile, instead of a Gumbel variate per entry.
+//    counter t / 2 (one block of four words per pair of tiles), so the same key gives the
+//    same token on any batch position. One exp per entry and one random draw per tile,
+//    instead of a Gumbel variate per entry.
 //  * NaN logits count as -inf. A row whose logits are all -inf (or NaN) returns token 0 and
 //    NaN log-probs.
 #pragma once
@@ -110,7 +111,8 @@ inline RowResult sample_row(const float* l, int64_t V, float tau, uint64_t seed,
     double sum = 0;
     for (int64_t v = t * kSampleTile; v < v_end; ++v)
       if (kept(v)) sum += std::exp((l[v] - m) / tau);
-    const double key = m / tau + std::log(sum) + gumbel_from_bits(philox_block(seed, offset, t).x);
+    const Uint4 block = philox_block(seed, offset, t / 2);
+    const double key = m / tau + std::log(sum) + gumbel_from_bits(tile_noise_word(block, t));
     if (best_tile < 0 || key > best_key) {
       best_tile = t;
       best_key = key;
@@ -119,7 +121,8 @@ inline RowResult sample_row(const float* l, int64_t V, float tau, uint64_t seed,
     }
   }
   // Inverse CDF inside the winning tile.
-  const double target = bits_to_open_unit(philox_block(seed, offset, best_tile).y) * best_sum;
+  const double target =
+      bits_to_open_unit(tile_uniform_word(philox_block(seed, offset, best_tile / 2), best_tile)) * best_sum;
   const int64_t v_end = std::min(V, (best_tile + 1) * kSampleTile);
   int64_t token = -1;
   double cumulative = 0;

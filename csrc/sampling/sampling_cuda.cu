@@ -6,14 +6,14 @@
 // regroups them through padded shared memory so that each lane owns one whole tile. The lane
 // forms the tile's log-mass log(sum exp(l / tau)) over kept entries (max, then the sum, over
 // the tile in registers; tau = 0 rows and truncated rows with log-probs: an online fold)
-// and keeps the tile with the largest log-mass + Gumbel key (one Philox draw per tile,
-// counter = tile, as on the CPU); also the raw log-sum-exp (only when log-probs are asked
-// for) and, for tau = 0 rows, the argmax. sample_finish_kernel (one warp per row) merges
+// and keeps the tile with the largest log-mass + Gumbel key (base 2; one Philox block per
+// pair of tiles, counter = tile / 2, as on the CPU); also the raw log-sum-exp (only when
+// log-probs are asked for) and, for tau = 0 rows, the argmax. sample_finish_kernel (one warp per row) merges
 // the splits of a row, re-reads the winning tile and picks the token inside it by inverse
 // CDF with the tile's uniform. When a row has one split (large batches) its CTA does that
-// itself and no finish kernel runs; for small batches on sm_90 (B = 8..16 on an H100) a
-// row's splits form a thread-block cluster and merge in its first CTA's shared memory
-// instead (see use_cluster_merge). Rows that are not 16-byte aligned go through
+// itself and no finish kernel runs; for small batches on sm_90 (B = 5..16 and 45..66 on an
+// H100) a row's splits form a thread-block cluster and merge in its first CTA's shared
+// memory instead (see use_cluster_merge and sample_splits). Rows that are not 16-byte aligned go through
 // sample_unaligned_kernel (same tile keys, one tile per lane, simple per-lane loads). On
 // sm_90 every kernel is a programmatic dependent launch (launch latency hidden).
 // truncation_kernel (only when top-k / top-p / min-p are given; one CTA per row, or a cluster
@@ -36,6 +36,9 @@ namespace sampling_cuda {
 namespace {
 
 constexpr int kThreads = 256;
+// A row split over a cluster of two CTAs gives them up to 16 warps each (one CTA per SM, as
+// many warps as the two 8-warp CTAs per SM of the other plans); see sample_splits.
+constexpr int kClusterThreads = 512;
 constexpr int kPartial = 8;  // floats per (row, split, warp) partial
 static_assert(kThreads / 32 * kPartial == kSampleSplitFloats, "workspace per (row, split): see dispatch.h");
 
@@ -113,7 +116,7 @@ __device__ __noinline__ RowState warp_reduce(RowState s) {
 // shuffles, in parallel, rather than thread 0 one after another (7 dependent merges, each
 // with exps, at the end of every CTA).
 __device__ RowState block_reduce(RowState s) {
-  __shared__ RowState warp_states[kThreads / 32];
+  __shared__ RowState warp_states[kClusterThreads / 32];  // (sample_kernel<T, true> may have 16 warps)
   s = warp_reduce(s);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) warp_states[warp] = s;
@@ -163,10 +166,12 @@ __device__ __forceinline__ float warp_max(float x) {
 }
 
 constexpr int kTile = 64;  // entries per sampling tile (== CPU kSampleTile)
+constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 
 struct RowCtx {
   int64_t V;
   float tau, inv_tau, threshold;
+  float scale2;  // log2(e) / tau: tile sums and keys are in base 2
   bool greedy, need_logprobs;
 };
 
@@ -175,6 +180,7 @@ __device__ __forceinline__ RowCtx row_ctx(const SampleArgs& a, float tau, float 
   c.V = a.V;
   c.tau = tau;
   c.inv_tau = tau > 0.f ? 1.f / tau : 1.f;
+  c.scale2 = c.inv_tau * kLog2e;
   c.greedy = !(tau > 0.f);  // also NaN / negative: finish_row returns token 0 for them
   c.threshold = threshold;
   c.need_logprobs = a.need_logprobs;
@@ -189,15 +195,20 @@ __device__ __forceinline__ RowCtx row_ctx(const SampleArgs& a, const float* thre
   return row_ctx(a, a.temperature[row], row_threshold(thresholds, row));
 }
 
-// Folds one finished tile (max and sum of exp((l - max) / tau) over its kept entries) into
-// the row state: plus the tile's Gumbel noise (Philox counter = tile index, as on the CPU),
-// its log-mass competes for the sampled tile; with log-probs it also joins the processed LSE.
-__device__ __forceinline__ void add_tile(RowState& st, float tile_max, float tile_sum, const RowCtx& c,
-                                         uint64_t seed, uint64_t offset, int64_t t) {
-  const float log_mass = tile_max * c.inv_tau + logf(tile_sum);
-  if (c.need_logprobs) online_merge(st.p_max, st.p_sum, log_mass, 1.f, 1.f);
-  const Uint4 bits = philox_block(seed, offset, static_cast<uint64_t>(t));
-  best_merge(st.best_key, st.best_idx, log_mass + gumbel_from_bits(bits.x), t);
+// Folds one finished tile into the row state. The tile's mass, the sum of exp(l / tau) over
+// its kept entries, is 2^log2_base * tile_sum with tile_sum >= 1 (its largest term is ~1).
+// Plus the tile's Gumbel noise (noise: its tile_noise_word, as on the CPU), its log-mass
+// competes for the sampled tile, in base 2: key = log2(mass) - log2(E) with E = -log(u)
+// standard exponential (= (log(mass) + Gumbel) * log2(e), the CPU's key up to rounding).
+// With log-probs the log-mass also joins the processed log-sum-exp (natural log).
+// Both log2 are one MUFU.LG2 (absolute error ~2^-22; tile_sum and E are normal floats):
+// accurate logf costs ~25 instructions each, a tenth of a tile's work at 64 entries. The
+// inner log of the exponential stays accurate: for u near 1 only its relative error is small.
+__device__ __forceinline__ void add_tile(RowState& st, float log2_base, float tile_sum, const RowCtx& c,
+                                         uint32_t noise, int64_t t) {
+  const float log2_mass = log2_base + fast_log2(tile_sum);
+  if (c.need_logprobs) online_merge(st.p_max, st.p_sum, log2_mass * kLn2, 1.f, 1.f);
+  best_merge(st.best_key, st.best_idx, log2_mass - fast_log2(exponential_from_bits(noise)), t);
 }
 
 // Folds entries v .. v+3 (x; -inf past V) into the row state: the raw log-sum-exp (for
@@ -332,7 +343,8 @@ __device__ void finish_row(const SampleArgs& a, int64_t row, int lane, const Row
     }
     const float total = __shfl_sync(0xffffffffu, base, 31);
     base -= run;
-    const float target = bits_to_open_unit(philox_block(seed, offset, static_cast<uint64_t>(t)).y) * total;
+    const uint64_t tu = static_cast<uint64_t>(t);
+    const float target = bits_to_open_unit(tile_uniform_word(philox_block(seed, offset, tu / 2), tu)) * total;
     int first = 4, last_kept = -1;
 #pragma unroll
     for (int q = 3; q >= 0; --q) {
@@ -496,7 +508,8 @@ __global__ void __launch_bounds__(kThreads)
       fold4(st, tile_max, tile_sum, x, t * kTile + k * 4, c);
     }
     if (c.greedy || tile_max == -INFINITY) continue;  // -inf: nothing kept in the tile
-    add_tile(st, tile_max, tile_sum, c, seed, offset, t);
+    const uint64_t tu = static_cast<uint64_t>(t);
+    add_tile(st, tile_max * c.scale2, tile_sum, c, tile_noise_word(philox_block(seed, offset, tu / 2), tu), t);
   }
   finish_or_write_partial<T, kVec>(a, row, split, st, c, seed, offset);
 }
@@ -590,45 +603,50 @@ __device__ __forceinline__ float tile_entry(const uint4 (&q)[kTile * sizeof(T) /
 }
 
 struct TileSums {
-  float max, sum, raw_sum;  // sum: of exp((x - max) / tau) over kept entries; raw_sum: tau = 1
+  float max;        // the largest kept entry (-inf: none kept)
+  float log2_base;  // the tempered sum of the kept entries' exp(x / tau) is 2^log2_base * sum
+  float sum, raw_sum;  // raw_sum: of exp(x - max) over all entries (tau = 1)
 };
 
-// A tile's sums given its maximum (> -inf), in base 2 with four accumulators. (x - max) is
-// formed before the scaling: with a tiny tau, fma(x, scale, -max * scale) would carry the
-// rounding of max * scale (~1e-4 relative in each term at tau = 1e-3). kClamp: NaN terms
-// (from NaN entries, or x = max = +inf) count 0; without it a NaN entry poisons the sum.
+// A tile's sums given its maximum (> -inf), in base 2 with four accumulators. Tempered terms
+// are 2^(x * scale2 - base) with base = max * scale2 rounded: one FFMA per entry, exact but
+// for the final rounding, and the key takes `base` itself (log2_base), so its rounding cancels
+// (with a tiny tau it is ~1e-4 relative; (x - max) * scale2 cost an FADD per entry more).
+// kClamp: NaN terms (from NaN entries, or x = max = +inf) count 0; without it a NaN entry
+// poisons the sum.
 template <typename T, bool kThreshold, bool kRaw, bool kClamp>
 __device__ __forceinline__ TileSums tile_sums(const uint4 (&q)[kTile * sizeof(T) / 16], float max, float threshold,
-                                              float inv_tau) {
-  constexpr float kLog2e = 1.4426950408889634f;
-  auto sum_terms = [&](auto threshold_tag, float scale) {
+                                              float scale2) {
+  auto sum_terms = [&](auto threshold_tag, auto term) {
     float s[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int j = 0; j < kTile; ++j) {
-      float z = (tile_entry<T, decltype(threshold_tag)::value>(q, j, threshold) - max) * scale;
+      float z = term(tile_entry<T, decltype(threshold_tag)::value>(q, j, threshold));
       if constexpr (kClamp) z = fmaxf(z, -INFINITY);
       s[j % 4] += fast_exp2(z);
     }
     return (s[0] + s[1]) + (s[2] + s[3]);
   };
-  TileSums r{max, 0.f, 0.f};
-  if constexpr (kRaw) r.raw_sum = sum_terms(std::false_type{}, kLog2e);  // untruncated
-  r.sum = sum_terms(std::integral_constant<bool, kThreshold>{}, inv_tau * kLog2e);
+  const float base = max * scale2;
+  TileSums r{max, base, 0.f, 0.f};
+  if constexpr (kRaw)  // untruncated; the raw log-sum-exp keeps max itself as its base
+    r.raw_sum = sum_terms(std::false_type{}, [&](float x) { return (x - max) * kLog2e; });
+  r.sum = sum_terms(std::integral_constant<bool, kThreshold>{}, [&](float x) { return fmaf(x, scale2, -base); });
   return r;
 }
 
 // Tiles holding a NaN or +inf entry (rare): the maximum over non-NaN entries and clamped
 // sums. Out of line, from the tile's copy in shared memory, so that the hot loop stays compact.
 template <typename T, bool kThreshold, bool kRaw>
-__device__ __noinline__ TileSums tile_sums_rare(const uint4* tile_shared, float threshold, float inv_tau) {
+__device__ __noinline__ TileSums tile_sums_rare(const uint4* tile_shared, float threshold, float scale2) {
   uint4 q[kTile * sizeof(T) / 16];
 #pragma unroll
   for (int k = 0; k < kTile * static_cast<int>(sizeof(T)) / 16; ++k) q[k] = tile_shared[k];
   float m = -INFINITY;
 #pragma unroll
   for (int j = 0; j < kTile; ++j) m = fmaxf(m, tile_entry<T, kThreshold>(q, j, threshold));
-  if (m == -INFINITY) return {m, 0.f, 0.f};
-  return tile_sums<T, kThreshold, kRaw, true>(q, m, threshold, inv_tau);
+  if (m == -INFINITY) return {m, -INFINITY, 0.f, 0.f};
+  return tile_sums<T, kThreshold, kRaw, true>(q, m, threshold, scale2);
 }
 
 // A whole tile in registers (tau > 0): its kept maximum, then the sum of
@@ -638,10 +656,11 @@ __device__ __noinline__ TileSums tile_sums_rare(const uint4* tile_shared, float 
 // pass's maximum is NaN if an entry is NaN (16-bit entries compared in pairs); only such
 // tiles, and those holding +inf, can have NaN terms, and they go to tile_sums_rare: the
 // others skip the clamp of each term. tile_shared: the tile's copy in shared memory.
+// Result: log2_base and tile_sum for add_tile (log2_base stays -inf if nothing is kept).
 // (H100, V = 128256, graph replay: fp32 B = 256 69 -> 59 us, bf16 B = 1024 165 -> 120 us.)
 template <typename T, bool kThreshold, bool kRaw>
 __device__ __forceinline__ void tile_mass(const uint4 (&q)[kTile * sizeof(T) / 16], const uint4* tile_shared,
-                                          const RowCtx& c, float& tile_max, float& tile_sum, RowState& st) {
+                                          const RowCtx& c, float& log2_base, float& tile_sum, RowState& st) {
   static_assert(!(kRaw && kThreshold), "the raw log-sum-exp shares the untruncated maximum");
   float m;
   if constexpr (sizeof(T) == 2 && !kThreshold) {
@@ -653,18 +672,18 @@ __device__ __forceinline__ void tile_mass(const uint4 (&q)[kTile * sizeof(T) / 1
     m = fmax_nan(fmax_nan(mj[0], mj[1]), fmax_nan(mj[2], mj[3]));
   }
   if (m == -INFINITY) return;  // nothing kept in the tile
-  const TileSums r = m < INFINITY ? tile_sums<T, kThreshold, kRaw, false>(q, m, c.threshold, c.inv_tau)
-                                  : tile_sums_rare<T, kThreshold, kRaw>(tile_shared, c.threshold, c.inv_tau);
-  tile_max = r.max;
+  const TileSums r = m < INFINITY ? tile_sums<T, kThreshold, kRaw, false>(q, m, c.threshold, c.scale2)
+                                  : tile_sums_rare<T, kThreshold, kRaw>(tile_shared, c.threshold, c.scale2);
   if (r.max == -INFINITY) return;
   if constexpr (kRaw) online_merge(st.raw_max, st.raw_sum, r.max, r.raw_sum, 1.f);
+  log2_base = r.log2_base;
   tile_sum = r.sum;
 }
 
 // kCluster: a row's splits form a thread-block cluster and merge in it (see
 // finish_or_write_partial); a separate instantiation, so that the other kernel is unchanged.
 template <typename T, bool kCluster>
-__global__ void __launch_bounds__(kThreads, 2)
+__global__ void __launch_bounds__(kCluster ? kClusterThreads : kThreads, kCluster ? 1 : 2)
     sample_kernel(SampleArgs a, const float* thresholds, int64_t tiles_per_split) {
   constexpr int kPer = 16 / static_cast<int>(sizeof(T));  // entries per 16-byte vector
   constexpr int kVecs = kTile / kPer;                       // vectors per tile: 16 or 8
@@ -705,8 +724,18 @@ __global__ void __launch_bounds__(kThreads, 2)
   uint4 q[kVecs];
   int64_t b0 = t_begin + warp * kBatchTiles;
   if (kPrefetch && b0 < t_end) load_batch(q, b0);
-  for (; b0 < t_end; b0 += step) {
+  // Noise words: a Philox block serves a pair of tiles (see philox_block), so every other
+  // batch lanes 0-15 draw the blocks of this batch's 16 pairs and lanes 16-31 those of the
+  // warp's next batch (b0 is a multiple of 32): half the Philox work per tile (~75
+  // instructions a block), for two shuffles per batch.
+  uint32_t noise_even = 0, noise_odd = 0;
+  for (bool second = false; b0 < t_end; b0 += step, second = !second) {
     if constexpr (!kPrefetch) load_batch(q, b0);
+    if (!second && !c.greedy) {
+      const Uint4 block = philox_block(seed, offset, static_cast<uint64_t>((lane < 16 ? b0 : b0 + step) / 2 + lane % 16));
+      noise_even = block.x;  // tile_noise_word of tiles 2g and 2g + 1
+      noise_odd = block.z;
+    }
     // Regroup: vector g of the batch is part g % kVecs of tile g / kVecs. Tiles are padded
     // by one vector, so both the stores and lane-strided reads are bank-conflict free.
     __syncwarp();  // the previous batch's reads are done
@@ -721,23 +750,28 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int k = 0; k < kVecs; ++k) tile[k] = stage[lane * (kVecs + 1) + k];
     const uint4* tile_shared = stage + lane * (kVecs + 1);  // intact until the next batch's regroup
     if (kPrefetch && b0 + step < t_end) load_batch(q, b0 + step);
+    const int pair_lane = (second ? 16 : 0) + lane / 2;
+    const uint32_t even = __shfl_sync(0xffffffffu, noise_even, pair_lane);
+    const uint32_t odd = __shfl_sync(0xffffffffu, noise_odd, pair_lane);
     const int64_t t = b0 + lane;
     if (t >= t_end) continue;
-    float tile_max = -INFINITY, tile_sum = 0.f;
+    float tile_max = -INFINITY, log2_base = -INFINITY, tile_sum = 0.f;
     if (c.greedy) {  // argmax (and the raw log-sum-exp): fold group by group
 #pragma unroll
       for (int k = 0; k < kVecs; ++k) fold_vec<T>(st, tile_max, tile_sum, tile[k], t * kTile + k * kPer, c);
+      continue;
     } else if (c.threshold == -INFINITY) {
-      if (c.need_logprobs) tile_mass<T, false, true>(tile, tile_shared, c, tile_max, tile_sum, st);
-      else tile_mass<T, false, false>(tile, tile_shared, c, tile_max, tile_sum, st);
+      if (c.need_logprobs) tile_mass<T, false, true>(tile, tile_shared, c, log2_base, tile_sum, st);
+      else tile_mass<T, false, false>(tile, tile_shared, c, log2_base, tile_sum, st);
     } else if (c.need_logprobs) {  // truncated, with log-probs: fold group by group
 #pragma unroll
       for (int k = 0; k < kVecs; ++k) fold_vec<T>(st, tile_max, tile_sum, tile[k], t * kTile + k * kPer, c);
+      log2_base = tile_max * c.scale2;
     } else {
-      tile_mass<T, true, false>(tile, tile_shared, c, tile_max, tile_sum, st);
+      tile_mass<T, true, false>(tile, tile_shared, c, log2_base, tile_sum, st);
     }
-    if (c.greedy || tile_max == -INFINITY) continue;  // -inf: nothing kept in the tile
-    add_tile(st, tile_max, tile_sum, c, seed, offset, t);
+    if (log2_base == -INFINITY) continue;  // nothing kept in the tile
+    add_tile(st, log2_base, tile_sum, c, lane % 2 ? odd : even, t);
   }
   finish_or_write_partial<T, true, kCluster>(a, row, split, st, c, seed, offset,
                                              reinterpret_cast<float4*>(stage_all + nwarps * kBatchTiles * (kVecs + 1)));
@@ -1283,21 +1317,24 @@ cudaError_t sample_aligned_launch(const SampleArgs& a, const float* thresholds, 
   constexpr int kVecs = kTile * static_cast<int>(sizeof(T)) / 16;
   const int64_t batches = ceil_div(ceil_div(a.V, kTile), kBatchTiles);
   const int64_t per_split = ceil_div(batches, a.splits);  // whole batches (see sample_splits)
-  const int warps = static_cast<int>(per_split < kThreads / 32 ? per_split : kThreads / 32);
-  const size_t smem = static_cast<size_t>(warps) * kBatchTiles * (kVecs + 1) * sizeof(uint4);
+  auto warps_up_to = [&](int threads) { return static_cast<int>(per_split < threads / 32 ? per_split : threads / 32); };
+  auto smem_for = [&](int warps) { return static_cast<size_t>(warps) * kBatchTiles * (kVecs + 1) * sizeof(uint4); };
   const dim3 grid(static_cast<unsigned>(a.B), static_cast<unsigned>(a.splits));
   const int64_t tiles_per_split = per_split * kBatchTiles;
   if (a.clusters && use_cluster_merge(a.B, a.splits, a.num_sms)) {  // a row's splits merge in a cluster
-    const size_t cluster_smem = smem + 2 * sizeof(float4) * static_cast<size_t>(a.splits * warps);  // + partials
+    const int cwarps = warps_up_to(a.splits == 2 ? kClusterThreads : kThreads);
+    const size_t cluster_smem = smem_for(cwarps) + 2 * sizeof(float4) * static_cast<size_t>(a.splits * cwarps);
     cudaError_t err = cudaSuccess;
-    if (cluster_smem > 48 * 1024)  // fp32 with 6-8 warps: 52-70 KB
+    if (cluster_smem > 48 * 1024)  // fp32: 70 KB with 8 warps, 140 KB with 16 (+ partials)
       err = cudaFuncSetAttribute(sample_kernel<T, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                  static_cast<int>(cluster_smem));
-    if (err == cudaSuccess && launch(a, dim3(1, a.splits), sample_kernel<T, true>, grid, dim3(warps * 32),
+    if (err == cudaSuccess && launch(a, dim3(1, a.splits), sample_kernel<T, true>, grid, dim3(cwarps * 32),
                                      cluster_smem, stream, a, thresholds, tiles_per_split) == cudaSuccess)
       return cudaSuccess;
     (void)cudaGetLastError();  // no room for such clusters (e.g. a small MIG slice): the finish kernel
   }
+  const int warps = warps_up_to(kThreads);  // (the workspace holds 8 warps' partials per split)
+  const size_t smem = smem_for(warps);
   cudaError_t err = cudaSuccess;
   if (smem > 48 * 1024)
     err = cudaFuncSetAttribute(sample_kernel<T, false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -1342,7 +1379,7 @@ int sample_splits(DType dtype, const void* logits, int64_t ld, int64_t B, int64_
     // fewer waves (H100, graph: bf16 B = 256..1024 5-10% faster than with at most 4, fp32 and
     // B <= 64 unchanged); whole batches per split; small grids get CTAs of fewer warps so
     // that they still cover the SMs (B = 1, V = 128256: 63 one-warp CTAs; B = 64: 4 splits
-    // of 8 warps x 2 batches; B = 256: one 8-warp CTA per row).
+    // of 8 warps x 2 batches, with clusters 2 of 16 warps x 2; B = 256: one 8-warp CTA per row).
     const int64_t batches = ceil_div(ceil_div(V, kTile), kBatchTiles);
     int64_t rounds = ceil_div(B * batches, 16 * static_cast<int64_t>(num_sms));
     rounds = rounds < 1 ? 1 : (rounds > 16 ? 16 : rounds);
@@ -1358,6 +1395,14 @@ int sample_splits(DType dtype, const void* logits, int64_t ld, int64_t B, int64_
     if (clusters && s > kMaxClusterSplits && batches <= per_warp * kMaxClusterSplits * (kThreads / 32) &&
         use_cluster_merge(B, kMaxClusterSplits, num_sms))
       s = kMaxClusterSplits;
+    // Batches of one to two CTAs per SM (B = 45 .. 66 on 132 SMs): two CTAs of up to 16 warps
+    // per row (one CTA per SM) with at most two batches per warp, merged in a cluster of two
+    // (H100, graph of 20: B = 64, V = 128256, bf16 9.7 -> 9.2 us, with log-probs 12.8 ->
+    // 12.3). 16-warp CTAs in larger clusters lost (bf16 B = 16, V = 256000 in 8 such CTAs:
+    // 8.7 -> 11.9 us; B = 32, V = 128256 in 4: 8.1 -> 11.5), as one CTA per SM leaves fewer
+    // places for a cluster.
+    if (clusters && num_sms / B == 2 && use_cluster_merge(B, 2, num_sms) && batches <= 2 * 2 * kClusterThreads / 32)
+      s = 2;
     s = ceil_div(batches, ceil_div(batches, s));  // no empty splits
     return static_cast<int>(s > 65535 ? 65535 : s);
   }

@@ -3,9 +3,9 @@
 ``sample`` draws an exact sample from ``softmax(l / tau)`` over the kept vocabulary with a
 hierarchical Gumbel-max: the row is cut into 64-entry tiles, each tile's key is
 ``log sum_{v in tile} exp(l_v / tau)`` plus Gumbel noise (Philox keyed by the row's
-``(seed, offset)`` and the tile index), the tile with the largest key wins, and the token
-inside it is drawn by inverse CDF with a second Philox uniform of that tile. One exp per
-logit and one random draw per tile. ``tau = 0`` is an exact argmax (lowest index on ties),
+``(seed, offset)``; one block of four words per pair of tiles, counter ``tile // 2``), the
+tile with the largest key wins, and the token inside it is drawn by inverse CDF with a
+second Philox uniform of that tile. One exp per logit and one random draw per tile. ``tau = 0`` is an exact argmax (lowest index on ties),
 never a uniform draw or a NaN. The CPU and CUDA kernels implement the same procedure and
 draw the same tokens up to float rounding at near-ties.
 """
