@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fusedlm
-from test_sampling import chi_square_pvalue, truncated_probs
+from test_sampling import chi_square_pvalue, tied_maxima_counts, truncated_probs
 
 pytestmark = pytest.mark.cuda
 DEV = "cuda"
@@ -247,6 +247,16 @@ def test_chi_square(tau, trunc):
     support = probs > 0
     if support.sum() > 1:
         assert chi_square_pvalue(counts[support], probs[support] * n) > 1e-4
+
+
+# As on the CPU (test_sampling.py): tied maxima in two tiles split the draws evenly at any
+# tau > 0. (Keys summed into one float rounded the noise to the base's ulp: at tau = 1e-6 the
+# lower tile won ~8% more often.)
+@pytest.mark.parametrize("tau", [1e-7, 1e-6, 1e-3, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_tied_maxima_in_two_tiles_split_evenly(tau, dtype):
+    n1, n2 = tied_maxima_counts(tau, 20000, DEV, dtype)
+    assert n1 + n2 > 0.9 * 20000 and abs(n1 - n2) <= 5 * math.sqrt(n1 + n2), (n1, n2)
 
 
 def test_greedy_exact_with_ties_and_masks():

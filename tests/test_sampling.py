@@ -72,6 +72,24 @@ def test_empirical_distribution_matches_softmax(tau, trunc):
         assert pvalue > 1e-4, (pvalue, observed, expected)
 
 
+def tied_maxima_counts(tau, n, device="cpu", dtype=torch.float32):
+    """Draws from n copies of a row whose maximum (12.0) sits in two tiles (entries 100 and
+    3000); returns how often each of the two was drawn."""
+    row = torch.randn(4096)
+    row[100] = row[3000] = 12.0
+    logits = row.to(device, dtype).expand(n, -1).contiguous()
+    tokens = fusedlm.sample(logits, tau, seed=torch.randint(0, 2**62, (n,), device=device)).cpu()
+    return int((tokens == 100).sum()), int((tokens == 3000).sum())
+
+
+# Two tiles holding the same maximum split the draws evenly at any temperature > 0, down to
+# tau = 1e-7 where max / tau is ~1.2e8 (the tile keys must not round the noise away).
+@pytest.mark.parametrize("tau", [1e-7, 1e-6, 1.0])
+def test_tied_maxima_in_two_tiles_split_evenly(tau):
+    n1, n2 = tied_maxima_counts(tau, 20000)
+    assert n1 + n2 > 0.9 * 20000 and abs(n1 - n2) <= 5 * math.sqrt(n1 + n2), (n1, n2)
+
+
 def test_temperature_zero_is_exact_argmax_lowest_index():
     logits = torch.randn(64, 1000)
     logits[:, 17] = 50.0

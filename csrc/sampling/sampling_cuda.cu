@@ -56,10 +56,17 @@ __device__ __forceinline__ uint64_t row_offset(const SampleArgs& a, int64_t row)
   return a.offset == nullptr ? 0 : static_cast<uint64_t>(a.offset[row]);
 }
 
+// A tile's key, log2 of its mass plus its Gumbel noise (base 2), as base + frac: base = the
+// tile's maximum * log2(e) / tau, rounded (huge when tau is tiny), frac = log2(sum) - log2(E)
+// (a few units). tau = 0 rows: base = the argmax logit, frac = 0.
+struct TileKey {
+  float base = -INFINITY, frac = 0.f;
+};
+
 struct RowState {
   float raw_max = -INFINITY, raw_sum = 0.f;   // sum of exp(l - raw_max)
   float p_max = -INFINITY, p_sum = 0.f;       // sum of exp((l - p_max) / tau) over kept
-  float best_key = -INFINITY;
+  TileKey best_key;
   int64_t best_idx = -1;
   float arg_val = -INFINITY;
   int64_t arg_idx = -1;
@@ -86,6 +93,21 @@ __device__ __forceinline__ void best_merge(float& key, int64_t& idx, float key2,
   }
 }
 
+// The same for tile keys, compared as (base2 - base) + (frac2 - frac): the bases' difference is
+// exact where it is small (Sterbenz), so tiles holding the same maximum race on their noise
+// at any tau > 0. Summed into one float first, the noise was rounded to the base's ulp: at
+// tau = 1e-6 and a maximum near 12 to steps of 1, and the lower of two tied tiles won ~8%
+// more often than the higher.
+__device__ __forceinline__ void best_merge(TileKey& key, int64_t& idx, TileKey key2, int64_t idx2) {
+  if (idx2 < 0) return;
+  const float d = key2.base == key.base ? key2.frac - key.frac  // (also equal infinite bases)
+                                        : (key2.base - key.base) + (key2.frac - key.frac);
+  if (idx < 0 || d > 0.f || (d == 0.f && idx2 < idx)) {
+    key = key2;
+    idx = idx2;
+  }
+}
+
 __device__ void merge_state(RowState& a, const RowState& b, float inv_tau) {
   online_merge(a.raw_max, a.raw_sum, b.raw_max, b.raw_sum, 1.f);
   online_merge(a.p_max, a.p_sum, b.p_max, b.p_sum, inv_tau);
@@ -99,7 +121,8 @@ __device__ RowState shfl_state(const RowState& s, int off) {
   o.raw_sum = __shfl_xor_sync(0xffffffffu, s.raw_sum, off);
   o.p_max = __shfl_xor_sync(0xffffffffu, s.p_max, off);
   o.p_sum = __shfl_xor_sync(0xffffffffu, s.p_sum, off);
-  o.best_key = __shfl_xor_sync(0xffffffffu, s.best_key, off);
+  o.best_key.base = __shfl_xor_sync(0xffffffffu, s.best_key.base, off);
+  o.best_key.frac = __shfl_xor_sync(0xffffffffu, s.best_key.frac, off);
   o.best_idx = __shfl_xor_sync(0xffffffffu, s.best_idx, off);
   o.arg_val = __shfl_xor_sync(0xffffffffu, s.arg_val, off);
   o.arg_idx = __shfl_xor_sync(0xffffffffu, s.arg_idx, off);
@@ -199,16 +222,17 @@ __device__ __forceinline__ RowCtx row_ctx(const SampleArgs& a, const float* thre
 // its kept entries, is 2^log2_base * tile_sum with tile_sum >= 1 (its largest term is ~1).
 // Plus the tile's Gumbel noise (noise: its tile_noise_word, as on the CPU), its log-mass
 // competes for the sampled tile, in base 2: key = log2(mass) - log2(E) with E = -log(u)
-// standard exponential (= (log(mass) + Gumbel) * log2(e), the CPU's key up to rounding).
+// standard exponential (= (log(mass) + Gumbel) * log2(e), the CPU's key up to rounding),
+// kept as TileKey{log2_base, log2(tile_sum) - log2(E)}.
 // With log-probs the log-mass also joins the processed log-sum-exp (natural log).
 // Both log2 are one MUFU.LG2 (absolute error ~2^-22; tile_sum and E are normal floats):
 // accurate logf costs ~25 instructions each, a tenth of a tile's work at 64 entries. The
 // inner log of the exponential stays accurate: for u near 1 only its relative error is small.
 __device__ __forceinline__ void add_tile(RowState& st, float log2_base, float tile_sum, const RowCtx& c,
                                          uint32_t noise, int64_t t) {
-  const float log2_mass = log2_base + fast_log2(tile_sum);
-  if (c.need_logprobs) online_merge(st.p_max, st.p_sum, log2_mass * kLn2, 1.f, 1.f);
-  best_merge(st.best_key, st.best_idx, log2_mass - fast_log2(exponential_from_bits(noise)), t);
+  const float log2_sum = fast_log2(tile_sum);
+  if (c.need_logprobs) online_merge(st.p_max, st.p_sum, (log2_base + log2_sum) * kLn2, 1.f, 1.f);
+  best_merge(st.best_key, st.best_idx, TileKey{log2_base, log2_sum - fast_log2(exponential_from_bits(noise))}, t);
 }
 
 // Folds entries v .. v+3 (x; -inf past V) into the row state: the raw log-sum-exp (for
@@ -320,7 +344,7 @@ __device__ void finish_row(const SampleArgs& a, int64_t row, int lane, const Row
   }
   const T* l = static_cast<const T*>(a.logits) + row * a.ld;
   int64_t token = st.best_idx;     // greedy: the argmax index
-  float token_logit = st.best_key;  // greedy: its logit (see finish_or_write_partial)
+  float token_logit = st.best_key.base;  // greedy: its logit (see finish_or_write_partial)
   if (!greedy) {
     const int64_t t = st.best_idx;
     const float threshold = c.threshold;
@@ -382,7 +406,7 @@ __device__ __forceinline__ RowState merge_partials(const float4* partials, int n
     }
     online_merge(st.raw_max, st.raw_sum, lo.x, lo.y, 1.f);
     online_merge(st.p_max, st.p_sum, lo.z, lo.w, 1.f);
-    best_merge(st.best_key, st.best_idx, hi.x, __float_as_int(hi.y));
+    best_merge(st.best_key, st.best_idx, TileKey{hi.x, hi.z}, __float_as_int(hi.y));
   }
   for (int off = 16; off > 0; off >>= 1) {
     const RowState other = shfl_state(st, off);
@@ -418,7 +442,7 @@ __device__ void finish_or_write_partial(const SampleArgs& a, int64_t row, int sp
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   st = a.splits == 1 ? block_reduce(st) : warp_reduce(st);
   if (c.greedy) {  // the partial's winner slot holds the argmax for tau = 0 rows
-    st.best_key = st.arg_val;
+    st.best_key = TileKey{st.arg_val, 0.f};
     st.best_idx = st.arg_idx;
   }
   if (a.splits == 1) {
@@ -427,7 +451,7 @@ __device__ void finish_or_write_partial(const SampleArgs& a, int64_t row, int sp
   }
   const int slot = split * warps + warp;
   const float4 lo = make_float4(st.raw_max, st.raw_sum, st.p_max, st.p_sum);
-  const float4 hi = make_float4(st.best_key, __int_as_float(static_cast<int>(st.best_idx)), 0.f, 0.f);
+  const float4 hi = make_float4(st.best_key.base, __int_as_float(static_cast<int>(st.best_idx)), st.best_key.frac, 0.f);
   if constexpr (!kCluster) {
     if (lane == 0) {
       float4* out = reinterpret_cast<float4*>(a.workspace + row * a.splits * warps * kPartial);
