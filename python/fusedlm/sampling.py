@@ -5,9 +5,10 @@ hierarchical Gumbel-max: the row is cut into 64-entry tiles, each tile's key is
 ``log sum_{v in tile} exp(l_v / tau)`` plus Gumbel noise (Philox keyed by the row's
 ``(seed, offset)``; one block of four words per pair of tiles, counter ``tile // 2``), the
 tile with the largest key wins, and the token inside it is drawn by inverse CDF with a
-second Philox uniform of that tile. One exp per logit and one random draw per tile. ``tau = 0`` is an exact argmax (lowest index on ties),
-never a uniform draw or a NaN. The CPU and CUDA kernels implement the same procedure and
-draw the same tokens up to float rounding at near-ties.
+second Philox uniform of that tile. One exp per logit and one random draw per tile.
+``tau = 0`` is an exact argmax (lowest index on ties), never a uniform draw or a NaN. The
+CPU and CUDA kernels implement the same procedure and draw the same tokens up to float
+rounding at near-ties.
 """
 from __future__ import annotations
 
