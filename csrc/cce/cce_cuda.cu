@@ -55,8 +55,6 @@ using tile::kN;
 using tile::kNTiles;
 using tile::kThreads;
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 static_assert(kTileRows == kM && kTileVocab == kN, "tile sizes must agree");
 
 template <typename T>

@@ -3,6 +3,8 @@
 
 namespace fusedlm {
 
+constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+
 // 2^x in one MUFU instruction. (exp2f adds a range fix-up for results below 2^-126; those
 // only ever feed sums of exponentials, where they vanish, or softmax entries far below any
 // filter threshold.)

@@ -43,14 +43,17 @@ FUSEDLM_HD Uint4 philox4x32_10(Uint4 counter, uint64_t key64) {
 
 // Four random words for counter `group` of a row keyed by (seed, offset). The sampler uses
 // one call per pair of 64-entry tiles 2g, 2g + 1 (group g): per tile a noise word (the
-// Gumbel variate of its key) and a uniform word (the draw inside it), see the two below.
+// Gumbel variate of its key) and a uniform word (the draw inside it): see tile_pair_block.
 FUSEDLM_HD Uint4 philox_block(uint64_t seed, uint64_t offset, uint64_t group) {
   const Uint4 counter{static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32),
                       static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32)};
   return philox4x32_10(counter, seed);
 }
 
-// Tile t's words in its pair's block philox_block(seed, offset, t / 2).
+// The block of tile t's pair, and tile t's words in it.
+FUSEDLM_HD Uint4 tile_pair_block(uint64_t seed, uint64_t offset, uint64_t t) {
+  return philox_block(seed, offset, t / 2);
+}
 FUSEDLM_HD uint32_t tile_noise_word(const Uint4& block, uint64_t t) { return t % 2 ? block.z : block.x; }
 FUSEDLM_HD uint32_t tile_uniform_word(const Uint4& block, uint64_t t) { return t % 2 ? block.w : block.y; }
 

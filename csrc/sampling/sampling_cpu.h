@@ -111,8 +111,7 @@ inline RowResult sample_row(const float* l, int64_t V, float tau, uint64_t seed,
     double sum = 0;
     for (int64_t v = t * kSampleTile; v < v_end; ++v)
       if (kept(v)) sum += std::exp((l[v] - m) / tau);
-    const Uint4 block = philox_block(seed, offset, t / 2);
-    const double key = m / tau + std::log(sum) + gumbel_from_bits(tile_noise_word(block, t));
+    const double key = m / tau + std::log(sum) + gumbel_from_bits(tile_noise_word(tile_pair_block(seed, offset, t), t));
     if (best_tile < 0 || key > best_key) {
       best_tile = t;
       best_key = key;
@@ -122,7 +121,7 @@ inline RowResult sample_row(const float* l, int64_t V, float tau, uint64_t seed,
   }
   // Inverse CDF inside the winning tile.
   const double target =
-      bits_to_open_unit(tile_uniform_word(philox_block(seed, offset, best_tile / 2), best_tile)) * best_sum;
+      bits_to_open_unit(tile_uniform_word(tile_pair_block(seed, offset, best_tile), best_tile)) * best_sum;
   const int64_t v_end = std::min(V, (best_tile + 1) * kSampleTile);
   int64_t token = -1;
   double cumulative = 0;

@@ -190,7 +190,6 @@ __device__ __forceinline__ float warp_max(float x) {
 }
 
 constexpr int kTile = 64;  // entries per sampling tile (== CPU kSampleTile)
-constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
 
 struct RowCtx {
   int64_t V;
@@ -368,8 +367,7 @@ __device__ void finish_row(const SampleArgs& a, int64_t row, int lane, const Row
     }
     const float total = __shfl_sync(0xffffffffu, base, 31);
     base -= run;
-    const uint64_t tu = static_cast<uint64_t>(t);
-    const float target = bits_to_open_unit(tile_uniform_word(philox_block(seed, offset, tu / 2), tu)) * total;
+    const float target = bits_to_open_unit(tile_uniform_word(tile_pair_block(seed, offset, t), t)) * total;
     int first = 4, last_kept = -1;
 #pragma unroll
     for (int q = 3; q >= 0; --q) {
@@ -533,8 +531,7 @@ __global__ void __launch_bounds__(kThreads)
       fold4(st, tile_max, tile_sum, x, t * kTile + k * 4, c);
     }
     if (c.greedy || tile_max == -INFINITY) continue;  // -inf: nothing kept in the tile
-    const uint64_t tu = static_cast<uint64_t>(t);
-    add_tile(st, tile_max * c.scale2, tile_sum, c, tile_noise_word(philox_block(seed, offset, tu / 2), tu), t);
+    add_tile(st, tile_max * c.scale2, tile_sum, c, tile_noise_word(tile_pair_block(seed, offset, t), t), t);
   }
   finish_or_write_partial<T, kVec>(a, row, split, st, c, seed, offset);
 }
