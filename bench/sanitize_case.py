@@ -48,6 +48,7 @@ fusedlm.temperature_logprobs(logits, torch.arange(5, device="cuda"), [0.0, 0.5, 
 for batch in (1, 8, 64, 300):
     big = torch.randn(batch, 128256, device="cuda", dtype=torch.bfloat16) * 3
     tau = torch.rand(batch, device="cuda")
+    tau[::5] = 0.0  # tau = 0 rows: the argmax
     fusedlm.sample(big, tau, seed=torch.arange(batch, device="cuda"), return_logprobs=True)
     fusedlm.sample(big, tau, seed=torch.arange(batch, device="cuda"))
     fusedlm.sample(big, tau, top_k=50, top_p=0.9)

@@ -271,6 +271,33 @@ def test_greedy_exact_with_ties_and_masks():
     assert (t == 0).all() and torch.isnan(lp).all() and torch.isnan(raw).all()
 
 
+# tau = 0 rows among sampled ones: the lowest index of the maximum (ties inside a tile and
+# across tiles, NaN entries, a +inf entry, a ragged last tile), and the raw log-prob.
+@pytest.mark.parametrize("b,v", [(8, 128256), (64, 128256), (300, 5120), (64, 5003)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_greedy_rows_take_the_first_maximum(dtype, b, v):
+    logits = (torch.randn(b, v) * 3).round()  # integers: many exact ties in every dtype
+    logits[0, 70:75] = float("nan")
+    logits[0, 100], logits[0, 101], logits[0, v - 1] = 50.0, 50.0, 50.0  # tied in a tile and in the last
+    logits[1, 65], logits[1, 5000] = 40.0, 40.0  # tied in two tiles (of two splits for long rows)
+    logits[2, v - 1] = 60.0  # in the ragged last tile
+    logits[3, 3] = float("inf")
+    logits = logits.to(dtype)
+    tau = torch.rand(b) + 0.1
+    tau[::3] = 0.0
+    tau[:4] = 0.0
+    clean = logits.float().nan_to_num(nan=float("-inf"), posinf=float("inf"))
+    expected = clean.argmax(1)
+    tokens, _, raw = fusedlm.sample(logits.to(DEV), tau.to(DEV), seed=torch.arange(b, device=DEV), return_logprobs=True)
+    tokens_only = fusedlm.sample(logits.to(DEV), tau.to(DEV), seed=torch.arange(b, device=DEV))
+    greedy = tau == 0
+    assert torch.equal(tokens.cpu()[greedy], expected[greedy])
+    assert torch.equal(tokens_only.cpu()[greedy], expected[greedy])
+    finite = greedy & clean.isfinite().any(1) & ~clean.isposinf().any(1)
+    want = (clean.double().gather(1, expected[:, None])[:, 0] - clean.double().logsumexp(1))[finite]
+    assert torch.allclose(raw.cpu().double()[finite], want, atol=1e-4, rtol=1e-5)
+
+
 def test_invalid_temperature_tensor_is_flagged_without_sync():
     logits = torch.randn(3, 50, device=DEV)
     t, lp, _ = fusedlm.sample(logits, torch.tensor([1.0, -1.0, float("nan")], device=DEV),

@@ -5,7 +5,7 @@
 // 16-byte loads before using any (enough bytes in flight to reach DRAM bandwidth), then
 // regroups them through padded shared memory so that each lane owns one whole tile. The lane
 // forms the tile's log-mass log(sum exp(l / tau)) over kept entries (max, then the sum, over
-// the tile in registers; tau = 0 rows and truncated rows with log-probs: an online fold)
+// the tile in registers; truncated rows with log-probs: an online fold)
 // and keeps the tile with the largest log-mass + Gumbel key (base 2; one Philox block per
 // pair of tiles, counter = tile / 2, as on the CPU); also the raw log-sum-exp (only when
 // log-probs are asked for) and, for tau = 0 rows, the argmax. sample_finish_kernel (one warp
@@ -136,16 +136,36 @@ __device__ __noinline__ RowState warp_reduce(RowState s) {
   return s;
 }
 
+// Without log-probs a row needs only its winning key and index (the winning tile's, or for
+// tau = 0 rows the argmax as a key of frac 0): the other fields stay empty. That warp merge
+// shuffles three words a step, inline; warp_reduce shuffles eleven and merges two
+// log-sum-exps a step. Tile indices fit 32 bits, as in the partials. (H100, graph of 20,
+// bf16 V = 128256: B = 64 9.3 -> 8.7 us, B = 8 5.8 -> 5.2, B = 1 5.7 -> 5.1.)
+__device__ __forceinline__ void warp_reduce_key(TileKey& key, int64_t& idx) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const TileKey other{__shfl_xor_sync(0xffffffffu, key.base, off), __shfl_xor_sync(0xffffffffu, key.frac, off)};
+    const int other_idx = __shfl_xor_sync(0xffffffffu, static_cast<int>(idx), off);
+    best_merge(key, idx, other, other_idx);
+  }
+}
+
+__device__ __forceinline__ RowState warp_merge(RowState s, bool key_only) {
+  if (!key_only) return warp_reduce(s);
+  warp_reduce_key(s.best_key, s.best_idx);
+  return s;
+}
+
 // The CTA's merged state, in every lane of warp 0. Warp 0 merges the warps' states with
 // shuffles, in parallel, rather than thread 0 one after another (7 dependent merges, each
 // with exps, at the end of every CTA).
-__device__ RowState block_reduce(RowState s) {
+__device__ RowState block_reduce(RowState s, bool key_only = false) {
   __shared__ RowState warp_states[kClusterThreads / 32];  // (sample_kernel<T, true> may have 16 warps)
-  s = warp_reduce(s);
+  s = warp_merge(s, key_only);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) warp_states[warp] = s;
   __syncthreads();
-  if (warp == 0) s = warp_reduce(lane < static_cast<int>(blockDim.x / 32) ? warp_states[lane] : RowState());
+  if (warp == 0) s = warp_merge(lane < static_cast<int>(blockDim.x / 32) ? warp_states[lane] : RowState(), key_only);
   return s;
 }
 
@@ -396,16 +416,24 @@ __device__ void finish_row(const SampleArgs& a, int64_t row, int lane, const Row
 // parallel, then across the warp. lo / hi: partial `lane`, which the caller loaded early.
 // The warp merge is inline, without the argmax fields: warp_reduce (an out-of-line call)
 // measured up to 1 us slower in the finish kernel (H100, B = 64 with log-probs).
-__device__ __forceinline__ RowState merge_partials(const float4* partials, int n, int lane, float4 lo, float4 hi) {
+// key_only: no log-probs (see warp_reduce_key).
+__device__ __forceinline__ RowState merge_partials(const float4* partials, int n, int lane, float4 lo, float4 hi,
+                                                   bool key_only) {
   RowState st;
   for (int s = lane; s < n; s += 32) {
     if (s != lane) {  // more than 32 partials per row (few rows)
       lo = partials[2 * s];
       hi = partials[2 * s + 1];
     }
-    online_merge(st.raw_max, st.raw_sum, lo.x, lo.y, 1.f);
-    online_merge(st.p_max, st.p_sum, lo.z, lo.w, 1.f);
+    if (!key_only) {
+      online_merge(st.raw_max, st.raw_sum, lo.x, lo.y, 1.f);
+      online_merge(st.p_max, st.p_sum, lo.z, lo.w, 1.f);
+    }
     best_merge(st.best_key, st.best_idx, TileKey{hi.x, hi.z}, __float_as_int(hi.y));
+  }
+  if (key_only) {
+    warp_reduce_key(st.best_key, st.best_idx);
+    return st;
   }
   for (int off = 16; off > 0; off >>= 1) {
     const RowState other = shfl_state(st, off);
@@ -439,11 +467,12 @@ template <typename T, bool kVec, bool kCluster = false>
 __device__ void finish_or_write_partial(const SampleArgs& a, int64_t row, int split, RowState st, const RowCtx& c,
                                         uint64_t seed, uint64_t offset, float4* cluster_partials = nullptr) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
-  st = a.splits == 1 ? block_reduce(st) : warp_reduce(st);
-  if (c.greedy) {  // the partial's winner slot holds the argmax for tau = 0 rows
+  if (c.greedy) {  // the winner slot holds the argmax for tau = 0 rows (a key of frac 0)
     st.best_key = TileKey{st.arg_val, 0.f};
     st.best_idx = st.arg_idx;
   }
+  const bool key_only = !a.need_logprobs;
+  st = a.splits == 1 ? block_reduce(st, key_only) : warp_merge(st, key_only);
   if (a.splits == 1) {
     if (warp == 0) finish_row<T, kVec>(a, row, lane, st, c, seed, offset);
     return;
@@ -471,7 +500,7 @@ __device__ void finish_or_write_partial(const SampleArgs& a, int64_t row, int sp
       plo = cluster_partials[2 * lane];
       phi = cluster_partials[2 * lane + 1];
     }
-    finish_row<T, kVec>(a, row, lane, merge_partials(cluster_partials, n, lane, plo, phi), c, seed, offset);
+    finish_row<T, kVec>(a, row, lane, merge_partials(cluster_partials, n, lane, plo, phi, key_only), c, seed, offset);
   }
 }
 
@@ -495,7 +524,7 @@ __global__ void sample_finish_kernel(SampleArgs a, const float* thresholds, int 
   const float tau = a.temperature[row], threshold = row_threshold(thresholds, row);
   const uint64_t seed = static_cast<uint64_t>(a.seed[row]);
   const uint64_t offset = row_offset(a, row);
-  const RowState st = merge_partials(partials, partials_per_row, lane, lo, hi);
+  const RowState st = merge_partials(partials, partials_per_row, lane, lo, hi, !a.need_logprobs);
   finish_row<T, kVec>(a, row, lane, st, row_ctx(a, tau, threshold), seed, offset);
 }
 
@@ -671,6 +700,17 @@ __device__ __noinline__ TileSums tile_sums_rare(const uint4* tile_shared, float 
   return tile_sums<T, kThreshold, kRaw, true>(q, m, threshold, scale2);
 }
 
+// The largest kept entry of a tile in registers, or NaN if an entry is NaN (without
+// kThreshold; truncation already made NaN entries -inf).
+template <typename T, bool kThreshold>
+__device__ __forceinline__ float tile_largest(const uint4 (&q)[kTile * sizeof(T) / 16], float threshold) {
+  if constexpr (sizeof(T) == 2 && !kThreshold) return tile_max_pairs<T>(q);
+  float mj[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
+#pragma unroll
+  for (int j = 0; j < kTile; ++j) mj[j % 4] = fmax_nan(mj[j % 4], tile_entry<T, kThreshold>(q, j, threshold));
+  return fmax_nan(fmax_nan(mj[0], mj[1]), fmax_nan(mj[2], mj[3]));
+}
+
 // A whole tile in registers (tau > 0): its kept maximum, then the sum of
 // exp((x - max) / tau) in a second pass, without the per-group rescaling of fold_vec (no
 // branches, short dependency chains); kRaw: also the raw log-sum-exp (for log-probs), which
@@ -684,15 +724,7 @@ template <typename T, bool kThreshold, bool kRaw>
 __device__ __forceinline__ void tile_mass(const uint4 (&q)[kTile * sizeof(T) / 16], const uint4* tile_shared,
                                           const RowCtx& c, float& log2_base, float& tile_sum, RowState& st) {
   static_assert(!(kRaw && kThreshold), "the raw log-sum-exp shares the untruncated maximum");
-  float m;
-  if constexpr (sizeof(T) == 2 && !kThreshold) {
-    m = tile_max_pairs<T>(q);
-  } else {  // (truncation already made NaN entries -inf)
-    float mj[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
-#pragma unroll
-    for (int j = 0; j < kTile; ++j) mj[j % 4] = fmax_nan(mj[j % 4], tile_entry<T, kThreshold>(q, j, c.threshold));
-    m = fmax_nan(fmax_nan(mj[0], mj[1]), fmax_nan(mj[2], mj[3]));
-  }
+  const float m = tile_largest<T, kThreshold>(q, c.threshold);
   if (m == -INFINITY) return;  // nothing kept in the tile
   const TileSums r = m < INFINITY ? tile_sums<T, kThreshold, kRaw, false>(q, m, c.threshold, c.scale2)
                                   : tile_sums_rare<T, kThreshold, kRaw>(tile_shared, c.threshold, c.scale2);
@@ -700,6 +732,47 @@ __device__ __forceinline__ void tile_mass(const uint4 (&q)[kTile * sizeof(T) / 1
   if constexpr (kRaw) online_merge(st.raw_max, st.raw_sum, r.max, r.raw_sum, 1.f);
   log2_base = r.log2_base;
   tile_sum = r.sum;
+}
+
+// A tau = 0 row's tile in registers: its largest entry and the lowest index holding it join
+// the lane's argmax, and with log-probs its raw sum joins the log-sum-exp, in whole-tile passes
+// as in tile_mass. NaN entries count as -inf, bit for bit (the maximum skips them, their terms
+// are clamped to 0); tiles holding +inf (rare) take fold_vec's per-entry fold, which every
+// tile took before (per-entry compares and rescaled exps; a batch waited for such a row: H100,
+// bf16 B = 256 with log-probs and one tau = 0 row, 46 -> 33 us).
+template <typename T>
+__device__ __forceinline__ void tile_argmax(const uint4 (&q)[kTile * sizeof(T) / 16], int64_t t, const RowCtx& c,
+                                            RowState& st) {
+  constexpr int kPer = 16 / static_cast<int>(sizeof(T)), kVecs = kTile / kPer;
+  float m = tile_largest<T, false>(q, -INFINITY);
+  const bool has_nan = m != m;
+  if (has_nan) m = tile_largest<T, true>(q, -INFINITY);  // (the threshold test drops NaN)
+  if (m == INFINITY) {
+    float unused_max = -INFINITY, unused_sum = 0.f;
+#pragma unroll
+    for (int k = 0; k < kVecs; ++k) fold_vec<T>(st, unused_max, unused_sum, q[k], t * kTile + k * kPer, c);
+    return;
+  }
+  if (c.need_logprobs && m > -INFINITY) {
+    float s[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < kTile; ++j) {
+      float z = (tile_entry<T, false>(q, j, 0.f) - m) * kLog2e;
+      if (has_nan) z = fmaxf(z, -INFINITY);  // NaN -> -inf
+      s[j % 4] += fast_exp2(z);
+    }
+    online_merge(st.raw_max, st.raw_sum, m, (s[0] + s[1]) + (s[2] + s[3]), 1.f);
+  }
+  if (st.arg_idx >= 0 && !(m > st.arg_val)) return;  // (equal: the lane holds a lower index)
+  // The first entry equal to m below V (an all -inf tile: its first non-NaN entry, as in
+  // fold4; entries past the row read -inf).
+  int first = -1;
+#pragma unroll
+  for (int j = kTile - 1; j >= 0; --j)
+    if (tile_entry<T, false>(q, j, 0.f) == m && t * kTile + j < c.V) first = j;
+  if (first < 0) return;
+  st.arg_val = m;
+  st.arg_idx = t * kTile + first;
 }
 
 // kCluster: a row's splits form a thread-block cluster and merge in it (see
@@ -779,9 +852,8 @@ __global__ void __launch_bounds__(kCluster ? kClusterThreads : kThreads, kCluste
     const int64_t t = b0 + lane;
     if (t >= t_end) continue;
     float tile_max = -INFINITY, log2_base = -INFINITY, tile_sum = 0.f;
-    if (c.greedy) {  // argmax (and the raw log-sum-exp): fold group by group
-#pragma unroll
-      for (int k = 0; k < kVecs; ++k) fold_vec<T>(st, tile_max, tile_sum, tile[k], t * kTile + k * kPer, c);
+    if (c.greedy) {  // argmax (and the raw log-sum-exp)
+      tile_argmax<T>(tile, t, c, st);
       continue;
     } else if (c.threshold == -INFINITY) {
       if (c.need_logprobs) tile_mass<T, false, true>(tile, tile_shared, c, log2_base, tile_sum, st);
