@@ -140,8 +140,8 @@ __device__ __noinline__ RowState warp_reduce(RowState s) {
 // tau = 0 rows the argmax as a key of frac 0): the other fields stay empty. That warp merge
 // shuffles three words a step, inline; warp_reduce shuffles eleven and merges two
 // log-sum-exps a step. The indices (tiles; tokens for tau = 0) fit 32 bits, as in the
-// partials. (H100, graph of 20,
-// bf16 V = 128256: B = 64 9.3 -> 8.7 us, B = 8 5.8 -> 5.2, B = 1 5.7 -> 5.1.)
+// partials. (H100, graph of 20, bf16 V = 128256: B = 64 9.3 -> 8.5 us, B = 8 5.8 -> 5.2,
+// B = 1 5.9 -> 5.3.)
 __device__ __forceinline__ void warp_reduce_key(TileKey& key, int64_t& idx) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
