@@ -666,24 +666,28 @@ struct TileSums {
 // (with a tiny tau it is ~1e-4 relative; (x - max) * scale2 cost an FADD per entry more).
 // kClamp: NaN terms (from NaN entries, or x = max = +inf) count 0; without it a NaN entry
 // poisons the sum.
+// The sum of 2^term(x) over a tile's entries x, in four accumulators. clamp: NaN terms count 0.
+template <typename T, bool kThreshold, typename Term>
+__device__ __forceinline__ float tile_exp2_sum(const uint4 (&q)[kTile * sizeof(T) / 16], float threshold, bool clamp,
+                                               Term term) {
+  float s[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int j = 0; j < kTile; ++j) {
+    float z = term(tile_entry<T, kThreshold>(q, j, threshold));
+    if (clamp) z = fmaxf(z, -INFINITY);
+    s[j % 4] += fast_exp2(z);
+  }
+  return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
 template <typename T, bool kThreshold, bool kRaw, bool kClamp>
 __device__ __forceinline__ TileSums tile_sums(const uint4 (&q)[kTile * sizeof(T) / 16], float max, float threshold,
                                               float scale2) {
-  auto sum_terms = [&](auto threshold_tag, auto term) {
-    float s[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int j = 0; j < kTile; ++j) {
-      float z = term(tile_entry<T, decltype(threshold_tag)::value>(q, j, threshold));
-      if constexpr (kClamp) z = fmaxf(z, -INFINITY);
-      s[j % 4] += fast_exp2(z);
-    }
-    return (s[0] + s[1]) + (s[2] + s[3]);
-  };
   const float base = max * scale2;
   TileSums r{max, base, 0.f, 0.f};
   if constexpr (kRaw)  // untruncated; the raw log-sum-exp keeps max itself as its base
-    r.raw_sum = sum_terms(std::false_type{}, [&](float x) { return (x - max) * kLog2e; });
-  r.sum = sum_terms(std::integral_constant<bool, kThreshold>{}, [&](float x) { return fmaf(x, scale2, -base); });
+    r.raw_sum = tile_exp2_sum<T, false>(q, threshold, kClamp, [&](float x) { return (x - max) * kLog2e; });
+  r.sum = tile_exp2_sum<T, kThreshold>(q, threshold, kClamp, [&](float x) { return fmaf(x, scale2, -base); });
   return r;
 }
 
@@ -754,16 +758,9 @@ __device__ __forceinline__ void tile_argmax(const uint4 (&q)[kTile * sizeof(T) /
     for (int k = 0; k < kVecs; ++k) fold_vec<T>(st, unused_max, unused_sum, q[k], t * kTile + k * kPer, c);
     return;
   }
-  if (c.need_logprobs && m > -INFINITY) {
-    float s[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int j = 0; j < kTile; ++j) {
-      float z = (tile_entry<T, false>(q, j, 0.f) - m) * kLog2e;
-      if (has_nan) z = fmaxf(z, -INFINITY);  // NaN -> -inf
-      s[j % 4] += fast_exp2(z);
-    }
-    online_merge(st.raw_max, st.raw_sum, m, (s[0] + s[1]) + (s[2] + s[3]), 1.f);
-  }
+  if (c.need_logprobs && m > -INFINITY)
+    online_merge(st.raw_max, st.raw_sum, m,
+                 tile_exp2_sum<T, false>(q, 0.f, has_nan, [&](float x) { return (x - m) * kLog2e; }), 1.f);
   if (st.arg_idx >= 0 && !(m > st.arg_val)) return;  // (equal: the lane holds a lower index)
   // The first entry equal to m below V (an all -inf tile: its first non-NaN entry, as in
   // fold4; entries past the row read -inf).
