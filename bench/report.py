@@ -27,13 +27,28 @@ def cce_tables(rows):
     # A backward that recomputes the logits and skips nothing costs 4 GEMMs (forward,
     # recompute, dE, dC): the last column is that floor over the fwd+bwd bar's time (> 1: no
     # recompute design meets the bar unless the filter skips tiles).
-    bars = ["| shape | regime | fwd / GEMM (first; alternating) | fwd+bwd / min(compile, apple) | exact / GEMM (first; alternating) | "
+    # Runs since session 12 also time every method under sustained load (`*_steady` passes:
+    # back-to-back calls at the GPU's power limit); their ratios follow the others after "|".
+    bars = ["| shape | regime | fwd / GEMM (first; alternating \\| sustained) | fwd+bwd / min(compile, apple) "
+            "(\\| sustained) | exact / GEMM (first; alternating \\| sustained) | "
             "fwd+bwd extra MiB | 4 GEMMs / (0.9 × min(compile, apple)) |", "|---|---|---|---|---|---|---|"]
 
     def pair(m, key):
         f, fb = m.get((key, "fwd")), m.get((key, "fwd+bwd"))
         return "–" if f is None else f"{f:.1f} / {fb:.1f}"
 
+    # Runs since session 12: the same under sustained load (*_steady passes; each method's
+    # GEMM column is the GEMM timed in alternation with that method).
+    steady_rows = ["", "Under sustained load (back-to-back calls at the power limit), ms:", "",
+              "| shape | regime | GEMM | torch.compile | apple CCE | Liger | fusedlm | fusedlm exact |",
+              "|---|---|---|---|---|---|---|---|"]
+    for (case, regime), m in t.items():
+        if ("fusedlm", "fwd_steady") not in m:
+            continue
+        cells = [f"{m[(k, 'fwd_steady')]:.1f} / {m[(k, 'fwd+bwd_steady')]:.1f}" if (k, "fwd_steady") in m else "–"
+                 for k in ("torch_compile", "apple_cce", "liger", "fusedlm")]
+        steady_rows.append(f"| {case} | {regime} | {m[('fusedlm', 'gemm_steady')]:.1f} | " + " | ".join(cells) +
+                      f" | {m.get(('fusedlm_exact', 'fwd+bwd_steady'), float('nan')):.1f} |")
     for (case, regime), m in t.items():
         gemm = m[("cublas_gemm", "gemm")]
         out.append(f"| {case} | {regime} | {gemm:.1f} | {pair(m, 'torch_compile')} | {pair(m, 'apple_cce')} | "
@@ -47,12 +62,19 @@ def cce_tables(rows):
         # (runs since session 6 also time the exact fwd+bwd alternating with the GEMM)
         exact_alt = ratios.get((case, regime, "fusedlm_exact", "fwd+bwd_interleaved"))
         ok = lambda x, limit: f"{x:.2f} {'met' if x <= limit else 'NOT met'}"  # noqa: E731
+        # Sustained-load ratios, when the run has them (" \\| x" after the other ratios).
+        steady = lambda x, limit: "" if x is None else f" \\| {ok(x, limit)}"  # noqa: E731
+        fwd_s = ratios.get((case, regime, "fusedlm", "fwd_steady"))
+        peers_s = [m[(k, "fwd+bwd_steady")] for k in ("torch_compile", "apple_cce") if (k, "fwd+bwd_steady") in m]
+        fb_s = m[("fusedlm", "fwd+bwd_steady")] / min(peers_s) if peers_s and ("fusedlm", "fwd+bwd_steady") in m else None
+        exact_s = ratios.get((case, regime, "fusedlm_exact", "fwd+bwd_steady"))
         alt_txt = f"; {ok(alt_ratio, 1.10)}" if alt_ratio is not None else ""
         dense_floor = 4 * gemm / (0.9 * min(peers)) if peers else float("nan")
-        exact_txt = ok(exact, 4.4) + (f"; {ok(exact_alt, 4.4)}" if exact_alt is not None else "")
-        bars.append(f"| {case} | {regime} | {ok(fwd, 1.10)}{alt_txt} | {ok(fb, 0.90)} | {exact_txt} | "
+        exact_txt = ok(exact, 4.4) + (f"; {ok(exact_alt, 4.4)}" if exact_alt is not None else "") + steady(exact_s, 4.4)
+        bars.append(f"| {case} | {regime} | {ok(fwd, 1.10)}{alt_txt}{steady(fwd_s, 1.10)} | {ok(fb, 0.90)}"
+                    f"{steady(fb_s, 0.90)} | {exact_txt} | "
                     f"{mem[(case, regime)][('fusedlm', 'fwd+bwd')]:.0f} | {dense_floor:.2f} |")
-    return out, bars
+    return out + (steady_rows if len(steady_rows) > 5 else []), bars
 
 
 def sampling_tables(rows):

@@ -23,7 +23,9 @@ def test_report_tables_from_committed_csv(path, capsys):
     # one table line per CCE case (results and bars) and per sampling case
     cce_lines = [line for line in out.splitlines()
                  if line.startswith("| ") and (" | random |" in line or " | peaked |" in line)]
-    assert len(cce_lines) == 2 * len(cce_cases)
+    # results and bars, plus the sustained-load table when the run has *_steady passes
+    tables = 3 if any(r["pass"] == "fwd_steady" for r in rows) else 2
+    assert len(cce_lines) == tables * len(cce_cases)
     assert sum(line.count(" floor: ") + line.count("≤ 15 µs") for line in out.splitlines()) >= len(
         [c for c in sampling_cases if c[0].split("xV")[0] != "B8"])
     assert "NaN" not in out and "nan" not in out
@@ -71,4 +73,30 @@ def test_exact_alternating_ratio(tmp_path, capsys):
              if r["suite"] == "cce" and r["method"] == "fusedlm_exact" and r["pass"] == "fwd+bwd"]
     bars = report_of(rows + extra, tmp_path, capsys).split("## CCE bars")[1].split("##")[0]
     lines = [line for line in bars.splitlines() if " | random |" in line or " | peaked |" in line]
-    assert lines and all("; 4.30 met |" in line for line in lines)
+    assert lines and all("; 4.30 met " in line for line in lines)
+
+
+def test_sustained_ratios(tmp_path, capsys):
+    """Runs with *_steady passes show the sustained ratio after "\\|" in the bar columns, each
+    judged against its bar; runs without them show none."""
+    def bar_lines(out):
+        bars = out.split("## CCE bars")[1].split("##")[0]
+        return [line for line in bars.splitlines() if " | random |" in line or " | peaked |" in line]
+
+    rows = [r for r in report.load(CSVS[0]) if not r["pass"].endswith("_steady")]
+    lines = bar_lines(report_of(rows, tmp_path, capsys))
+    assert lines and all("\\|" not in line for line in lines)
+    extra = []
+    for r in rows:
+        if r["suite"] == "cce" and r["method"] in ("fusedlm", "fusedlm_exact", "torch_compile") and r["pass"] == "fwd":
+            t = {"fusedlm": 9.0, "fusedlm_exact": 9.5, "torch_compile": 10.0}[r["method"]]
+            ratio = {"fusedlm": "1.234", "fusedlm_exact": "1.0", "torch_compile": "1.0"}[r["method"]]
+            extra += [dict(r, **{"pass": "fwd_steady"}, time_ms="2.0", ratio=ratio),
+                      dict(r, **{"pass": "fwd+bwd_steady"}, time_ms=str(t), ratio="4.5"),
+                      dict(r, **{"pass": "gemm_steady"}, time_ms="2.0", ratio="1.0")]
+    out = report_of(rows + extra, tmp_path, capsys)
+    lines = bar_lines(out)
+    # forward 1.234 (NOT met), fwd+bwd 9.0 / min(10.0, apple's none) = 0.90 (met), exact 4.5 (NOT met)
+    assert lines and all("\\| 1.23 NOT met |" in line and "\\| 0.90 met |" in line and "\\| 4.50 NOT met |" in line
+                         for line in lines)
+    assert "Under sustained load" in out
