@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import fusedlm
-from test_sampling import chi_square_pvalue, tied_maxima_counts, truncated_probs
+from test_sampling import (chi_square_pvalue, logits_of_tiny_case, tied_maxima_counts, tiny_temperature_case,
+                           truncated_probs)
 
 pytestmark = pytest.mark.cuda
 DEV = "cuda"
@@ -257,6 +258,24 @@ def test_chi_square(tau, trunc):
 def test_tied_maxima_in_two_tiles_split_evenly(tau, dtype):
     n1, n2 = tied_maxima_counts(tau, 20000, DEV, dtype)
     assert n1 + n2 > 0.9 * 20000 and abs(n1 - n2) <= 5 * math.sqrt(n1 + n2), (n1, n2)
+
+
+# As on the CPU: tiny (down to subnormal) temperatures draw the maximum with log-prob 0, for
+# logits of any sign and size up to ~1e4, in every layout. (Tile keys and log-sum-exps held
+# max / tau in float32: a subnormal tau overflowed it to inf (all-negative rows: "fully
+# masked", token 0), and once max / tau passed ~2^31 the tile sums, taken relative to its
+# rounded value, overflowed or vanished (logits near 1e4 at tau = 1e-6: random tokens); the
+# processed log-prob, a difference of two such terms, was off by their ulps.)
+@pytest.mark.parametrize("tau", [1e-6, 1e-9, 1e-20, 1e-38, 1e-44])
+@pytest.mark.parametrize("b,v", [(8, 128256), (64, 128256), (300, 5120), (64, 50257), (5, 5003)])
+def test_tiny_temperatures_draw_the_maximum(tau, b, v):
+    tokens, logp, raw, want, want_raw = tiny_temperature_case(tau, b, v, DEV)
+    assert (tokens == want).all(), (tokens != want).nonzero().flatten().tolist()
+    assert logp.abs().max() <= 1e-6, logp.abs().max()
+    torch.testing.assert_close(raw.double(), want_raw, rtol=1e-5, atol=1e-5)
+    # temperature_logprobs of the maximum at that tau: 0 as well
+    out = fusedlm.temperature_logprobs(logits_of_tiny_case(tau, b, v).to(DEV), want.to(DEV), [tau]).cpu()
+    assert out.abs().max() <= 1e-6, out.abs().max()
 
 
 def test_greedy_exact_with_ties_and_masks():

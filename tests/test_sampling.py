@@ -90,6 +90,42 @@ def test_tied_maxima_in_two_tiles_split_evenly(tau):
     assert n1 + n2 > 0.9 * 20000 and abs(n1 - n2) <= 5 * math.sqrt(n1 + n2), (n1, n2)
 
 
+def logits_of_tiny_case(tau, b, v):
+    """Rows with one clear maximum (float32; some rows all below -25, some near 1e4), the
+    same for the same arguments."""
+    g = torch.Generator().manual_seed(hash((tau, b, v)) % 2**31)
+    logits = torch.randn(b, v, generator=g) * 3
+    logits[::2] -= 40.0
+    logits[1::4] += 1e4
+    logits[torch.arange(b), logits.argmax(1)] += 0.5  # (near 1e4, float32 steps of ~0.001 tie often)
+    return logits
+
+
+def tiny_temperature_case(tau, b, v, device="cpu"):
+    """logits_of_tiny_case sampled at a tiny tau: the tokens, their log-probs, the expected
+    maxima and raw log-probs. At such tau the softmax is one-hot in float arithmetic: the
+    maximum is drawn with log-prob 0."""
+    logits = logits_of_tiny_case(tau, b, v)
+    top2 = logits.topk(2, dim=1).values
+    assert (top2[:, 0] > top2[:, 1]).all()
+    tokens, logp, raw = fusedlm.sample(logits.to(device), torch.full((b,), tau, device=device),
+                                       seed=torch.randint(0, 2**62, (b,), device=device), return_logprobs=True)
+    want_raw = torch.log_softmax(logits.double(), 1).gather(1, logits.argmax(1, keepdim=True)).squeeze(1)
+    return tokens.cpu(), logp.cpu(), raw.cpu(), logits.argmax(1), want_raw
+
+
+# Tiny (down to subnormal) temperatures draw the maximum with log-prob 0, for logits of any
+# sign and size up to ~1e4.
+@pytest.mark.parametrize("tau", [1e-6, 1e-9, 1e-38, 1e-44])
+def test_tiny_temperatures_draw_the_maximum(tau):
+    tokens, logp, raw, want, want_raw = tiny_temperature_case(tau, 37, 3001)
+    assert (tokens == want).all()
+    assert logp.abs().max() <= 1e-6
+    torch.testing.assert_close(raw.double(), want_raw, rtol=1e-5, atol=1e-5)
+    out = fusedlm.temperature_logprobs(logits_of_tiny_case(tau, 37, 3001), want, [tau])
+    assert out.abs().max() <= 1e-6
+
+
 def test_temperature_zero_is_exact_argmax_lowest_index():
     logits = torch.randn(64, 1000)
     logits[:, 17] = 50.0

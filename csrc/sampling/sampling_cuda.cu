@@ -57,16 +57,18 @@ __device__ __forceinline__ uint64_t row_offset(const SampleArgs& a, int64_t row)
   return a.offset == nullptr ? 0 : static_cast<uint64_t>(a.offset[row]);
 }
 
-// A tile's key, log2 of its mass plus its Gumbel noise (base 2), as base + frac: base = the
-// tile's maximum * log2(e) / tau, rounded (huge when tau is tiny), frac = log2(sum) - log2(E)
-// (a few units). tau = 0 rows: base = the argmax logit, frac = 0.
+// A tile's key, log2 of its mass plus its Gumbel noise (base 2), as base * scale2 + frac
+// (scale2 = log2(e) / tau): base = the tile's maximum (a logit), frac = log2 of the sum of
+// 2^((x - max) * scale2) over its kept entries x, minus log2(E) (a few units). The scaled
+// maximum is never formed: it overflows float32 when tau is tiny. tau = 0 rows: base = the
+// argmax logit, frac = 0.
 struct TileKey {
   float base = -INFINITY, frac = 0.f;
 };
 
 struct RowState {
   float raw_max = -INFINITY, raw_sum = 0.f;   // sum of exp(l - raw_max)
-  float p_max = -INFINITY, p_sum = 0.f;       // sum of exp((l - p_max) / tau) over kept
+  float p_max = -INFINITY, p_sum = 0.f;       // sum of exp((l - p_max) / tau) over kept (p_max: a logit)
   TileKey best_key;
   int64_t best_idx = -1;
   float arg_val = -INFINITY;
@@ -94,25 +96,26 @@ __device__ __forceinline__ void best_merge(float& key, int64_t& idx, float key2,
   }
 }
 
-// The same for tile keys, compared as (base2 - base) + (frac2 - frac): the bases' difference is
-// exact where it is small (Sterbenz), so tiles holding the same maximum race on their noise
-// at any tau > 0. Summed into one float first, the noise was rounded to the base's ulp (at
-// tau = 1e-6 and a maximum of 12, to steps of 1): the lower of two tied tiles won 62% of the
-// draws (H100, 40000 draws; 98% at tau = 1e-7).
-__device__ __forceinline__ void best_merge(TileKey& key, int64_t& idx, TileKey key2, int64_t idx2) {
+// The same for tile keys, compared as (base2 - base) * scale2 + (frac2 - frac): the bases'
+// difference is exact where it is small (Sterbenz), so tiles holding the same maximum race on
+// their noise at any tau > 0; where it is large its product may overflow, to the right sign.
+// (Keys summed into one float rounded the noise to the key's ulp: at tau = 1e-6 and a maximum
+// of 12, to steps of 1, and the lower of two tied tiles won 62% of the draws, H100, 40000
+// draws; 98% at tau = 1e-7.)
+__device__ __forceinline__ void best_merge(TileKey& key, int64_t& idx, TileKey key2, int64_t idx2, float scale2) {
   if (idx2 < 0) return;
   const float d = key2.base == key.base ? key2.frac - key.frac  // (also equal infinite bases)
-                                        : (key2.base - key.base) + (key2.frac - key.frac);
+                                        : fmaf(key2.base - key.base, scale2, key2.frac - key.frac);
   if (idx < 0 || d > 0.f || (d == 0.f && idx2 < idx)) {
     key = key2;
     idx = idx2;
   }
 }
 
-__device__ void merge_state(RowState& a, const RowState& b, float inv_tau) {
+__device__ void merge_state(RowState& a, const RowState& b, float scale2, float inv_tau) {
   online_merge(a.raw_max, a.raw_sum, b.raw_max, b.raw_sum, 1.f);
   online_merge(a.p_max, a.p_sum, b.p_max, b.p_sum, inv_tau);
-  best_merge(a.best_key, a.best_idx, b.best_key, b.best_idx);
+  best_merge(a.best_key, a.best_idx, b.best_key, b.best_idx, scale2);
   best_merge(a.arg_val, a.arg_idx, b.arg_val, b.arg_idx);
 }
 
@@ -131,8 +134,8 @@ __device__ RowState shfl_state(const RowState& s, int off) {
 }
 
 // Every lane ends with the warp's merged state.
-__device__ __noinline__ RowState warp_reduce(RowState s) {
-  for (int off = 16; off > 0; off >>= 1) merge_state(s, shfl_state(s, off), 1.f);
+__device__ __noinline__ RowState warp_reduce(RowState s, float scale2, float inv_tau) {
+  for (int off = 16; off > 0; off >>= 1) merge_state(s, shfl_state(s, off), scale2, inv_tau);
   return s;
 }
 
@@ -142,31 +145,32 @@ __device__ __noinline__ RowState warp_reduce(RowState s) {
 // log-sum-exps a step. The indices (tiles; tokens for tau = 0) fit 32 bits, as in the
 // partials. (H100, graph of 20, bf16 V = 128256: B = 64 9.3 -> 8.5 us, B = 8 5.8 -> 5.2,
 // B = 1 5.9 -> 5.3.)
-__device__ __forceinline__ void warp_reduce_key(TileKey& key, int64_t& idx) {
+__device__ __forceinline__ void warp_reduce_key(TileKey& key, int64_t& idx, float scale2) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
     const TileKey other{__shfl_xor_sync(0xffffffffu, key.base, off), __shfl_xor_sync(0xffffffffu, key.frac, off)};
     const int other_idx = __shfl_xor_sync(0xffffffffu, static_cast<int>(idx), off);
-    best_merge(key, idx, other, other_idx);
+    best_merge(key, idx, other, other_idx, scale2);
   }
 }
 
-__device__ __forceinline__ RowState warp_merge(RowState s, bool key_only) {
-  if (!key_only) return warp_reduce(s);
-  warp_reduce_key(s.best_key, s.best_idx);
+__device__ __forceinline__ RowState warp_merge(RowState s, bool key_only, float scale2, float inv_tau) {
+  if (!key_only) return warp_reduce(s, scale2, inv_tau);
+  warp_reduce_key(s.best_key, s.best_idx, scale2);
   return s;
 }
 
 // The CTA's merged state, in every lane of warp 0. Warp 0 merges the warps' states with
 // shuffles, in parallel, rather than thread 0 one after another (7 dependent merges, each
 // with exps, at the end of every CTA).
-__device__ RowState block_reduce(RowState s, bool key_only = false) {
+__device__ RowState block_reduce(RowState s, float scale2, float inv_tau, bool key_only = false) {
   __shared__ RowState warp_states[kClusterThreads / 32];  // (sample_kernel<T, true> may have 16 warps)
-  s = warp_merge(s, key_only);
+  s = warp_merge(s, key_only, scale2, inv_tau);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) warp_states[warp] = s;
   __syncthreads();
-  if (warp == 0) s = warp_merge(lane < static_cast<int>(blockDim.x / 32) ? warp_states[lane] : RowState(), key_only);
+  if (warp == 0)
+    s = warp_merge(lane < static_cast<int>(blockDim.x / 32) ? warp_states[lane] : RowState(), key_only, scale2, inv_tau);
   return s;
 }
 
@@ -214,16 +218,21 @@ constexpr int kTile = 64;  // entries per sampling tile (== CPU kSampleTile)
 
 struct RowCtx {
   int64_t V;
-  float tau, inv_tau, threshold;
-  float scale2;  // log2(e) / tau: tile sums and keys are in base 2
+  float tau, inv_tau, threshold;  // inv_tau: see inverse_temperature
+  float scale2;  // log2(e) * inv_tau: tile sums and keys are in base 2
   bool greedy, need_logprobs;
 };
+
+// 1 / tau (tau > 0), at most 2^126: below tau ~ 2.9e-39 the reciprocal overflows, and
+// (x - max) * inf is NaN at x = max. In float32 both temperatures give the same distribution:
+// a one-hot draw among the maxima unless logits differ by less than ~1e-37.
+__device__ __forceinline__ float inverse_temperature(float tau) { return fminf(1.f / tau, 0x1p126f); }
 
 __device__ __forceinline__ RowCtx row_ctx(const SampleArgs& a, float tau, float threshold) {
   RowCtx c;
   c.V = a.V;
   c.tau = tau;
-  c.inv_tau = tau > 0.f ? 1.f / tau : 1.f;
+  c.inv_tau = tau > 0.f ? inverse_temperature(tau) : 1.f;
   c.scale2 = c.inv_tau * kLog2e;
   c.greedy = !(tau > 0.f);  // also NaN / negative: finish_row returns token 0 for them
   c.threshold = threshold;
@@ -240,20 +249,20 @@ __device__ __forceinline__ RowCtx row_ctx(const SampleArgs& a, const float* thre
 }
 
 // Folds one finished tile into the row state. The tile's mass, the sum of exp(l / tau) over
-// its kept entries, is 2^log2_base * tile_sum with tile_sum >= 1 (its largest term is ~1).
-// Plus the tile's Gumbel noise (noise: its tile_noise_word, as on the CPU), its log-mass
-// competes for the sampled tile, in base 2: key = log2(mass) - log2(E) with E = -log(u)
-// standard exponential (= (log(mass) + Gumbel) * log2(e), the CPU's key up to rounding),
-// kept as TileKey{log2_base, log2(tile_sum) - log2(E)}.
-// With log-probs the log-mass also joins the processed log-sum-exp (natural log).
-// Both log2 are one MUFU.LG2 (absolute error ~2^-22; tile_sum and E are normal floats):
+// its kept entries, is exp(tile_max / tau) * 2^log2_sum, log2_sum in [0, 6] (its largest
+// term is 1). Plus the tile's Gumbel noise (noise: its tile_noise_word, as on the CPU), its
+// log-mass competes for the sampled tile, in base 2: key = log2(mass) - log2(E) with
+// E = -log(u) standard exponential (= (log(mass) + Gumbel) * log2(e), the CPU's key up to
+// rounding), kept as TileKey{tile_max, log2_sum - log2(E)}.
+// With log-probs the mass also joins the processed log-sum-exp (relative to a logit, p_max).
+// The log2 (callers) and log2(E) are one MUFU.LG2 each (absolute error ~2^-22; sums and E are normal floats):
 // accurate logf costs ~25 instructions each, a tenth of a tile's work at 64 entries. The
 // inner log of the exponential stays accurate: for u near 1 only its relative error is small.
-__device__ __forceinline__ void add_tile(RowState& st, float log2_base, float tile_sum, const RowCtx& c,
+__device__ __forceinline__ void add_tile(RowState& st, float tile_max, float log2_sum, const RowCtx& c,
                                          uint32_t noise, int64_t t) {
-  const float log2_sum = fast_log2(tile_sum);
-  if (c.need_logprobs) online_merge(st.p_max, st.p_sum, (log2_base + log2_sum) * kLn2, 1.f, 1.f);
-  best_merge(st.best_key, st.best_idx, TileKey{log2_base, log2_sum - fast_log2(exponential_from_bits(noise))}, t);
+  if (c.need_logprobs) online_merge(st.p_max, st.p_sum, tile_max, fast_exp2(log2_sum), c.inv_tau);
+  best_merge(st.best_key, st.best_idx, TileKey{tile_max, log2_sum - fast_log2(exponential_from_bits(noise))}, t,
+             c.scale2);
 }
 
 // Folds entries v .. v+3 (x; -inf past V) into the row state: the raw log-sum-exp (for
@@ -409,7 +418,9 @@ __device__ void finish_row(const SampleArgs& a, int64_t row, int lane, const Row
   if (!a.need_logprobs) return;
   const float lt = token_logit;  // kept, so never replaced by -inf above
   a.raw_logprob[row] = lt - st.raw_max - logf(st.raw_sum);
-  a.logprob[row] = greedy ? 0.f : lt * c.inv_tau - (st.p_max + logf(st.p_sum));
+  // Relative to the row's largest kept logit: no term of size max / tau (whose float32
+  // rounding swamped the result at small tau).
+  a.logprob[row] = greedy ? 0.f : (lt - st.p_max) * c.inv_tau - logf(st.p_sum);
 }
 
 // The row's merged state, in every lane of one warp, from its n partials (one per warp of
@@ -419,7 +430,7 @@ __device__ void finish_row(const SampleArgs& a, int64_t row, int lane, const Row
 // measured up to 1 us slower in the finish kernel (H100, B = 64 with log-probs).
 // key_only: no log-probs (see warp_reduce_key).
 __device__ __forceinline__ RowState merge_partials(const float4* partials, int n, int lane, float4 lo, float4 hi,
-                                                   bool key_only) {
+                                                   bool key_only, float scale2, float inv_tau) {
   RowState st;
   for (int s = lane; s < n; s += 32) {
     if (s != lane) {  // more than 32 partials per row (few rows)
@@ -428,19 +439,19 @@ __device__ __forceinline__ RowState merge_partials(const float4* partials, int n
     }
     if (!key_only) {
       online_merge(st.raw_max, st.raw_sum, lo.x, lo.y, 1.f);
-      online_merge(st.p_max, st.p_sum, lo.z, lo.w, 1.f);
+      online_merge(st.p_max, st.p_sum, lo.z, lo.w, inv_tau);
     }
-    best_merge(st.best_key, st.best_idx, TileKey{hi.x, hi.z}, __float_as_int(hi.y));
+    best_merge(st.best_key, st.best_idx, TileKey{hi.x, hi.z}, __float_as_int(hi.y), scale2);
   }
   if (key_only) {
-    warp_reduce_key(st.best_key, st.best_idx);
+    warp_reduce_key(st.best_key, st.best_idx, scale2);
     return st;
   }
   for (int off = 16; off > 0; off >>= 1) {
     const RowState other = shfl_state(st, off);
     online_merge(st.raw_max, st.raw_sum, other.raw_max, other.raw_sum, 1.f);
-    online_merge(st.p_max, st.p_sum, other.p_max, other.p_sum, 1.f);
-    best_merge(st.best_key, st.best_idx, other.best_key, other.best_idx);
+    online_merge(st.p_max, st.p_sum, other.p_max, other.p_sum, inv_tau);
+    best_merge(st.best_key, st.best_idx, other.best_key, other.best_idx, scale2);
   }
   return st;
 }
@@ -473,7 +484,7 @@ __device__ void finish_or_write_partial(const SampleArgs& a, int64_t row, int sp
     st.best_idx = st.arg_idx;
   }
   const bool key_only = !a.need_logprobs;
-  st = a.splits == 1 ? block_reduce(st, key_only) : warp_merge(st, key_only);
+  st = a.splits == 1 ? block_reduce(st, c.scale2, c.inv_tau, key_only) : warp_merge(st, key_only, c.scale2, c.inv_tau);
   if (a.splits == 1) {
     if (warp == 0) finish_row<T, kVec>(a, row, lane, st, c, seed, offset);
     return;
@@ -501,7 +512,8 @@ __device__ void finish_or_write_partial(const SampleArgs& a, int64_t row, int sp
       plo = cluster_partials[2 * lane];
       phi = cluster_partials[2 * lane + 1];
     }
-    finish_row<T, kVec>(a, row, lane, merge_partials(cluster_partials, n, lane, plo, phi, key_only), c, seed, offset);
+    finish_row<T, kVec>(a, row, lane, merge_partials(cluster_partials, n, lane, plo, phi, key_only, c.scale2, c.inv_tau),
+                        c, seed, offset);
   }
 }
 
@@ -525,8 +537,9 @@ __global__ void sample_finish_kernel(SampleArgs a, const float* thresholds, int 
   const float tau = a.temperature[row], threshold = row_threshold(thresholds, row);
   const uint64_t seed = static_cast<uint64_t>(a.seed[row]);
   const uint64_t offset = row_offset(a, row);
-  const RowState st = merge_partials(partials, partials_per_row, lane, lo, hi, !a.need_logprobs);
-  finish_row<T, kVec>(a, row, lane, st, row_ctx(a, tau, threshold), seed, offset);
+  const RowCtx c = row_ctx(a, tau, threshold);
+  const RowState st = merge_partials(partials, partials_per_row, lane, lo, hi, !a.need_logprobs, c.scale2, c.inv_tau);
+  finish_row<T, kVec>(a, row, lane, st, c, seed, offset);
 }
 
 // Unaligned fallback (rows not 16-byte aligned): same tile keys as sample_kernel, but each
@@ -561,7 +574,7 @@ __global__ void __launch_bounds__(kThreads)
       fold4(st, tile_max, tile_sum, x, t * kTile + k * 4, c);
     }
     if (c.greedy || tile_max == -INFINITY) continue;  // -inf: nothing kept in the tile
-    add_tile(st, tile_max * c.scale2, tile_sum, c, tile_noise_word(tile_pair_block(seed, offset, t), t), t);
+    add_tile(st, tile_max, fast_log2(tile_sum), c, tile_noise_word(tile_pair_block(seed, offset, t), t), t);
   }
   finish_or_write_partial<T, kVec>(a, row, split, st, c, seed, offset);
 }
@@ -655,17 +668,11 @@ __device__ __forceinline__ float tile_entry(const uint4 (&q)[kTile * sizeof(T) /
 }
 
 struct TileSums {
-  float max;        // the largest kept entry (-inf: none kept)
-  float log2_base;  // the tempered sum of the kept entries' exp(x / tau) is 2^log2_base * sum
+  float max;    // the largest kept entry (-inf: none kept)
+  float shift;  // sum = 2^shift * (the sum of 2^((x - max) * scale2) over the kept entries)
   float sum, raw_sum;  // raw_sum: of exp(x - max) over all entries (tau = 1)
 };
 
-// A tile's sums given its maximum (> -inf), in base 2 with four accumulators. Tempered terms
-// are 2^(x * scale2 - base) with base = max * scale2 rounded: one FFMA per entry, exact but
-// for the final rounding, and the key takes `base` itself (log2_base), so its rounding cancels
-// (with a tiny tau it is ~1e-4 relative; (x - max) * scale2 cost an FADD per entry more).
-// kClamp: NaN terms (from NaN entries, or x = max = +inf) count 0; without it a NaN entry
-// poisons the sum.
 // The sum of 2^term(x) over a tile's entries x, in four accumulators. clamp: NaN terms count 0.
 template <typename T, bool kThreshold, typename Term>
 __device__ __forceinline__ float tile_exp2_sum(const uint4 (&q)[kTile * sizeof(T) / 16], float threshold, bool clamp,
@@ -680,11 +687,22 @@ __device__ __forceinline__ float tile_exp2_sum(const uint4 (&q)[kTile * sizeof(T
   return (s[0] + s[1]) + (s[2] + s[3]);
 }
 
+// Whether max * scale2 (already formed: base) is small enough for tile_sums' FFMA terms
+// (false for NaN and infinite maxima).
+__device__ __forceinline__ bool scale_is_flat(float base) { return fabsf(base) < 0x1p30f; }
+
+// A tile's sums given its maximum (> -inf), in base 2 with four accumulators. Tempered terms
+// are 2^(x * scale2 - base) with base = max * scale2 rounded: one FFMA per entry, exact but
+// for the final rounding ((x - max) * scale2 costs an FADD per entry more); the sum is then
+// 2^shift times the sum relative to max, shift = max * scale2 - base (exact, by FFMA). That
+// needs |shift| small (<= 64), i.e. scale_is_flat(base); other tiles (tiny tau) take
+// tile_sums_far. kClamp: NaN terms (from NaN entries, or x = max = +inf) count 0; without it
+// a NaN entry poisons the sum.
 template <typename T, bool kThreshold, bool kRaw, bool kClamp>
 __device__ __forceinline__ TileSums tile_sums(const uint4 (&q)[kTile * sizeof(T) / 16], float max, float threshold,
                                               float scale2) {
   const float base = max * scale2;
-  TileSums r{max, base, 0.f, 0.f};
+  TileSums r{max, kClamp && max == INFINITY ? 0.f : fmaf(max, scale2, -base), 0.f, 0.f};  // (+inf: the sum is 0)
   if constexpr (kRaw)  // untruncated; the raw log-sum-exp keeps max itself as its base
     r.raw_sum = tile_exp2_sum<T, false>(q, threshold, kClamp, [&](float x) { return (x - max) * kLog2e; });
   r.sum = tile_exp2_sum<T, kThreshold>(q, threshold, kClamp, [&](float x) { return fmaf(x, scale2, -base); });
@@ -701,8 +719,25 @@ __device__ __noinline__ TileSums tile_sums_rare(const uint4* tile_shared, float 
   float m = -INFINITY;
 #pragma unroll
   for (int j = 0; j < kTile; ++j) m = fmaxf(m, tile_entry<T, kThreshold>(q, j, threshold));
-  if (m == -INFINITY) return {m, -INFINITY, 0.f, 0.f};
+  if (m == -INFINITY) return {m, 0.f, 0.f, 0.f};
   return tile_sums<T, kThreshold, kRaw, true>(q, m, threshold, scale2);
+}
+
+// Tiles whose finite maximum max (over non-NaN entries) is not flat (tiny tau, rare): terms
+// 2^((x - max) * scale2) relative to it (shift 0), NaN terms counting 0. Out of line, from the
+// tile's copy in shared memory. (tile_mass calls it and tile_sums_rare side by side: nested,
+// or merged into one function, they made the main kernels spill and the bf16 main loop 2-3%
+// slower, H100.)
+template <typename T, bool kThreshold, bool kRaw>
+__device__ __noinline__ TileSums tile_sums_far(const uint4* tile_shared, float max, float threshold, float scale2) {
+  uint4 q[kTile * sizeof(T) / 16];
+#pragma unroll
+  for (int k = 0; k < kTile * static_cast<int>(sizeof(T)) / 16; ++k) q[k] = tile_shared[k];
+  TileSums r{max, 0.f, 0.f, 0.f};
+  if constexpr (kRaw)
+    r.raw_sum = tile_exp2_sum<T, false>(q, threshold, true, [&](float x) { return (x - max) * kLog2e; });
+  r.sum = tile_exp2_sum<T, kThreshold>(q, threshold, true, [&](float x) { return (x - max) * scale2; });
+  return r;
 }
 
 // The largest kept entry of a tile in registers, or NaN if an entry is NaN (without
@@ -721,22 +756,29 @@ __device__ __forceinline__ float tile_largest(const uint4 (&q)[kTile * sizeof(T)
 // branches, short dependency chains); kRaw: also the raw log-sum-exp (for log-probs), which
 // shares the untruncated maximum. NaN entries count as truncated, as in fold_vec. The first
 // pass's maximum is NaN if an entry is NaN (16-bit entries compared in pairs); only such
-// tiles, and those holding +inf, can have NaN terms, and they go to tile_sums_rare: the
-// others skip the clamp of each term. tile_shared: the tile's copy in shared memory.
-// Result: log2_base and tile_sum for add_tile (log2_base stays -inf if nothing is kept).
+// tiles, and those holding +inf, can have NaN terms, and they go to tile_sums_rare (as do
+// tiles whose max * scale2 is not flat): the others skip the clamp of each term. tile_shared:
+// the tile's copy in shared memory. Result: tile_max and log2_sum for add_tile (tile_max
+// stays -inf if nothing is kept).
 // (H100, V = 128256, graph replay: fp32 B = 256 69 -> 59 us, bf16 B = 1024 165 -> 120 us.)
 template <typename T, bool kThreshold, bool kRaw>
 __device__ __forceinline__ void tile_mass(const uint4 (&q)[kTile * sizeof(T) / 16], const uint4* tile_shared,
-                                          const RowCtx& c, float& log2_base, float& tile_sum, RowState& st) {
+                                          const RowCtx& c, float& tile_max, float& log2_sum, RowState& st) {
   static_assert(!(kRaw && kThreshold), "the raw log-sum-exp shares the untruncated maximum");
   const float m = tile_largest<T, kThreshold>(q, c.threshold);
   if (m == -INFINITY) return;  // nothing kept in the tile
-  const TileSums r = m < INFINITY ? tile_sums<T, kThreshold, kRaw, false>(q, m, c.threshold, c.scale2)
-                                  : tile_sums_rare<T, kThreshold, kRaw>(tile_shared, c.threshold, c.scale2);
+  TileSums r;
+  if (scale_is_flat(m * c.scale2)) {  // (false for NaN and +inf)
+    r = tile_sums<T, kThreshold, kRaw, false>(q, m, c.threshold, c.scale2);
+  } else {
+    r = m < INFINITY ? TileSums{m, 0.f, 0.f, 0.f} : tile_sums_rare<T, kThreshold, kRaw>(tile_shared, c.threshold, c.scale2);
+    if (r.max > -INFINITY && r.max < INFINITY && !scale_is_flat(r.max * c.scale2))
+      r = tile_sums_far<T, kThreshold, kRaw>(tile_shared, r.max, c.threshold, c.scale2);
+  }
   if (r.max == -INFINITY) return;
   if constexpr (kRaw) online_merge(st.raw_max, st.raw_sum, r.max, r.raw_sum, 1.f);
-  log2_base = r.log2_base;
-  tile_sum = r.sum;
+  tile_max = r.max;
+  log2_sum = fast_log2(r.sum) - r.shift;
 }
 
 // A tau = 0 row's tile in registers: its largest entry and the lowest index holding it join
@@ -849,22 +891,23 @@ __global__ void __launch_bounds__(kCluster ? kClusterThreads : kThreads, kCluste
     const uint32_t odd = __shfl_sync(0xffffffffu, noise_odd, pair_lane);
     const int64_t t = b0 + lane;
     if (t >= t_end) continue;
-    float tile_max = -INFINITY, log2_base = -INFINITY, tile_sum = 0.f;
+    float tile_max = -INFINITY, log2_sum = 0.f;
     if (c.greedy) {  // argmax (and the raw log-sum-exp)
       tile_argmax<T>(tile, t, c, st);
       continue;
     } else if (c.threshold == -INFINITY) {
-      if (c.need_logprobs) tile_mass<T, false, true>(tile, tile_shared, c, log2_base, tile_sum, st);
-      else tile_mass<T, false, false>(tile, tile_shared, c, log2_base, tile_sum, st);
+      if (c.need_logprobs) tile_mass<T, false, true>(tile, tile_shared, c, tile_max, log2_sum, st);
+      else tile_mass<T, false, false>(tile, tile_shared, c, tile_max, log2_sum, st);
     } else if (c.need_logprobs) {  // truncated, with log-probs: fold group by group
+      float tile_sum = 0.f;
 #pragma unroll
       for (int k = 0; k < kVecs; ++k) fold_vec<T>(st, tile_max, tile_sum, tile[k], t * kTile + k * kPer, c);
-      log2_base = tile_max * c.scale2;
+      log2_sum = fast_log2(tile_sum);
     } else {
-      tile_mass<T, true, false>(tile, tile_shared, c, log2_base, tile_sum, st);
+      tile_mass<T, true, false>(tile, tile_shared, c, tile_max, log2_sum, st);
     }
-    if (log2_base == -INFINITY) continue;  // nothing kept in the tile
-    add_tile(st, log2_base, tile_sum, c, lane % 2 ? odd : even, t);
+    if (tile_max == -INFINITY) continue;  // nothing kept in the tile
+    add_tile(st, tile_max, log2_sum, c, lane % 2 ? odd : even, t);
   }
   finish_or_write_partial<T, true, kCluster>(a, row, split, st, c, seed, offset,
                                              reinterpret_cast<float4*>(stage_all + nwarps * kBatchTiles * (kVecs + 1)));
@@ -1209,7 +1252,7 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) truncation_kernel(Sampl
   const int64_t begin = min(a.V, rank * slice);
   const int64_t len = min(slice, a.V - begin);
   const T* l = static_cast<const T*>(a.logits) + row * a.ld + begin;
-  const float inv_tau = 1.f / tau;
+  const float inv_tau = inverse_temperature(tau);
   const float top_p = a.top_p != nullptr ? a.top_p[row] : 1.f;
   const bool by_mass = top_p < 1.f;
   const int64_t k = a.top_k != nullptr ? a.top_k[row] : 0;
@@ -1357,7 +1400,7 @@ __global__ void __launch_bounds__(kThreads) temperature_logprobs_kernel(Temperat
   RowState st;
   st.arg_val = local_max;
   st.arg_idx = local_arg;
-  st = block_reduce(st);
+  st = block_reduce(st, 1.f, 1.f);  // (only the argmax fields are set)
   __shared__ float row_max;
   __shared__ int64_t row_arg;
   if (threadIdx.x == 0) {
@@ -1370,7 +1413,8 @@ __global__ void __launch_bounds__(kThreads) temperature_logprobs_kernel(Temperat
   for (int k = 0; k < kMaxK; ++k) sums[k] = 0.f;
   float inv_tau[kMaxK];  // 0 for tau = 0 and past K (those sums stay unused)
 #pragma unroll
-  for (int k = 0; k < kMaxK; ++k) inv_tau[k] = k < a.K && a.temperatures[k] > 0.f ? 1.f / a.temperatures[k] : 0.f;
+  for (int k = 0; k < kMaxK; ++k)
+    inv_tau[k] = k < a.K && a.temperatures[k] > 0.f ? inverse_temperature(a.temperatures[k]) : 0.f;
   const float m = row_max;
   for_row_entries(l, a.V, [&](float x, bool valid, int64_t) {
     if (!valid) return;
