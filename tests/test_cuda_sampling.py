@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import fusedlm
-from test_sampling import (chi_square_pvalue, logits_of_tiny_case, tied_maxima_counts, tiny_temperature_case,
-                           truncated_probs)
+from test_sampling import (chi_square_pvalue, huge_logits_case, logits_of_tiny_case, tied_maxima_counts,
+                           tiny_temperature_case, truncated_probs)
 
 pytestmark = pytest.mark.cuda
 DEV = "cuda"
@@ -261,7 +261,7 @@ def test_tied_maxima_in_two_tiles_split_evenly(tau, dtype):
 
 
 # As on the CPU: tiny (down to subnormal) temperatures draw the maximum with log-prob 0, for
-# logits of any sign and size up to ~1e4, in every layout. (Tile keys and log-sum-exps held
+# logits of any sign and size, in every layout. (Tile keys and log-sum-exps held
 # max / tau in float32: a subnormal tau overflowed it to inf (all-negative rows: "fully
 # masked", token 0), and once max / tau passed ~2^31 the tile sums, taken relative to its
 # rounded value, overflowed or vanished (logits near 1e4 at tau = 1e-6: random tokens); the
@@ -276,6 +276,13 @@ def test_tiny_temperatures_draw_the_maximum(tau, b, v):
     # temperature_logprobs of the maximum at that tau: 0 as well
     out = fusedlm.temperature_logprobs(logits_of_tiny_case(tau, b, v).to(DEV), want.to(DEV), [tau]).cpu()
     assert out.abs().max() <= 1e-6, out.abs().max()
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0])
+@pytest.mark.parametrize("b,v", [(8, 128256), (300, 5120), (5, 5003)])
+def test_huge_logits_draw_the_maximum(tau, b, v):
+    tokens, logp, want = huge_logits_case(tau, b, v, DEV)
+    assert (tokens == want).all() and logp.abs().max() <= 1e-6
 
 
 def test_greedy_exact_with_ties_and_masks():

@@ -91,13 +91,14 @@ def test_tied_maxima_in_two_tiles_split_evenly(tau):
 
 
 def logits_of_tiny_case(tau, b, v):
-    """Rows with one clear maximum (float32; some rows all below -25, some near 1e4), the
-    same for the same arguments."""
+    """Rows with one clear maximum (float32; some rows all below -25, some near 1e4, some of
+    size ~1e35), the same for the same arguments."""
     g = torch.Generator().manual_seed(hash((tau, b, v)) % 2**31)
     logits = torch.randn(b, v, generator=g) * 3
     logits[::2] -= 40.0
     logits[1::4] += 1e4
     logits[torch.arange(b), logits.argmax(1)] += 0.5  # (near 1e4, float32 steps of ~0.001 tie often)
+    logits[3::8] *= 1e35
     return logits
 
 
@@ -115,7 +116,7 @@ def tiny_temperature_case(tau, b, v, device="cpu"):
 
 
 # Tiny (down to subnormal) temperatures draw the maximum with log-prob 0, for logits of any
-# sign and size up to ~1e4.
+# sign and size.
 @pytest.mark.parametrize("tau", [1e-6, 1e-9, 1e-38, 1e-44])
 def test_tiny_temperatures_draw_the_maximum(tau):
     tokens, logp, raw, want, want_raw = tiny_temperature_case(tau, 37, 3001)
@@ -124,6 +125,22 @@ def test_tiny_temperatures_draw_the_maximum(tau):
     torch.testing.assert_close(raw.double(), want_raw, rtol=1e-5, atol=1e-5)
     out = fusedlm.temperature_logprobs(logits_of_tiny_case(tau, 37, 3001), want, [tau])
     assert out.abs().max() <= 1e-6
+
+
+def huge_logits_case(tau, b, v, device="cpu"):
+    """Rows of logits ~1e35 apart sampled at an ordinary tau: one-hot on the maximum, which
+    is drawn with log-prob 0 (logits / tau near float32's limit)."""
+    g = torch.Generator().manual_seed(b * v)
+    logits = torch.randn(b, v, generator=g) * 1e35
+    tokens, logp = fusedlm.sample(logits.to(device), tau, seed=torch.randint(0, 2**62, (b,), device=device),
+                                  return_logprobs=True)[:2]
+    return tokens.cpu(), logp.cpu(), logits.argmax(1)
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0])
+def test_huge_logits_draw_the_maximum(tau):
+    tokens, logp, want = huge_logits_case(tau, 37, 3001)
+    assert (tokens == want).all() and logp.abs().max() <= 1e-6
 
 
 def test_temperature_zero_is_exact_argmax_lowest_index():
