@@ -696,17 +696,27 @@ __device__ __forceinline__ bool scale_is_flat(float base) { return fabsf(base) <
 // for the final rounding ((x - max) * scale2 costs an FADD per entry more); the sum is then
 // 2^shift times the sum relative to max, shift = max * scale2 - base (exact, by FFMA). That
 // needs |shift| small (<= 64), i.e. scale_is_flat(base); other tiles (tiny tau) take
-// tile_sums_far. kClamp: NaN terms (from NaN entries, or x = max = +inf) count 0; without it
-// a NaN entry poisons the sum.
-template <typename T, bool kThreshold, bool kRaw, bool kClamp>
+// tile_sums_far, whose kRelative terms are 2^((x - max) * scale2) (shift 0). kClamp: NaN terms
+// (from NaN entries, or x = max = +inf) count 0; without it a NaN entry poisons the sum.
+template <typename T, bool kThreshold, bool kRaw, bool kClamp, bool kRelative = false>
 __device__ __forceinline__ TileSums tile_sums(const uint4 (&q)[kTile * sizeof(T) / 16], float max, float threshold,
                                               float scale2) {
   const float base = max * scale2;
-  TileSums r{max, kClamp && max == INFINITY ? 0.f : fmaf(max, scale2, -base), 0.f, 0.f};  // (+inf: the sum is 0)
+  TileSums r{max, kRelative || (kClamp && max == INFINITY) ? 0.f : fmaf(max, scale2, -base), 0.f, 0.f};  // (+inf: sum 0)
   if constexpr (kRaw)  // untruncated; the raw log-sum-exp keeps max itself as its base
     r.raw_sum = tile_exp2_sum<T, false>(q, threshold, kClamp, [&](float x) { return (x - max) * kLog2e; });
-  r.sum = tile_exp2_sum<T, kThreshold>(q, threshold, kClamp, [&](float x) { return fmaf(x, scale2, -base); });
+  if constexpr (kRelative)
+    r.sum = tile_exp2_sum<T, kThreshold>(q, threshold, kClamp, [&](float x) { return (x - max) * scale2; });
+  else
+    r.sum = tile_exp2_sum<T, kThreshold>(q, threshold, kClamp, [&](float x) { return fmaf(x, scale2, -base); });
   return r;
+}
+
+// A tile's vectors back into registers from its copy in shared memory (the rare paths).
+template <typename T>
+__device__ __forceinline__ void load_tile_shared(uint4 (&q)[kTile * sizeof(T) / 16], const uint4* tile_shared) {
+#pragma unroll
+  for (int k = 0; k < kTile * static_cast<int>(sizeof(T)) / 16; ++k) q[k] = tile_shared[k];
 }
 
 // Tiles holding a NaN or +inf entry (rare): the maximum over non-NaN entries and clamped
@@ -714,8 +724,7 @@ __device__ __forceinline__ TileSums tile_sums(const uint4 (&q)[kTile * sizeof(T)
 template <typename T, bool kThreshold, bool kRaw>
 __device__ __noinline__ TileSums tile_sums_rare(const uint4* tile_shared, float threshold, float scale2) {
   uint4 q[kTile * sizeof(T) / 16];
-#pragma unroll
-  for (int k = 0; k < kTile * static_cast<int>(sizeof(T)) / 16; ++k) q[k] = tile_shared[k];
+  load_tile_shared<T>(q, tile_shared);
   float m = -INFINITY;
 #pragma unroll
   for (int j = 0; j < kTile; ++j) m = fmaxf(m, tile_entry<T, kThreshold>(q, j, threshold));
@@ -724,20 +733,15 @@ __device__ __noinline__ TileSums tile_sums_rare(const uint4* tile_shared, float 
 }
 
 // Tiles whose finite maximum max (over non-NaN entries) is not flat (tiny tau, rare): terms
-// 2^((x - max) * scale2) relative to it (shift 0), NaN terms counting 0. Out of line, from the
-// tile's copy in shared memory. (tile_mass calls it and tile_sums_rare side by side: nested,
+// relative to it (kRelative), NaN terms counting 0. Out of line, from the tile's copy in
+// shared memory. (tile_mass calls it and tile_sums_rare side by side: nested,
 // or merged into one function, they made the main kernels spill and the bf16 main loop 2-3%
 // slower, H100.)
 template <typename T, bool kThreshold, bool kRaw>
 __device__ __noinline__ TileSums tile_sums_far(const uint4* tile_shared, float max, float threshold, float scale2) {
   uint4 q[kTile * sizeof(T) / 16];
-#pragma unroll
-  for (int k = 0; k < kTile * static_cast<int>(sizeof(T)) / 16; ++k) q[k] = tile_shared[k];
-  TileSums r{max, 0.f, 0.f, 0.f};
-  if constexpr (kRaw)
-    r.raw_sum = tile_exp2_sum<T, false>(q, threshold, true, [&](float x) { return (x - max) * kLog2e; });
-  r.sum = tile_exp2_sum<T, kThreshold>(q, threshold, true, [&](float x) { return (x - max) * scale2; });
-  return r;
+  load_tile_shared<T>(q, tile_shared);
+  return tile_sums<T, kThreshold, kRaw, true, true>(q, max, threshold, scale2);
 }
 
 // The largest kept entry of a tile in registers, or NaN if an entry is NaN (without
