@@ -39,16 +39,18 @@ def cce_tables(rows):
 
     # Runs since session 12: the same under sustained load (*_steady passes; each method's
     # GEMM column is the GEMM timed in alternation with that method).
-    steady_rows = ["", "Under sustained load (back-to-back calls at the power limit), ms:", "",
-              "| shape | regime | GEMM | torch.compile | apple CCE | Liger | fusedlm | fusedlm exact |",
-              "|---|---|---|---|---|---|---|---|"]
+    steady_rows = []
     for (case, regime), m in t.items():
         if ("fusedlm", "fwd_steady") not in m:
             continue
         cells = [f"{m[(k, 'fwd_steady')]:.1f} / {m[(k, 'fwd+bwd_steady')]:.1f}" if (k, "fwd_steady") in m else "–"
                  for k in ("torch_compile", "apple_cce", "liger", "fusedlm")]
         steady_rows.append(f"| {case} | {regime} | {m[('fusedlm', 'gemm_steady')]:.1f} | " + " | ".join(cells) +
-                      f" | {m.get(('fusedlm_exact', 'fwd+bwd_steady'), float('nan')):.1f} |")
+                           f" | {m.get(('fusedlm_exact', 'fwd+bwd_steady'), float('nan')):.1f} |")
+    if steady_rows:
+        steady_rows[:0] = ["", "Under sustained load (back-to-back calls at the power limit), ms:", "",
+                           "| shape | regime | GEMM | torch.compile | apple CCE | Liger | fusedlm | fusedlm exact |",
+                           "|---|---|---|---|---|---|---|---|"]
     for (case, regime), m in t.items():
         gemm = m[("cublas_gemm", "gemm")]
         out.append(f"| {case} | {regime} | {gemm:.1f} | {pair(m, 'torch_compile')} | {pair(m, 'apple_cce')} | "
@@ -74,7 +76,7 @@ def cce_tables(rows):
         bars.append(f"| {case} | {regime} | {ok(fwd, 1.10)}{alt_txt}{steady(fwd_s, 1.10)} | {ok(fb, 0.90)}"
                     f"{steady(fb_s, 0.90)} | {exact_txt} | "
                     f"{mem[(case, regime)][('fusedlm', 'fwd+bwd')]:.0f} | {dense_floor:.2f} |")
-    return out + (steady_rows if len(steady_rows) > 5 else []), bars
+    return out + steady_rows, bars
 
 
 def sampling_tables(rows):
