@@ -89,6 +89,10 @@ __device__ __forceinline__ void claim_registers() {
 __device__ __forceinline__ void consumer_sync() {
   asm volatile("bar.sync 1, 256;\n" ::: "memory");
 }
+// Barrier among the 128 threads of consumer warpgroup wg (named barriers 2 and 3).
+__device__ __forceinline__ void warpgroup_sync(int wg) {
+  asm volatile("bar.sync %0, 128;\n" ::"r"(2 + wg) : "memory");
+}
 __device__ __forceinline__ bool consumer_sync_or(bool pred) {
   uint32_t out;
   asm volatile(
@@ -206,6 +210,18 @@ __device__ __forceinline__ void fence_async_shared() {
 __device__ __forceinline__ void tma_store_2d(const CUtensorMap* map, const void* src, int inner, int outer) {
 #if FUSEDLM_WGMMA_ENABLED
   asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];\n" ::"l"(map),
+               "r"(tile::smem_addr(src)), "r"(inner), "r"(outer)
+               : "memory");
+#else
+  (void)map; (void)src; (void)inner; (void)outer;
+#endif
+}
+// Adds a float32 box from shared memory into global memory: the L2 does the
+// read-modify-write of whole lines (out-of-range elements are skipped, as in a store).
+__device__ __forceinline__ void tma_reduce_add_2d(const CUtensorMap* map, const void* src, int inner, int outer) {
+#if FUSEDLM_WGMMA_ENABLED
+  asm volatile("cp.reduce.async.bulk.tensor.2d.global.shared::cta.add.tile.bulk_group [%0, {%2, %3}], [%1];\n" ::"l"(
+                   map),
                "r"(tile::smem_addr(src)), "r"(inner), "r"(outer)
                : "memory");
 #else
