@@ -143,6 +143,20 @@ def test_many_vocabulary_chunks_match_reference(dtype, mainloop, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_row_tiles_without_gradient(dtype, mainloop, monkeypatch):
+    """Whole 128-row tiles of ignored targets (padding): their gradient-tile CTAs mark their
+    tiles skipped without recomputing them, over several vocabulary chunks; exact and filtered."""
+    monkeypatch.setenv("FUSEDLM_CCE_WORKSPACE_MB", "1")
+    e, c, y, b = make(700, 136, 5000, dtype, ignore_frac=0.1)
+    y[128:384] = -100  # row tiles 1 and 2
+    check_against_reference(e, c, y, b, dtype)
+    poison_allocator()
+    ge, gc = torch.autograd.grad(fusedlm.linear_cross_entropy(e, c, y, filter_eps="auto"), (e, c))
+    assert torch.isfinite(ge).all() and torch.isfinite(gc).all()
+    assert (ge[128:384] == 0).all() and (ge[:128] != 0).any() and (ge[384:] != 0).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_filtered_loss_identical_and_gradient_error_small(dtype, mainloop):
     e, c, y, _ = make(1024, 256, 32000, dtype, peaked=True, ignore_frac=0.0)
     exact = fusedlm.linear_cross_entropy(e, c, y, filter_eps=None)

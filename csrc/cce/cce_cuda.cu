@@ -621,6 +621,18 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
       const int64_t y = valid ? a.targets[row] : -1;
       target[mt][h] = (y >= 0 && y < a.V) ? static_cast<int>(y) : -1;
     }
+  // Rows without a gradient (ignored targets, padding) keep no entry: a CTA with none but
+  // those marks its tiles skipped without recomputing them.
+  bool any_gradient = false;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) any_gradient |= row_has_gradient(g_lse[mt][h], g_tgt[mt][h], g_sum[mt][h]);
+  if (!__syncthreads_or(any_gradient)) {
+    for (int t = threadIdx.x; t < n_range * kHalves; t += blockDim.x)
+      if (jt0 + t < ck.chunk_tiles) a.tile_mask[static_cast<int64_t>(row_tile) * ck.chunk_tiles + jt0 + t] = 0;
+    return;
+  }
 
   float acc[MT][NT][4];
   auto coords = [&](int step, int64_t& b_row0, int64_t& k0) {
@@ -629,6 +641,10 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
   };
   unsigned pending = todo;  // the consumers' tiles still to come
   int stored_boxes = 0;     // TMA store boxes issued so far (staged epilogue)
+  // Without a filter (exact mode; no target mask then) every tile half in the chunk is kept:
+  // no consumer-wide vote per tile, so the two consumer warpgroups are never made to wait for
+  // each other in the epilogue (with the per-warp stores below).
+  const bool vote_per_tile = a.filter_eps >= 0.f;
   // Runs on the consumer threads once tile t's accumulator is complete. (With TMA it runs
   // inside the main loop so that the accumulator is never live in the producer warpgroup.)
   auto epilogue = [&](int t, float(&acc)[MT][NT][4]) {
@@ -638,9 +654,10 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
     const int v0 = static_cast<int>(ck.v0) + jt * kN;  // V < 2^31 (host check)
     const int V = static_cast<int>(a.V);
     TileBias<Mainloop, T> tile_bias{bias, Mainloop::bias_scratch(smem), v0, V};
-    // (The bias scratch shares the staging buffers: the last tile's stores must have read them.)
+    // (The bias scratch shares the staging buffers: every warp's stores of the last tile must
+    // have read them; stage() starts with a consumer barrier.)
     if constexpr (kStaged && kBias)
-      if (Mainloop::consumer_index() == 0) wg::bulk_wait_read<0>();
+      if (lane == 0) wg::bulk_wait_read<0>();
     if constexpr (kBias) tile_bias.stage();
     // Relative column c = nt * 8 + q of this thread is vocabulary entry first_col + c.
     const int first_col = v0 + Mainloop::col(0, 0);
@@ -713,14 +730,15 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
 #pragma unroll
     for (int hf = 0; hf < kHalves; ++hf) {
       // A half past the chunk's end (odd tile count) belongs to no one: never written.
-      keep[hf] = Mainloop::sync_consumers_or(keep[hf]) && jt + hf < ck.chunk_tiles;
+      keep[hf] = (vote_per_tile ? Mainloop::sync_consumers_or(keep[hf]) : true) &&
+                 jt + hf < ck.chunk_tiles;
       if (jt + hf < ck.chunk_tiles && Mainloop::consumer_index() == 0)
         a.tile_mask[static_cast<int64_t>(row_tile) * ck.chunk_tiles + jt + hf] = keep[hf];
       any_kept |= keep[hf];
     }
     if (!any_kept) return;  // (from the epilogue)
 
-    if (a.bias_partials != nullptr) {
+    if (kBias && a.bias_partials != nullptr) {  // (compiled only where a bias exists)
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -756,26 +774,27 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
     if constexpr (kStaged) {
       // Each kept 64-column box of the tile (128 rows, 16 KB) is written to one of two staging
       // buffers by stmatrix, in the 128-byte swizzle the TMA expects (16-byte chunk c of row r
-      // at chunk c ^ (r % 8)), and stored by one TMA issued by consumer 0. Before the barrier
-      // that publishes a box, consumer 0 waits until the previous box's store has read its
-      // buffer, which the next box reuses. (Plain stores of the bf16 pairs took ~17% of the
-      // kernel's warp stall samples at the Gemma shape, H100; exact fwd+bwd 2-4% faster.)
+      // at chunk c ^ (r % 8)). Each warp stores its own 16 rows (2 KB) with one TMA issued by
+      // its lane 0, after that lane has waited until its store from two boxes ago (the same
+      // rows of this buffer) has read them: no consumer-wide barrier. (Plain stores of the
+      // bf16 pairs took ~17% of the kernel's warp stall samples at the Gemma shape, H100.)
       char* staging = reinterpret_cast<char*>(Mainloop::scratch(smem));
-      const bool leader = Mainloop::consumer_index() == 0;
       // The bias scratch (staged bias values, column-sum reductions) shares the first buffer:
       // every consumer must be done with it.
       if constexpr (kBias) Mainloop::sync_consumers();
-      const int row = stmatrix_row(Mainloop::row_group() * 16);
+      const int warp_row0 = Mainloop::row_group() * 16;
+      const int row = stmatrix_row(warp_row0);
 #pragma unroll
       for (int b = 0; b < BN / 64; ++b) {
         if (!keep[b * 64 / kN]) continue;
         char* buf = staging + (stored_boxes & 1) * kStoreBoxBytes;
+        if (lane == 0) wg::bulk_wait_read<1>();
+        __syncwarp();
         stmatrix_box<T>(buf, row, acc, b);
         wg::fence_async_shared();
-        if (leader) wg::bulk_wait_read<0>();
-        Mainloop::sync_consumers();
-        if (leader) {
-          wg::tma_store_2d(&g_store, buf, jt * kN + b * 64, static_cast<int>(row0));
+        __syncwarp();
+        if (lane == 0) {
+          wg::tma_store_2d(&g_store, buf + warp_row0 * 128, jt * kN + b * 64, static_cast<int>(row0) + warp_row0);
           wg::bulk_commit();
         }
         ++stored_boxes;
@@ -801,7 +820,7 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
                            epilogue);
     // The staging buffers must outlive the stores' reads (and the workspace be written).
     if constexpr (kStaged)
-      if (consumer && Mainloop::consumer_index() == 0) wg::bulk_wait_all();
+      if (consumer && lane == 0) wg::bulk_wait_all();
   } else {  // the epilogue's reductions reuse the pipeline's shared memory: one tile per CTA
     run_mainloop<Mainloop>(acc, smem, maps, static_cast<const T*>(a.e), a.N, row0,
                            static_cast<const T*>(a.c), a.V, a.D, 1, k_steps, coords,
@@ -1240,14 +1259,14 @@ cudaError_t backward_typed(const BackwardArgs& args, cudaStream_t stream) {
   wg::TmaMaps maps, maps_e{}, maps_c{};
   CUtensorMap out_e{}, out_c{};  // where the Hopper dE / dC epilogues write
   FUSEDLM_RETURN_IF_ERROR(make_maps<Mainloop>(&maps, a.dtype, a.e, a.N, a.c, a.V, a.D));
-  // The workspace in 64-column x 128-row boxes: where the staged epilogue stores g and the
-  // dE GEMM reads it as its A operand.
+  // The workspace: the staged epilogue stores g in boxes of 64 columns x 16 rows (one warp's),
+  // the dE GEMM reads it as its A operand in boxes of 64 x 128.
   const int64_t ws_rows = static_cast<int64_t>(row_tiles) * kM;
   CUtensorMap g_store{};
-  if constexpr (staging_bytes<Mainloop>() > 0 || kWgmmaGemms)
-    FUSEDLM_RETURN_IF_ERROR(make_tma_map(&g_store, a.dtype, a.grad_workspace, ws_rows, a.vocab_chunk, kM));
+  if constexpr (staging_bytes<Mainloop>() > 0)
+    FUSEDLM_RETURN_IF_ERROR(make_tma_map(&g_store, a.dtype, a.grad_workspace, ws_rows, a.vocab_chunk, 16));
   if constexpr (kWgmmaGemms) {
-    maps_e.a = g_store;
+    FUSEDLM_RETURN_IF_ERROR(make_tma_map(&maps_e.a, a.dtype, a.grad_workspace, ws_rows, a.vocab_chunk, kM));
     FUSEDLM_RETURN_IF_ERROR(make_tma_map(&maps_e.b, a.dtype, a.c, a.V, a.D, 64));
     FUSEDLM_RETURN_IF_ERROR(make_tma_map(&maps_c.a, a.dtype, a.grad_workspace, ws_rows, a.vocab_chunk, 64));
     FUSEDLM_RETURN_IF_ERROR(make_tma_map(&maps_c.b, a.dtype, a.e, a.N, a.D, 64));
