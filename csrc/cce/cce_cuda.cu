@@ -955,7 +955,7 @@ __device__ __forceinline__ void issue_staged_boxes(const CUtensorMap* map, const
                                                    int64_t col0, int box_cols, int64_t rows, int64_t cols,
                                                    bool reduce) {
   wg::fence_async_shared();
-  const int wg = (threadIdx.x - 128) / 128;
+  const int wg = (threadIdx.x - 128) / 128;  // consumer warpgroup (threads 128-383)
   wg::warpgroup_sync(wg);
   const int64_t first_row = row0 + 64 * wg;
   if (threadIdx.x % 128 != 0 || first_row >= rows) return;
