@@ -1060,10 +1060,18 @@ __global__ void __launch_bounds__(GemmE::kThreadsPerCta, 1)
   extern __shared__ __align__(128) char smem[];
   const int c_ctas = d_tiles * ck.chunk_tiles;
   const int b = static_cast<int>(blockIdx.x);
+  // Wide D (more than 12 tiles): groups of 8 D tiles x all outer tiles, D fastest, so that a
+  // wave of ~132 CTAs reads ~16 outer slabs and 8 D slabs instead of ~8 and all of them.
+  // (Llama-3 shape, H100: DRAM reads per chunk 1.57 -> 1.32 GB; as fast at locked clocks, the
+  // tensor pipe 93% busy either way, but 2-4% faster at the power limit.)
+  const int group = d_tiles > 12 ? 8 : d_tiles;
+  int64_t d_tile, outer;
   if (b < c_ctas) {
-    grad_c_wgmma_tile<T, GemmC>(a, ck, maps_c, &out_c, smem, b % d_tiles, b / d_tiles);
+    grouped_tile(b, d_tiles, ck.chunk_tiles, d_tile, outer, group);
+    grad_c_wgmma_tile<T, GemmC>(a, ck, maps_c, &out_c, smem, static_cast<int>(d_tile), static_cast<int>(outer));
   } else {
-    grad_e_wgmma_tile<T, GemmE>(a, ck, maps_e, &out_e, smem, (b - c_ctas) % d_tiles, (b - c_ctas) / d_tiles);
+    grouped_tile(b - c_ctas, d_tiles, ck.row_tiles, d_tile, outer, group);
+    grad_e_wgmma_tile<T, GemmE>(a, ck, maps_e, &out_e, smem, static_cast<int>(d_tile), static_cast<int>(outer));
   }
 }
 
