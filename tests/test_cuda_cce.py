@@ -123,8 +123,10 @@ def mainloop(request, monkeypatch):
 
 
 # 50001 tokens: 391 row tiles, more than a dC CTA's 384 threads collect in one round.
+# D = 3400: 14 D tiles of 256, so the Hopper dE / dC grid takes them in groups of 8 and 6.
 @pytest.mark.parametrize("n,d,v", [(1, 64, 1031), (37, 64, 1), (37, 2304, 1031), (4097, 65, 1031),
-                                   (4097, 2304, 50257), (37, 64, 128256), (50001, 64, 333)])
+                                   (4097, 2304, 50257), (37, 64, 128256), (50001, 64, 333),
+                                   (300, 3400, 5000)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_sizes_match_reference(n, d, v, dtype, mainloop):
     if dtype == torch.float32 and mainloop == "mma_sync":

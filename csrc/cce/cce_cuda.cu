@@ -528,7 +528,9 @@ __host__ __device__ constexpr int staging_bytes() {
   if constexpr (Mainloop::kUsesTma) return Mainloop::kStagingBytes;
   return 0;
 }
-constexpr int kStoreBoxBytes = kM * 64 * 2;  // one TMA store box: 128 rows x 64 16-bit columns
+// One staging buffer of the gradient-tile epilogue: 128 rows x 64 16-bit columns (each warp
+// stores its 16 rows of it as one TMA box).
+constexpr int kStoreBoxBytes = kM * 64 * 2;
 
 // Two 16-bit values as the register stmatrix takes (the first in the low half).
 template <typename T>
@@ -941,8 +943,11 @@ __global__ void __launch_bounds__(kThreads) grad_c_kernel(BackwardArgs a, ChunkI
 // bit-identical.) Boxes wholly past rows / cols are not issued; partial ones are clipped.
 constexpr int kEpilogueBoxBytes = 64 * 128;  // 64 rows x 128 bytes
 
+// (Only for grids of one tile per CTA: with more, the producer would already be loading the
+// next tile into these stages.)
 template <typename Gemm>
 __device__ __forceinline__ char* epilogue_staging(char* smem_raw) {
+  static_assert(2 * Gemm::kBlockN * 64 * 4 <= Gemm::kPipelineBytes, "staging fits in the pipeline stages");
   Gemm::sync_consumers();  // both warpgroups' last wgmmas have read their stages
   const int wg = Gemm::consumer_index() / 128;
   return Gemm::aligned(smem_raw) + wg * (Gemm::kBlockN * 64 * 4);  // room for 64 float32 rows

@@ -290,6 +290,7 @@ struct TmaWgmma {
   static constexpr int kRowGroups = 8;        // consumer warps, 16 rows each
   static constexpr int kABytes = kM * kK * 2, kBBytes = kBlockN * kK * 2;
   static constexpr int kStageBytes = kABytes + kBBytes;
+  static constexpr int kPipelineBytes = kStages * kStageBytes;  // from aligned(smem_raw)
   // Epilogue scratch: reductions [kRowGroups][kBlockN] floats, then one tile's bias values;
   // or (sharing the space) the staging buffers of TMA stores.
   static constexpr int kStagingBytes = kStaging;
