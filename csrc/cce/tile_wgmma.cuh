@@ -290,13 +290,13 @@ struct TmaWgmma {
   static constexpr int kRowGroups = 8;        // consumer warps, 16 rows each
   static constexpr int kABytes = kM * kK * 2, kBBytes = kBlockN * kK * 2;
   static constexpr int kStageBytes = kABytes + kBBytes;
-  static constexpr int kPipelineBytes = kStages * kStageBytes;  // from aligned(smem_raw)
+  static constexpr int kPipelineBytes = kStages * kStageBytes;  // the stages, from aligned(smem_raw)
   // Epilogue scratch: reductions [kRowGroups][kBlockN] floats, then one tile's bias values;
   // or (sharing the space) the staging buffers of TMA stores.
   static constexpr int kStagingBytes = kStaging;
   static constexpr int kScratchBytes = (kRowGroups + 1) * kBlockN * 4 > kStaging ? (kRowGroups + 1) * kBlockN * 4 : kStaging;
   __host__ __device__ static constexpr int smem_bytes() {
-    return kStages * kStageBytes + 1024 + 1024 + kScratchBytes;
+    return kPipelineBytes + 1024 + 1024 + kScratchBytes;
   }
   static_assert(smem_bytes() <= 227 * 1024, "shared memory per CTA");
 
@@ -316,7 +316,7 @@ struct TmaWgmma {
   }
   // Scratch space for epilogue reductions that never aliases a pipeline stage.
   __device__ static float* scratch(char* smem_raw) {
-    return reinterpret_cast<float*>(aligned(smem_raw) + kStages * kStageBytes + 1024);
+    return reinterpret_cast<float*>(aligned(smem_raw) + kPipelineBytes + 1024);
   }
   __device__ static float* bias_scratch(char* smem_raw) {
     return scratch(smem_raw) + kRowGroups * kBlockN;
@@ -346,7 +346,7 @@ struct TmaWgmma {
                              int n_tiles, int k_steps, Coords&& coords, Done&& done) {
 #if FUSEDLM_WGMMA_ENABLED
     char* smem = aligned(smem_raw);
-    uint64_t* full = reinterpret_cast<uint64_t*>(smem + kStages * kStageBytes);
+    uint64_t* full = reinterpret_cast<uint64_t*>(smem + kPipelineBytes);
     uint64_t* empty = full + kStages;
     auto stage_a = [&](int s) { return smem + s * kStageBytes; };
     auto stage_b = [&](int s) { return smem + s * kStageBytes + kABytes; };
