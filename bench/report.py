@@ -37,8 +37,8 @@ def cce_tables(rows):
         f, fb = m.get((key, "fwd")), m.get((key, "fwd+bwd"))
         return "–" if f is None else f"{f:.1f} / {fb:.1f}"
 
-    # Runs since session 12: the same under sustained load (*_steady passes; each method's
-    # GEMM column is the GEMM timed in alternation with that method).
+    # The sustained-load table (each method's GEMM column is the GEMM timed in alternation
+    # with that method).
     steady_rows = []
     for (case, regime), m in t.items():
         if ("fusedlm", "fwd_steady") not in m:
