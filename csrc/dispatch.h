@@ -19,7 +19,7 @@ namespace cce_cuda {
 // Tile sizes shared by every CCE kernel (rows of e x vocabulary entries).
 constexpr int kTileRows = 128;
 constexpr int kTileVocab = 128;
-// Number of kTileVocab-wide vocabulary tiles (columns of tile_mask / target_mask).
+// Number of kTileVocab-wide vocabulary tiles (columns of tile_mask).
 FUSEDLM_HOST_DEVICE inline int64_t tile_cols(int64_t V) { return (V + kTileVocab - 1) / kTileVocab; }
 // Inputs must have D a multiple of this many elements (the glue pads otherwise).
 inline int64_t d_alignment(DType t) { return t == DType::kFloat32 ? 4 : 8; }
@@ -62,15 +62,17 @@ struct BackwardArgs {
   float filter_eps;        // < 0: exact
   int64_t vocab_chunk;     // multiple of kTileVocab (see backward_vocab_chunk)
   void* grad_workspace;    // [roundup(N, kTileRows), vocab_chunk] of dtype
-  uint8_t* tile_mask;      // [ceil(N / kTileRows), vocab_chunk / kTileVocab]
+  // [ceil(N / kTileRows), vocab_chunk / kTileVocab]: bit 8 h + q of a tile's entry says that
+  // its 64 x 64 quadrant (rows 64 h.., columns 64 q..) holds gradient values (was kept).
+  uint16_t* tile_mask;
   float* bias_partials;    // [ceil(N / kTileRows), vocab_chunk] or nullptr when no bias
   float* grad_bias;        // [V] float32 or nullptr
   float* grad_e_acc;       // [N, D] float32
   void* grad_c;            // [V, D] of dtype
-  // With filter_eps >= 0: [ceil(N / kTileRows), ceil(V / kTileVocab)] bytes of workspace
-  // for the tiles holding a target entry the filter keeps (judged from target_logit, the
-  // forward's, when given; else every target counts).
-  uint8_t* target_mask;
+  // With filter_eps >= 0: [N] bytes of workspace, 1 where the row's target entry is one the
+  // filter keeps (judged from target_logit, the forward's, when given; else every target
+  // with a gradient counts).
+  uint8_t* target_keep;
   const float* target_logit;  // [N] or nullptr
   // Optional: the forward's tile_max and a [ceil(N / kTileRows), tile_max_cols(V)] byte
   // workspace for the tiles that may hold an entry above the filter (the others are never

@@ -134,12 +134,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cuda(
     const int64_t row_tiles = (N + cce_cuda::kTileRows - 1) / cce_cuda::kTileRows;
     const int64_t chunk = cce_cuda::backward_vocab_chunk(N, V, dt, workspace_budget_bytes());
     auto workspace = at::empty({row_tiles * cce_cuda::kTileRows, chunk}, c.options());
-    auto mask = at::empty({row_tiles, chunk / cce_cuda::kTileVocab}, e.options().dtype(at::kByte));
+    auto mask = at::empty({row_tiles, chunk / cce_cuda::kTileVocab}, e.options().dtype(at::kShort));
     auto bias_partials = bias.has_value() ? at::empty({row_tiles, chunk}, f32) : at::Tensor();
     const auto bytes = e.options().dtype(at::kByte);
     const bool filtered = filter_eps >= 0;
-    auto target_mask = filtered ? at::empty({row_tiles, cce_cuda::tile_cols(V)}, bytes)
-                                : at::Tensor();
+    auto target_keep = filtered ? at::empty({N}, bytes) : at::Tensor();
     const at::Tensor tile_max_f = hint ? as_f32(*tile_max) : at::Tensor();
     const at::Tensor target_logit_f = hint ? as_f32(*target_logit) : at::Tensor();
     auto keep_hint = hint ? at::empty({row_tiles, tile_max_cols(V)}, bytes) : at::Tensor();
@@ -148,11 +147,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cuda(
         y.const_data_ptr<int64_t>(), lse_f.const_data_ptr<float>(), ga.const_data_ptr<float>(),
         gt.const_data_ptr<float>(), gs.const_data_ptr<float>(), N, d_pad, V,
         static_cast<float>(softcap), static_cast<float>(filter_eps), chunk,
-        workspace.mutable_data_ptr(), mask.mutable_data_ptr<uint8_t>(),
+        workspace.mutable_data_ptr(), reinterpret_cast<uint16_t*>(mask.mutable_data_ptr<int16_t>()),
         bias.has_value() ? bias_partials.mutable_data_ptr<float>() : nullptr,
         bias.has_value() ? grad_bias.mutable_data_ptr<float>() : nullptr,
         grad_e_acc.mutable_data_ptr<float>(), grad_c.mutable_data_ptr(),
-        filtered ? target_mask.mutable_data_ptr<uint8_t>() : nullptr,
+        filtered ? target_keep.mutable_data_ptr<uint8_t>() : nullptr,
         hint ? target_logit_f.const_data_ptr<float>() : nullptr,
         hint ? tile_max_f.const_data_ptr<float>() : nullptr,
         hint ? keep_hint.mutable_data_ptr<uint8_t>() : nullptr,

@@ -53,10 +53,10 @@ class _tf32:
         torch.backends.cuda.matmul.allow_tf32 = self.prev
 
 
-def check_against_reference(e, c, y, b, dtype, **kw):
+def check_against_reference(e, c, y, b, dtype, filter_eps=None, **kw):
     params = [t for t in (e, c, b) if t is not None]
     poison_allocator()
-    loss = fusedlm.linear_cross_entropy(e, c, y, b, filter_eps=None, **kw)
+    loss = fusedlm.linear_cross_entropy(e, c, y, b, filter_eps=filter_eps, **kw)
     g_out = torch.randn_like(loss)
     grads = torch.autograd.grad(loss, params, g_out)
 
@@ -145,7 +145,7 @@ def test_many_vocabulary_chunks_match_reference(dtype, mainloop, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_row_tiles_without_gradient(dtype, mainloop, monkeypatch):
+def test_row_tiles_without_gradient(dtype, backward_path, monkeypatch):
     """Whole 128-row tiles of ignored targets (padding): their gradient-tile CTAs mark their
     tiles skipped without recomputing them, over several vocabulary chunks; exact and filtered."""
     monkeypatch.setenv("FUSEDLM_CCE_WORKSPACE_MB", "1")
@@ -169,6 +169,45 @@ def test_filtered_loss_identical_and_gradient_error_small(dtype, mainloop):
     for a, b in zip(g_filtered, g_exact):
         # documented: filtered gradients differ from exact by well under 1% (relative norm)
         assert rel_err(a, b) < 1e-2
+
+
+@pytest.fixture(params=["auto", "hopper_tiles_mma_sync_gemms", "mma_sync"])
+def backward_path(request, monkeypatch):
+    """The backward's kernel pairings on a Hopper GPU: "auto" (Hopper gradient tiles + Hopper
+    dE / dC, skips per 64 x 64 quadrant), Hopper gradient tiles + the mma.sync dE / dC (skips
+    per 128 x 128 tile; what very large N runs), and mma.sync throughout."""
+    if request.param == "hopper_tiles_mma_sync_gemms":
+        monkeypatch.setenv("FUSEDLM_CCE_MMA_SYNC_GEMMS", "1")
+    elif request.param == "mma_sync":
+        monkeypatch.setenv("FUSEDLM_DISABLE_WGMMA", "1")
+    return request.param
+
+
+@pytest.mark.parametrize("targets", ["in_the_mass", "anywhere"])
+@pytest.mark.parametrize("bias", [False, True], ids=["plain", "bias"])
+def test_filter_keeps_exactly_the_blocks_that_matter(targets, bias, backward_path):
+    """Each 64-token block puts its softmax mass (entries ~1/64) in one 64-wide vocabulary
+    block; every other entry is ~1e-7, far below the filter, so the filtered backward skips
+    all blocks but those and the ones holding a target it keeps (targets "anywhere": mostly
+    outside the mass, gradient ~ -1). The mass blocks take every position in the 128 x 128
+    tiles (either 64-row half, either 64-column half). Against the
+    float64 reference with the workspace poisoned: a dropped kept block costs ~100% of the
+    gradient, a multiplied block that was never written gives NaN."""
+    n, v, d = 1000, 1031, 24  # odd: partial last row tile and vocabulary tile
+    rows = torch.arange(n, device=DEV)
+    mass_block = (3 * (rows // 64) + 1) % 16  # vocabulary block (64 wide) of each token's mass
+    e = 0.1 * torch.randn(n, d, device=DEV, dtype=torch.float64)
+    e[rows, mass_block] += 12.0
+    c = 0.01 * torch.randn(v, d, device=DEV, dtype=torch.float64)
+    c[torch.arange(v, device=DEV), torch.arange(v, device=DEV) // 64 % 16] += 1.0
+    if targets == "in_the_mass":
+        y = torch.clamp(mass_block * 64 + torch.randint(0, 64, (n,), device=DEV), max=v - 1)
+    else:
+        y = torch.randint(0, v, (n,), device=DEV)
+    y[torch.rand(n, device=DEV) < 0.1] = -100
+    b = 0.1 * torch.randn(v, device=DEV, dtype=torch.float64) if bias else None
+    cast = lambda t: None if t is None else t.to(torch.bfloat16).requires_grad_()
+    check_against_reference(cast(e), cast(c), y, cast(b), torch.bfloat16, filter_eps="auto", reduction="none")
 
 
 @pytest.mark.parametrize("softcap", [0.0, 30.0])
@@ -196,7 +235,7 @@ def test_recorded_tile_max_bounds_each_rows_logits_per_tile(softcap, mainloop):
 @pytest.mark.parametrize("regime", ["random", "peaked"])
 @pytest.mark.parametrize("opts", [dict(), dict(bias=True, softcap=30.0), dict(workspace_mb="1")],
                          ids=["plain", "bias+softcap", "many-chunks"])
-def test_tile_skipping_hint_changes_no_gradient(regime, opts, mainloop, monkeypatch):
+def test_tile_skipping_hint_changes_no_gradient(regime, opts, backward_path, monkeypatch):
     """With the forward's tile maxima the backward never recomputes tiles that hold nothing
     above the filter; the gradients must be bit-identical to recomputing every tile (the
     same hint with an infinite bound) and close to exact ones."""
@@ -257,7 +296,7 @@ def test_out_of_range_target_gives_nan_not_garbage():
 
 
 @pytest.mark.parametrize("filter_eps", ["auto", None], ids=["filtered", "exact"])
-def test_nan_hidden_state_gives_nan_gradients_like_pytorch(filter_eps, mainloop):
+def test_nan_hidden_state_gives_nan_gradients_like_pytorch(filter_eps, backward_path):
     """A NaN in one token's hidden state: that token's loss and gradient row are NaN and dC
     is NaN (as with PyTorch and the CPU kernel); the filter must not skip the NaN row's
     tiles (a NaN softmax is never "below" the filter) and turn its gradients into zeros."""

@@ -9,22 +9,24 @@
 // to both (TMA), halving its L2 -> SM traffic. When a backward follows, the Hopper forward
 // also records each row's largest logit per 256-wide tile (tile_max).
 //
-// Backward, with a filter: target_mask_kernel marks the 128-wide tiles holding a target entry
-// the filter keeps (by its gradient), and keep_hint_kernel the (128 x 256) tiles that may hold
-// any kept entry (from tile_max and the LSE). Then, per vocabulary chunk of `vocab_chunk`
-// entries (bounded workspace):
+// Backward, with a filter: target_keep_kernel marks the rows whose target entry the filter
+// keeps (by its gradient), and keep_hint_kernel the (128 x 256) tiles that may hold any kept
+// entry (from tile_max and the LSE). Then, per vocabulary chunk of `vocab_chunk` entries
+// (bounded workspace):
 //  1. grad_tile_kernel recomputes the hinted logit tiles (128 x 256 on Hopper), forms
 //     g = grad_lse * softmax + grad_sum + grad_target * onehot (x softcap derivative) in
 //     float32 and stores it (in the input dtype; on Hopper through shared memory and TMA
-//     stores) to the workspace, unless every softmax entry of a 128 x 128 tile is below
-//     filter_eps and it holds no kept target: then that tile is marked skipped (as are the
-//     tiles the hint rules out).
+//     stores) to the workspace, unless every softmax entry of a block is below filter_eps
+//     and it holds no kept target: then the block is marked skipped in tile_mask (as are the
+//     tiles the hint rules out). Blocks are the 64 x 64 quadrants of each 128 x 128 tile when
+//     the Hopper dE / dC kernels follow, else whole 128 x 128 tiles.
 //  2. dE[N, D]  += G[N, chunk] @ C[chunk, D]   (float32 accumulator buffer)
 //  3. dC[chunk, D] = G[N, chunk]^T @ E[N, D]   (float32 in registers)
 //     (grad_e_kernel / grad_c_kernel on mma.sync; on Hopper grad_ec_wgmma_kernel runs the dE
-//     and dC tiles of a chunk in one grid: fewer partly filled waves.) Both loop
-//     only over non-skipped tiles (block-sparse) and each output tile has exactly one owner
-//     CTA. dE of the chunks after the first is added to the buffer (on Hopper by TMA
+//     and dC tiles of a chunk in one grid: fewer partly filled waves.) Both loop only over
+//     128 x 128 tiles with a kept block (block-sparse; on Hopper each consumer warpgroup also
+//     skips the 64-wide steps whose quadrant of its 64 output rows was skipped) and each output
+//     tile has exactly one owner CTA. dE of the chunks after the first is added to the buffer (on Hopper by TMA
 //     reductions in L2: the CTA does not wait for the old values): one add per entry per
 //     launch, launches in chunk order, so the results are deterministic.
 #include <cuda_bf16.h>
@@ -440,26 +442,30 @@ struct ChunkInfo {
   int row_tiles;
   bool first_chunk;
   int tiles_per_cta;   // output tiles per gradient-tile CTA (consecutive, same rows)
+  // The Hopper dE / dC kernels follow: gradient tiles are kept or skipped per 64 x 64
+  // quadrant (else per 128 x 128 tile, all of which the mma.sync GEMMs read).
+  bool quadrants;
 };
 
-// Marks in target_mask [row tiles, tile_cols(V)] (zeroed before) the 128-wide tiles holding
-// a target entry that the filter keeps: by its gradient, judged from the forward's target
-// logit (the same value the tiles recompute); without that logit, every target with a
-// gradient. The gradient-tile kernel ORs this into its per-tile decision.
-__global__ void target_mask_kernel(BackwardArgs a) {
+// tile_mask entry of a tile kept whole (all four quadrants).
+constexpr uint16_t kWholeTile = 0x0303;
+
+// Sets target_keep[row] to 1 where the row's target entry is one the filter keeps: judged
+// by its gradient from the forward's target logit (the same value the tiles recompute);
+// without that logit, every target with a gradient. (Every row is written.)
+__global__ void target_keep_kernel(BackwardArgs a) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (row >= a.N) return;
   const float g_l = a.grad_lse[row], g_t = a.grad_target[row], g_s = a.grad_sum[row];
   const int64_t y = a.targets[row];
-  if (y < 0 || y >= a.V || !row_has_gradient(g_l, g_t, g_s)) return;
-  if (a.target_logit != nullptr &&
-      target_negligible(g_l, g_t, expf(a.target_logit[row] - a.lse[row]), a.filter_eps))
-    return;
-  a.target_mask[(row / kM) * tile_cols(a.V) + y / kN] = 1;  // racing writes of the same value
+  bool keep = y >= 0 && y < a.V && row_has_gradient(g_l, g_t, g_s);
+  if (keep && a.target_logit != nullptr)
+    keep = !target_negligible(g_l, g_t, expf(a.target_logit[row] - a.lse[row]), a.filter_eps);
+  a.target_keep[row] = keep;
 }
 
 // Marks the (row tile, kTileMaxWidth-wide vocabulary tile) pairs that may hold an entry the
-// filter keeps: a kept target (target_mask) or a softmax entry >= filter_eps, bounded with
+// filter keeps: a kept target (target_keep) or a softmax entry >= filter_eps, bounded with
 // the forward's per-row tile maxima by exp(tile_max - lse). The bound is loosened by 1%
 // (0.01 in log units; the forward and the recomputation run the same main loop, so their
 // logits differ by a few float32 roundings at most) so that the hint never drops a tile the
@@ -469,28 +475,30 @@ __global__ void target_mask_kernel(BackwardArgs a) {
 // per row tile and kM vocabulary tiles.
 __global__ void __launch_bounds__(kM) keep_hint_kernel(BackwardArgs a) {
   __shared__ float threshold[kM];  // per row: a tile may matter if its max logit reaches this
+  __shared__ int64_t target_tile[kM];  // per row: the hint tile of its kept target, or -1
   const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kM;
   {
     const int64_t row = row0 + threadIdx.x;
     float thr = INFINITY;
+    int64_t t_tile = -1;
     if (row < a.N) {
       const float g_l = a.grad_lse[row], g_t = a.grad_target[row], g_s = a.grad_sum[row];
       if (row_has_gradient(g_l, g_t, g_s))  // else nothing of the row is kept
         thr = a.lse[row] + logf(a.filter_eps) - 0.01f;  // filter_eps == 0: -inf, all kept
+      if (a.target_keep[row]) t_tile = a.targets[row] / kTileMaxWidth;
     }
     threshold[threadIdx.x] = thr;
+    target_tile[threadIdx.x] = t_tile;
   }
   __syncthreads();
   const int64_t W = tile_max_cols(a.V);
   const int64_t w = static_cast<int64_t>(blockIdx.x) * kM + threadIdx.x;
   if (w >= W) return;
-  constexpr int kPer = kTileMaxWidth / kN;  // 128-wide tiles per hint tile
-  const uint8_t* targets_here = a.target_mask + blockIdx.y * tile_cols(a.V) + w * kPer;
   bool keep = false;
-  for (int j = 0; j < kPer && w * kPer + j < tile_cols(a.V); ++j) keep |= targets_here[j] != 0;
   const int rows = static_cast<int>(a.N - row0 < kM ? a.N - row0 : kM);
   for (int i = 0; i < rows; ++i)  // coalesced: neighbouring threads read neighbouring tiles
-    keep |= !(a.tile_max[(row0 + i) * W + w] < threshold[i]);  // NaN (loss or bound): kept
+    keep |= !(a.tile_max[(row0 + i) * W + w] < threshold[i]) ||  // NaN (loss or bound): kept
+            target_tile[i] == w;
   a.keep_hint[static_cast<int64_t>(blockIdx.y) * W + w] = keep;
 }
 
@@ -576,9 +584,13 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
   constexpr int MT = Mainloop::kMTiles, NT = Mainloop::kNTiles, KS = Mainloop::kKStep;
   const T* bias = static_cast<const T*>(a.bias);
   const float inv_cap = kSoftcap ? 1.f / a.softcap : 0.f;
-  // Output tiles are BN wide: kHalves 128-wide vocabulary tiles, the units of block sparsity
-  // (tile_mask, workspace), each with its own skip decision.
-  constexpr int BN = Mainloop::kBlockN, kHalves = BN / kN, kNtPerHalf = NT / kHalves;
+  // Output tiles are BN wide: kHalves 128-wide vocabulary tiles (the workspace's and
+  // tile_mask's tiles). Skips are decided per 64 x 64 quadrant of a 128 x 128 tile where the
+  // Hopper dE / dC kernels follow (ck.quadrants: each consumer warpgroup votes on its own 64
+  // rows and each 64-column unit), else per 128 x 128 tile. A thread keeps a flag per unit:
+  // 64 columns (8 n-tiles) with the Hopper main loop, 128 with mma.sync.
+  constexpr int BN = Mainloop::kBlockN, kHalves = BN / kN;
+  constexpr int kUnits = Mainloop::kUsesTma ? BN / 64 : kHalves, kNtPerUnit = NT / kUnits;
   // Each CTA owns one row tile and tiles_per_cta consecutive output tiles of the chunk.
   const int wide_tiles = (ck.chunk_tiles + kHalves - 1) / kHalves;
   const int col_groups = (wide_tiles + ck.tiles_per_cta - 1) / ck.tiles_per_cta;
@@ -664,7 +676,7 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
     // Relative column c = nt * 8 + q of this thread is vocabulary entry first_col + c.
     const int first_col = v0 + Mainloop::col(0, 0);
     const int cols_left = V - first_col;  // c < cols_left: in range
-    bool keep[kHalves] = {};
+    unsigned keep = 0;  // bit u: unit u of this thread's rows is kept (one register)
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -677,9 +689,9 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
           // The common row: every column in range, no target entry among them. Per entry
           // one FFMA + ex2 for p, one FFMA for g and one max for the keep test (the
           // general loop below needs ~3x the instructions).
-          float p_max[kHalves][2];
+          float p_max[kUnits];
 #pragma unroll
-          for (int hf = 0; hf < kHalves; ++hf) p_max[hf][0] = p_max[hf][1] = -INFINITY;
+          for (int u = 0; u < kUnits; ++u) p_max[u] = -INFINITY;
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
@@ -688,20 +700,29 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
               const float z = tile_logit<kSoftcap, kBias>(acc[mt][nt][r], tile_bias, Mainloop::col(nt, r),
                                                           a.softcap, inv_cap);
               const float p = fast_exp2(fmaf(z, kLog2e, -lse2[mt][h]));
-              p_max[nt / kNtPerHalf][nt & 1] = fmaxf(p_max[nt / kNtPerHalf][nt & 1], p);
+              p_max[nt / kNtPerUnit] = fmaxf(p_max[nt / kNtPerUnit], p);
               float g = fmaf(g_l, p, g_s);
               if constexpr (kSoftcap) g *= softcap_slope(z, inv_cap);
               acc[mt][nt][r] = g;
             }
           }
 #pragma unroll
-          for (int hf = 0; hf < kHalves; ++hf)
+          for (int u = 0; u < kUnits; ++u)
             // (fmaxf skips NaN; a NaN logit makes the row's log-sum-exp NaN: kept whole.)
-            keep[hf] |= a.filter_eps < 0.f || fmaxf(p_max[hf][0], p_max[hf][1]) >= a.filter_eps ||
-                        lse2[mt][h] != lse2[mt][h];
+            keep |= static_cast<unsigned>(a.filter_eps < 0.f || p_max[u] >= a.filter_eps ||
+                                          lse2[mt][h] != lse2[mt][h]) << u;
           continue;
         }
-        // Rows with a target entry here, columns past V or no gradient: entry by entry.
+        // Rows with a target entry here, columns past V or no gradient: entry by entry. The
+        // target entry is judged by its gradient (target_keep, read only for these rows), the
+        // others by their softmax as above. (Any thread of the row may mark the target's unit:
+        // the votes OR over the rows' threads.)
+        const int t_rel = target[mt][h] - v0;  // the target's column in the tile
+        if (a.target_keep != nullptr && t_rel >= 0 && t_rel < BN && a.target_keep[row0 + Mainloop::row(mt, 2 * h)])
+          keep |= 1u << (t_rel / (BN / kUnits));
+        float p_max[kUnits];
+#pragma unroll
+        for (int u = 0; u < kUnits; ++u) p_max[u] = -INFINITY;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
@@ -715,29 +736,42 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
             const bool is_target = v == target[mt][h];
             float g = g_l * p + g_s + (is_target ? g_t : 0.f);
             if constexpr (kSoftcap) g *= softcap_slope(z, inv_cap);
-            // The target entry is judged below, by its gradient rather than its softmax.
-            keep[nt / kNtPerHalf] |= live && (a.filter_eps < 0.f || (!(p < a.filter_eps) && !is_target));
+            p_max[nt / kNtPerUnit] = fmaxf(p_max[nt / kNtPerUnit], live && !is_target ? p : -INFINITY);
             acc[mt][nt][r] = live ? g : 0.f;
           }
         }
+#pragma unroll
+        for (int u = 0; u < kUnits; ++u)
+          keep |= static_cast<unsigned>(a.filter_eps < 0.f || p_max[u] >= a.filter_eps ||
+                                        (has_grad && lse2[mt][h] != lse2[mt][h])) << u;
       }
     }
-    if (a.target_mask != nullptr && Mainloop::consumer_index() == 0) {
-#pragma unroll
-      for (int hf = 0; hf < kHalves; ++hf)  // halves holding a target entry the filter keeps
-        keep[hf] |= jt + hf < ck.chunk_tiles &&
-                    a.target_mask[row_tile * tile_cols(a.V) + v0 / kN + hf] != 0;
-    }
-    bool any_kept = false;
 #pragma unroll
     for (int hf = 0; hf < kHalves; ++hf) {
       // A half past the chunk's end (odd tile count) belongs to no one: never written.
-      keep[hf] = (vote_per_tile ? Mainloop::sync_consumers_or(keep[hf]) : true) &&
-                 jt + hf < ck.chunk_tiles;
-      if (jt + hf < ck.chunk_tiles && Mainloop::consumer_index() == 0)
-        a.tile_mask[static_cast<int64_t>(row_tile) * ck.chunk_tiles + jt + hf] = keep[hf];
-      any_kept |= keep[hf];
+      const bool in_range = jt + hf < ck.chunk_tiles;
+      uint16_t* mask = a.tile_mask + static_cast<int64_t>(row_tile) * ck.chunk_tiles + jt + hf;
+      constexpr int kPer = kUnits / kHalves;  // units per half: 2 (Hopper) or 1
+      constexpr unsigned kHalfBits = (1u << kPer) - 1;
+      unsigned bits = keep >> (kPer * hf) & kHalfBits;
+      if (!vote_per_tile) {
+        bits = kHalfBits;
+      } else if (kPer == 2 && ck.quadrants) {  // this warpgroup's 64 rows, per 64 columns
+        const int wg_index = Mainloop::consumer_index() / 128;
+        bits = (wg::warpgroup_sync_or(wg_index, bits & 1) ? 1u : 0u) | (wg::warpgroup_sync_or(wg_index, bits & 2) ? 2u : 0u);
+      } else {
+        bits = Mainloop::sync_consumers_or(bits != 0) ? kHalfBits : 0u;
+      }
+      if (!in_range) bits = 0;
+      keep = (keep & ~(kHalfBits << (kPer * hf))) | bits << (kPer * hf);
+      if (in_range && kPer == 2 && ck.quadrants && Mainloop::consumer_index() % 128 == 0)  // its byte
+        reinterpret_cast<uint8_t*>(mask)[Mainloop::consumer_index() / 128] = static_cast<uint8_t>(bits);
+      else if (in_range && !(kPer == 2 && ck.quadrants) && Mainloop::consumer_index() == 0)
+        *mask = bits != 0 ? kWholeTile : 0;
     }
+    // (The warpgroups' quadrant votes differ; the bias sums below synchronise all consumers.)
+    bool any_kept = keep != 0;
+    if (kBias && vote_per_tile && ck.quadrants) any_kept = Mainloop::sync_consumers_or(any_kept);
     if (!any_kept) return;  // (from the epilogue)
 
     if (kBias && a.bias_partials != nullptr) {  // (compiled only where a bias exists)
@@ -747,7 +781,7 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
           for (int r = 0; r < 4; ++r)  // skipped halves contribute nothing to the bias
-            if (!keep[nt / kNtPerHalf]) acc[mt][nt][r] = 0.f;
+            if (!(keep >> (nt / kNtPerUnit) & 1)) acc[mt][nt][r] = 0.f;
       // Column sums of g over this tile's rows (float32, fixed order: deterministic).
       constexpr int kRowGroups = Mainloop::kRowGroups;  // warps holding the same columns
       float* red = Mainloop::scratch(smem);              // [kRowGroups][BN]
@@ -788,7 +822,7 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
       const int row = stmatrix_row(warp_row0);
 #pragma unroll
       for (int b = 0; b < BN / 64; ++b) {
-        if (!keep[b * 64 / kN]) continue;
+        if (!(keep >> (b * kUnits * 64 / BN) & 1)) continue;
         char* buf = staging + (stored_boxes & 1) * kStoreBoxBytes;
         if (lane == 0) wg::bulk_wait_read<1>();
         __syncwarp();
@@ -813,7 +847,7 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
                  Mainloop::col(0, 2 * h);
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
-          if (keep[nt / kNtPerHalf]) store_pair(out + nt * 8, acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]);
+          if (keep >> (nt / kNtPerUnit) & 1) store_pair(out + nt * 8, acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]);
       }
   };
   if constexpr (Mainloop::kUsesTma) {
@@ -831,26 +865,42 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
   }
 }
 
-// Collects the indices i in [0, count) with mask[i * stride] != 0 into list, in ascending
-// order; returns how many. Every thread of the CTA (a multiple of 32, at most 1024) reads
-// one flag per round: one memory round trip per blockDim.x flags, where a single thread's
-// loop waited for one every 4 flags (tens of microseconds per CTA for 128 row tiles).
-__device__ int collect_active(const uint8_t* mask, int64_t stride, int count, int* list) {
-  __shared__ int warp_counts[32];
+// An entry of collect_active's list: the tile index (low 24 bits) and its kept quadrants
+// (bit 2 h + q above them: rows 64 h.., columns 64 q..).
+constexpr int kQuadrantShift = 24;
+__device__ __forceinline__ int active_index(int entry) { return entry & ((1 << kQuadrantShift) - 1); }
+__device__ __forceinline__ bool quadrant_kept(int entry, int h, int q) {
+  return (entry >> (kQuadrantShift + 2 * h + q)) & 1;
+}
+
+// Collects the tiles i in [0, count) with a kept quadrant (mask[i * stride] != 0) into list,
+// in ascending order, as active_index / quadrant_kept entries; returns how many, and in
+// `whole` whether every one of them is kept whole (all four quadrants). Every thread
+// of the CTA (a multiple of 32, at most 1024) reads one flag per round: one memory round trip
+// per blockDim.x flags, where a single thread's loop waited for one every 4 flags (tens of
+// microseconds per CTA for 128 row tiles).
+__device__ int collect_active(const uint16_t* mask, int64_t stride, int count, int* list, bool& whole) {
+  __shared__ int warp_counts[32];  // set entries of the warp's round; bit 16: one not whole
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   int n = 0;
+  whole = true;
   for (int i0 = 0; i0 < count; i0 += blockDim.x) {
     const int i = i0 + threadIdx.x;
-    const bool active = i < count && mask[static_cast<int64_t>(i) * stride] != 0;
+    const unsigned m = i < count ? mask[static_cast<int64_t>(i) * stride] : 0u;
+    const bool active = m != 0;
     const unsigned ballot = __ballot_sync(0xffffffffu, active);
-    if (lane == 0) warp_counts[warp] = __popc(ballot);
+    const bool partial = __any_sync(0xffffffffu, active && m != kWholeTile);
+    if (lane == 0) warp_counts[warp] = __popc(ballot) | (partial ? 1 << 16 : 0);
     __syncthreads();
     int before = n, round = 0;  // set entries of earlier warps; all warps of the round
     for (int w = 0; w < warps; ++w) {
-      before += w < warp ? warp_counts[w] : 0;
-      round += warp_counts[w];
+      const int count_w = warp_counts[w] & 0xffff;
+      before += w < warp ? count_w : 0;
+      round += count_w;
+      whole &= warp_counts[w] < (1 << 16);
     }
-    if (active) list[before + __popc(ballot & ((1u << lane) - 1))] = i;
+    const int quadrants = (m & 3) | (m >> 6 & 12);  // bits 8 h + q -> 2 h + q
+    if (active) list[before + __popc(ballot & ((1u << lane) - 1))] = i | quadrants << kQuadrantShift;
     n += round;
     __syncthreads();  // the list is complete and warp_counts may be reused
   }
@@ -865,8 +915,9 @@ __global__ void __launch_bounds__(kThreads) grad_e_kernel(BackwardArgs a, ChunkI
   const int row_tile = blockIdx.x;
   const int64_t row0 = static_cast<int64_t>(row_tile) * kM;
   const int64_t d0 = static_cast<int64_t>(blockIdx.y) * kN;
+  bool whole;  // (this kernel reads whole tiles)
   const int n_active = collect_active(a.tile_mask + static_cast<int64_t>(row_tile) * ck.chunk_tiles,
-                                      1, ck.chunk_tiles, active);
+                                      1, ck.chunk_tiles, active, whole);
   const T* ws = static_cast<const T*>(a.grad_workspace);
   const T* c = static_cast<const T*>(a.c);
   const int64_t ws_rows = static_cast<int64_t>(ck.row_tiles) * kM;
@@ -874,7 +925,7 @@ __global__ void __launch_bounds__(kThreads) grad_e_kernel(BackwardArgs a, ChunkI
   float acc[kMTiles][kNTiles][4];
   tile::zero(acc);
   auto load = [&](T* sa, T* sb, int step) {
-    const int64_t k0 = static_cast<int64_t>(active[step / kStepsPerTile]) * kN +
+    const int64_t k0 = static_cast<int64_t>(active_index(active[step / kStepsPerTile])) * kN +
                        (step % kStepsPerTile) * kK;  // vocabulary offset inside the chunk
     tile::load_tile<T, true>(sa, ws, ck.ws_ld, row0, k0, ws_rows, ck.ws_ld);
     tile::load_tile<T, false>(sb, c, a.D, ck.v0 + k0, d0, a.V, a.D);
@@ -905,7 +956,8 @@ __global__ void __launch_bounds__(kThreads) grad_c_kernel(BackwardArgs a, ChunkI
   int* active = reinterpret_cast<int*>(smem + kPipe);
   const int jt = blockIdx.x;
   const int64_t d0 = static_cast<int64_t>(blockIdx.y) * kN;
-  const int n_active = collect_active(a.tile_mask + jt, ck.chunk_tiles, ck.row_tiles, active);
+  bool whole;  // (this kernel reads whole tiles)
+  const int n_active = collect_active(a.tile_mask + jt, ck.chunk_tiles, ck.row_tiles, active, whole);
   const T* ws = static_cast<const T*>(a.grad_workspace);
   const T* e = static_cast<const T*>(a.e);
   const int64_t ws_rows = static_cast<int64_t>(ck.row_tiles) * kM;
@@ -913,7 +965,7 @@ __global__ void __launch_bounds__(kThreads) grad_c_kernel(BackwardArgs a, ChunkI
   float acc[kMTiles][kNTiles][4];
   tile::zero(acc);
   auto load = [&](T* sa, T* sb, int step) {
-    const int64_t i0 = static_cast<int64_t>(active[step / kStepsPerTile]) * kM +
+    const int64_t i0 = static_cast<int64_t>(active_index(active[step / kStepsPerTile])) * kM +
                        (step % kStepsPerTile) * kK;  // token offset (reduction index)
     tile::load_tile<T, false>(sa, ws, ck.ws_ld, i0, static_cast<int64_t>(jt) * kN, ws_rows,
                               ck.ws_ld);
@@ -1008,6 +1060,28 @@ __device__ __forceinline__ void write_tile_16(char* smem_raw, const float (&acc)
   issue_staged_boxes<Gemm::kBlockN / 64>(map, staging, row0, col0, 64, rows, cols, false);
 }
 
+// The main loop of a dE / dC tile over the collected 128 x 128 tiles of G, two k steps (64
+// wide) each. Step sub of a tile covers its quadrant column sub (dE: K = vocabulary, the
+// consumer warpgroups own the quadrant rows) or its quadrant row sub (dC: K = tokens, the
+// warpgroups own the quadrant columns). Unless every tile is kept whole, steps without a
+// kept quadrant are not loaded and each warpgroup multiplies only its kept quadrants.
+template <typename Gemm, bool kStepIsColumn, typename Coords, typename Done>
+__device__ __forceinline__ void run_quadrant_sparse(float (&acc)[1][Gemm::kNTiles][4], char* smem,
+                                                    const wg::TmaMaps& maps, const int* active, int n_active,
+                                                    bool whole, Coords&& coords, Done&& done) {
+  if (whole) {
+    Gemm::run(acc, smem, maps, 1, 2 * n_active, coords, done);
+    return;
+  }
+  auto kept = [active](int step, int wg) {
+    const int entry = active[step / 2], sub = step % 2;
+    return kStepIsColumn ? quadrant_kept(entry, wg, sub) : quadrant_kept(entry, sub, wg);
+  };
+  Gemm::run(acc, smem, maps, 1, 2 * n_active, coords, done,
+            [&](int step) { return kept(step, 0) || kept(step, 1); },
+            [&](int step) { return kept(step, Gemm::consumer_index() / 128); });
+}
+
 // Hopper versions of the two backward GEMMs on the warp-specialised TMA + wgmma main loop,
 // 128 x 256 output tiles. G, c and e are read along their rows (MN-major for wgmma), so no
 // operand is transposed in memory. Same block sparsity and single ownership as above.
@@ -1019,14 +1093,15 @@ __device__ __forceinline__ void grad_e_wgmma_tile(const BackwardArgs& a, const C
   int* active = reinterpret_cast<int*>(smem + Gemm::smem_bytes());
   const int64_t d0 = static_cast<int64_t>(d_tile) * Gemm::kBlockN;
   const int64_t row0 = static_cast<int64_t>(row_tile) * kM;
+  bool whole;
   const int n_active = collect_active(a.tile_mask + static_cast<int64_t>(row_tile) * ck.chunk_tiles,
-                                      1, ck.chunk_tiles, active);
+                                      1, ck.chunk_tiles, active, whole);
   if (n_active == 0 && !ck.first_chunk) return;
-  constexpr int kStepsPerTile = kN / wg::kK;  // k steps per 128-wide vocabulary tile
+  static_assert(kN == 2 * wg::kK, "two k steps per 128-wide vocabulary tile");
   float acc[1][Gemm::kNTiles][4];  // written by the consumers in run()
-  Gemm::run(acc, smem, maps, 1, n_active * kStepsPerTile, [&](int step) {
-    const int64_t k0 = static_cast<int64_t>(active[step / kStepsPerTile]) * kN +
-                       (step % kStepsPerTile) * wg::kK;  // vocabulary offset inside the chunk
+  run_quadrant_sparse<Gemm, true>(acc, smem, maps, active, n_active, whole, [&](int step) {
+    const int64_t k0 = static_cast<int64_t>(active_index(active[step / 2])) * kN +
+                       (step % 2) * wg::kK;  // vocabulary offset inside the chunk
     return wg::StepCoords{row0, k0, d0, ck.v0 + k0};
   }, [&](int, float(&acc)[1][Gemm::kNTiles][4]) {  // epilogue on the consumers
     write_tile_f32<Gemm>(smem, acc, out, row0, d0, a.N, a.D, !ck.first_chunk);
@@ -1039,13 +1114,14 @@ __device__ __forceinline__ void grad_c_wgmma_tile(const BackwardArgs& a, const C
                                                   const CUtensorMap* out, char* smem, int d_tile, int jt) {
   int* active = reinterpret_cast<int*>(smem + Gemm::smem_bytes());
   const int64_t d0 = static_cast<int64_t>(d_tile) * Gemm::kBlockN;
-  const int n_active = collect_active(a.tile_mask + jt, ck.chunk_tiles, ck.row_tiles, active);
-  constexpr int kStepsPerTile = kM / wg::kK;  // k steps per 128-row token tile
+  bool whole;
+  const int n_active = collect_active(a.tile_mask + jt, ck.chunk_tiles, ck.row_tiles, active, whole);
+  static_assert(kM == 2 * wg::kK, "two k steps per 128-row token tile");
   float acc[1][Gemm::kNTiles][4];  // written by the consumers in run()
   const int64_t j0 = static_cast<int64_t>(jt) * kN;  // vocabulary offset inside the chunk
-  Gemm::run(acc, smem, maps, 1, n_active * kStepsPerTile, [&](int step) {
-    const int64_t t0 = static_cast<int64_t>(active[step / kStepsPerTile]) * kM +
-                       (step % kStepsPerTile) * wg::kK;  // token offset (reduction index)
+  run_quadrant_sparse<Gemm, false>(acc, smem, maps, active, n_active, whole, [&](int step) {
+    const int64_t t0 = static_cast<int64_t>(active_index(active[step / 2])) * kM +
+                       (step % 2) * wg::kK;  // token offset (reduction index)
     return wg::StepCoords{j0, t0, d0, t0};
   }, [&](int, float(&acc)[1][Gemm::kNTiles][4]) {  // epilogue on the consumers
     write_tile_16<T, Gemm>(smem, acc, out, ck.v0 + j0, d0, a.V, a.D);
@@ -1104,13 +1180,13 @@ cudaError_t allow_smem(Kernel kernel, int bytes) {
 // of wgmmas in flight.) The forward runs in 2-CTA clusters sharing the classifier tiles:
 // 2-6% faster than single CTAs in A/B runs (H100, bench/NOTES.md).
 template <typename T>
-using HopperForward = wg::TmaWgmma<T, 256, 4, wg::Major::K, wg::Major::K, 1, 2>;
+using HopperForward = wg::TmaWgmma<T, 256, 4, wg::Major::K, wg::Major::K, 2>;
 
 // The gradient-tile kernel uses 128 x 256 tiles too, deciding skips per 128-wide half:
 // 16.4 ms against 19.8 for 128 x 128 tiles at the Gemma shape (H100). Its tiles of g leave
 // through two TMA store staging buffers (the bias scratch shares them): 226 KB in all.
 template <typename T>
-using HopperGradTile = wg::TmaWgmma<T, 256, 4, wg::Major::K, wg::Major::K, 1, 1, 2 * kStoreBoxBytes>;
+using HopperGradTile = wg::TmaWgmma<T, 256, 4, wg::Major::K, wg::Major::K, 1, 2 * kStoreBoxBytes>;
 
 template <typename T>
 using HopperGradE = wg::TmaWgmma<T, 256, 4, wg::Major::K, wg::Major::MN>;
@@ -1250,7 +1326,7 @@ template <typename T, typename Mainloop, bool kWgmmaGemms>
 cudaError_t backward_typed(const BackwardArgs& args, cudaStream_t stream) {
   BackwardArgs a = args;
   const bool hint = a.filter_eps >= 0.f && a.tile_max != nullptr && a.keep_hint != nullptr &&
-                    a.target_mask != nullptr;
+                    a.target_keep != nullptr;
   if (!hint) a.keep_hint = nullptr;
   using GemmE = HopperGradE<T>;
   using GemmC = HopperGradC<T>;
@@ -1290,13 +1366,11 @@ cudaError_t backward_typed(const BackwardArgs& args, cudaStream_t stream) {
     FUSEDLM_RETURN_IF_ERROR(allow_smem(grad_e_kernel<T>, smem_e));
     FUSEDLM_RETURN_IF_ERROR(allow_smem(grad_c_kernel<T>, smem_c));
   }
-  if (a.target_mask != nullptr && a.filter_eps >= 0.f) {
-    FUSEDLM_RETURN_IF_ERROR(cudaMemsetAsync(
-        a.target_mask, 0, static_cast<size_t>(row_tiles) * tile_cols(a.V), stream));
-    target_mask_kernel<<<static_cast<unsigned>((a.N + 255) / 256), 256, 0, stream>>>(a);
+  if (a.target_keep != nullptr && a.filter_eps >= 0.f) {
+    target_keep_kernel<<<static_cast<unsigned>((a.N + 255) / 256), 256, 0, stream>>>(a);
     FUSEDLM_RETURN_IF_ERROR(cudaGetLastError());
   } else {
-    a.target_mask = nullptr;
+    a.target_keep = nullptr;
   }
   if (hint) {
     const unsigned blocks_w = static_cast<unsigned>((tile_max_cols(a.V) + kM - 1) / kM);
@@ -1309,7 +1383,7 @@ cudaError_t backward_typed(const BackwardArgs& args, cudaStream_t stream) {
     constexpr int kHalves = Mainloop::kBlockN / kN;
     const int wide_tiles = (chunk_tiles + kHalves - 1) / kHalves;  // gradient-tile outputs
     const int per_cta = Mainloop::kUsesTma ? tiles_per_cta(row_tiles, wide_tiles, sms) : 1;
-    ChunkInfo ck{v0, chunk_tiles, a.vocab_chunk, row_tiles, v0 == 0, per_cta};
+    ChunkInfo ck{v0, chunk_tiles, a.vocab_chunk, row_tiles, v0 == 0, per_cta, kWgmmaGemms};
     const int col_groups = (wide_tiles + per_cta - 1) / per_cta;
     if (a.bias_partials != nullptr) {
       FUSEDLM_RETURN_IF_ERROR(cudaMemsetAsync(
@@ -1344,9 +1418,12 @@ cudaError_t backward_dispatch(const BackwardArgs& a, cudaStream_t stream) {
     if (use_wgmma(a.dtype)) {
       // The active-tile lists live in shared memory next to the pipeline: beyond ~800k tokens
       // per call the token list no longer fits and the mma.sync GEMMs (smaller pipeline) run.
+      // (FUSEDLM_CCE_MMA_SYNC_GEMMS=1 forces that pairing, for tests.)
       const int row_tiles = static_cast<int>((a.N + kM - 1) / kM);
       const auto gemms = grad_ec_wgmma_kernel<T, HopperGradE<T>, HopperGradC<T>>;
-      if (HopperGradC<T>::smem_bytes() + 4 * row_tiles <= max_dynamic_smem(gemms))
+      const char* force = std::getenv("FUSEDLM_CCE_MMA_SYNC_GEMMS");
+      const bool forced = force != nullptr && force[0] == '1';
+      if (!forced && HopperGradC<T>::smem_bytes() + 4 * row_tiles <= max_dynamic_smem(gemms))
         return backward_typed<T, HopperGradTile<T>, true>(a, stream);
       return backward_typed<T, HopperGradTile<T>, false>(a, stream);
     }

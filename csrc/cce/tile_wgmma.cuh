@@ -93,6 +93,17 @@ __device__ __forceinline__ void consumer_sync() {
 __device__ __forceinline__ void warpgroup_sync(int wg) {
   asm volatile("bar.sync %0, 128;\n" ::"r"(2 + wg) : "memory");
 }
+// OR of pred over the 128 threads of consumer warpgroup wg (its named barrier, 2 or 3).
+__device__ __forceinline__ bool warpgroup_sync_or(int wg, bool pred) {
+  uint32_t out;
+  asm volatile(
+      "{\n.reg .pred p, q;\nsetp.ne.u32 p, %1, 0;\nbar.red.or.pred q, %2, 128, p;\n"
+      "selp.u32 %0, 1, 0, q;\n}\n"
+      : "=r"(out)
+      : "r"(static_cast<uint32_t>(pred)), "r"(2 + wg)
+      : "memory");
+  return out != 0;
+}
 __device__ __forceinline__ bool consumer_sync_or(bool pred) {
   uint32_t out;
   asm volatile(
@@ -265,6 +276,10 @@ __device__ __forceinline__ void load_operand(char* dst, const CUtensorMap* map, 
 struct StepCoords {
   int64_t a_mn, a_k, b_mn, b_k;
 };
+// run()'s block sparsity (`loaded`, `takes`): by default every step is loaded and taken.
+struct EveryStep {
+  __device__ bool operator()(int) const { return true; }
+};
 
 // kCluster = 2: the kernel runs in clusters of two CTAs that own adjacent row tiles and walk
 // the same B tiles (same n_tiles, k_steps and B coordinates); each CTA loads half of every B
@@ -273,7 +288,7 @@ struct StepCoords {
 // kStagingBytes > 0: the epilogue scratch is at least that large (and 1024-byte aligned), for
 // output tiles staged in shared memory and stored by TMA.
 template <typename T, int kTileN, int kStages, Major kMajorA = Major::K, Major kMajorB = Major::K,
-          int kInFlight = 1, int kCluster = 1, int kStaging = 0>
+          int kCluster = 1, int kStaging = 0>
 struct TmaWgmma {
   static_assert(kCluster == 1 || (kCluster == 2 && kMajorB == Major::K), "B multicast: K-major B");
   static constexpr int kClusterSize = kCluster;
@@ -334,6 +349,10 @@ struct TmaWgmma {
   }
 
   // Runs n_tiles output tiles of k_steps stages each; coords(step) says where step reads.
+  // Block-sparse GEMMs pass loaded(step) (steps not loaded take no stage) and takes(step):
+  // whether the calling consumer warpgroup multiplies a loaded step (warpgroup-uniform). A
+  // warpgroup skips the steps whose 64 rows of A it would multiply are not used (then what
+  // its half of the stage holds is never read); takes implies loaded.
   // The producer warpgroup returns as soon as it has issued every load: callers must not
   // use __syncthreads afterwards (sync_consumers is the consumer-only barrier). Consumers
   // call done(tile, acc) with the finished accumulator of each tile. The accumulator is
@@ -341,10 +360,13 @@ struct TmaWgmma {
   // producer, whose register budget is too small for it. (Overlapping the epilogue with the
   // next tile's first wgmmas through a second accumulator made ptxas serialise the wgmmas:
   // C7518.)
-  template <typename Coords, typename Done>
+  template <typename Coords, typename Done, typename Loaded = EveryStep, typename Takes = EveryStep>
   __device__ static void run(float (&acc)[1][kNTiles][4], char* smem_raw, const TmaMaps& maps,
-                             int n_tiles, int k_steps, Coords&& coords, Done&& done) {
+                             int n_tiles, int k_steps, Coords&& coords, Done&& done,
+                             Loaded&& loaded = EveryStep{}, Takes&& takes = EveryStep{}) {
 #if FUSEDLM_WGMMA_ENABLED
+    constexpr bool kDense = std::is_same_v<std::decay_t<Loaded>, EveryStep> &&
+                            std::is_same_v<std::decay_t<Takes>, EveryStep>;
     char* smem = aligned(smem_raw);
     uint64_t* full = reinterpret_cast<uint64_t*>(smem + kPipelineBytes);
     uint64_t* empty = full + kStages;
@@ -364,9 +386,13 @@ struct TmaWgmma {
     if (!is_consumer()) {
       release_registers<kProducerRegs>();
       if (threadIdx.x == 0) {
-        for (int step = 0; step < steps; ++step) {
-          const int s = step % kStages;
-          mbar_wait(&empty[s], ((step / kStages) & 1) ^ 1);
+        for (int step = 0, filled = 0; step < steps; ++step) {
+          if constexpr (!kDense) {
+            if (!loaded(step)) continue;
+          }
+          const int it = kDense ? step : filled++;  // stages filled before this one
+          const int s = it % kStages;
+          mbar_wait(&empty[s], ((it / kStages) & 1) ^ 1);
           mbar_expect_tx(&full[s], kStageBytes);  // both halves of B land in every CTA
           const StepCoords c = coords(step);
           load_operand<kMajorA, kM>(stage_a(s), &maps.a, &full[s], c.a_mn, c.a_k);
@@ -388,44 +414,99 @@ struct TmaWgmma {
     }
     claim_registers<kConsumerRegs>();
     float(&d)[kBlockN / 2] = *reinterpret_cast<float(*)[kBlockN / 2]>(&acc[0][0][0]);
-    if (k_steps == 0) {  // otherwise the first wgmma of a tile overwrites (scale_d = 0)
-#pragma unroll
-      for (int i = 0; i < kBlockN / 2; ++i) d[i] = 0.f;
-    }
     const int consumer_wg = threadIdx.x / 128 - 1;
     const bool warp_leader = threadIdx.x % 32 == 0;
     constexpr int kTransA = kMajorA == Major::MN, kTransB = kMajorB == Major::MN;
-    for (int t = 0, step = 0; t < n_tiles; ++t) {
-      for (int kt = 0; kt < k_steps; ++kt, ++step) {
-        const int s = step % kStages;
-        mbar_wait(&full[s], (step / kStages) & 1);
-        // Both layouts place this warpgroup's 64 rows of A 8 KiB into the stage.
-        const uint64_t da = sw128_desc<kMajorA>(stage_a(s) + consumer_wg * kBoxBytes);
-        const uint64_t db = sw128_desc<kMajorB>(stage_b(s));
-        wgmma_fence();
+    if constexpr (kDense) {
+      if (k_steps == 0) {  // otherwise the first wgmma of a tile overwrites (scale_d = 0)
 #pragma unroll
-        for (int kk = 0; kk < kK / 16; ++kk)
-          Wgmma<T, kBlockN, kTransA, kTransB>::run(d, da + kk * kK16Advance<kMajorA>,
-                                                   db + kk * kK16Advance<kMajorB>,
-                                                   (kt > 0 || kk > 0) ? 1 : 0);
-        wgmma_commit();
-        wgmma_wait<kInFlight>();
-        // The wgmmas of kInFlight steps ago have retired: release that stage (one arrival
-        // per warp).
-        if (kt >= kInFlight) {
-          __syncwarp();
-          if (warp_leader) release(&empty[(step - kInFlight) % kStages]);
-        }
+        for (int i = 0; i < kBlockN / 2; ++i) d[i] = 0.f;
       }
-      wgmma_wait<0>();
-      __syncwarp();
-      for (int back = min(kInFlight, k_steps); back > 0; --back)
-        if (warp_leader) release(&empty[(step - back) % kStages]);
+    }
+    int it = 0;  // (block-sparse) stages consumed so far
+    for (int t = 0, step = 0; t < n_tiles; ++t) {
+      if constexpr (kDense) {
+        for (int kt = 0; kt < k_steps; ++kt, ++step) {
+          const int s = step % kStages;
+          mbar_wait(&full[s], (step / kStages) & 1);
+          // Both layouts place this warpgroup's 64 rows of A 8 KiB into the stage.
+          const uint64_t da = sw128_desc<kMajorA>(stage_a(s) + consumer_wg * kBoxBytes);
+          const uint64_t db = sw128_desc<kMajorB>(stage_b(s));
+          wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < kK / 16; ++kk)
+            Wgmma<T, kBlockN, kTransA, kTransB>::run(d, da + kk * kK16Advance<kMajorA>,
+                                                     db + kk * kK16Advance<kMajorB>,
+                                                     (kt > 0 || kk > 0) ? 1 : 0);
+          wgmma_commit();
+          wgmma_wait<1>();
+          // The wgmmas of the previous step have retired: release its stage (one arrival
+          // per warp).
+          if (kt >= 1) {
+            __syncwarp();
+            if (warp_leader) release(&empty[(step - 1) % kStages]);
+          }
+        }
+        wgmma_wait<0>();
+        __syncwarp();
+        if (k_steps >= 1 && warp_leader) release(&empty[(step - 1) % kStages]);
+      } else {
+        // A taken step's stage is released once the next taken step's wgmmas are issued and
+        // the earlier ones have retired; a loaded step not taken, as soon as it has landed
+        // (the producer must not refill a stage still being written). (The wgmmas are not
+        // under a branch of their own: ptxas serialised them there, C7520.)
+        int kt = 0, held = -1;  // next step of the tile; the taken stage not yet released
+        bool started = false;   // the tile's first wgmma overwrites the accumulator
+        while (true) {
+          for (; kt < k_steps && !takes(step + kt); ++kt) {
+            if (!loaded(step + kt)) continue;
+            if (held >= 0) {  // (else its stage could be the one the producer waits to refill)
+              wgmma_wait<0>();
+              __syncwarp();
+              if (warp_leader) release(&empty[held % kStages]);
+              held = -1;
+            }
+            const int s = it % kStages;
+            mbar_wait(&full[s], (it / kStages) & 1);
+            __syncwarp();
+            if (warp_leader) release(&empty[s]);
+            ++it;
+          }
+          if (kt == k_steps) break;
+          const int s = it % kStages;
+          mbar_wait(&full[s], (it / kStages) & 1);
+          const uint64_t da = sw128_desc<kMajorA>(stage_a(s) + consumer_wg * kBoxBytes);
+          const uint64_t db = sw128_desc<kMajorB>(stage_b(s));
+          wgmma_fence();
+#pragma unroll
+          for (int kk = 0; kk < kK / 16; ++kk)
+            Wgmma<T, kBlockN, kTransA, kTransB>::run(d, da + kk * kK16Advance<kMajorA>,
+                                                     db + kk * kK16Advance<kMajorB>,
+                                                     (started || kk > 0) ? 1 : 0);
+          wgmma_commit();
+          wgmma_wait<1>();
+          if (held >= 0) {
+            __syncwarp();
+            if (warp_leader) release(&empty[held % kStages]);
+          }
+          held = it++;
+          started = true;
+          ++kt;
+        }
+        wgmma_wait<0>();
+        __syncwarp();
+        if (held >= 0 && warp_leader) release(&empty[held % kStages]);
+        if (!started) {  // no step taken: the tile is zero
+#pragma unroll
+          for (int i = 0; i < kBlockN / 2; ++i) d[i] = 0.f;
+        }
+        step += k_steps;
+      }
       done(t, acc);
     }
     if constexpr (kCluster > 1) cluster_sync();
 #else
-    (void)acc; (void)smem_raw; (void)maps; (void)n_tiles; (void)k_steps; (void)coords; (void)done;
+    (void)acc; (void)smem_raw; (void)maps; (void)n_tiles; (void)k_steps; (void)coords; (void)done; (void)loaded; (void)takes;
     __trap();  // unreachable: the host only selects this path for sm_90a builds on sm_90
 #endif
   }
