@@ -1063,8 +1063,8 @@ __device__ __forceinline__ void write_tile_16(char* smem_raw, const float (&acc)
 // The main loop of a dE / dC tile over the collected 128 x 128 tiles of G, two k steps (64
 // wide) each. Step sub of a tile covers its quadrant column sub (dE: K = vocabulary, the
 // consumer warpgroups own the quadrant rows) or its quadrant row sub (dC: K = tokens, the
-// warpgroups own the quadrant columns). Unless every tile is kept whole, steps without a
-// kept quadrant are not loaded and each warpgroup multiplies only its kept quadrants.
+// warpgroups own the quadrant columns). Unless every tile is kept whole, each warpgroup
+// multiplies only its kept quadrants and only their halves of G are loaded (B whole).
 template <typename Gemm, bool kStepIsColumn, typename Coords, typename Done>
 __device__ __forceinline__ void run_quadrant_sparse(float (&acc)[1][Gemm::kNTiles][4], char* smem,
                                                     const wg::TmaMaps& maps, const int* active, int n_active,
@@ -1073,13 +1073,11 @@ __device__ __forceinline__ void run_quadrant_sparse(float (&acc)[1][Gemm::kNTile
     Gemm::run(acc, smem, maps, 1, 2 * n_active, coords, done);
     return;
   }
-  auto kept = [active](int step, int wg) {
+  Gemm::run(acc, smem, maps, 1, 2 * n_active, coords, done, [active](int step) {
     const int entry = active[step / 2], sub = step % 2;
-    return kStepIsColumn ? quadrant_kept(entry, wg, sub) : quadrant_kept(entry, sub, wg);
-  };
-  Gemm::run(acc, smem, maps, 1, 2 * n_active, coords, done,
-            [&](int step) { return kept(step, 0) || kept(step, 1); },
-            [&](int step) { return kept(step, Gemm::consumer_index() / 128); });
+    return kStepIsColumn ? quadrant_kept(entry, 0, sub) | quadrant_kept(entry, 1, sub) << 1
+                         : quadrant_kept(entry, sub, 0) | quadrant_kept(entry, sub, 1) << 1;
+  });
 }
 
 // Hopper versions of the two backward GEMMs on the warp-specialised TMA + wgmma main loop,
@@ -1349,13 +1347,14 @@ cudaError_t backward_typed(const BackwardArgs& args, cudaStream_t stream) {
   CUtensorMap out_e{}, out_c{};  // where the Hopper dE / dC epilogues write
   FUSEDLM_RETURN_IF_ERROR(make_maps<Mainloop>(&maps, a.dtype, a.e, a.N, a.c, a.V, a.D));
   // The workspace: the staged epilogue stores g in boxes of 64 columns x 16 rows (one warp's),
-  // the dE GEMM reads it as its A operand in boxes of 64 x 128.
+  // the dE GEMM reads it as its A operand in boxes of 64 x 128 (64 x 64: single halves).
   const int64_t ws_rows = static_cast<int64_t>(row_tiles) * kM;
   CUtensorMap g_store{};
   if constexpr (staging_bytes<Mainloop>() > 0)
     FUSEDLM_RETURN_IF_ERROR(make_tma_map(&g_store, a.dtype, a.grad_workspace, ws_rows, a.vocab_chunk, 16));
   if constexpr (kWgmmaGemms) {
     FUSEDLM_RETURN_IF_ERROR(make_tma_map(&maps_e.a, a.dtype, a.grad_workspace, ws_rows, a.vocab_chunk, kM));
+    FUSEDLM_RETURN_IF_ERROR(make_tma_map(&maps_e.a_half, a.dtype, a.grad_workspace, ws_rows, a.vocab_chunk, 64));
     FUSEDLM_RETURN_IF_ERROR(make_tma_map(&maps_e.b, a.dtype, a.c, a.V, a.D, 64));
     FUSEDLM_RETURN_IF_ERROR(make_tma_map(&maps_c.a, a.dtype, a.grad_workspace, ws_rows, a.vocab_chunk, 64));
     FUSEDLM_RETURN_IF_ERROR(make_tma_map(&maps_c.b, a.dtype, a.e, a.N, a.D, 64));

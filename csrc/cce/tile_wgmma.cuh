@@ -118,6 +118,7 @@ __device__ __forceinline__ bool consumer_sync_or(bool pred) {
 struct TmaMaps {
   CUtensorMap a;  // operand A: K-major box 64 x 128, or MN-major box 64 x 64 (128B swizzle)
   CUtensorMap b;  // operand B: K-major box 64 x kBlockN, or MN-major box 64 x 64
+  CUtensorMap a_half;  // K-major A in boxes of 64 x 64 (block-sparse steps loading one half)
 };
 
 __device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
@@ -271,14 +272,28 @@ __device__ __forceinline__ void load_operand(char* dst, const CUtensorMap* map, 
       tma_load_2d(dst + i * kBoxBytes, map, bar, static_cast<int>(mn0 + 64 * i), static_cast<int>(k0));
   }
 }
+// Loads the 64-row (MN) halves set in `halves` of a 128-row A stage (both layouts place half
+// i kBoxBytes i into the stage; K-major: `map` has boxes of 64 rows).
+template <Major kMajor>
+__device__ __forceinline__ void load_a_halves(char* dst, const CUtensorMap* map, uint64_t* bar, int64_t mn0,
+                                              int64_t k0, int halves) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    if (!(halves >> i & 1)) continue;
+    if constexpr (kMajor == Major::K)
+      tma_load_2d(dst + i * kBoxBytes, map, bar, static_cast<int>(k0), static_cast<int>(mn0 + 64 * i));
+    else
+      tma_load_2d(dst + i * kBoxBytes, map, bar, static_cast<int>(mn0 + 64 * i), static_cast<int>(k0));
+  }
+}
 
 // Where step `step` of the main loop reads its operands (element coordinates).
 struct StepCoords {
   int64_t a_mn, a_k, b_mn, b_k;
 };
-// run()'s block sparsity (`loaded`, `takes`): by default every step is loaded and taken.
-struct EveryStep {
-  __device__ bool operator()(int) const { return true; }
+// run()'s block sparsity (`a_halves`): by default both halves of A are used at every step.
+struct BothHalves {
+  __device__ int operator()(int) const { return 3; }
 };
 
 // kCluster = 2: the kernel runs in clusters of two CTAs that own adjacent row tiles and walk
@@ -349,10 +364,10 @@ struct TmaWgmma {
   }
 
   // Runs n_tiles output tiles of k_steps stages each; coords(step) says where step reads.
-  // Block-sparse GEMMs pass loaded(step) (steps not loaded take no stage) and takes(step):
-  // whether the calling consumer warpgroup multiplies a loaded step (warpgroup-uniform). A
-  // warpgroup skips the steps whose 64 rows of A it would multiply are not used (then what
-  // its half of the stage holds is never read); takes implies loaded.
+  // Block-sparse GEMMs pass a_halves(step): bit w set if consumer warpgroup w multiplies the
+  // step (its 64 rows of A are used, and only those halves are loaded); steps with neither
+  // take no stage. (A warpgroup never reads the half it does not multiply; K-major A is then
+  // loaded through maps.a_half.)
   // The producer warpgroup returns as soon as it has issued every load: callers must not
   // use __syncthreads afterwards (sync_consumers is the consumer-only barrier). Consumers
   // call done(tile, acc) with the finished accumulator of each tile. The accumulator is
@@ -360,13 +375,12 @@ struct TmaWgmma {
   // producer, whose register budget is too small for it. (Overlapping the epilogue with the
   // next tile's first wgmmas through a second accumulator made ptxas serialise the wgmmas:
   // C7518.)
-  template <typename Coords, typename Done, typename Loaded = EveryStep, typename Takes = EveryStep>
+  template <typename Coords, typename Done, typename AHalves = BothHalves>
   __device__ static void run(float (&acc)[1][kNTiles][4], char* smem_raw, const TmaMaps& maps,
                              int n_tiles, int k_steps, Coords&& coords, Done&& done,
-                             Loaded&& loaded = EveryStep{}, Takes&& takes = EveryStep{}) {
+                             AHalves&& a_halves = BothHalves{}) {
 #if FUSEDLM_WGMMA_ENABLED
-    constexpr bool kDense = std::is_same_v<std::decay_t<Loaded>, EveryStep> &&
-                            std::is_same_v<std::decay_t<Takes>, EveryStep>;
+    constexpr bool kDense = std::is_same_v<std::decay_t<AHalves>, BothHalves>;
     char* smem = aligned(smem_raw);
     uint64_t* full = reinterpret_cast<uint64_t*>(smem + kPipelineBytes);
     uint64_t* empty = full + kStages;
@@ -387,15 +401,20 @@ struct TmaWgmma {
       release_registers<kProducerRegs>();
       if (threadIdx.x == 0) {
         for (int step = 0, filled = 0; step < steps; ++step) {
-          if constexpr (!kDense) {
-            if (!loaded(step)) continue;
-          }
+          const int halves = a_halves(step);
+          if (!kDense && halves == 0) continue;
           const int it = kDense ? step : filled++;  // stages filled before this one
           const int s = it % kStages;
           mbar_wait(&empty[s], ((it / kStages) & 1) ^ 1);
-          mbar_expect_tx(&full[s], kStageBytes);  // both halves of B land in every CTA
           const StepCoords c = coords(step);
-          load_operand<kMajorA, kM>(stage_a(s), &maps.a, &full[s], c.a_mn, c.a_k);
+          if constexpr (kDense) {
+            mbar_expect_tx(&full[s], kStageBytes);  // both halves of B land in every CTA
+            load_operand<kMajorA, kM>(stage_a(s), &maps.a, &full[s], c.a_mn, c.a_k);
+          } else {
+            mbar_expect_tx(&full[s], kBBytes + __popc(halves) * (kABytes / 2));
+            load_a_halves<kMajorA>(stage_a(s), kMajorA == Major::K ? &maps.a_half : &maps.a, &full[s], c.a_mn,
+                                   c.a_k, halves);
+          }
           if constexpr (kCluster > 1) {
             constexpr int kHalfBytes = kBBoxRows * kK * 2;
             tma_load_2d_multicast(stage_b(s) + rank * kHalfBytes, &maps.b, &full[s], static_cast<int>(c.b_k),
@@ -458,8 +477,8 @@ struct TmaWgmma {
         int kt = 0, held = -1;  // next step of the tile; the taken stage not yet released
         bool started = false;   // the tile's first wgmma overwrites the accumulator
         while (true) {
-          for (; kt < k_steps && !takes(step + kt); ++kt) {
-            if (!loaded(step + kt)) continue;
+          for (; kt < k_steps && !(a_halves(step + kt) >> consumer_wg & 1); ++kt) {
+            if (a_halves(step + kt) == 0) continue;
             if (held >= 0) {  // (else its stage could be the one the producer waits to refill)
               wgmma_wait<0>();
               __syncwarp();
@@ -506,7 +525,7 @@ struct TmaWgmma {
     }
     if constexpr (kCluster > 1) cluster_sync();
 #else
-    (void)acc; (void)smem_raw; (void)maps; (void)n_tiles; (void)k_steps; (void)coords; (void)done; (void)loaded; (void)takes;
+    (void)acc; (void)smem_raw; (void)maps; (void)n_tiles; (void)k_steps; (void)coords; (void)done; (void)a_halves;
     __trap();  // unreachable: the host only selects this path for sm_90a builds on sm_90
 #endif
   }
