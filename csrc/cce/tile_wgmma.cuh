@@ -436,6 +436,19 @@ struct TmaWgmma {
     const int consumer_wg = threadIdx.x / 128 - 1;
     const bool warp_leader = threadIdx.x % 32 == 0;
     constexpr int kTransA = kMajorA == Major::MN, kTransB = kMajorB == Major::MN;
+    // Issues stage s's wgmmas and waits until those of the step before have retired.
+    auto multiply = [&](int s, bool accumulate) {
+      // Both layouts place this warpgroup's 64 rows of A 8 KiB into the stage.
+      const uint64_t da = sw128_desc<kMajorA>(stage_a(s) + consumer_wg * kBoxBytes);
+      const uint64_t db = sw128_desc<kMajorB>(stage_b(s));
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kK / 16; ++kk)
+        Wgmma<T, kBlockN, kTransA, kTransB>::run(d, da + kk * kK16Advance<kMajorA>,
+                                                 db + kk * kK16Advance<kMajorB>, (accumulate || kk > 0) ? 1 : 0);
+      wgmma_commit();
+      wgmma_wait<1>();
+    };
     if constexpr (kDense) {
       if (k_steps == 0) {  // otherwise the first wgmma of a tile overwrites (scale_d = 0)
 #pragma unroll
@@ -448,17 +461,7 @@ struct TmaWgmma {
         for (int kt = 0; kt < k_steps; ++kt, ++step) {
           const int s = step % kStages;
           mbar_wait(&full[s], (step / kStages) & 1);
-          // Both layouts place this warpgroup's 64 rows of A 8 KiB into the stage.
-          const uint64_t da = sw128_desc<kMajorA>(stage_a(s) + consumer_wg * kBoxBytes);
-          const uint64_t db = sw128_desc<kMajorB>(stage_b(s));
-          wgmma_fence();
-#pragma unroll
-          for (int kk = 0; kk < kK / 16; ++kk)
-            Wgmma<T, kBlockN, kTransA, kTransB>::run(d, da + kk * kK16Advance<kMajorA>,
-                                                     db + kk * kK16Advance<kMajorB>,
-                                                     (kt > 0 || kk > 0) ? 1 : 0);
-          wgmma_commit();
-          wgmma_wait<1>();
+          multiply(s, kt > 0);
           // The wgmmas of the previous step have retired: release its stage (one arrival
           // per warp).
           if (kt >= 1) {
@@ -494,16 +497,7 @@ struct TmaWgmma {
           if (kt == k_steps) break;
           const int s = it % kStages;
           mbar_wait(&full[s], (it / kStages) & 1);
-          const uint64_t da = sw128_desc<kMajorA>(stage_a(s) + consumer_wg * kBoxBytes);
-          const uint64_t db = sw128_desc<kMajorB>(stage_b(s));
-          wgmma_fence();
-#pragma unroll
-          for (int kk = 0; kk < kK / 16; ++kk)
-            Wgmma<T, kBlockN, kTransA, kTransB>::run(d, da + kk * kK16Advance<kMajorA>,
-                                                     db + kk * kK16Advance<kMajorB>,
-                                                     (started || kk > 0) ? 1 : 0);
-          wgmma_commit();
-          wgmma_wait<1>();
+          multiply(s, started);
           if (held >= 0) {
             __syncwarp();
             if (warp_leader) release(&empty[held % kStages]);
