@@ -40,12 +40,14 @@ del os.environ["FUSEDLM_CCE_WORKSPACE_MB"]
 # Quadrant skips: each 64-token block has its softmax mass in one 64-wide vocabulary block
 # (the rest ~1e-7, filtered out), so the Hopper dE / dC warpgroups skip each other's steps;
 # then the same with the mma.sync dE / dC after the Hopper gradient tiles (whole-tile skips).
+# (Targets inside the mass: a target outside it would keep its own block.)
 rows = torch.arange(1000, device="cuda")
+mass = (3 * (rows // 64) + rows // 128) % 16  # all four quadrant positions
 e = 0.1 * torch.randn(1000, 24, device="cuda")
-e[rows, (3 * (rows // 64) + 1) % 16] += 12.0
+e[rows, mass] += 12.0
 c = 0.01 * torch.randn(1031, 24, device="cuda")
 c[torch.arange(1031, device="cuda"), torch.arange(1031, device="cuda") // 64 % 16] += 1.0
-y = torch.randint(0, 1031, (1000,), device="cuda")
+y = torch.clamp(mass * 64 + torch.randint(0, 64, (1000,), device="cuda"), max=1030)
 e, c = e.bfloat16().requires_grad_(), c.bfloat16().requires_grad_()
 fusedlm.linear_cross_entropy(e, c, y).backward()
 os.environ["FUSEDLM_CCE_MMA_SYNC_GEMMS"] = "1"

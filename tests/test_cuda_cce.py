@@ -183,27 +183,45 @@ def backward_path(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("targets", ["in_the_mass", "anywhere"])
-@pytest.mark.parametrize("bias", [False, True], ids=["plain", "bias"])
-def test_filter_keeps_exactly_the_blocks_that_matter(targets, bias, backward_path):
-    """Each 64-token block puts its softmax mass (entries ~1/64) in one 64-wide vocabulary
-    block; every other entry is ~1e-7, far below the filter, so the filtered backward skips
-    all blocks but those and the ones holding a target it keeps (targets "anywhere": mostly
-    outside the mass, gradient ~ -1). The mass blocks take every position in the 128 x 128
-    tiles (either 64-row half, either 64-column half). Against the
-    float64 reference with the workspace poisoned: a dropped kept block costs ~100% of the
-    gradient, a multiplied block that was never written gives NaN."""
-    n, v, d = 1000, 1031, 24  # odd: partial last row tile and vocabulary tile
-    rows = torch.arange(n, device=DEV)
-    mass_block = (3 * (rows // 64) + 1) % 16  # vocabulary block (64 wide) of each token's mass
+# Vocabulary blocks (64 wide) holding the softmax mass of each 64-token block (1000 tokens:
+# 16 blocks, 8 row tiles). Row tile 0: both halves in block 0 (a dE step both warpgroups
+# multiply); 1: tile 2 upper left, tile 4 lower right; 2: one tile, the other diagonal;
+# 3: one tile, the main diagonal; 4: tile 6 whole, plus a lone block of its lower half in
+# tile 2 (its dE tiles mixed: the block-sparse path with whole steps); 5 and 6: single
+# blocks; 7: upper half in tile 6 again (that dC tile mixed). Block 16 (entries 1024-1030,
+# past the last whole tile) shares block 0's classifier direction.
+MASS_BLOCKS = [[0], [0], [4], [9], [7], [6], [10], [11], [12, 13], [12, 13, 5], [15], [2], [1], [14], [12], [8]]
+
+
+def mass_block_case(n=1000, v=1031, d=24, targets="in_the_mass"):
+    """Float64 e, c, y whose softmax mass per 64-token block sits in MASS_BLOCKS (entries
+    ~1/64 to ~1/192) and is ~1e-7 everywhere else."""
     e = 0.1 * torch.randn(n, d, device=DEV, dtype=torch.float64)
-    e[rows, mass_block] += 12.0
+    first = torch.empty(n, dtype=torch.long, device=DEV)
+    for a, blocks in enumerate(MASS_BLOCKS):
+        e[a * 64:(a + 1) * 64, blocks] += 12.0
+        first[a * 64:(a + 1) * 64] = blocks[0]
     c = 0.01 * torch.randn(v, d, device=DEV, dtype=torch.float64)
     c[torch.arange(v, device=DEV), torch.arange(v, device=DEV) // 64 % 16] += 1.0
     if targets == "in_the_mass":
-        y = torch.clamp(mass_block * 64 + torch.randint(0, 64, (n,), device=DEV), max=v - 1)
+        y = torch.clamp(first * 64 + torch.randint(0, 64, (n,), device=DEV), max=v - 1)
     else:
         y = torch.randint(0, v, (n,), device=DEV)
+    return e, c, y
+
+
+@pytest.mark.parametrize("targets", ["in_the_mass", "anywhere"])
+@pytest.mark.parametrize("bias", [False, True], ids=["plain", "bias"])
+def test_filter_keeps_exactly_the_blocks_that_matter(targets, bias, backward_path):
+    """Each 64-token block puts its softmax mass in a few 64-wide vocabulary blocks
+    (MASS_BLOCKS); every other entry is ~1e-7, far below the filter, so the filtered backward
+    skips all blocks but those and the ones holding a target it keeps (targets "anywhere":
+    mostly outside the mass, gradient ~ -1). The mass blocks take every position in the
+    128 x 128 tiles, alone, paired and whole. Against the float64 reference with the
+    workspace poisoned: a dropped kept block costs a large part of the gradient, a
+    multiplied block that was never written (or loaded) gives NaN or garbage."""
+    n, v, d = 1000, 1031, 24  # odd: partial last row tile and vocabulary tile
+    e, c, y = mass_block_case(n, v, d, targets)
     y[torch.rand(n, device=DEV) < 0.1] = -100
     b = 0.1 * torch.randn(v, device=DEV, dtype=torch.float64) if bias else None
     cast = lambda t: None if t is None else t.to(torch.bfloat16).requires_grad_()
@@ -295,18 +313,20 @@ def test_out_of_range_target_gives_nan_not_garbage():
     assert torch.isnan(loss[3]) and torch.isfinite(loss[torch.arange(16, device=DEV) != 3]).all()
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
 @pytest.mark.parametrize("filter_eps", ["auto", None], ids=["filtered", "exact"])
-def test_nan_hidden_state_gives_nan_gradients_like_pytorch(filter_eps, backward_path):
-    """A NaN in one token's hidden state: that token's loss and gradient row are NaN and dC
-    is NaN (as with PyTorch and the CPU kernel); the filter must not skip the NaN row's
-    tiles (a NaN softmax is never "below" the filter) and turn its gradients into zeros."""
+def test_nan_hidden_state_gives_nan_gradients_like_pytorch(filter_eps, bad, backward_path):
+    """A NaN (or inf) in one token's hidden state: that token's loss is not finite, its
+    gradient row is NaN and dC is NaN (as with PyTorch and the CPU kernel); the filter must
+    not skip the row's tiles (a NaN softmax, or an infinite log-sum-exp, is never "below" the
+    filter) and turn its gradients into zeros."""
     e, c, y, _ = make(300, 64, 3000, torch.bfloat16, peaked=True, ignore_frac=0.0)
     e = e.detach().clone()
-    e[7, 5] = float("nan")
+    e[7, 5] = bad
     e.requires_grad_()
     loss = fusedlm.linear_cross_entropy(e, c, y, reduction="none", filter_eps=filter_eps)
     others = torch.arange(300, device=DEV) != 7
-    assert torch.isnan(loss[7]) and torch.isfinite(loss[others]).all()
+    assert not torch.isfinite(loss[7]) and torch.isfinite(loss[others]).all()
     g_e, g_c = torch.autograd.grad(loss.sum(), (e, c))
     assert torch.isnan(g_e[7]).all() and torch.isfinite(g_e[others]).all()
     want_c = torch.autograd.grad(F.cross_entropy(e.float() @ c.float().T, y, reduction="sum"), c)[0]

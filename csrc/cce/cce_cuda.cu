@@ -708,9 +708,10 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
           }
 #pragma unroll
           for (int u = 0; u < kUnits; ++u)
-            // (fmaxf skips NaN; a NaN logit makes the row's log-sum-exp NaN: kept whole.)
+            // (fmaxf skips NaN: a NaN or +inf logit makes the row's log-sum-exp NaN or inf and
+            // its softmax NaN: such a row is kept whole.)
             keep |= static_cast<unsigned>(a.filter_eps < 0.f || p_max[u] >= a.filter_eps ||
-                                          lse2[mt][h] != lse2[mt][h]) << u;
+                                          !(fabsf(lse2[mt][h]) < INFINITY)) << u;
           continue;
         }
         // Rows with a target entry here, columns past V or no gradient: entry by entry. The
@@ -743,7 +744,7 @@ __global__ void __launch_bounds__(Mainloop::kThreadsPerCta, Mainloop::kMinCtasPe
 #pragma unroll
         for (int u = 0; u < kUnits; ++u)
           keep |= static_cast<unsigned>(a.filter_eps < 0.f || p_max[u] >= a.filter_eps ||
-                                        (has_grad && lse2[mt][h] != lse2[mt][h])) << u;
+                                        (has_grad && !(fabsf(lse2[mt][h]) < INFINITY))) << u;
       }
     }
 #pragma unroll

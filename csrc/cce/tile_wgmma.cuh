@@ -381,6 +381,7 @@ struct TmaWgmma {
                              AHalves&& a_halves = BothHalves{}) {
 #if FUSEDLM_WGMMA_ENABLED
     constexpr bool kDense = std::is_same_v<std::decay_t<AHalves>, BothHalves>;
+    static_assert(kDense || kCluster == 1, "block-sparse steps: the CTAs of a cluster fill the same stages");
     char* smem = aligned(smem_raw);
     uint64_t* full = reinterpret_cast<uint64_t*>(smem + kPipelineBytes);
     uint64_t* empty = full + kStages;
