@@ -110,6 +110,16 @@ def sampling_tables(rows):
             us = lambda method, p: "–" if (method, p) not in m else f"{m[(method, p)][0] * 1e3:.1f}"  # noqa: E731
             out.append(f"| {v} | {dtype} | {b} | {us('fusedlm', 'sample_graph20')} | {us('fusedlm_top_p', 'sample_graph20')} | "
                        f"{us('fusedlm_top_k', 'sample_graph20')} | {us('torch_top_p_sort', 'sample')} |")
+    if any(("flashinfer_softmax_sample", "sample_graph20") in m for m in t.values()):
+        out += ["", "Against FlashInfer's kernels (its temperature softmax, then its sampler; 16-bit logits "
+                "converted to float32 first; µs per call in a graph of 20):", "",
+                "| V | dtype | B | fusedlm | FlashInfer softmax + sample | FlashInfer logits / tau + sample | "
+                "fusedlm top-p | FlashInfer top-p | fusedlm top-k | FlashInfer top-k |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for (v, dtype, b), m in sorted(t.items()):
+            us = lambda method: "–" if (method, "sample_graph20") not in m else f"{m[(method, 'sample_graph20')][0] * 1e3:.1f}"  # noqa: E731
+            out.append(f"| {v} | {dtype} | {b} | {us('fusedlm')} | {us('flashinfer_softmax_sample')} | "
+                       f"{us('flashinfer_scaled_logits')} | {us('fusedlm_top_p')} | {us('flashinfer_top_p')} | "
+                       f"{us('fusedlm_top_k')} | {us('flashinfer_top_k')} |")
     tiny = {r["pass"]: float(r["time_ms"]) * 1e3 for r in rows
             if r["suite"] == "sampling" and r["case"] == "one_element"}
     if tiny:

@@ -1,7 +1,7 @@
 """fusedlm benchmarks: one harness, one CSV schema.
 
     python bench/run.py --suite cce --out bench/out        # CCE vs naive / compile / peers
-    python bench/run.py --suite sampling --out bench/out   # sampler vs torch paths
+    python bench/run.py --suite sampling --out bench/out   # sampler vs torch paths (+ FlashInfer)
 
 Each row: suite, case, method, dtype, regime, pass, time_ms (CUDA events, median), peak extra
 memory (MiB over the memory held before the call, minus the gradients' own size), ratio to
@@ -9,11 +9,14 @@ the suite's reference (one cuBLAS GEMM for CCE, the memory floor for sampling), 
 CCE passes: `fwd` / `fwd+bwd` timed call by call (a host sync after each, so each call starts
 after a pause, at boost clocks), `fwd_interleaved` alternating with the GEMM, and `*_steady`
 under sustained load (back-to-back calls at the GPU's power limit, as in a training loop).
+FlashInfer's sampling kernels join the sampling suite when FUSEDLM_BENCH_FLASHINFER names a
+library built by bench/peers/build_flashinfer.sh.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
 import os
 import statistics
 import sys
@@ -122,6 +125,16 @@ def peak_extra_mib(fn, exclude_bytes=0):
     return peak / 2**20
 
 
+def flashinfer_library():
+    """FlashInfer's sampling kernels through bench/peers/flashinfer_sampling.cu (ctypes), or None."""
+    path = os.environ.get("FUSEDLM_BENCH_FLASHINFER")
+    if not path:
+        return None
+    lib = ctypes.CDLL(os.path.abspath(path))
+    lib.fi_version.restype = ctypes.c_char_p
+    return lib
+
+
 def peer_versions():
     names = []
     for mod in ("cut_cross_entropy", "liger_kernel", "triton"):
@@ -130,6 +143,9 @@ def peer_versions():
             names.append(f"{mod}={getattr(m, '__version__', '?')}")
         except Exception:
             pass
+    fi = flashinfer_library()
+    if fi is not None:
+        names.append(f"flashinfer={fi.fi_version().decode()} (kernels from its headers)")
     return ";".join(names)
 
 
@@ -244,6 +260,63 @@ def copy_bandwidth():
 
 
 GRAPH_CALLS = 20  # sample_graph20: per-call time in a graph of 20 back-to-back calls
+
+
+def flashinfer_methods(lib, logits, tau, top_p, top_k):
+    """FlashInfer's way to sample with a per-row temperature: its temperature softmax (float32
+    probabilities), then a sampler over them (plain, top-p or top-k); its kernels read float32
+    only, so 16-bit logits are converted first. Also the plain sampler on logits divided by tau
+    (FlashInfer's samplers from logits take no temperature)."""
+    b, v = logits.shape
+    workspace = torch.empty(1 << 20, dtype=torch.uint8, device=logits.device)  # as flashinfer.softmax
+
+    def call(name, *args):
+        err = getattr(lib, name)(*args, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
+        if err != 0:
+            raise RuntimeError(f"{name}: CUDA error {err}")
+
+    def ptr(t):
+        return ctypes.c_void_p(t.data_ptr())
+
+    def probs():
+        x = logits.float().contiguous()
+        p = torch.empty_like(x)
+        call("fi_softmax", ptr(x), ptr(p), ctypes.c_uint(b), ctypes.c_uint(v), ptr(tau), ptr(workspace),
+             ctypes.c_size_t(workspace.numel()), ctypes.c_bool(True))
+        return p
+
+    def sample(name, p, *extra):  # from probabilities (with FlashInfer's per-row success flags)
+        out = torch.empty(b, dtype=torch.int32, device=logits.device)
+        valid = torch.empty(b, dtype=torch.bool, device=logits.device)
+        call(name, ptr(p), ptr(out), ptr(valid), ctypes.c_uint(b), ctypes.c_uint(v), *extra, ctypes.c_uint64(1234),
+             ctypes.c_uint64(0))
+        return out
+
+    def scaled_logits():
+        x = (logits.float() / tau.clamp_min(1e-5)[:, None]).contiguous()
+        out = torch.empty(b, dtype=torch.int32, device=logits.device)
+        call("fi_sampling_from_logits", ptr(x), ptr(out), ctypes.c_uint(b), ctypes.c_uint(v), ctypes.c_uint64(1234),
+             ctypes.c_uint64(0))
+        return out
+
+    methods = {"flashinfer_softmax_sample": lambda: sample("fi_sampling_from_probs", probs()),
+               "flashinfer_scaled_logits": scaled_logits,
+               "flashinfer_top_p": lambda: sample("fi_top_p_sampling_from_probs", probs(), ctypes.c_float(top_p)),
+               "flashinfer_top_k": lambda: sample("fi_top_k_sampling_from_probs", probs(), ctypes.c_uint(top_k))}
+    return methods
+
+
+def check_flashinfer(lib):
+    """The bindings are called right: rows with one dominant logit give its index everywhere."""
+    b, v = 5, 50257
+    logits = torch.randn(b, v, device="cuda")
+    hot = torch.tensor([(r * 7919 + 11) % v for r in range(b)], device="cuda")
+    logits[torch.arange(b), hot] = 60.0
+    tau = torch.full((b,), 0.7, device="cuda")
+    for name, fn in flashinfer_methods(lib, logits, tau, 0.9, 3).items():
+        got = fn().long()
+        if not torch.equal(got, hot):
+            raise RuntimeError(f"{name}: tokens {got.tolist()}, expected {hot.tolist()}")
 TOP_P, TOP_K = 0.9, 50  # the truncated-sampling rows (fusedlm_top_p / _top_k, torch_top_p_sort)
 
 
@@ -252,6 +325,9 @@ def bench_sampling(args, rows, meta):
     in one graph (sample_graph20: the device time a decode loop's graph pays per step, without
     the per-replay launch latency). torch_amax_read (a reduction that only reads the logits
     once) and a one-element kernel show what any kernel pays at these sizes."""
+    fi = flashinfer_library()
+    if fi is not None:
+        check_flashinfer(fi)
     bw = copy_bandwidth()
     print(f"device copy bandwidth: {bw / 1e12:.2f} TB/s")
     tiny = torch.zeros(1, device="cuda")
@@ -297,9 +373,11 @@ def bench_sampling(args, rows, meta):
                            "torch_exponential_race": torch_race,
                            "torch_top_p_sort": torch_top_p_sort,
                            "torch_amax_read": lambda: logits.amax(-1)}
+                if fi is not None:
+                    methods.update(flashinfer_methods(fi, logits, tau, TOP_P, TOP_K))
                 for name, fn in methods.items():
                     t = cuda_time(fn, warmup=5, reps=30)
-                    graphed = name.startswith("fusedlm") or name == "torch_amax_read"
+                    graphed = name.startswith(("fusedlm", "flashinfer")) or name == "torch_amax_read"
                     tg = graph_time(fn) if graphed else None
                     tg20 = graph_time(fn, calls=GRAPH_CALLS) if graphed else None
                     mem = peak_extra_mib(fn)

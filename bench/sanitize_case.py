@@ -59,9 +59,10 @@ fusedlm.sample(logits, torch.tensor([0.0, 0.5, 1.0, 2.0, 1.0], device="cuda"), t
 fusedlm.sample(logits.bfloat16(), 1.0)
 fusedlm.temperature_logprobs(logits, torch.arange(5, device="cuda"), [0.0, 0.5, 1.0])
 # A row's splits merged by the finish kernel (B = 1; B = 8, 64 without clusters), in a cluster
-# (B = 8: 8 CTAs, B = 64: 2 CTAs of 16 warps) or a single split drawing the token (B = 300);
-# tokens only and with log-probs, with and without truncation (the radix passes).
-for batch in (1, 8, 64, 300):
+# (B = 8: 8 CTAs, B = 64: 2 CTAs of 16 warps) or a single split drawing the token (B = 200,
+# 300); tokens only and with log-probs, with and without truncation (the radix passes; B = 200:
+# a row's truncation over 2 CTAs).
+for batch in (1, 8, 64, 200, 300):
     big = torch.randn(batch, 128256, device="cuda", dtype=torch.bfloat16) * 3
     tau = torch.rand(batch, device="cuda")
     tau[::5] = 0.0  # tau = 0 rows: the argmax

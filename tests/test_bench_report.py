@@ -58,11 +58,29 @@ def test_truncated_sampling_table(tmp_path, capsys):
                       dict(r, method="torch_top_p_sort", **{"pass": "sample"})]
     out = report_of(rows + extra, tmp_path, capsys)
     assert "Truncated sampling" in out
-    table = out.split("Truncated sampling")[1]
+    table = out.split("Truncated sampling")[1].split("Against FlashInfer")[0]
     cases = {(r["case"], r["dtype"]) for r in extra}
     lines = [line for line in table.splitlines() if line[:3] in ("| 1", "| 2")]
     assert len(lines) == len(cases)
     assert all("–" not in line for line in lines)
+
+
+def test_flashinfer_table(tmp_path, capsys):
+    """Runs with FlashInfer's kernels get a table of them next to fusedlm's (one line per
+    sampling case); runs without them get none."""
+    rows = [r for r in report.load(CSVS[0]) if not r["method"].startswith("flashinfer")]
+    assert "Against FlashInfer" not in report_of(rows, tmp_path, capsys)
+    extra = []
+    for r in rows:
+        if r["suite"] == "sampling" and r["method"] == "fusedlm" and r["case"].startswith("B"):
+            extra += [dict(r, method=m, time_ms=str(k * float(r["time_ms"])))
+                      for k, m in enumerate(["flashinfer_softmax_sample", "flashinfer_scaled_logits",
+                                             "flashinfer_top_p", "flashinfer_top_k"], start=2)]
+    out = report_of(rows + extra, tmp_path, capsys)
+    table = out.split("Against FlashInfer")[1]
+    lines = [line for line in table.splitlines() if line[:3] in ("| 1", "| 2")]
+    assert len(lines) == len({(r["case"], r["dtype"]) for r in extra})
+    assert all(line.count("|") == 11 for line in lines)
 
 
 def test_exact_alternating_ratio(tmp_path, capsys):

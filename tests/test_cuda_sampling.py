@@ -123,10 +123,12 @@ def test_truncated_same_tokens_as_cpu(trunc, ties, dtype):
 
 
 # The truncation kernel splits a row over a cluster of up to 8 CTAs when rows are few
-# (B = 1, 7: 8 CTAs, B = 40: 2), uses one CTA per row otherwise (B = 300); V = 37 leaves
-# some of the 8 CTAs an empty slice.
+# (B = 1, 7: 8 CTAs, B = 40: 2), of 2 smaller CTAs while rows number up to twice the SMs
+# (B = 200 on an H100), uses one CTA per row otherwise (B = 300); V = 37 leaves some of the
+# 8 CTAs an empty slice.
 @each_truncation
-@pytest.mark.parametrize("batch,vocab", [(1, 128256), (7, 50257), (40, 32000), (300, 5001), (1, 37)])
+@pytest.mark.parametrize("batch,vocab", [(1, 128256), (7, 50257), (40, 32000), (200, 5001), (150, 50257),
+                                         (300, 5001), (1, 37)])
 def test_truncated_row_split_same_tokens_as_cpu(trunc, batch, vocab):
     logits = (torch.randn(batch, vocab) * 6).round() / 2  # exact ties
     logits[:, ::13] = float("-inf")

@@ -1094,7 +1094,8 @@ constexpr int kFirstDigitShift = 21;  // the first pass's 11-bit digit: key >> 2
 // top-k counts are gathered during the max pass, saving one read of the row). kCache: the
 // third pass reads the second pass's matches from shared memory when they fit (top-k: few
 // entries share the k-th largest's top 22 bits; top-p's boundary often has more than fit, and
-// collecting them slowed it: H100, fp32 B = 256, V = 128256, 364 -> 497 us).
+// collecting them slowed it: H100, fp32 B = 256, V = 128256, 364 -> 497 us; caching only
+// the matches that weigh anything, top-p +5…25% at B = 1 … 1024).
 template <int kBlock, bool kCache, typename T, typename Weight, typename Target>
 __device__ __forceinline__ float radix_threshold(const T* l, int64_t V, int ctas, RadixScratch<kBlock>& sh,
                                                  Weight&& weight, Target&& target_of,
@@ -1126,9 +1127,11 @@ __device__ __forceinline__ float radix_threshold(const T* l, int64_t V, int ctas
         const uint32_t key = to_order_key(x);
         const bool match = valid && x == x && (prefix_bits == 0 || (key >> (32 - prefix_bits)) == prefix);
         const int bin = static_cast<int>((key >> shift) & static_cast<uint32_t>(bins - 1));
-        if constexpr (decltype(collect_tag)::value) {  // top-k (weights 1): every lane takes part
-          cache_append(sh, x, match);                  // (warp-collective)
-          if (match) adder.add(bin, weight(x));
+        if constexpr (decltype(collect_tag)::value) {  // top-k: every lane takes part
+          // (Weight first, then one test: top-k B = 1024 -4…6% against testing match twice.)
+          const uint32_t w = match ? weight(x) : 0u;
+          cache_append(sh, x, w != 0);                 // (warp-collective)
+          if (w != 0) adder.add(bin, w);
         } else {
           // An early exit, so that top-p's weight (an exp) is computed for matching entries
           // only: as a select it ran for every entry of every pass (fp32 B = 256 top-p +19%).
@@ -1367,24 +1370,34 @@ cudaError_t launch(const SampleArgs& a, dim3 cluster, void (*kernel)(Params...),
 }
 
 // Launches the truncation kernel: rows <= SMs get 1024-thread CTAs, and on sm_90 up to 8
-// CTAs per row (a cluster) while the grid stays within one CTA per SM.
+// CTAs per row (a cluster) while the grid stays within one CTA per SM; more rows get
+// kThreads-thread CTAs, on sm_90 2 per row up to twice as many rows as SMs.
 template <typename T>
 cudaError_t truncation_launch(const SampleArgs& a, float* thresholds, cudaStream_t stream) {
-  const int sms = a.num_sms;
-  if (a.B > sms)
-    return launch(a, 1, truncation_kernel<T, kThreads>, dim3(static_cast<unsigned>(a.B)), dim3(kThreads), 0, stream,
-                  a, thresholds, 1);
+  const int64_t sms = a.num_sms;
+  // ctas CTAs of `threads` per row: a cluster when ctas > 1, else (or when no such cluster
+  // fits, e.g. on a small MIG slice) one CTA per row.
+  auto launch_rows = [&](auto kernel, int threads, int ctas) {
+    if (ctas > 1) {
+      if (launch(a, ctas, kernel, dim3(static_cast<unsigned>(a.B * ctas)), dim3(threads), 0, stream, a, thresholds,
+                 ctas) == cudaSuccess)
+        return cudaSuccess;
+      (void)cudaGetLastError();
+    }
+    return launch(a, 1, kernel, dim3(static_cast<unsigned>(a.B)), dim3(threads), 0, stream, a, thresholds, 1);
+  };
+  if (a.B > sms) {
+    // Up to 4 such CTAs share an SM. Up to twice as many rows as SMs left half of those places
+    // empty, and each pass was then bound by too few loads in flight: there a row is split
+    // over a cluster of 2 CTAs (all resident at once). (H100, graph of 20, top-p 0.9: fp32
+    // B = 256, V = 256000 861 -> 530 us, bf16 V = 128256 413 -> 246; top-k B = 256 -32…37%.
+    // Clusters of 8, to keep the rows in flight within L2, lost: bf16 B = 1024 top-p 886 ->
+    // 1204 us.)
+    return launch_rows(truncation_kernel<T, kThreads>, kThreads, a.clusters && a.B <= 2 * sms ? 2 : 1);
+  }
   int ctas = 1;
   while (a.clusters && ctas < kMaxRowCtas && a.B * ctas * 2 <= sms) ctas *= 2;
-  const auto kernel = truncation_kernel<T, kTruncationThreadsFewRows>;
-  const dim3 block(kTruncationThreadsFewRows);
-  if (ctas > 1) {
-    if (launch(a, ctas, kernel, dim3(static_cast<unsigned>(a.B * ctas)), block, 0, stream, a, thresholds, ctas) ==
-        cudaSuccess)
-      return cudaSuccess;
-    (void)cudaGetLastError();  // no room for such clusters (e.g. a small MIG slice): one CTA per row
-  }
-  return launch(a, 1, kernel, dim3(static_cast<unsigned>(a.B)), block, 0, stream, a, thresholds, 1);
+  return launch_rows(truncation_kernel<T, kTruncationThreadsFewRows>, kTruncationThreadsFewRows, ctas);
 }
 
 template <typename T>
