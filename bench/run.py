@@ -285,25 +285,23 @@ def flashinfer_methods(lib, logits, tau, top_p, top_k):
              ctypes.c_size_t(workspace.numel()), ctypes.c_bool(True))
         return p
 
-    def sample(name, p, *extra):  # from probabilities (with FlashInfer's per-row success flags)
+    def draw(name, x, *args):  # a sampler over x (probabilities or logits): int32 tokens
         out = torch.empty(b, dtype=torch.int32, device=logits.device)
-        valid = torch.empty(b, dtype=torch.bool, device=logits.device)
-        call(name, ptr(p), ptr(out), ptr(valid), ctypes.c_uint(b), ctypes.c_uint(v), *extra, ctypes.c_uint64(1234),
-             ctypes.c_uint64(0))
+        call(name, ptr(x), ptr(out), *args, ctypes.c_uint64(1234), ctypes.c_uint64(0))
         return out
+
+    def from_probs(name, *extra):  # (these samplers also write a success flag per row)
+        valid = torch.empty(b, dtype=torch.bool, device=logits.device)
+        return draw(name, probs(), ptr(valid), ctypes.c_uint(b), ctypes.c_uint(v), *extra)
 
     def scaled_logits():
         x = (logits.float() / tau.clamp_min(1e-5)[:, None]).contiguous()
-        out = torch.empty(b, dtype=torch.int32, device=logits.device)
-        call("fi_sampling_from_logits", ptr(x), ptr(out), ctypes.c_uint(b), ctypes.c_uint(v), ctypes.c_uint64(1234),
-             ctypes.c_uint64(0))
-        return out
+        return draw("fi_sampling_from_logits", x, ctypes.c_uint(b), ctypes.c_uint(v))
 
-    methods = {"flashinfer_softmax_sample": lambda: sample("fi_sampling_from_probs", probs()),
-               "flashinfer_scaled_logits": scaled_logits,
-               "flashinfer_top_p": lambda: sample("fi_top_p_sampling_from_probs", probs(), ctypes.c_float(top_p)),
-               "flashinfer_top_k": lambda: sample("fi_top_k_sampling_from_probs", probs(), ctypes.c_uint(top_k))}
-    return methods
+    return {"flashinfer_softmax_sample": lambda: from_probs("fi_sampling_from_probs"),
+            "flashinfer_scaled_logits": scaled_logits,
+            "flashinfer_top_p": lambda: from_probs("fi_top_p_sampling_from_probs", ctypes.c_float(top_p)),
+            "flashinfer_top_k": lambda: from_probs("fi_top_k_sampling_from_probs", ctypes.c_uint(top_k))}
 
 
 def check_flashinfer(lib):
@@ -317,6 +315,8 @@ def check_flashinfer(lib):
         got = fn().long()
         if not torch.equal(got, hot):
             raise RuntimeError(f"{name}: tokens {got.tolist()}, expected {hot.tolist()}")
+
+
 TOP_P, TOP_K = 0.9, 50  # the truncated-sampling rows (fusedlm_top_p / _top_k, torch_top_p_sort)
 
 
