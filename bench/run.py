@@ -368,6 +368,8 @@ def bench_sampling(args, rows, meta):
                            "fusedlm_logprobs": lambda: fusedlm.sample(logits, tau, seed=seeds,
                                                                       return_logprobs=True),
                            "fusedlm_top_p": lambda: fusedlm.sample(logits, tau, seed=seeds, top_p=TOP_P),
+                           "fusedlm_top_p_logprobs": lambda: fusedlm.sample(logits, tau, seed=seeds, top_p=TOP_P,
+                                                                            return_logprobs=True),
                            "fusedlm_top_k": lambda: fusedlm.sample(logits, tau, seed=seeds, top_k=TOP_K),
                            "torch_softmax_multinomial": torch_multinomial,
                            "torch_exponential_race": torch_race,

@@ -69,6 +69,11 @@ for batch in (1, 8, 64, 200, 300):
     fusedlm.sample(big, tau, seed=torch.arange(batch, device="cuda"), return_logprobs=True)
     fusedlm.sample(big, tau, seed=torch.arange(batch, device="cuda"))
     fusedlm.sample(big, tau, top_k=50, top_p=0.9)
+    # Top-p alone (by rejection): rows below 0.5, between, and 1; tokens only and with log-probs.
+    p = torch.tensor([0.3, 0.6, 0.9, 1.0], device="cuda")[torch.arange(batch, device="cuda") % 4]
+    fusedlm.sample(big, tau, top_p=p)
+    fusedlm.sample(big, tau, top_p=p, return_logprobs=True)
+    fusedlm.sample(big[:, :5003], tau, top_p=p)  # unaligned rows
 os.environ["FUSEDLM_NO_CLUSTERS"] = "1"
 fusedlm.sample(big[:8], tau[:8])
 fusedlm.sample(big[:8], tau[:8], top_p=0.9, return_logprobs=True)

@@ -100,7 +100,7 @@ struct SampleArgs {
   const float* top_p;        // [B] or nullptr
   const float* min_p;        // [B] or nullptr
   int splits;                // vocabulary splits per row (see sample_splits)
-  float* workspace;          // [B * splits * kSampleSplitFloats + B] floats
+  float* workspace;          // [B * splits * kSampleSplitFloats + 4 * B] floats
   int64_t* tokens;           // [B]
   float* logprob;            // [B]; written only if need_logprobs
   float* raw_logprob;        // [B]; written only if need_logprobs
@@ -108,6 +108,7 @@ struct SampleArgs {
   int num_sms;               // the device's multiprocessors
   bool sm90;                 // sm_90+: programmatic dependent launches
   bool clusters;             // thread-block clusters (sm_90+; off with FUSEDLM_NO_CLUSTERS=1)
+  int pass = 0;              // (internal: which rows a launch draws; sample() sets it)
 };
 
 // Workspace floats per (row, split): a partial of 8 floats for each of up to 8 warps.

@@ -146,6 +146,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
   // Log-probs only on request (else empty: two allocations less per call).
   auto logprob = at::empty({need_logprobs ? B : 0}, logits.options().dtype(at::kFloat));
   auto raw_logprob = at::empty({need_logprobs ? B : 0}, logits.options().dtype(at::kFloat));
+  // Top-p by rejection for tokens-only calls with top-p alone (as on CUDA; see sampling_cpu.h).
+  const bool rejection = p_t.defined() && !k_t.defined() && !mp_t.defined() && !need_logprobs;
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t k = k_t.defined() ? k_t.const_data_ptr<int64_t>()[b] : 0;
@@ -155,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
           l.const_data_ptr<float>() + b * V, V, tau.const_data_ptr<float>()[b],
           static_cast<uint64_t>(seeds.const_data_ptr<int64_t>()[b]),
           offsets.defined() ? static_cast<uint64_t>(offsets.const_data_ptr<int64_t>()[b]) : 0, k,
-          p, mp);
+          p, mp, rejection);
       tokens.mutable_data_ptr<int64_t>()[b] = r.token;
       if (!need_logprobs) continue;
       logprob.mutable_data_ptr<float>()[b] = static_cast<float>(r.logprob);

@@ -162,6 +162,39 @@ def test_tokens_only_same_tokens_as_with_logprobs(b, v, dtype):
         assert torch.equal(tokens, fusedlm.sample(logits, tau, seed=seeds, return_logprobs=True)[0])
 
 
+# Top-p alone on tokens-only calls goes by rejection (see sampling_cpu.h): per-row top_p
+# mixing rows below 0.5 (the threshold at once), between 0.5 and 1 (a first draw, tested by
+# top_p_check_kernel; rejected rows drawn from the top-p set with round-1 noise) and 1 (drawn
+# once), with tau = 0 rows, masked entries and peaked rows, in every layout of the draw and of
+# the test (B = 1: clusters of 8 CTAs; 64 x 50257: unaligned rows; B = 200: 2-CTA clusters;
+# B = 300: one CTA per row). Tokens-only and log-prob calls (the threshold path) both draw
+# the CPU's tokens, up to float-rounding near-ties at the top-p boundary.
+@pytest.mark.parametrize("b,v", [(1, 128256), (64, 50257), (200, 5120), (300, 5120)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_top_p_by_rejection_same_tokens_as_cpu(b, v, dtype):
+    logits = torch.randn(b, v) * 3
+    logits[::3, v // 2:] = float("-inf")
+    logits[1::4, 7] += 12
+    logits = logits.to(dtype)
+    p = torch.tensor([0.3, 0.5, 0.6, 0.9, 0.99, 1.0])[torch.arange(b) % 6]
+    tau = torch.rand(b) * 1.5 + 0.05
+    tau[5::7] = 0.0
+    draws = 24 if b == 1 else 3
+    tokens_differ = logprob_calls_differ = 0
+    for _ in range(draws):
+        seeds = torch.randint(0, 2**62, (b,))
+        cpu_tokens = fusedlm.sample(logits.float(), tau, seed=seeds, top_p=p)
+        tokens = fusedlm.sample(logits.to(DEV), tau.to(DEV), seed=seeds.to(DEV), top_p=p.to(DEV)).cpu()
+        tokens_differ += (tokens != cpu_tokens).sum().item()
+        cpu = fusedlm.sample(logits.float(), tau, seed=seeds, top_p=p, return_logprobs=True)
+        gpu = fusedlm.sample(logits.to(DEV), tau.to(DEV), seed=seeds.to(DEV), top_p=p.to(DEV), return_logprobs=True)
+        same = cpu[0] == gpu[0].cpu()
+        logprob_calls_differ += (~same).sum().item()
+        assert_logprobs_close(cpu, gpu, same, logits, tau, 2e-3)
+    allowed = max(1, int(0.002 * b * draws))
+    assert tokens_differ <= allowed and logprob_calls_differ <= allowed, (tokens_differ, logprob_calls_differ)
+
+
 # Tokens-only draws (the other CUDA tests mostly ask for log-probs too) against the CPU, with
 # and without truncation, 16 draws per row so that B = 1 counts too.
 @pytest.mark.parametrize("trunc", [{}, dict(top_k=50), dict(top_p=0.9)], ids=["plain", "top_k", "top_p"])
@@ -236,9 +269,9 @@ def test_cluster_merge_same_as_finish_kernel(b, v, trunc, monkeypatch):
 
 
 @pytest.mark.parametrize("tau", [0.3, 1.0, 2.5])
-@pytest.mark.parametrize("trunc", [{}, dict(top_k=6), dict(top_p=0.8), dict(min_p=0.05),
-                                   dict(top_k=9, top_p=0.95, min_p=0.01)],
-                         ids=["none", "top_k", "top_p", "min_p", "all"])
+@pytest.mark.parametrize("trunc", [{}, dict(top_k=6), dict(top_p=0.8), dict(top_p=0.55), dict(top_p=0.3),
+                                   dict(min_p=0.05), dict(top_k=9, top_p=0.95, min_p=0.01)],
+                         ids=["none", "top_k", "top_p", "top_p_055", "top_p_03", "min_p", "all"])
 def test_chi_square(tau, trunc):
     logits = torch.randn(16) * 1.5
     n = 100000

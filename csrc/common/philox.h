@@ -50,9 +50,14 @@ FUSEDLM_HD Uint4 philox_block(uint64_t seed, uint64_t offset, uint64_t group) {
   return philox4x32_10(counter, seed);
 }
 
+// Counter of tile pair `pair` in draw `round`: top-p by rejection (sampling_cpu.h) draws a
+// row up to twice; round 1 takes the counters' high words (pairs stay below 2^32 for any
+// vocabulary under 2^38 entries), so round 0 is every other draw's stream.
+FUSEDLM_HD uint64_t pair_counter(uint64_t pair, uint32_t round) { return pair | (static_cast<uint64_t>(round) << 32); }
+
 // The block of tile t's pair, and tile t's words in it.
-FUSEDLM_HD Uint4 tile_pair_block(uint64_t seed, uint64_t offset, uint64_t t) {
-  return philox_block(seed, offset, t / 2);
+FUSEDLM_HD Uint4 tile_pair_block(uint64_t seed, uint64_t offset, uint64_t t, uint32_t round = 0) {
+  return philox_block(seed, offset, pair_counter(t / 2, round));
 }
 FUSEDLM_HD uint32_t tile_noise_word(const Uint4& block, uint64_t t) { return t % 2 ? block.z : block.x; }
 FUSEDLM_HD uint32_t tile_uniform_word(const Uint4& block, uint64_t t) { return t % 2 ? block.w : block.y; }

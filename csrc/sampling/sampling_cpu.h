@@ -12,6 +12,8 @@
 //    counter t / 2 (one block of four words per pair of tiles), so the same key gives the
 //    same token on any batch position. One exp per entry and one random draw per tile,
 //    instead of a Gumbel variate per entry.
+//  * top-p alone (no top-k, no min-p) with 0.5 <= top_p < 1: by rejection, see
+//    kRejectionMinTopP (a first draw from the whole distribution, kept if inside the set).
 //  * NaN logits count as -inf. A row whose logits are all -inf (or NaN) returns token 0 and
 //    NaN log-probs.
 #pragma once
@@ -88,18 +90,26 @@ inline double truncation_threshold(const float* l, int64_t V, double tau, int64_
 
 constexpr int64_t kSampleTile = 64;
 
-inline RowResult sample_row(const float* l, int64_t V, float tau, uint64_t seed, uint64_t offset,
-                            int64_t top_k, double top_p, double min_p) {
-  const double nan = std::numeric_limits<double>::quiet_NaN();
-  const int64_t argmax = row_argmax(l, V);
-  const float max_value = l[argmax];
-  if (!(max_value > -std::numeric_limits<float>::infinity())) return {0, nan, nan};  // all -inf / NaN
-  const double raw_lse = max_value + log_sum_exp(l, V, 1.0, -INFINITY, max_value);
-  if (tau == 0.0f) return {argmax, 0.0, l[argmax] - raw_lse};
+// Top-p by rejection (CPU and CUDA alike): on tokens-only calls with top-p alone (no top-k or
+// min-p tensor given) and kRejectionMinTopP <= top_p < 1, a row is first drawn from the whole tempered
+// distribution (Philox round 0); the draw is kept if it lies in the top-p set, an event of
+// probability >= top_p, and is then distributed exactly as a draw from that set. Otherwise the
+// row is drawn from the set itself, with round 1 noise (independent of the rejected draw).
+// On CUDA the first draw costs one pass over the row and its test one more, instead of the
+// four of the threshold's selection. Below kRejectionMinTopP rejections would be frequent:
+// such rows take the threshold path at once, with round 0.
+constexpr double kRejectionMinTopP = 0.5;
 
-  const double threshold = truncation_threshold(l, V, tau, top_k, top_p, min_p, max_value);
+inline bool top_p_by_rejection(bool rejection, float tau, double top_p) {
+  return rejection && tau > 0.0f && top_p >= kRejectionMinTopP && top_p < 1.0;
+}
+
+// A token of softmax(l / tau) over the entries >= threshold: the row is cut into tiles of
+// kSampleTile entries; each tile's key is the log-mass of its kept entries plus one Gumbel
+// variate, the largest key wins (Gumbel-max over tile masses), then inverse CDF inside it.
+inline int64_t draw_token(const float* l, int64_t V, float tau, uint64_t seed, uint64_t offset, double threshold,
+                          uint32_t round) {
   auto kept = [&](int64_t v) { return l[v] >= threshold; };
-  // Tile keys: log-mass of the kept entries plus one Gumbel variate per tile.
   int64_t best_tile = -1;
   double best_key = -INFINITY, best_max = 0, best_sum = 0;
   for (int64_t t = 0; t * kSampleTile < V; ++t) {
@@ -111,7 +121,8 @@ inline RowResult sample_row(const float* l, int64_t V, float tau, uint64_t seed,
     double sum = 0;
     for (int64_t v = t * kSampleTile; v < v_end; ++v)
       if (kept(v)) sum += std::exp((l[v] - m) / tau);
-    const double key = m / tau + std::log(sum) + gumbel_from_bits(tile_noise_word(tile_pair_block(seed, offset, t), t));
+    const double key =
+        m / tau + std::log(sum) + gumbel_from_bits(tile_noise_word(tile_pair_block(seed, offset, t, round), t));
     if (best_tile < 0 || key > best_key) {
       best_tile = t;
       best_key = key;
@@ -119,9 +130,8 @@ inline RowResult sample_row(const float* l, int64_t V, float tau, uint64_t seed,
       best_sum = sum;
     }
   }
-  // Inverse CDF inside the winning tile.
   const double target =
-      bits_to_open_unit(tile_uniform_word(tile_pair_block(seed, offset, best_tile), best_tile)) * best_sum;
+      bits_to_open_unit(tile_uniform_word(tile_pair_block(seed, offset, best_tile, round), best_tile)) * best_sum;
   const int64_t v_end = std::min(V, (best_tile + 1) * kSampleTile);
   int64_t token = -1;
   double cumulative = 0;
@@ -131,6 +141,28 @@ inline RowResult sample_row(const float* l, int64_t V, float tau, uint64_t seed,
     cumulative += std::exp((l[v] - best_max) / tau);
     if (cumulative > target) break;
   }
+  return token;
+}
+
+// rejection: top-p may be drawn by rejection (see kRejectionMinTopP; the op passes whether
+// this is a tokens-only call with neither top-k nor min-p given).
+inline RowResult sample_row(const float* l, int64_t V, float tau, uint64_t seed, uint64_t offset,
+                            int64_t top_k, double top_p, double min_p, bool rejection = false) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const int64_t argmax = row_argmax(l, V);
+  const float max_value = l[argmax];
+  if (!(max_value > -std::numeric_limits<float>::infinity())) return {0, nan, nan};  // all -inf / NaN
+  const double raw_lse = max_value + log_sum_exp(l, V, 1.0, -INFINITY, max_value);
+  if (tau == 0.0f) return {argmax, 0.0, l[argmax] - raw_lse};
+
+  const double threshold = truncation_threshold(l, V, tau, top_k, top_p, min_p, max_value);
+  const bool by_rejection = top_p_by_rejection(rejection, tau, top_p);
+  int64_t token = -1;
+  if (by_rejection) {
+    const int64_t first = draw_token(l, V, tau, seed, offset, -INFINITY, 0);
+    if (l[first] >= threshold) token = first;
+  }
+  if (token < 0) token = draw_token(l, V, tau, seed, offset, threshold, by_rejection ? 1 : 0);
   const double processed_lse = log_sum_exp(l, V, 1.0 / tau, threshold, max_value);
   return {token, (l[token] - max_value) / tau - processed_lse, l[token] - raw_lse};
 }

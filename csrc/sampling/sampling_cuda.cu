@@ -20,6 +20,8 @@
 // truncation_kernel (only when top-k / top-p / min-p are given; one CTA per row, or a cluster
 // of up to 8 CTAs per row when rows are few) finds the smallest kept logit by radix selection
 // over the order-preserving integer image of the floats: three histogram passes per threshold.
+// Tokens-only calls with top-p alone draw by rejection first (see SamplePass): a plain draw,
+// top_p_check_kernel, and the threshold only for the rows whose draw fell outside the set.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -221,7 +223,45 @@ struct RowCtx {
   float tau, inv_tau, threshold;  // inv_tau: see inverse_temperature
   float scale2;  // log2(e) * inv_tau: tile sums and keys are in base 2
   bool greedy, need_logprobs;
+  uint32_t round = 0;  // Philox draw round (see pair_counter)
 };
+
+// Top-p by rejection (tokens-only calls with top-p alone; see sampling_cpu.h,
+// kRejectionMinTopP): sample() launches kRejectionDraw (the whole tempered distribution,
+// round 0), top_p_check_kernel (marks the rows whose draw fell outside the top-p set, and
+// those not drawn), then truncation and kExactRows for the marked rows only (from the top-p
+// set, with round 1 where rejected). SampleArgs::pass says which rows a launch draws.
+enum SamplePass : int { kAllRows = 0, kRejectionDraw, kExactRows };
+constexpr float kRejectionMinTopP = 0.5f;  // == sampling_cpu::kRejectionMinTopP
+
+__device__ __forceinline__ float row_top_p(const SampleArgs& a, int64_t row) {
+  return a.top_p != nullptr ? a.top_p[row] : 1.f;
+}
+__device__ __forceinline__ bool by_rejection(float tau, float top_p) {
+  return tau > 0.f && top_p >= kRejectionMinTopP && top_p < 1.f;
+}
+// Rows that take the threshold at once (top-p too small for rejection): not drawn first.
+__device__ __forceinline__ bool threshold_at_once(float tau, float top_p) {
+  return tau > 0.f && top_p < kRejectionMinTopP;
+}
+// The per-row marks of top_p_check_kernel (after the thresholds in the workspace), then per
+// row the maximum and tempered normaliser it found (truncation reuses them: no max pass).
+__device__ __forceinline__ int* row_marks(const SampleArgs& a) {
+  return reinterpret_cast<int*>(a.workspace + a.B * a.splits * kSampleSplitFloats + a.B);
+}
+__device__ __forceinline__ float2* row_max_and_sum(const SampleArgs& a) {
+  return reinterpret_cast<float2*>(a.workspace + a.B * a.splits * kSampleSplitFloats + 2 * a.B);
+}
+
+// Whether this launch draws `row`; sets c.round.
+__device__ __forceinline__ bool row_in_pass(const SampleArgs& a, int64_t row, RowCtx& c) {
+  if (a.pass == kAllRows) return true;
+  const float top_p = row_top_p(a, row);
+  if (a.pass == kRejectionDraw) return !threshold_at_once(c.tau, top_p);
+  if (a.pass == kExactRows && row_marks(a)[row] == 0) return false;
+  c.round = by_rejection(c.tau, top_p) ? 1u : 0u;  // (kExactRows)
+  return true;
+}
 
 // 1 / tau (tau > 0), at most 2^126: below tau ~ 2.9e-39 the reciprocal overflows, and
 // (x - max) * inf is NaN at x = max. In float32 both temperatures give the same distribution:
@@ -397,7 +437,7 @@ __device__ void finish_row(const SampleArgs& a, int64_t row, int lane, const Row
     }
     const float total = __shfl_sync(0xffffffffu, base, 31);
     base -= run;
-    const float target = bits_to_open_unit(tile_uniform_word(tile_pair_block(seed, offset, t), t)) * total;
+    const float target = bits_to_open_unit(tile_uniform_word(tile_pair_block(seed, offset, t, c.round), t)) * total;
     int first = 4, last_kept = -1;
 #pragma unroll
     for (int q = 3; q >= 0; --q) {
@@ -537,7 +577,8 @@ __global__ void sample_finish_kernel(SampleArgs a, const float* thresholds, int 
   const float tau = a.temperature[row], threshold = row_threshold(thresholds, row);
   const uint64_t seed = static_cast<uint64_t>(a.seed[row]);
   const uint64_t offset = row_offset(a, row);
-  const RowCtx c = row_ctx(a, tau, threshold);
+  RowCtx c = row_ctx(a, tau, threshold);
+  if (!row_in_pass(a, row, c)) return;
   const RowState st = merge_partials(partials, partials_per_row, lane, lo, hi, !a.need_logprobs, c.scale2, c.inv_tau);
   finish_row<T, kVec>(a, row, lane, st, c, seed, offset);
 }
@@ -553,7 +594,8 @@ __global__ void __launch_bounds__(kThreads)
   const int split = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const T* l = static_cast<const T*>(a.logits) + row * a.ld;
-  const RowCtx c = row_ctx(a, thresholds, row);
+  RowCtx c = row_ctx(a, thresholds, row);
+  if (!row_in_pass(a, row, c)) return;
   const uint64_t seed = static_cast<uint64_t>(a.seed[row]);
   const uint64_t offset = row_offset(a, row);
   const int64_t total_tiles = (a.V + kTile - 1) / kTile;
@@ -574,7 +616,7 @@ __global__ void __launch_bounds__(kThreads)
       fold4(st, tile_max, tile_sum, x, t * kTile + k * 4, c);
     }
     if (c.greedy || tile_max == -INFINITY) continue;  // -inf: nothing kept in the tile
-    add_tile(st, tile_max, fast_log2(tile_sum), c, tile_noise_word(tile_pair_block(seed, offset, t), t), t);
+    add_tile(st, tile_max, fast_log2(tile_sum), c, tile_noise_word(tile_pair_block(seed, offset, t, c.round), t), t);
   }
   finish_or_write_partial<T, kVec>(a, row, split, st, c, seed, offset);
 }
@@ -835,7 +877,8 @@ __global__ void __launch_bounds__(kCluster ? kClusterThreads : kThreads, kCluste
   const int split = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
   const T* l = static_cast<const T*>(a.logits) + row * a.ld;
-  const RowCtx c = row_ctx(a, thresholds, row);
+  RowCtx c = row_ctx(a, thresholds, row);
+  if (!row_in_pass(a, row, c)) return;  // (the whole row: every CTA of its cluster)
   const uint64_t seed = static_cast<uint64_t>(a.seed[row]);
   const uint64_t offset = row_offset(a, row);
   const int64_t t_begin = split * tiles_per_split;
@@ -872,7 +915,7 @@ __global__ void __launch_bounds__(kCluster ? kClusterThreads : kThreads, kCluste
     if constexpr (!kPrefetch) load_batch(q, b0);
     if (!second && !c.greedy) {
       const int64_t pair = (lane < 16 ? b0 : b0 + step) / 2 + lane % 16;
-      const Uint4 block = philox_block(seed, offset, static_cast<uint64_t>(pair));
+      const Uint4 block = philox_block(seed, offset, pair_counter(static_cast<uint64_t>(pair), c.round));
       noise_even = block.x;  // tile_noise_word of tiles 2g and 2g + 1
       noise_odd = block.z;
     }
@@ -968,10 +1011,9 @@ __device__ __forceinline__ uint32_t to_order_key(float x) {
 // one CTA may be a whole row's reader); the entries before the first 16-byte boundary and
 // after the last whole vector are read one per thread. Every thread makes the same number of
 // calls (valid = false past the row), so f may use warp-collective operations.
-template <int kBlock = kThreads, typename T, typename F>
+template <int kBlock = kThreads, int kInFlight = 4, typename T, typename F>
 __device__ __forceinline__ void for_row_entries(const T* l, int64_t V, F&& f) {
   constexpr int kPer = 16 / static_cast<int>(sizeof(T));
-  constexpr int kInFlight = 4;
   static_assert(kPer <= kBlock, "the head and tail take one entry per thread");
   const int64_t misalign = static_cast<int64_t>(reinterpret_cast<uintptr_t>(l) % 16) / static_cast<int64_t>(sizeof(T));
   const int64_t head = min(V, (kPer - misalign) % kPer);
@@ -1248,6 +1290,7 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) truncation_kernel(Sampl
   griddep_launch_dependents();
   const int64_t row = blockIdx.x / ctas;
   const int rank = static_cast<int>(blockIdx.x % ctas);
+  if (a.pass == kExactRows && row_marks(a)[row] == 0) return;  // (the whole row: every CTA of its cluster)
   const float tau = a.temperature[row];
   float threshold = -INFINITY;
   if (!(tau > 0.f)) {  // (uniform over the row's CTAs)
@@ -1268,51 +1311,58 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) truncation_kernel(Sampl
     for (int i = threadIdx.x; i < kRadixBins; i += kBlock) scratch.hist[i] = 0;
   if (threadIdx.x == 0) scratch.cached = 0;  // (read by every radix pass, used by the third)
   __syncthreads();
-  // The row's maximum and, for top-p, the tempered softmax's normaliser sum exp((x - max) / tau)
-  // in the same pass (online: a thread rescales its sum when its maximum grows); for top-k,
-  // also the first radix pass's counts (every non-NaN entry, -inf included, counts 1).
-  float local_max = -INFINITY, local_sum = 0.f;
-  // Two instantiations, so that rows without top-k run the plain max pass (a per-entry test
-  // of by_count cost top-p ~10% at B = 256: registers, and spills in the float32 kernels).
-  auto max_pass = [&](auto count_tag) {
-    BinAdder first_digits{scratch.hist};
-    for_row_entries<kBlock>(l, len, [&](float x, bool valid, int64_t) {
-      if constexpr (decltype(count_tag)::value)
-        if (valid && x == x) first_digits.add(static_cast<int>(to_order_key(x) >> kFirstDigitShift), 1u);
-      if (!valid || !(x > -INFINITY)) return;  // (-inf and NaN weigh nothing)
-      if (by_mass) {
-        if (x > local_max) {
-          local_sum = local_sum * tempered_ratio(local_max, x, inv_tau) + 1.f;
-          local_max = x;
+  float row_max = -INFINITY, row_sum = 0.f;
+  if (a.pass == kExactRows && by_rejection(tau, top_p)) {  // rejected: top_p_check_kernel found both
+    const float2 max_and_sum = row_max_and_sum(a)[row];
+    row_max = max_and_sum.x;
+    row_sum = max_and_sum.y;
+  } else {
+    // The row's maximum and, for top-p, the tempered softmax's normaliser sum exp((x - max) / tau)
+    // in the same pass (online: a thread rescales its sum when its maximum grows); for top-k,
+    // also the first radix pass's counts (every non-NaN entry, -inf included, counts 1).
+    float local_max = -INFINITY, local_sum = 0.f;
+    // Two instantiations, so that rows without top-k run the plain max pass (a per-entry test
+    // of by_count cost top-p ~10% at B = 256: registers, and spills in the float32 kernels).
+    auto max_pass = [&](auto count_tag) {
+      BinAdder first_digits{scratch.hist};
+      for_row_entries<kBlock>(l, len, [&](float x, bool valid, int64_t) {
+        if constexpr (decltype(count_tag)::value)
+          if (valid && x == x) first_digits.add(static_cast<int>(to_order_key(x) >> kFirstDigitShift), 1u);
+        if (!valid || !(x > -INFINITY)) return;  // (-inf and NaN weigh nothing)
+        if (by_mass) {
+          if (x > local_max) {
+            local_sum = local_sum * tempered_ratio(local_max, x, inv_tau) + 1.f;
+            local_max = x;
+          } else {
+            local_sum += tempered_ratio(x, local_max, inv_tau);
+          }
         } else {
-          local_sum += tempered_ratio(x, local_max, inv_tau);
+          local_max = fmaxf(local_max, x);
         }
-      } else {
-        local_max = fmaxf(local_max, x);
-      }
-    });
-    if constexpr (decltype(count_tag)::value) first_digits.flush();
-  };
-  if (by_count) max_pass(std::true_type{});
-  else max_pass(std::false_type{});
-  const float cta_max = block_max<kBlock>(local_max);
-  const float cta_sum =
-      by_mass ? block_sum<kBlock>(local_max == -INFINITY ? 0.f : local_sum * tempered_ratio(local_max, cta_max, inv_tau))
-              : 0.f;
-  if (threadIdx.x == 0) {
-    scratch.cta_max = cta_max;
-    scratch.cta_sum = cta_sum;
+      });
+      if constexpr (decltype(count_tag)::value) first_digits.flush();
+    };
+    if (by_count) max_pass(std::true_type{});
+    else max_pass(std::false_type{});
+    const float cta_max = block_max<kBlock>(local_max);
+    const float cta_sum =
+        by_mass ? block_sum<kBlock>(local_max == -INFINITY ? 0.f : local_sum * tempered_ratio(local_max, cta_max, inv_tau))
+                : 0.f;
+    if (threadIdx.x == 0) {
+      scratch.cta_max = cta_max;
+      scratch.cta_sum = cta_sum;
+    }
+    row_barrier(ctas);
+    if (threadIdx.x < ctas) {  // one remote load per CTA and value, then shared within the CTA
+      scratch.row_max[threadIdx.x] = __uint_as_float(load_row_shared(&scratch.cta_max, threadIdx.x, ctas));
+      scratch.row_sum[threadIdx.x] = __uint_as_float(load_row_shared(&scratch.cta_sum, threadIdx.x, ctas));
+    }
+    __syncthreads();
+    // merged in rank order: the same in every CTA
+    for (int r = 0; r < ctas; ++r) row_max = fmaxf(row_max, scratch.row_max[r]);
+    for (int r = 0; r < ctas; ++r)
+      if (scratch.row_max[r] != -INFINITY) row_sum += scratch.row_sum[r] * tempered_ratio(scratch.row_max[r], row_max, inv_tau);
   }
-  row_barrier(ctas);
-  if (threadIdx.x < ctas) {  // one remote load per CTA and value, then shared within the CTA
-    scratch.row_max[threadIdx.x] = __uint_as_float(load_row_shared(&scratch.cta_max, threadIdx.x, ctas));
-    scratch.row_sum[threadIdx.x] = __uint_as_float(load_row_shared(&scratch.cta_sum, threadIdx.x, ctas));
-  }
-  __syncthreads();
-  float row_max = -INFINITY, row_sum = 0.f;  // merged in rank order: the same in every CTA
-  for (int r = 0; r < ctas; ++r) row_max = fmaxf(row_max, scratch.row_max[r]);
-  for (int r = 0; r < ctas; ++r)
-    if (scratch.row_max[r] != -INFINITY) row_sum += scratch.row_sum[r] * tempered_ratio(scratch.row_max[r], row_max, inv_tau);
   if (by_count) {  // the k-th largest entry (ties at it are all kept)
     threshold = radix_threshold<kBlock, true>(l, len, ctas, scratch, [](float) { return 1u; },
                                         [k](unsigned long long) { return static_cast<unsigned long long>(k); },
@@ -1337,6 +1387,74 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) truncation_kernel(Sampl
   if (min_p > 0.f) threshold = fmaxf(threshold, row_max + tau * logf(min_p));
   if (rank == 0 && threadIdx.x == 0) thresholds[row] = threshold;
   row_barrier(ctas);  // no CTA leaves while another may still read its shared memory
+}
+
+// Top-p by rejection, the test of the first draw (see SamplePass): the drawn token j lies in
+// the top-p set iff the tempered mass of the entries strictly above it is below top_p times the
+// whole (the set holds every entry x >= t, t the largest logit whose entries at or above it
+// reach the share). One pass: an online maximum with both sums relative to it. Marks rows
+// that need the threshold (1): rejected draws and rows not drawn (threshold_at_once); 0: the
+// first draw is the token. Launched like truncation_kernel (same grid, clusters).
+// (The unused float* keeps truncation_kernel's signature: truncation_launch launches both.)
+template <typename T, int kBlock>
+__global__ void __launch_bounds__(kBlock, 1024 / kBlock) top_p_check_kernel(SampleArgs a, float*, int ctas) {
+  // float32 rows in 256-thread CTAs (many rows): 8 loads in flight per thread, not 4 (H100,
+  // graph of 20, top-p 0.9: B = 1024 545 -> 504 us, V = 256000 1051 -> 938; 16-bit rows and
+  // the 1024-thread CTAs lost 1-7%).
+  constexpr int kInFlight = sizeof(T) == 4 && kBlock == kThreads ? 8 : 4;
+  __shared__ float cta_part[3];  // this CTA's maximum, sum and sum above the token
+  griddep_wait();  // launched early (PDL): the tokens of the first draw
+  griddep_launch_dependents();
+  const int64_t row = blockIdx.x / ctas;
+  const int rank = static_cast<int>(blockIdx.x % ctas);
+  const float tau = a.temperature[row], top_p = row_top_p(a, row);
+  if (!by_rejection(tau, top_p)) {  // drawn once for good (tau = 0, top-p off), or not drawn yet
+    if (rank == 0 && threadIdx.x == 0) row_marks(a)[row] = threshold_at_once(tau, top_p) ? 1 : 0;
+    return;
+  }
+  const int64_t slice = ceil_div(ceil_div(a.V, ctas), 16) * 16;  // (as truncation_kernel)
+  const int64_t begin = min(a.V, rank * slice);
+  const int64_t len = min(slice, a.V - begin);
+  const T* row_logits = static_cast<const T*>(a.logits) + row * a.ld;
+  const float token_logit = load_logit(row_logits + a.tokens[row]);
+  const float inv_tau = inverse_temperature(tau);
+  float m = -INFINITY, sum = 0.f, above = 0.f;
+  for_row_entries<kBlock, kInFlight>(row_logits + begin, len, [&](float x, bool valid, int64_t) {
+    if (!valid || !(x > -INFINITY)) return;  // (-inf and NaN weigh nothing)
+    if (x > m) {
+      const float r = m == -INFINITY ? 0.f : tempered_ratio(m, x, inv_tau);
+      sum *= r;
+      above *= r;
+      m = x;
+    }
+    const float w = tempered_ratio(x, m, inv_tau);
+    sum += w;
+    if (x > token_logit) above += w;
+  });
+  const float cta_max = block_max<kBlock>(m);
+  const float r = m == -INFINITY ? 0.f : tempered_ratio(m, cta_max, inv_tau);
+  const float cta_sum = block_sum<kBlock>(sum * r), cta_above = block_sum<kBlock>(above * r);
+  if (threadIdx.x == 0) {
+    cta_part[0] = cta_max;
+    cta_part[1] = cta_sum;
+    cta_part[2] = cta_above;
+  }
+  row_barrier(ctas);
+  if (rank == 0 && threadIdx.x == 0) {
+    auto part = [&](int c, int k) { return __uint_as_float(load_row_shared(&cta_part[k], c, ctas)); };
+    float row_max = -INFINITY, row_sum = 0.f, row_above = 0.f;
+    for (int c = 0; c < ctas; ++c) row_max = fmaxf(row_max, part(c, 0));
+    for (int c = 0; c < ctas; ++c) {
+      const float cta_max_c = part(c, 0);
+      if (cta_max_c == -INFINITY) continue;
+      const float scale = tempered_ratio(cta_max_c, row_max, inv_tau);
+      row_sum += part(c, 1) * scale;
+      row_above += part(c, 2) * scale;
+    }
+    row_marks(a)[row] = row_above < top_p * row_sum ? 0 : 1;  // (NaN sums, e.g. +inf logits: 1)
+    row_max_and_sum(a)[row] = make_float2(row_max, row_sum);
+  }
+  row_barrier(ctas);  // no CTA leaves while CTA 0 may still read its shared memory
 }
 
 // Launches a sampling kernel, on sm_90+ as a programmatic dependent launch: it gets resident
@@ -1369,10 +1487,11 @@ cudaError_t launch(const SampleArgs& a, dim3 cluster, void (*kernel)(Params...),
   return cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 
-// Launches the truncation kernel: rows <= SMs get 1024-thread CTAs, and on sm_90 up to 8
-// CTAs per row (a cluster) while the grid stays within one CTA per SM; more rows get
-// kThreads-thread CTAs, on sm_90 2 per row up to twice as many rows as SMs.
-template <typename T>
+// Launches the truncation kernel (kCheck: top_p_check_kernel, which reads rows the same way):
+// rows <= SMs get 1024-thread CTAs, and on sm_90 up to 8 CTAs per row (a cluster) while the
+// grid stays within one CTA per SM; more rows get kThreads-thread CTAs, on sm_90 2 per row up
+// to twice as many rows as SMs.
+template <typename T, bool kCheck = false>
 cudaError_t truncation_launch(const SampleArgs& a, float* thresholds, cudaStream_t stream) {
   const int64_t sms = a.num_sms;
   // ctas CTAs of `threads` per row: a cluster when ctas > 1, else (or when no such cluster
@@ -1386,18 +1505,24 @@ cudaError_t truncation_launch(const SampleArgs& a, float* thresholds, cudaStream
     }
     return launch(a, 1, kernel, dim3(static_cast<unsigned>(a.B)), dim3(threads), 0, stream, a, thresholds, 1);
   };
-  if (a.B > sms) {
+  if (a.B > sms && a.pass != kExactRows) {
     // Up to 4 such CTAs share an SM. Up to twice as many rows as SMs left half of those places
     // empty, and each pass was then bound by too few loads in flight: there a row is split
     // over a cluster of 2 CTAs (all resident at once). (H100, graph of 20, top-p 0.9: fp32
     // B = 256, V = 256000 861 -> 530 us, bf16 V = 128256 413 -> 246; top-k B = 256 -32…37%.
     // Clusters of 8, to keep the rows in flight within L2, lost: bf16 B = 1024 top-p 886 ->
     // 1204 us.)
-    return launch_rows(truncation_kernel<T, kThreads>, kThreads, a.clusters && a.B <= 2 * sms ? 2 : 1);
+    return launch_rows(kCheck ? top_p_check_kernel<T, kThreads> : truncation_kernel<T, kThreads>, kThreads,
+                       a.clusters && a.B <= 2 * sms ? 2 : 1);
   }
+  // kExactRows: usually a few of the rows (those top_p_check_kernel marked), so each gets as
+  // many 1024-thread CTAs as keep the grid, mostly CTAs that exit at once, within ~16 waves.
+  const int64_t max_grid = a.pass == kExactRows ? 16 * sms : sms;
   int ctas = 1;
-  while (a.clusters && ctas < kMaxRowCtas && a.B * ctas * 2 <= sms) ctas *= 2;
-  return launch_rows(truncation_kernel<T, kTruncationThreadsFewRows>, kTruncationThreadsFewRows, ctas);
+  while (a.clusters && ctas < kMaxRowCtas && a.B * ctas * 2 <= max_grid) ctas *= 2;
+  return launch_rows(kCheck ? top_p_check_kernel<T, kTruncationThreadsFewRows>
+                            : truncation_kernel<T, kTruncationThreadsFewRows>,
+                     kTruncationThreadsFewRows, ctas);
 }
 
 template <typename T>
@@ -1509,19 +1634,31 @@ cudaError_t sample_unaligned_launch(const SampleArgs& a, const float* thresholds
 }
 
 template <typename T>
-cudaError_t sample_typed(const SampleArgs& a, cudaStream_t stream) {
-  float* thresholds = nullptr;
-  if (a.top_k != nullptr || a.top_p != nullptr || a.min_p != nullptr) {
-    // The workspace has room after the partials (see the glue).
-    thresholds = a.workspace + a.B * a.splits * kSampleSplitFloats;
-    const cudaError_t err = truncation_launch<T>(a, thresholds, stream);
-    if (err != cudaSuccess) return err;
-  }
+cudaError_t draw_launch(const SampleArgs& a, const float* thresholds, cudaStream_t stream) {
   if (rows_aligned(a.dtype, a.logits, a.ld)) return sample_aligned_launch<T>(a, thresholds, stream);
   const uintptr_t base = reinterpret_cast<uintptr_t>(a.logits);
   const bool vec = a.ld % 4 == 0 && base % (4 * sizeof(T)) == 0;  // 8-byte loads (16-bit types)
   return vec ? sample_unaligned_launch<T, true>(a, thresholds, stream)
              : sample_unaligned_launch<T, false>(a, thresholds, stream);
+}
+
+template <typename T>
+cudaError_t sample_typed(const SampleArgs& a, cudaStream_t stream) {
+  if (a.top_k == nullptr && a.top_p == nullptr && a.min_p == nullptr) return draw_launch<T>(a, nullptr, stream);
+  // The workspace has room after the partials for the thresholds and marks (see the glue).
+  float* thresholds = a.workspace + a.B * a.splits * kSampleSplitFloats;
+  if (a.top_k != nullptr || a.min_p != nullptr || a.need_logprobs) {  // the threshold for every row, then the draw
+    const cudaError_t err = truncation_launch<T>(a, thresholds, stream);
+    return err != cudaSuccess ? err : draw_launch<T>(a, thresholds, stream);
+  }
+  // Top-p alone: by rejection (see SamplePass).
+  SampleArgs first = a, second = a;
+  first.pass = kRejectionDraw;
+  second.pass = kExactRows;
+  cudaError_t err = draw_launch<T>(first, nullptr, stream);
+  if (err == cudaSuccess) err = truncation_launch<T, true>(a, thresholds, stream);
+  if (err == cudaSuccess) err = truncation_launch<T>(second, thresholds, stream);
+  return err != cudaSuccess ? err : draw_launch<T>(second, thresholds, stream);
 }
 
 }  // namespace

@@ -113,7 +113,13 @@ def sample(
             at a truncation boundary are all kept. top-p keeps the smallest set of largest
             entries whose mass reaches ``top_p``; on CUDA the masses are summed in 2^-31
             fixed point (deterministic), so the boundary may differ from a float64 sum by
-            one entry when the mass is within ~V * 2^-32 of ``top_p``.
+            one entry when the mass is within ~V * 2^-32 of ``top_p``. Tokens-only calls
+            with ``top_p`` alone (no ``top_k`` or ``min_p``) and ``0.5 <= top_p < 1`` draw
+            by rejection: a draw from the whole tempered distribution is kept when it lies in
+            the top-p set (probability >= top_p), else the row is drawn from the set. Exact
+            either way, and two passes over the row instead of five for most rows; calls
+            with ``return_logprobs=True`` need the threshold anyway and draw from the set at
+            once, so for the same seed their token may differ from a tokens-only call's.
         seed: None (draw per-row seeds from ``generator`` / torch's default generator), an
             int (per-row streams derived from it and the row index), or an int64 ``[B]``
             tensor (a row's token then depends only on its logits, seed and offset, not on
