@@ -75,6 +75,43 @@ def test_empirical_distribution_matches_softmax(tau, trunc):
         assert pvalue > 1e-4, (pvalue, observed, expected)
 
 
+# Top-p by rejection over several 64-entry tiles (round-1 draws go through the tile keys too),
+# with exact ties at the boundary (logits rounded to 0.25) and masked entries.
+@pytest.mark.parametrize("top_p", [0.6, 0.85])
+def test_top_p_by_rejection_over_tiles_matches_the_truncated_softmax(top_p):
+    g = torch.Generator().manual_seed(int(top_p * 100))
+    logits = (torch.randn(300, generator=g) * 4).round() / 4
+    logits[::7] = float("-inf")
+    n, tau = 60000, 0.7
+    tokens = draw(logits, tau, n, top_p=top_p)
+    probs = truncated_probs(logits, tau, top_p=top_p)
+    counts = torch.bincount(tokens, minlength=300).double()
+    assert counts[probs == 0].sum() == 0, "drew a token outside the top-p set"
+    support = probs > 0
+    pvalue = chi_square_pvalue(counts[support], probs[support] * n)
+    assert pvalue > 1e-4, pvalue
+
+
+# The rejection rule itself: a tokens-only top-p call keeps the plain call's token (the same
+# seed: Philox round 0) exactly when that token lies in the top-p set, and otherwise draws
+# another one from the set; log-prob calls draw from the set at once.
+def test_top_p_by_rejection_keeps_the_plain_draw_inside_the_set():
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(256, 700, generator=g) * 2
+    tau = torch.rand(256, generator=g) + 0.2
+    seeds = torch.randint(0, 2**62, (256,), generator=g)
+    plain = fusedlm.sample(logits, tau, seed=seeds)
+    got = fusedlm.sample(logits, tau, seed=seeds, top_p=0.8)
+    with_logprobs = fusedlm.sample(logits, tau, seed=seeds, top_p=0.8, return_logprobs=True)[0]
+    inside = torch.stack([truncated_probs(logits[i], tau[i].item(), top_p=0.8) > 0 for i in range(256)])
+    rows = torch.arange(256)
+    first_inside = inside[rows, plain]
+    assert 10 < (~first_inside).sum() < 128  # both outcomes occur
+    assert torch.equal(got[first_inside], plain[first_inside])
+    assert inside[rows, got].all() and inside[rows, with_logprobs].all()
+    assert (got[~first_inside] != plain[~first_inside]).all()
+
+
 def tied_maxima_counts(tau, n, device="cpu", dtype=torch.float32):
     """Draws from n copies of a row whose maximum (12.0) sits in two tiles (entries 100 and
     3000); returns how often each of the two was drawn."""

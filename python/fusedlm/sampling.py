@@ -116,8 +116,9 @@ def sample(
             one entry when the mass is within ~V * 2^-32 of ``top_p``. Tokens-only calls
             with ``top_p`` alone (no ``top_k`` or ``min_p``) and ``0.5 <= top_p < 1`` draw
             by rejection: a draw from the whole tempered distribution is kept when it lies in
-            the top-p set (probability >= top_p), else the row is drawn from the set. Exact
-            either way, and two passes over the row instead of five for most rows; calls
+            the top-p set (probability >= top_p), else the row is drawn from the set: the
+            top-p distribution (on CUDA up to float rounding at its boundary, as for the
+            threshold), in two passes over most rows instead of five; calls
             with ``return_logprobs=True`` need the threshold anyway and draw from the set at
             once, so for the same seed their token may differ from a tokens-only call's.
         seed: None (draw per-row seeds from ``generator`` / torch's default generator), an
