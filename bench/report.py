@@ -79,6 +79,11 @@ def cce_tables(rows):
     return out + steady_rows, bars
 
 
+def _us(m, method, p="sample_graph20"):
+    """One case's time of (method, pass) in µs, or – when that row is absent."""
+    return "–" if (method, p) not in m else f"{m[(method, p)][0] * 1e3:.1f}"
+
+
 def sampling_tables(rows):
     t = defaultdict(dict)  # (V, dtype, B) -> (method, pass) -> (ms, ratio)
     for r in rows:
@@ -107,19 +112,18 @@ def sampling_tables(rows):
         out += ["", "Truncated sampling (top_p = 0.9 / top_k = 50; µs per call in a graph of 20, torch eager):", "",
                 "| V | dtype | B | fusedlm | fusedlm top-p | fusedlm top-k | torch top-p (sort) |", "|---|---|---|---|---|---|---|"]
         for (v, dtype, b), m in sorted(t.items()):
-            us = lambda method, p: "–" if (method, p) not in m else f"{m[(method, p)][0] * 1e3:.1f}"  # noqa: E731
-            out.append(f"| {v} | {dtype} | {b} | {us('fusedlm', 'sample_graph20')} | {us('fusedlm_top_p', 'sample_graph20')} | "
-                       f"{us('fusedlm_top_k', 'sample_graph20')} | {us('torch_top_p_sort', 'sample')} |")
+            out.append(f"| {v} | {dtype} | {b} | {_us(m, 'fusedlm')} | {_us(m, 'fusedlm_top_p')} | "
+                       f"{_us(m, 'fusedlm_top_k')} | {_us(m, 'torch_top_p_sort', 'sample')} |")
     if any(("flashinfer_softmax_sample", "sample_graph20") in m for m in t.values()):
         out += ["", "Against FlashInfer's kernels (its temperature softmax, then its sampler; 16-bit logits "
                 "converted to float32 first; µs per call in a graph of 20):", "",
                 "| V | dtype | B | fusedlm | FlashInfer softmax + sample | FlashInfer logits / tau + sample | "
                 "fusedlm top-p | FlashInfer top-p | fusedlm top-k | FlashInfer top-k |", "|---|---|---|---|---|---|---|---|---|---|"]
         for (v, dtype, b), m in sorted(t.items()):
-            us = lambda method: "–" if (method, "sample_graph20") not in m else f"{m[(method, 'sample_graph20')][0] * 1e3:.1f}"  # noqa: E731
-            out.append(f"| {v} | {dtype} | {b} | {us('fusedlm')} | {us('flashinfer_softmax_sample')} | "
-                       f"{us('flashinfer_scaled_logits')} | {us('fusedlm_top_p')} | {us('flashinfer_top_p')} | "
-                       f"{us('fusedlm_top_k')} | {us('flashinfer_top_k')} |")
+            cells = [_us(m, method) for method in ("fusedlm", "flashinfer_softmax_sample", "flashinfer_scaled_logits",
+                                                   "fusedlm_top_p", "flashinfer_top_p", "fusedlm_top_k",
+                                                   "flashinfer_top_k")]
+            out.append(f"| {v} | {dtype} | {b} | " + " | ".join(cells) + " |")
     tiny = {r["pass"]: float(r["time_ms"]) * 1e3 for r in rows
             if r["suite"] == "sampling" and r["case"] == "one_element"}
     if tiny:
