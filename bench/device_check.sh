@@ -20,4 +20,10 @@ if [ "${SANITIZE:-1}" = "1" ]; then
     echo "compute-sanitizer $tool: exit $? ($(grep -c -E 'ERROR SUMMARY: 0 errors|RACECHECK SUMMARY: 0 hazards' "$OUT/sanitize_$tool.log") clean summaries)"
     tail -3 "$OUT/sanitize_$tool.log"
   done
+  # initcheck over the sampling kernels, each tensor a fresh allocation (no caching allocator:
+  # a reused block would count as written): no kernel reads a workspace word no launch wrote.
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool initcheck --error-exitcode 9 \
+    python3 bench/sanitize_case.py sampling > "$OUT/sanitize_initcheck.log" 2>&1
+  echo "compute-sanitizer initcheck (sampling): exit $?"
+  tail -3 "$OUT/sanitize_initcheck.log"
 fi

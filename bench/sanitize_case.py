@@ -1,5 +1,7 @@
 """A small run of every CUDA kernel, for compute-sanitizer (memcheck / racecheck):
     compute-sanitizer --tool memcheck python bench/sanitize_case.py
+With the argument `sampling`, only the sampling kernels (e.g. for initcheck: every workspace
+word a sampling kernel reads was written before).
 """
 import os
 import sys
@@ -10,49 +12,51 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import fusedlm  # noqa: E402
 
 torch.manual_seed(0)
-for dtype in (torch.bfloat16, torch.float32):
-    for n, d, v in ((37, 72, 300), (130, 64, 129)):
-        e = torch.randn(n, d, device="cuda", dtype=dtype, requires_grad=True)
-        c = torch.randn(v, d, device="cuda", dtype=dtype, requires_grad=True)
-        b = torch.randn(v, device="cuda", dtype=dtype, requires_grad=True)
-        y = torch.randint(0, v, (n,), device="cuda")
-        y[::4] = -100
-        loss = fusedlm.linear_cross_entropy(e, c, y, b, softcap=10.0, label_smoothing=0.1)
-        loss.backward()
-# Large enough that each gradient-tile CTA takes several vocabulary tiles (Hopper path).
-e = torch.randn(2048, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-c = torch.randn(32000, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-y = torch.randint(0, 32000, (2048,), device="cuda")
-fusedlm.linear_cross_entropy(e, c, y, filter_eps=None).backward()
-# Filtered backward with the forward's tile maxima (whole tiles skipped), half the rows
-# confidently right, over several vocabulary chunks (a 1 MB workspace is read per call);
-# 5 row tiles (an odd count).
-os.environ["FUSEDLM_CCE_WORKSPACE_MB"] = "1"
-c = torch.randn(9000, 64, device="cuda", dtype=torch.bfloat16) / 8
-y = torch.randint(0, 9000, (600,), device="cuda")
-e = torch.randn(600, 64, device="cuda", dtype=torch.bfloat16)
-e[:300] += 40 * c[y[:300]]
-b = torch.randn(9000, device="cuda", dtype=torch.bfloat16)
-for t in (e, c, b):
-    t.requires_grad_()
-fusedlm.linear_cross_entropy(e, c, y, b).backward()
-del os.environ["FUSEDLM_CCE_WORKSPACE_MB"]
-# Quadrant skips: each 64-token block has its softmax mass in one 64-wide vocabulary block
-# (the rest ~1e-7, filtered out), so the Hopper dE / dC warpgroups skip each other's steps;
-# then the same with the mma.sync dE / dC after the Hopper gradient tiles (whole-tile skips).
-# (Targets inside the mass: a target outside it would keep its own block.)
-rows = torch.arange(1000, device="cuda")
-mass = (3 * (rows // 64) + rows // 128) % 16  # all four quadrant positions
-e = 0.1 * torch.randn(1000, 24, device="cuda")
-e[rows, mass] += 12.0
-c = 0.01 * torch.randn(1031, 24, device="cuda")
-c[torch.arange(1031, device="cuda"), torch.arange(1031, device="cuda") // 64 % 16] += 1.0
-y = torch.clamp(mass * 64 + torch.randint(0, 64, (1000,), device="cuda"), max=1030)
-e, c = e.bfloat16().requires_grad_(), c.bfloat16().requires_grad_()
-fusedlm.linear_cross_entropy(e, c, y).backward()
-os.environ["FUSEDLM_CCE_MMA_SYNC_GEMMS"] = "1"
-fusedlm.linear_cross_entropy(e, c, y).backward()
-del os.environ["FUSEDLM_CCE_MMA_SYNC_GEMMS"]
+SAMPLING_ONLY = sys.argv[1:] == ["sampling"]
+if not SAMPLING_ONLY:
+    for dtype in (torch.bfloat16, torch.float32):
+        for n, d, v in ((37, 72, 300), (130, 64, 129)):
+            e = torch.randn(n, d, device="cuda", dtype=dtype, requires_grad=True)
+            c = torch.randn(v, d, device="cuda", dtype=dtype, requires_grad=True)
+            b = torch.randn(v, device="cuda", dtype=dtype, requires_grad=True)
+            y = torch.randint(0, v, (n,), device="cuda")
+            y[::4] = -100
+            loss = fusedlm.linear_cross_entropy(e, c, y, b, softcap=10.0, label_smoothing=0.1)
+            loss.backward()
+    # Large enough that each gradient-tile CTA takes several vocabulary tiles (Hopper path).
+    e = torch.randn(2048, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    c = torch.randn(32000, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = torch.randint(0, 32000, (2048,), device="cuda")
+    fusedlm.linear_cross_entropy(e, c, y, filter_eps=None).backward()
+    # Filtered backward with the forward's tile maxima (whole tiles skipped), half the rows
+    # confidently right, over several vocabulary chunks (a 1 MB workspace is read per call);
+    # 5 row tiles (an odd count).
+    os.environ["FUSEDLM_CCE_WORKSPACE_MB"] = "1"
+    c = torch.randn(9000, 64, device="cuda", dtype=torch.bfloat16) / 8
+    y = torch.randint(0, 9000, (600,), device="cuda")
+    e = torch.randn(600, 64, device="cuda", dtype=torch.bfloat16)
+    e[:300] += 40 * c[y[:300]]
+    b = torch.randn(9000, device="cuda", dtype=torch.bfloat16)
+    for t in (e, c, b):
+        t.requires_grad_()
+    fusedlm.linear_cross_entropy(e, c, y, b).backward()
+    del os.environ["FUSEDLM_CCE_WORKSPACE_MB"]
+    # Quadrant skips: each 64-token block has its softmax mass in one 64-wide vocabulary block
+    # (the rest ~1e-7, filtered out), so the Hopper dE / dC warpgroups skip each other's steps;
+    # then the same with the mma.sync dE / dC after the Hopper gradient tiles (whole-tile skips).
+    # (Targets inside the mass: a target outside it would keep its own block.)
+    rows = torch.arange(1000, device="cuda")
+    mass = (3 * (rows // 64) + rows // 128) % 16  # all four quadrant positions
+    e = 0.1 * torch.randn(1000, 24, device="cuda")
+    e[rows, mass] += 12.0
+    c = 0.01 * torch.randn(1031, 24, device="cuda")
+    c[torch.arange(1031, device="cuda"), torch.arange(1031, device="cuda") // 64 % 16] += 1.0
+    y = torch.clamp(mass * 64 + torch.randint(0, 64, (1000,), device="cuda"), max=1030)
+    e, c = e.bfloat16().requires_grad_(), c.bfloat16().requires_grad_()
+    fusedlm.linear_cross_entropy(e, c, y).backward()
+    os.environ["FUSEDLM_CCE_MMA_SYNC_GEMMS"] = "1"
+    fusedlm.linear_cross_entropy(e, c, y).backward()
+    del os.environ["FUSEDLM_CCE_MMA_SYNC_GEMMS"]
 logits = torch.randn(5, 3001, device="cuda")
 fusedlm.sample(logits, torch.tensor([0.0, 0.5, 1.0, 2.0, 1.0], device="cuda"), top_k=10, top_p=0.9,
                min_p=0.01, return_logprobs=True)
@@ -78,7 +82,17 @@ os.environ["FUSEDLM_NO_CLUSTERS"] = "1"
 fusedlm.sample(big[:8], tau[:8])
 fusedlm.sample(big[:8], tau[:8], top_p=0.9, return_logprobs=True)
 fusedlm.sample(big[:64], tau[:64], return_logprobs=True)
+fusedlm.sample(big[:8], tau[:8], top_p=0.9)  # by rejection, no clusters
+fusedlm.sample(big[:64], tau[:64], top_p=0.9)
 del os.environ["FUSEDLM_NO_CLUSTERS"]
+# Top-p by rejection with more than 8 rows per SM (the redraw: one CTA per marked row), on rows
+# whose boundary entry is drawn often (truncation then keeps or redraws those draws).
+sms = torch.cuda.get_device_properties(0).multi_processor_count
+many = torch.randn(9 * sms, 2000, device="cuda") * 3
+fusedlm.sample(many, torch.rand(9 * sms, device="cuda") + 0.1, top_p=0.7)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from test_sampling import assert_top_p_boundary_draws  # noqa: E402
+assert_top_p_boundary_draws("cuda", torch.float32, configs=8, width=704, copies=64)
 fusedlm.sample(torch.randn(2, 1000000, device="cuda"), torch.rand(2, device="cuda"))
 # NaN entries (the clamped exp path, the NaN-skipping argmax of tau = 0 rows).
 nan_rows = torch.randn(64, 128256, device="cuda", dtype=torch.bfloat16)

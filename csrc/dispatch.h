@@ -100,7 +100,7 @@ struct SampleArgs {
   const float* top_p;        // [B] or nullptr
   const float* min_p;        // [B] or nullptr
   int splits;                // vocabulary splits per row (see sample_splits)
-  float* workspace;          // [B * splits * kSampleSplitFloats + 4 * B] floats
+  float* workspace;          // sample_workspace_floats(B, splits) floats
   int64_t* tokens;           // [B]
   float* logprob;            // [B]; written only if need_logprobs
   float* raw_logprob;        // [B]; written only if need_logprobs
@@ -113,6 +113,12 @@ struct SampleArgs {
 
 // Workspace floats per (row, split): a partial of 8 floats for each of up to 8 warps.
 constexpr int kSampleSplitFloats = 64;
+// Then per row (top-k / top-p / min-p): its threshold, its top-p-by-rejection mark, and the
+// maximum and normaliser of its check.
+constexpr int kSampleRowFloats = 4;
+inline int64_t sample_workspace_floats(int64_t B, int splits) {
+  return B * (splits * kSampleSplitFloats + kSampleRowFloats);
+}
 // The split plan depends on whether the rows are 16-byte aligned (see sampling_cuda.cu).
 // clusters: a row's splits may merge in a thread-block cluster (SampleArgs::clusters).
 int sample_splits(DType dtype, const void* logits, int64_t ld, int64_t B, int64_t V, int num_sms, bool clusters);

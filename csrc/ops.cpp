@@ -151,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t k = k_t.defined() ? k_t.const_data_ptr<int64_t>()[b] : 0;
-      const double p = p_t.defined() ? p_t.const_data_ptr<float>()[b] : 1.0;
+      const float p = p_t.defined() ? p_t.const_data_ptr<float>()[b] : 1.f;
       const double mp = mp_t.defined() ? mp_t.const_data_ptr<float>()[b] : 0.0;
       const auto r = sampling_cpu::sample_row(
           l.const_data_ptr<float>() + b * V, V, tau.const_data_ptr<float>()[b],

@@ -190,8 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
   const bool clusters = sm90 && std::getenv("FUSEDLM_NO_CLUSTERS") == nullptr;
   const int splits = sampling_cuda::sample_splits(dt, l.const_data_ptr(), l.stride(0), B, V,
                                                   device->multiProcessorCount, clusters);
-  auto workspace = at::empty({B * splits * sampling_cuda::kSampleSplitFloats + 4 * B},
-                             logits.options().dtype(at::kFloat));
+  auto workspace = at::empty({sampling_cuda::sample_workspace_floats(B, splits)}, logits.options().dtype(at::kFloat));
   sampling_cuda::SampleArgs args{dt,
                                  l.const_data_ptr(),
                                  B,

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fusedlm
-from test_sampling import (chi_square_pvalue, huge_logits_case, logits_of_tiny_case, tied_maxima_counts,
+from test_sampling import (assert_top_p_boundary_draws, assert_top_words_draw_right, chi_square_pvalue, huge_logits_case, logits_of_tiny_case, tied_maxima_counts,
                            tiny_temperature_case, truncated_probs)
 
 pytestmark = pytest.mark.cuda
@@ -169,12 +169,20 @@ def test_tokens_only_same_tokens_as_with_logprobs(b, v, dtype):
 # the test (B = 1: clusters of 8 CTAs; 64 x 50257: unaligned rows; B = 200: 2-CTA clusters;
 # B = 300: one CTA per row). Tokens-only and log-prob calls (the threshold path) both draw
 # the CPU's tokens, up to float-rounding near-ties at the top-p boundary.
-@pytest.mark.parametrize("b,v", [(1, 128256), (64, 50257), (200, 5120), (300, 5120)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+# Also NaN entries, a row of -inf only and one of NaN only, and a batch of more than 8 rows per
+# SM (the redraw of marked rows then takes one 1024-thread CTA per row, not a cluster).
+@pytest.mark.parametrize("b,v", [(1, 128256), (64, 50257), (200, 5120), (300, 5120), ("9 per SM", 2000)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_top_p_by_rejection_same_tokens_as_cpu(b, v, dtype):
+    if b == "9 per SM":
+        b = 9 * torch.cuda.get_device_properties(0).multi_processor_count
     logits = torch.randn(b, v) * 3
     logits[::3, v // 2:] = float("-inf")
     logits[1::4, 7] += 12
+    logits[2::5, 3::11] = float("nan")
+    if b > 2:
+        logits[-1] = float("-inf")
+        logits[-2] = float("nan")
     logits = logits.to(dtype)
     p = torch.tensor([0.3, 0.5, 0.6, 0.9, 0.99, 1.0])[torch.arange(b) % 6]
     tau = torch.rand(b) * 1.5 + 0.05
@@ -193,6 +201,15 @@ def test_top_p_by_rejection_same_tokens_as_cpu(b, v, dtype):
         assert_logprobs_close(cpu, gpu, same, logits, tau, 2e-3)
     allowed = max(1, int(0.002 * b * draws))
     assert tokens_differ <= allowed and logprob_calls_differ <= allowed, (tokens_differ, logprob_calls_differ)
+
+
+# Draws whose top-p membership is decided by rounding (test_sampling.assert_top_p_boundary_draws):
+# the check leaves them to the threshold, whose set they then follow, in the many-rows layout
+# (6 entries of 8) and with the six among 704 (-inf elsewhere).
+@pytest.mark.parametrize("width", [8, 704])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_top_p_by_rejection_near_the_boundary(dtype, width):
+    assert_top_p_boundary_draws(DEV, dtype, width=width)
 
 
 # Tokens-only draws (the other CUDA tests mostly ask for log-probs too) against the CPU, with
@@ -293,6 +310,13 @@ def test_chi_square(tau, trunc):
 def test_tied_maxima_in_two_tiles_split_evenly(tau, dtype):
     n1, n2 = tied_maxima_counts(tau, 20000, DEV, dtype)
     assert n1 + n2 > 0.9 * 20000 and abs(n1 - n2) <= 5 * math.sqrt(n1 + n2), (n1, n2)
+
+
+# Philox words with their top 24 bits set (test_sampling.TOP_WORD_KEYS): no infinite tile key,
+# no inverse-CDF target past the tile (1 in 2^24 tiles; the tiny-temperature test below drew a
+# wrong tile about once in 10^4 rows before).
+def test_top_philox_words_draw_right():
+    assert_top_words_draw_right(DEV)
 
 
 # As on the CPU: tiny (down to subnormal) temperatures draw the maximum with log-prob 0, for

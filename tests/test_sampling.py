@@ -112,6 +112,104 @@ def test_top_p_by_rejection_keeps_the_plain_draw_inside_the_set():
     assert (got[~first_inside] != plain[~first_inside]).all()
 
 
+def top_p_boundary_case(dtype, configs, width, seed):
+    """Rows of 6 distinct logits (among `width` entries, the others -inf) whose top_p is the
+    float32-rounded share of their k largest (k >= 1, share >= 0.5): the (k+1)-th largest lies
+    on the top-p boundary up to rounding, and either side may keep it (the CPU's float64
+    cumulative sum as much as the GPU's fixed-point masses). Returns the logits, top_p, each
+    entry's rank in its row (0 = largest; -inf entries 6) and k."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.full((configs, width), float("-inf"))
+    top_p, k = torch.empty(configs), torch.empty(configs, dtype=torch.long)
+    ranks = torch.full((configs, width), 6, dtype=torch.long)
+    for c in range(configs):
+        while True:
+            row = (torch.randn(6, generator=g) * 1.2).to(dtype).float()
+            w, order = torch.softmax(row.double(), 0).sort(descending=True)
+            cum = w.cumsum(0)
+            ks = [j for j in range(1, 5) if 0.5 <= cum[j - 1] < 0.97 and w[j] > 0.08]
+            if row.unique().numel() == 6 and ks:
+                break
+        k[c] = ks[int(torch.randint(len(ks), (1,), generator=g))]
+        top_p[c] = float(cum[k[c] - 1])
+        at = torch.randperm(width, generator=g)[:6]
+        logits[c, at] = row
+        ranks[c, at[order]] = torch.arange(6)
+    return logits, top_p, ranks, k
+
+
+def assert_top_p_boundary_draws(device, dtype, configs=48, width=8, copies=512):
+    """Top-p by rejection near the boundary (top_p_boundary_case): whether a row's set keeps the
+    boundary entry is decided by rounding, but then the draws follow the truncated softmax of
+    that set: never an entry past the boundary, every entry before it, and the boundary entry
+    as often as the set gives it (a first draw of it kept whenever the set holds it). On CUDA
+    the check's float32 sums leave such draws to the threshold's selection (see
+    top_p_check_kernel); keeping them for redraws instead would halve their share or worse.
+    Widths keep every row 16-byte aligned: the CUDA sums group a row's entries by its
+    alignment, and at this boundary that rounding decides the set, so the copies of a row at
+    other alignments may keep the boundary entry where these do not."""
+    logits, top_p, ranks, k = top_p_boundary_case(dtype, configs, width, seed=configs + width)
+    rows = logits.to(dtype).repeat_interleave(copies, 0).to(device)
+    b = rows.shape[0]
+    tokens = fusedlm.sample(rows, torch.ones(b, device=device), seed=torch.randint(0, 2**62, (b,), device=device),
+                            top_p=top_p.repeat_interleave(copies).to(device)).cpu().view(configs, copies)
+    drawn = ranks.gather(1, tokens)  # ranks of the drawn entries
+    assert (drawn <= k[:, None]).all(), "drew an entry past the top-p boundary"
+    kept_boundary = 0
+    for c in range(configs):
+        in_set = int(k[c]) + int((drawn[c] == k[c]).any())
+        kept_boundary += in_set > k[c]
+        w = torch.softmax(logits[c][ranks[c] < 6].double(), 0).sort(descending=True).values[:in_set]
+        counts = torch.bincount(drawn[c], minlength=in_set).double()
+        pvalue = chi_square_pvalue(counts, w / w.sum() * copies)
+        assert pvalue > 1e-6, (c, pvalue, counts.tolist(), (w / w.sum() * copies).tolist())
+    return kept_boundary
+
+
+# Rows whose top_p sits on an entry's cumulative share (see assert_top_p_boundary_draws).
+@pytest.mark.parametrize("width", [8, 704])
+def test_top_p_by_rejection_near_the_boundary(width):
+    kept_boundary = assert_top_p_boundary_draws("cpu", torch.float32, width=width)
+    assert 0 < kept_boundary < 48  # the float32 top_p rounds either way
+
+
+def philox_block(seed, offset, group):
+    """Philox4x32-10 of csrc/common/philox.h (the sampler's noise of tiles 2 * group and
+    2 * group + 1 for a row keyed by seed and offset), in Python: four 32-bit words."""
+    x, y, z, w = group & 0xFFFFFFFF, group >> 32, offset & 0xFFFFFFFF, offset >> 32
+    k0, k1 = seed & 0xFFFFFFFF, seed >> 32
+    for _ in range(10):
+        p0, p1 = 0xD2511F53 * x, 0xCD9E8D57 * z
+        x, y, z, w = (p1 >> 32) ^ y ^ k0, p1 & 0xFFFFFFFF, (p0 >> 32) ^ w ^ k1, p0 & 0xFFFFFFFF
+        k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
+    return x, y, z, w
+
+
+# Keys whose tile-0 words have their top 24 bits all ones (1 in 2^24; found by a search over
+# offsets): word 0 is tile 0's noise, word 1 its uniform. Such a word made u = 1: the noise an
+# infinite key (its tile won against any mass) and the uniform a target past the tile's mass
+# (the CPU then took the tile's last entry, even a -inf one).
+TOP_WORD_KEYS = [(12345, 20520893, 0), (12345, 11038633, 1)]
+
+
+def assert_top_words_draw_right(device):
+    for seed, offset, word in TOP_WORD_KEYS:
+        assert philox_block(seed, offset, 0)[word] >> 8 == 0xFFFFFF  # the case is what it claims
+        row = torch.full((1, 256), float("-inf"))
+        if word == 0:  # tile 0's noise: the tile holds a mass e^-30 of tile 1's
+            row[0, :64], row[0, 64], want = 0.0, 30.0, 64
+        else:  # tile 0's uniform, the only tile with finite entries
+            row[0, 0], row[0, 1], want = 0.0, -30.0, 0
+        for dtype in (torch.float32, torch.bfloat16):
+            token = fusedlm.sample(row.to(device, dtype), 1.0, seed=torch.tensor([seed], device=device),
+                                   offset=torch.tensor([offset], device=device))
+            assert token.item() == want, (seed, offset, word, dtype, token.item())
+
+
+def test_top_philox_words_draw_right():
+    assert_top_words_draw_right("cpu")
+
+
 def tied_maxima_counts(tau, n, device="cpu", dtype=torch.float32):
     """Draws from n copies of a row whose maximum (12.0) sits in two tiles (entries 100 and
     3000); returns how often each of the two was drawn."""

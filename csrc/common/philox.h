@@ -63,8 +63,12 @@ FUSEDLM_HD uint32_t tile_noise_word(const Uint4& block, uint64_t t) { return t %
 FUSEDLM_HD uint32_t tile_uniform_word(const Uint4& block, uint64_t t) { return t % 2 ? block.w : block.y; }
 
 FUSEDLM_HD float bits_to_open_unit(uint32_t bits) {
-  // (bits >> 8) in [0, 2^24); +0.5 keeps the result strictly inside (0, 1).
-  return (static_cast<float>(bits >> 8) + 0.5f) * (1.0f / 16777216.0f);
+  // (bits >> 8) in [0, 2^24); +0.5 keeps the result inside (0, 1), but k + 0.5 rounds to even
+  // for k >= 2^23, to 2^24 for the top k: that one (1 in 2^24 words) takes the largest float
+  // below 1 instead. (At u = 1 the exponential -log(u) was 0: an infinite tile key, whichever
+  // tile drew it won, and an inverse-CDF target past the tile's mass.)
+  const float u = (static_cast<float>(bits >> 8) + 0.5f) * (1.0f / 16777216.0f);
+  return u < 1.0f ? u : 0x1.fffffep-1f;
 }
 
 }  // namespace fusedlm

@@ -13,7 +13,7 @@
 //    same token on any batch position. One exp per entry and one random draw per tile,
 //    instead of a Gumbel variate per entry.
 //  * top-p alone (no top-k, no min-p) with 0.5 <= top_p < 1: by rejection, see
-//    kRejectionMinTopP (a first draw from the whole distribution, kept if inside the set).
+//    top_p_rejection.h (a first draw from the whole distribution, kept if inside the set).
 //  * NaN logits count as -inf. A row whose logits are all -inf (or NaN) returns token 0 and
 //    NaN log-probs.
 #pragma once
@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "../common/philox.h"
+#include "top_p_rejection.h"
 
 namespace fusedlm {
 namespace sampling_cpu {
@@ -90,26 +91,12 @@ inline double truncation_threshold(const float* l, int64_t V, double tau, int64_
 
 constexpr int64_t kSampleTile = 64;
 
-// Top-p by rejection (CPU and CUDA alike): on tokens-only calls with top-p alone (no top-k or
-// min-p tensor given) and kRejectionMinTopP <= top_p < 1, a row is first drawn from the whole tempered
-// distribution (Philox round 0); the draw is kept if it lies in the top-p set, an event of
-// probability >= top_p, and is then distributed exactly as a draw from that set. Otherwise the
-// row is drawn from the set itself, with round 1 noise (independent of the rejected draw).
-// On CUDA the first draw costs one pass over the row and its test one more, instead of the
-// four of the threshold's selection. Below kRejectionMinTopP rejections would be frequent:
-// such rows take the threshold path at once, with round 0.
-constexpr double kRejectionMinTopP = 0.5;
-
-inline bool top_p_by_rejection(bool rejection, float tau, double top_p) {
-  return rejection && tau > 0.0f && top_p >= kRejectionMinTopP && top_p < 1.0;
-}
-
 // A token of softmax(l / tau) over the entries >= threshold: the row is cut into tiles of
 // kSampleTile entries; each tile's key is the log-mass of its kept entries plus one Gumbel
 // variate, the largest key wins (Gumbel-max over tile masses), then inverse CDF inside it.
 inline int64_t draw_token(const float* l, int64_t V, float tau, uint64_t seed, uint64_t offset, double threshold,
                           uint32_t round) {
-  auto kept = [&](int64_t v) { return l[v] >= threshold; };
+  auto kept = [&](int64_t v) { return l[v] >= threshold && l[v] > -INFINITY; };  // (-inf weighs nothing)
   int64_t best_tile = -1;
   double best_key = -INFINITY, best_max = 0, best_sum = 0;
   for (int64_t t = 0; t * kSampleTile < V; ++t) {
@@ -144,10 +131,10 @@ inline int64_t draw_token(const float* l, int64_t V, float tau, uint64_t seed, u
   return token;
 }
 
-// rejection: top-p may be drawn by rejection (see kRejectionMinTopP; the op passes whether
+// rejection: top-p may be drawn by rejection (see top_p_rejection.h; the op passes whether
 // this is a tokens-only call with neither top-k nor min-p given).
 inline RowResult sample_row(const float* l, int64_t V, float tau, uint64_t seed, uint64_t offset,
-                            int64_t top_k, double top_p, double min_p, bool rejection = false) {
+                            int64_t top_k, float top_p, double min_p, bool rejection = false) {
   const double nan = std::numeric_limits<double>::quiet_NaN();
   const int64_t argmax = row_argmax(l, V);
   const float max_value = l[argmax];
@@ -156,7 +143,7 @@ inline RowResult sample_row(const float* l, int64_t V, float tau, uint64_t seed,
   if (tau == 0.0f) return {argmax, 0.0, l[argmax] - raw_lse};
 
   const double threshold = truncation_threshold(l, V, tau, top_k, top_p, min_p, max_value);
-  const bool by_rejection = top_p_by_rejection(rejection, tau, top_p);
+  const bool by_rejection = rejection && sampling::top_p_by_rejection(tau, top_p);
   int64_t token = -1;
   if (by_rejection) {
     const int64_t first = draw_token(l, V, tau, seed, offset, -INFINITY, 0);

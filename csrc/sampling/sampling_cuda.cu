@@ -33,6 +33,7 @@
 #include "../common/fast_math.cuh"
 #include "../common/philox.h"
 #include "../dispatch.h"
+#include "top_p_rejection.h"
 
 namespace fusedlm {
 namespace sampling_cuda {
@@ -226,40 +227,41 @@ struct RowCtx {
   uint32_t round = 0;  // Philox draw round (see pair_counter)
 };
 
-// Top-p by rejection (tokens-only calls with top-p alone; see sampling_cpu.h,
-// kRejectionMinTopP): sample() launches kRejectionDraw (the whole tempered distribution,
-// round 0), top_p_check_kernel (marks the rows whose draw fell outside the top-p set, and
-// those not drawn), then truncation and kExactRows for the marked rows only (from the top-p
-// set, with round 1 where rejected). SampleArgs::pass says which rows a launch draws.
+// Top-p by rejection (tokens-only calls with top-p alone; see top_p_rejection.h): sample()
+// launches kRejectionDraw (the whole tempered distribution, round 0), top_p_check_kernel
+// (marks the rows whose draw is not clearly inside the top-p set, and those not drawn), then
+// truncation (which unmarks a draw inside its set) and kExactRows for the marked rows only
+// (from the top-p set, with round 1 where rejected). SampleArgs::pass says which rows a
+// launch draws.
 enum SamplePass : int { kAllRows = 0, kRejectionDraw, kExactRows };
-constexpr float kRejectionMinTopP = 0.5f;  // == sampling_cpu::kRejectionMinTopP
+using sampling::top_p_by_rejection;
+using sampling::top_p_threshold_at_once;
 
 __device__ __forceinline__ float row_top_p(const SampleArgs& a, int64_t row) {
   return a.top_p != nullptr ? a.top_p[row] : 1.f;
 }
-__device__ __forceinline__ bool by_rejection(float tau, float top_p) {
-  return tau > 0.f && top_p >= kRejectionMinTopP && top_p < 1.f;
+// The per-row words after the partials (kSampleRowFloats, see dispatch.h): the thresholds,
+// then the marks of top_p_check_kernel, then the maximum and tempered normaliser it found for
+// each row (truncation reuses them: no max pass).
+static_assert(kSampleRowFloats == 4, "per row: threshold, mark, maximum and sum");
+__host__ __device__ __forceinline__ float* row_thresholds(const SampleArgs& a) {
+  return a.workspace + a.B * a.splits * kSampleSplitFloats;
 }
-// Rows that take the threshold at once (top-p too small for rejection): not drawn first.
-__device__ __forceinline__ bool threshold_at_once(float tau, float top_p) {
-  return tau > 0.f && top_p < kRejectionMinTopP;
-}
-// The per-row marks of top_p_check_kernel (after the thresholds in the workspace), then per
-// row the maximum and tempered normaliser it found (truncation reuses them: no max pass).
 __device__ __forceinline__ int* row_marks(const SampleArgs& a) {
-  return reinterpret_cast<int*>(a.workspace + a.B * a.splits * kSampleSplitFloats + a.B);
+  return reinterpret_cast<int*>(row_thresholds(a) + a.B);
 }
 __device__ __forceinline__ float2* row_max_and_sum(const SampleArgs& a) {
-  return reinterpret_cast<float2*>(a.workspace + a.B * a.splits * kSampleSplitFloats + 2 * a.B);
+  return reinterpret_cast<float2*>(row_thresholds(a) + 2 * a.B);
 }
 
-// Whether this launch draws `row`; sets c.round.
+// Whether this launch draws `row`; sets c.round. Called before the row's threshold or partials
+// are read: a pass leaves them unwritten for the rows it skips.
 __device__ __forceinline__ bool row_in_pass(const SampleArgs& a, int64_t row, RowCtx& c) {
   if (a.pass == kAllRows) return true;
   const float top_p = row_top_p(a, row);
-  if (a.pass == kRejectionDraw) return !threshold_at_once(c.tau, top_p);
-  if (a.pass == kExactRows && row_marks(a)[row] == 0) return false;
-  c.round = by_rejection(c.tau, top_p) ? 1u : 0u;  // (kExactRows)
+  if (a.pass == kRejectionDraw) return !top_p_threshold_at_once(c.tau, top_p);
+  if (row_marks(a)[row] == 0) return false;  // (kExactRows)
+  c.round = top_p_by_rejection(c.tau, top_p) ? 1u : 0u;
   return true;
 }
 
@@ -268,14 +270,15 @@ __device__ __forceinline__ bool row_in_pass(const SampleArgs& a, int64_t row, Ro
 // a one-hot draw among the maxima unless logits differ by less than ~1e-37.
 __device__ __forceinline__ float inverse_temperature(float tau) { return fminf(1.f / tau, 0x1p126f); }
 
-__device__ __forceinline__ RowCtx row_ctx(const SampleArgs& a, float tau, float threshold) {
+// (threshold: -inf until row_in_pass has accepted the row)
+__device__ __forceinline__ RowCtx row_ctx(const SampleArgs& a, float tau) {
   RowCtx c;
   c.V = a.V;
   c.tau = tau;
   c.inv_tau = tau > 0.f ? inverse_temperature(tau) : 1.f;
   c.scale2 = c.inv_tau * kLog2e;
   c.greedy = !(tau > 0.f);  // also NaN / negative: finish_row returns token 0 for them
-  c.threshold = threshold;
+  c.threshold = -INFINITY;
   c.need_logprobs = a.need_logprobs;
   return c;
 }
@@ -284,8 +287,12 @@ __device__ __forceinline__ float row_threshold(const float* thresholds, int64_t 
   return thresholds != nullptr ? thresholds[row] : -INFINITY;
 }
 
-__device__ __forceinline__ RowCtx row_ctx(const SampleArgs& a, const float* thresholds, int64_t row) {
-  return row_ctx(a, a.temperature[row], row_threshold(thresholds, row));
+// The row's context for a drawing kernel, or false if this launch skips the row (row_in_pass).
+__device__ __forceinline__ bool row_ctx_in_pass(const SampleArgs& a, const float* thresholds, int64_t row, RowCtx& c) {
+  c = row_ctx(a, a.temperature[row]);
+  if (!row_in_pass(a, row, c)) return false;
+  c.threshold = row_threshold(thresholds, row);
+  return true;
 }
 
 // Folds one finished tile into the row state. The tile's mass, the sum of exp(l / tau) over
@@ -565,20 +572,20 @@ __global__ void sample_finish_kernel(SampleArgs a, const float* thresholds, int 
   griddep_launch_dependents();  // (tiny kernel: the next one may get resident)
   const int64_t row = blockIdx.x;
   const int lane = threadIdx.x;
+  RowCtx c = row_ctx(a, a.temperature[row]);
+  if (!row_in_pass(a, row, c)) return;  // (a pass that skips the row wrote no partials for it)
   // Every load of the row is issued before any is used (one memory round trip): with the
   // merge's branches between them, the partial's fields and the row's inputs were loaded one
-  // dependent round trip after another.
+  // dependent round trip after another. (row_in_pass loads nothing for plain calls.)
   const float4* partials = reinterpret_cast<const float4*>(a.workspace + row * partials_per_row * kPartial);
   float4 lo = {}, hi = {};
   if (lane < partials_per_row) {
     lo = partials[2 * lane];
     hi = partials[2 * lane + 1];
   }
-  const float tau = a.temperature[row], threshold = row_threshold(thresholds, row);
+  c.threshold = row_threshold(thresholds, row);
   const uint64_t seed = static_cast<uint64_t>(a.seed[row]);
   const uint64_t offset = row_offset(a, row);
-  RowCtx c = row_ctx(a, tau, threshold);
-  if (!row_in_pass(a, row, c)) return;
   const RowState st = merge_partials(partials, partials_per_row, lane, lo, hi, !a.need_logprobs, c.scale2, c.inv_tau);
   finish_row<T, kVec>(a, row, lane, st, c, seed, offset);
 }
@@ -594,8 +601,8 @@ __global__ void __launch_bounds__(kThreads)
   const int split = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const T* l = static_cast<const T*>(a.logits) + row * a.ld;
-  RowCtx c = row_ctx(a, thresholds, row);
-  if (!row_in_pass(a, row, c)) return;
+  RowCtx c;
+  if (!row_ctx_in_pass(a, thresholds, row, c)) return;
   const uint64_t seed = static_cast<uint64_t>(a.seed[row]);
   const uint64_t offset = row_offset(a, row);
   const int64_t total_tiles = (a.V + kTile - 1) / kTile;
@@ -877,8 +884,8 @@ __global__ void __launch_bounds__(kCluster ? kClusterThreads : kThreads, kCluste
   const int split = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
   const T* l = static_cast<const T*>(a.logits) + row * a.ld;
-  RowCtx c = row_ctx(a, thresholds, row);
-  if (!row_in_pass(a, row, c)) return;  // (the whole row: every CTA of its cluster)
+  RowCtx c;
+  if (!row_ctx_in_pass(a, thresholds, row, c)) return;  // (the whole row: every CTA of its cluster)
   const uint64_t seed = static_cast<uint64_t>(a.seed[row]);
   const uint64_t offset = row_offset(a, row);
   const int64_t t_begin = split * tiles_per_split;
@@ -1067,6 +1074,12 @@ constexpr int kRadixCache = 4096;  // entries (16 KB) the third radix pass may r
 // Few rows: 1024-thread CTAs (4x the loads in flight); many rows: 256-thread CTAs share the
 // SMs (4 per SM at 64 registers).
 constexpr int kTruncationThreadsFewRows = 1024;
+// row_mass's: this CTA's sums, then every CTA's of the row, gathered.
+struct RowMassScratch {
+  float cta[3];
+  float gathered[3 * kMaxRowCtas];
+};
+
 template <int kBlock>
 struct RadixScratch {
   static_assert(kRadixBins % kBlock == 0 && (kRadixBins / 2) % kBlock == 0, "bins per thread");
@@ -1075,8 +1088,7 @@ struct RadixScratch {
   unsigned long long warp_sums[kBlock / 32];
   unsigned long long above;  // measure of the entries above the chosen bins
   int bin, found;
-  float cta_max, cta_sum;  // this CTA's share of the max pass
-  float row_max[kMaxRowCtas], row_sum[kMaxRowCtas];  // every CTA's share, gathered
+  RowMassScratch mass;  // the max pass's sums (row_mass)
   // The second pass keeps its matching entries (those that weigh anything) here, so the
   // third pass reads them instead of the row when they fit.
   float cache[kRadixCache];
@@ -1281,6 +1293,58 @@ __device__ __forceinline__ float tempered_ratio(float x, float m, float inv_tau)
   return x == m ? 1.f : __expf((x - m) * inv_tau);
 }
 
+// A thread's running maximum and the tempered sum of its entries relative to it, rescaled
+// when the maximum grows (one pass); kAbove: also the sum over the entries > pivot.
+template <bool kAbove>
+struct OnlineMass {
+  float max = -INFINITY, sum = 0.f, above = 0.f;
+  __device__ __forceinline__ void add(float x, float inv_tau, float pivot = INFINITY) {
+    if (!(x > -INFINITY)) return;  // (-inf and NaN weigh nothing)
+    if (x > max) {
+      const float r = max == -INFINITY ? 0.f : tempered_ratio(max, x, inv_tau);
+      sum *= r;
+      if constexpr (kAbove) above *= r;
+      max = x;
+    }
+    const float w = tempered_ratio(x, max, inv_tau);
+    sum += w;
+    if constexpr (kAbove)
+      if (x > pivot) above += w;
+  }
+};
+
+// The row's OnlineMass from its threads' over the row's `ctas` CTAs (a cluster): block
+// reductions, then every CTA gathers the others' (one remote load per CTA and value) and
+// merges them in rank order, the same in every CTA. with_sums: false when only the maximum
+// is wanted (the sums are then 0). The caller keeps its CTA resident (row_barrier) until no
+// other may still read its sh.cta.
+template <int kBlock, bool kAbove>
+__device__ OnlineMass<kAbove> row_mass(const OnlineMass<kAbove>& mine, float inv_tau, int ctas, bool with_sums,
+                                       RowMassScratch& sh) {
+  const float cta_max = block_max<kBlock>(mine.max);
+  const float r = mine.max == -INFINITY ? 0.f : tempered_ratio(mine.max, cta_max, inv_tau);
+  const float cta_sum = with_sums ? block_sum<kBlock>(mine.sum * r) : 0.f;
+  const float cta_above = kAbove ? block_sum<kBlock>(mine.above * r) : 0.f;
+  if (threadIdx.x == 0) {
+    sh.cta[0] = cta_max;
+    sh.cta[1] = cta_sum;
+    sh.cta[2] = cta_above;
+  }
+  row_barrier(ctas);
+  if (threadIdx.x < 3 * ctas)
+    sh.gathered[threadIdx.x] = __uint_as_float(load_row_shared(&sh.cta[threadIdx.x % 3], threadIdx.x / 3, ctas));
+  __syncthreads();
+  OnlineMass<kAbove> row;
+  for (int c = 0; c < ctas; ++c) row.max = fmaxf(row.max, sh.gathered[3 * c]);
+  for (int c = 0; c < ctas; ++c) {
+    if (sh.gathered[3 * c] == -INFINITY) continue;
+    const float scale = tempered_ratio(sh.gathered[3 * c], row.max, inv_tau);
+    row.sum += sh.gathered[3 * c + 1] * scale;
+    row.above += sh.gathered[3 * c + 2] * scale;
+  }
+  return row;
+}
+
 // Grid: B x ctas CTAs; the `ctas` consecutive CTAs of a row (a cluster when ctas > 1) each
 // read one slice of it.
 template <typename T, int kBlock>
@@ -1303,24 +1367,25 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) truncation_kernel(Sampl
   const int64_t len = min(slice, a.V - begin);
   const T* l = static_cast<const T*>(a.logits) + row * a.ld + begin;
   const float inv_tau = inverse_temperature(tau);
-  const float top_p = a.top_p != nullptr ? a.top_p[row] : 1.f;
+  const float top_p = row_top_p(a, row);
   const bool by_mass = top_p < 1.f;
   const int64_t k = a.top_k != nullptr ? a.top_k[row] : 0;
   const bool by_count = k > 0 && k < a.V;
+  const bool rejected = a.pass == kExactRows && top_p_by_rejection(tau, top_p);
   if (by_count)
     for (int i = threadIdx.x; i < kRadixBins; i += kBlock) scratch.hist[i] = 0;
   if (threadIdx.x == 0) scratch.cached = 0;  // (read by every radix pass, used by the third)
   __syncthreads();
-  float row_max = -INFINITY, row_sum = 0.f;
-  if (a.pass == kExactRows && by_rejection(tau, top_p)) {  // rejected: top_p_check_kernel found both
+  OnlineMass<false> row_sums;
+  if (rejected) {  // top_p_check_kernel found both
     const float2 max_and_sum = row_max_and_sum(a)[row];
-    row_max = max_and_sum.x;
-    row_sum = max_and_sum.y;
+    row_sums.max = max_and_sum.x;
+    row_sums.sum = max_and_sum.y;
   } else {
-    // The row's maximum and, for top-p, the tempered softmax's normaliser sum exp((x - max) / tau)
-    // in the same pass (online: a thread rescales its sum when its maximum grows); for top-k,
-    // also the first radix pass's counts (every non-NaN entry, -inf included, counts 1).
-    float local_max = -INFINITY, local_sum = 0.f;
+    // The row's maximum and, for top-p, the tempered softmax's normaliser in the same pass;
+    // for top-k, also the first radix pass's counts (every non-NaN entry, -inf included,
+    // counts 1).
+    OnlineMass<false> mine;
     // Two instantiations, so that rows without top-k run the plain max pass (a per-entry test
     // of by_count cost top-p ~10% at B = 256: registers, and spills in the float32 kernels).
     auto max_pass = [&](auto count_tag) {
@@ -1328,41 +1393,17 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) truncation_kernel(Sampl
       for_row_entries<kBlock>(l, len, [&](float x, bool valid, int64_t) {
         if constexpr (decltype(count_tag)::value)
           if (valid && x == x) first_digits.add(static_cast<int>(to_order_key(x) >> kFirstDigitShift), 1u);
-        if (!valid || !(x > -INFINITY)) return;  // (-inf and NaN weigh nothing)
-        if (by_mass) {
-          if (x > local_max) {
-            local_sum = local_sum * tempered_ratio(local_max, x, inv_tau) + 1.f;
-            local_max = x;
-          } else {
-            local_sum += tempered_ratio(x, local_max, inv_tau);
-          }
-        } else {
-          local_max = fmaxf(local_max, x);
-        }
+        if (!valid) return;
+        if (by_mass) mine.add(x, inv_tau);
+        else mine.max = fmaxf(mine.max, x);  // (skips NaN)
       });
       if constexpr (decltype(count_tag)::value) first_digits.flush();
     };
     if (by_count) max_pass(std::true_type{});
     else max_pass(std::false_type{});
-    const float cta_max = block_max<kBlock>(local_max);
-    const float cta_sum =
-        by_mass ? block_sum<kBlock>(local_max == -INFINITY ? 0.f : local_sum * tempered_ratio(local_max, cta_max, inv_tau))
-                : 0.f;
-    if (threadIdx.x == 0) {
-      scratch.cta_max = cta_max;
-      scratch.cta_sum = cta_sum;
-    }
-    row_barrier(ctas);
-    if (threadIdx.x < ctas) {  // one remote load per CTA and value, then shared within the CTA
-      scratch.row_max[threadIdx.x] = __uint_as_float(load_row_shared(&scratch.cta_max, threadIdx.x, ctas));
-      scratch.row_sum[threadIdx.x] = __uint_as_float(load_row_shared(&scratch.cta_sum, threadIdx.x, ctas));
-    }
-    __syncthreads();
-    // merged in rank order: the same in every CTA
-    for (int r = 0; r < ctas; ++r) row_max = fmaxf(row_max, scratch.row_max[r]);
-    for (int r = 0; r < ctas; ++r)
-      if (scratch.row_max[r] != -INFINITY) row_sum += scratch.row_sum[r] * tempered_ratio(scratch.row_max[r], row_max, inv_tau);
+    row_sums = row_mass<kBlock>(mine, inv_tau, ctas, by_mass, scratch.mass);
   }
+  const float row_max = row_sums.max;
   if (by_count) {  // the k-th largest entry (ties at it are all kept)
     threshold = radix_threshold<kBlock, true>(l, len, ctas, scratch, [](float) { return 1u; },
                                         [k](unsigned long long) { return static_cast<unsigned long long>(k); },
@@ -1373,7 +1414,7 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) truncation_kernel(Sampl
     // Masses are probabilities in fixed point with 2^31 = the whole row (rounded to nearest:
     // the kept mass is within ~V * 2^-32 of the exact one; a float32 cumulative sum over a
     // sorted row errs by ~1e-5), so a row's total stays below 2^32.
-    const float scale = 2147483648.f / row_sum;
+    const float scale = 2147483648.f / row_sums.sum;
     const float floor_k = threshold;
     auto mass = [&](float x) {
       return x >= floor_k ? __float2uint_rn(tempered_ratio(x, row_max, inv_tau) * scale) : 0u;
@@ -1385,31 +1426,47 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) truncation_kernel(Sampl
   }
   const float min_p = a.min_p != nullptr ? a.min_p[row] : 0.f;
   if (min_p > 0.f) threshold = fmaxf(threshold, row_max + tau * logf(min_p));
-  if (rank == 0 && threadIdx.x == 0) thresholds[row] = threshold;
+  if (rank == 0 && threadIdx.x == 0) {
+    thresholds[row] = threshold;
+    // A row marked by top_p_check_kernel whose first draw lies in this threshold's set keeps
+    // it: near the boundary this set decides, not the check's float32 sums (see there).
+    if (rejected && load_logit(l - begin + a.tokens[row]) >= threshold) row_marks(a)[row] = 0;
+  }
   row_barrier(ctas);  // no CTA leaves while another may still read its shared memory
 }
 
 // Top-p by rejection, the test of the first draw (see SamplePass): the drawn token j lies in
-// the top-p set iff the tempered mass of the entries strictly above it is below top_p times the
-// whole (the set holds every entry x >= t, t the largest logit whose entries at or above it
-// reach the share). One pass: an online maximum with both sums relative to it. Marks rows
-// that need the threshold (1): rejected draws and rows not drawn (threshold_at_once); 0: the
-// first draw is the token. Launched like truncation_kernel (same grid, clusters).
+// the top-p set iff the tempered mass A of the entries strictly above it is below top_p times
+// the whole Z (the set holds every entry x >= t, t the largest logit whose entries at or above
+// it reach the share). One pass: an online maximum with both sums relative to it. Marks the
+// rows that need the threshold (1): rows not drawn yet (top_p_threshold_at_once), and draws
+// that are not clearly inside the set, A >= top_p * Z * (1 - kCheckMargin(V)); 0: the first
+// draw is the token. The margin covers the rounding of these float32 sums and of the
+// threshold's fixed-point masses, so that every draw kept here lies in the threshold's set;
+// for the marked rows truncation_kernel finds the threshold and keeps the draw if it lies in
+// its set (rare near the boundary), else the row is drawn again from that set. Also stores
+// each row's maximum and Z. Launched like truncation_kernel (same grid, clusters).
 // (The unused float* keeps truncation_kernel's signature: truncation_launch launches both.)
+__device__ __forceinline__ float check_margin(int64_t V) {
+  // float32 sums of up to ~500 terms per thread, relative error <~ 500 * 2^-24 = 3e-5 each,
+  // and fixed-point masses each within 2^-32 of the whole: V * 2^-31 against top_p >= 0.5.
+  return 0x1p-12f + static_cast<float>(V) * 0x1p-31f;
+}
+
 template <typename T, int kBlock>
 __global__ void __launch_bounds__(kBlock, 1024 / kBlock) top_p_check_kernel(SampleArgs a, float*, int ctas) {
   // float32 rows in 256-thread CTAs (many rows): 8 loads in flight per thread, not 4 (H100,
   // graph of 20, top-p 0.9: B = 1024 545 -> 504 us, V = 256000 1051 -> 938; 16-bit rows and
   // the 1024-thread CTAs lost 1-7%).
   constexpr int kInFlight = sizeof(T) == 4 && kBlock == kThreads ? 8 : 4;
-  __shared__ float cta_part[3];  // this CTA's maximum, sum and sum above the token
+  __shared__ RowMassScratch scratch;
   griddep_wait();  // launched early (PDL): the tokens of the first draw
   griddep_launch_dependents();
   const int64_t row = blockIdx.x / ctas;
   const int rank = static_cast<int>(blockIdx.x % ctas);
   const float tau = a.temperature[row], top_p = row_top_p(a, row);
-  if (!by_rejection(tau, top_p)) {  // drawn once for good (tau = 0, top-p off), or not drawn yet
-    if (rank == 0 && threadIdx.x == 0) row_marks(a)[row] = threshold_at_once(tau, top_p) ? 1 : 0;
+  if (!top_p_by_rejection(tau, top_p)) {  // drawn once for good (tau = 0, top-p off), or not drawn yet
+    if (rank == 0 && threadIdx.x == 0) row_marks(a)[row] = top_p_threshold_at_once(tau, top_p) ? 1 : 0;
     return;
   }
   const int64_t slice = ceil_div(ceil_div(a.V, ctas), 16) * 16;  // (as truncation_kernel)
@@ -1418,46 +1475,17 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) top_p_check_kernel(Samp
   const T* row_logits = static_cast<const T*>(a.logits) + row * a.ld;
   const float token_logit = load_logit(row_logits + a.tokens[row]);
   const float inv_tau = inverse_temperature(tau);
-  float m = -INFINITY, sum = 0.f, above = 0.f;
+  OnlineMass<true> mine;
   for_row_entries<kBlock, kInFlight>(row_logits + begin, len, [&](float x, bool valid, int64_t) {
-    if (!valid || !(x > -INFINITY)) return;  // (-inf and NaN weigh nothing)
-    if (x > m) {
-      const float r = m == -INFINITY ? 0.f : tempered_ratio(m, x, inv_tau);
-      sum *= r;
-      above *= r;
-      m = x;
-    }
-    const float w = tempered_ratio(x, m, inv_tau);
-    sum += w;
-    if (x > token_logit) above += w;
+    if (valid) mine.add(x, inv_tau, token_logit);
   });
-  const float cta_max = block_max<kBlock>(m);
-  const float r = m == -INFINITY ? 0.f : tempered_ratio(m, cta_max, inv_tau);
-  const float cta_sum = block_sum<kBlock>(sum * r), cta_above = block_sum<kBlock>(above * r);
-  if (threadIdx.x == 0) {
-    cta_part[0] = cta_max;
-    cta_part[1] = cta_sum;
-    cta_part[2] = cta_above;
-  }
-  row_barrier(ctas);
+  const OnlineMass<true> whole = row_mass<kBlock>(mine, inv_tau, ctas, true, scratch);
   if (rank == 0 && threadIdx.x == 0) {
-    auto part = [&](int c, int k) { return __uint_as_float(load_row_shared(&cta_part[k], c, ctas)); };
-    float row_max = -INFINITY, row_sum = 0.f, row_above = 0.f;
-    for (int c = 0; c < ctas; ++c) row_max = fmaxf(row_max, part(c, 0));
-    for (int c = 0; c < ctas; ++c) {
-      const float cta_max_c = part(c, 0);
-      if (cta_max_c == -INFINITY) continue;
-      const float scale = tempered_ratio(cta_max_c, row_max, inv_tau);
-      row_sum += part(c, 1) * scale;
-      row_above += part(c, 2) * scale;
-    }
-    // (+inf logits: the sums count the +inf entries only, so only a drawn +inf entry passes.
-    // The test's float32 sums and the threshold's fixed point may judge an entry within float
-    // rounding of the boundary differently.)
-    row_marks(a)[row] = row_above < top_p * row_sum ? 0 : 1;
-    row_max_and_sum(a)[row] = make_float2(row_max, row_sum);
+    // (+inf logits: the sums count the +inf entries only, so only a drawn +inf entry passes.)
+    row_marks(a)[row] = whole.above < top_p * whole.sum * (1.f - check_margin(a.V)) ? 0 : 1;
+    row_max_and_sum(a)[row] = make_float2(whole.max, whole.sum);
   }
-  row_barrier(ctas);  // no CTA leaves while CTA 0 may still read its shared memory
+  row_barrier(ctas);  // no CTA leaves while another may still read its shared memory
 }
 
 // Launches a sampling kernel, on sm_90+ as a programmatic dependent launch: it gets resident
@@ -1648,8 +1676,7 @@ cudaError_t draw_launch(const SampleArgs& a, const float* thresholds, cudaStream
 template <typename T>
 cudaError_t sample_typed(const SampleArgs& a, cudaStream_t stream) {
   if (a.top_k == nullptr && a.top_p == nullptr && a.min_p == nullptr) return draw_launch<T>(a, nullptr, stream);
-  // The workspace has room after the partials for the thresholds and marks (see the glue).
-  float* thresholds = a.workspace + a.B * a.splits * kSampleSplitFloats;
+  float* thresholds = row_thresholds(a);
   if (a.top_k != nullptr || a.min_p != nullptr || a.need_logprobs) {  // the threshold for every row, then the draw
     const cudaError_t err = truncation_launch<T>(a, thresholds, stream);
     return err != cudaSuccess ? err : draw_launch<T>(a, thresholds, stream);

@@ -111,14 +111,15 @@ def sample(
         top_k, top_p, min_p: optional truncation, scalar or ``[B]``, applied in this order to
             the tempered distribution (``top_k=0``, ``top_p=1``, ``min_p=0`` are off). Ties
             at a truncation boundary are all kept. top-p keeps the smallest set of largest
-            entries whose mass reaches ``top_p``; on CUDA the masses are summed in 2^-31
-            fixed point (deterministic), so the boundary may differ from a float64 sum by
-            one entry when the mass is within ~V * 2^-32 of ``top_p``. Tokens-only calls
+            entries whose mass reaches ``top_p``; on CUDA the masses are float32 exps summed
+            in 2^-31 fixed point, so the boundary may differ from a float64 sum by one entry
+            when the mass is within ~1e-6 + V * 2^-32 of ``top_p`` (and for such a row, with
+            the row's alignment and batch size). Tokens-only calls
             with ``top_p`` alone (no ``top_k`` or ``min_p``) and ``0.5 <= top_p < 1`` draw
             by rejection: a draw from the whole tempered distribution is kept when it lies in
             the top-p set (probability >= top_p), else the row is drawn from the set: the
-            top-p distribution (on CUDA up to float rounding at its boundary, as for the
-            threshold), in two passes over most rows instead of five; calls
+            top-p distribution (on CUDA of the threshold's set: draws near its boundary are
+            left to the threshold), in two passes over most rows instead of five; calls
             with ``return_logprobs=True`` need the threshold anyway and draw from the set at
             once, so for the same seed their token may differ from a tokens-only call's.
         seed: None (draw per-row seeds from ``generator`` / torch's default generator), an

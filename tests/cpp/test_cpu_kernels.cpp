@@ -30,6 +30,11 @@ static void test_philox_known_answers() {
                              (uint64_t(0x299f31d0u) << 32) | 0xa4093822u);
   EXPECT(r.x == 0xd16cfe09u && r.y == 0x94fdccebu && r.z == 0x5001e420u && r.w == 0x24126ea1u,
          "philox pi vector: %08x %08x %08x %08x", r.x, r.y, r.z, r.w);
+  // Uniforms stay inside (0, 1) at both ends (the top word used to round to 1: E = 0).
+  for (uint32_t bits : {0u, 0xFFu, 0xFFFFFEFFu, 0xFFFFFF00u, 0xFFFFFFFFu}) {
+    const float u = fusedlm::bits_to_open_unit(bits);
+    EXPECT(u > 0.0f && u < 1.0f && fusedlm::exponential_from_bits(bits) > 0.0f, "open unit of %08x: %.9g", bits, u);
+  }
 }
 
 static void test_forward_matches_direct() {
