@@ -122,8 +122,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cpu(
 void check_temperatures_cpu(const at::Tensor& temperature, const char* op) {
   const float* tau = temperature.const_data_ptr<float>();
   for (int64_t b = 0; b < temperature.numel(); ++b) {
-    TORCH_CHECK_VALUE(tau[b] >= 0.0f, op, ": temperature[", b, "] = ", tau[b],
-                      " is negative or NaN; use 0 for greedy decoding");
+    TORCH_CHECK_VALUE(tau[b] >= 0.0f && tau[b] < INFINITY, op, ": temperature[", b, "] = ", tau[b],
+                      " is negative, NaN or infinite; use 0 for greedy decoding");
+  }
+}
+
+// Per-row truncation values of CPU tensors (CUDA rows with such values return token 0 and NaN
+// log-probs instead: their values are not read on the host).
+void check_truncation_cpu(const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p) {
+  for (int64_t b = 0; top_k.defined() && b < top_k.numel(); ++b) {
+    const int64_t k = top_k.const_data_ptr<int64_t>()[b];
+    TORCH_CHECK_VALUE(k >= 0, "sample: top_k[", b, "] = ", k, " is negative (0 = off)");
+  }
+  for (int64_t b = 0; top_p.defined() && b < top_p.numel(); ++b) {
+    const float p = top_p.const_data_ptr<float>()[b];
+    TORCH_CHECK_VALUE(p > 0.0f && p <= 1.0f, "sample: top_p[", b, "] = ", p, " is outside (0, 1] (1 = off)");
+  }
+  for (int64_t b = 0; min_p.defined() && b < min_p.numel(); ++b) {
+    const float p = min_p.const_data_ptr<float>()[b];
+    TORCH_CHECK_VALUE(p >= 0.0f && p <= 1.0f, "sample: min_p[", b, "] = ", p, " is outside [0, 1] (0 = off)");
   }
 }
 
@@ -142,6 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
   const at::Tensor k_t = optional_per_row(top_k, "sample: top_k", at::kLong, B, logits);
   const at::Tensor p_t = optional_per_row(top_p, "sample: top_p", at::kFloat, B, logits);
   const at::Tensor mp_t = optional_per_row(min_p, "sample: min_p", at::kFloat, B, logits);
+  check_truncation_cpu(k_t, p_t, mp_t);
   auto tokens = at::empty({B}, logits.options().dtype(at::kLong));
   // Log-probs only on request (else empty: two allocations less per call).
   auto logprob = at::empty({need_logprobs ? B : 0}, logits.options().dtype(at::kFloat));

@@ -173,6 +173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
   const c10::cuda::CUDAGuard guard(logits.device());
   const DType dt = kernel_dtype(logits, "sample");
   const int64_t B = logits.size(0), V = logits.size(1);
+  TORCH_CHECK_VALUE(V < (int64_t{1} << 31), "sample: at most 2^31 - 1 columns on CUDA, got ", V);
   const at::Tensor l = logits.stride(1) == 1 ? logits : logits.contiguous();
   const at::Tensor k_t = optional_per_row(top_k, "sample: top_k", at::kLong, B, logits);
   const at::Tensor p_t = optional_per_row(top_p, "sample: top_p", at::kFloat, B, logits);
@@ -222,6 +223,7 @@ at::Tensor temperature_logprobs_cuda(const at::Tensor& logits, const at::Tensor&
   TORCH_CHECK_VALUE(temperatures.numel() <= 16,
                     "temperature_logprobs: at most 16 temperatures on CUDA, got ",
                     temperatures.numel());
+  TORCH_CHECK_VALUE(V < (int64_t{1} << 31), "temperature_logprobs: at most 2^31 - 1 columns on CUDA, got ", V);
   const c10::cuda::CUDAGuard guard(logits.device());
   const DType dt = kernel_dtype(logits, "temperature_logprobs");
   const at::Tensor l = logits.stride(1) == 1 ? logits : logits.contiguous();

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 import fusedlm
-from test_sampling import (assert_top_p_boundary_draws, assert_top_words_draw_right, chi_square_pvalue, huge_logits_case, logits_of_tiny_case, tied_maxima_counts,
+from test_sampling import (assert_plus_inf_rows_draw_among_them, assert_tail_noise_draws_right,
+                           assert_top_p_boundary_draws, assert_top_words_draw_right,
+                           chi_square_pvalue, huge_logits_case, logits_of_tiny_case, tied_maxima_counts,
                            tiny_temperature_case, truncated_probs)
 
 pytestmark = pytest.mark.cuda
@@ -312,11 +314,50 @@ def test_tied_maxima_in_two_tiles_split_evenly(tau, dtype):
     assert n1 + n2 > 0.9 * 20000 and abs(n1 - n2) <= 5 * math.sqrt(n1 + n2), (n1, n2)
 
 
+# +inf logits: drawn uniformly among them (aligned rows of 300 float32 entries, unaligned
+# 16-bit rows of 301), every truncation, log-probs -log(count), greedy and temperature_logprobs.
+@pytest.mark.parametrize("v", [300, 301])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_plus_inf_logits_draw_among_them(dtype, v):
+    assert_plus_inf_rows_draw_among_them(DEV, dtype, v=v)
+
+
+# Per-row values the host does not read for CUDA tensors (no sync): rows with an invalid
+# temperature, top_k, top_p or min_p return token 0 and NaN log-probs, in the plain, truncated
+# and by-rejection paths; the other rows draw the CPU's tokens.
+@pytest.mark.parametrize("return_logprobs", [False, True])
+def test_invalid_row_values_give_token_0(return_logprobs):
+    b, v = 12, 5120
+    logits = torch.randn(b, v) * 2
+    seeds = torch.randint(0, 2**62, (b,))
+    tau = torch.full((b,), 0.8)
+    tau[1], tau[2], tau[3] = -1.0, math.nan, math.inf
+    cases = [dict(top_p=torch.tensor([0.9, 0.9, 0.9, 0.9, 0.0, math.nan, 1.5, 0.9, 0.6, 0.3, 0.9, 1.0])),
+             dict(min_p=torch.tensor([0.1, 0.1, 0.1, 0.1, 1.5, math.nan, -0.1, 0.1, 0.0, 1.0, 0.1, 0.1])),
+             dict(top_k=torch.tensor([5, 5, 5, 5, -5, -1, 5, 5, 0, 1, 5, 5]))]
+    for trunc in cases:
+        invalid = torch.zeros(b, dtype=torch.bool)
+        invalid[1:4] = True
+        name, values = next(iter(trunc.items()))
+        invalid[4:7 if name != "top_k" else 6] = True
+        gpu = fusedlm.sample(logits.to(DEV), tau.to(DEV), seed=seeds.to(DEV), return_logprobs=return_logprobs,
+                             **{name: values.to(DEV)})
+        tokens = (gpu[0] if return_logprobs else gpu).cpu()
+        assert (tokens[invalid] == 0).all(), (name, tokens)
+        if return_logprobs:
+            assert gpu[1].cpu()[invalid].isnan().all() and gpu[2].cpu()[invalid].isnan().all()
+        ok = ~invalid
+        cpu = fusedlm.sample(logits[ok], tau[ok], seed=seeds[ok], return_logprobs=return_logprobs,
+                             **{name: values[ok]})
+        assert (tokens[ok] != (cpu[0] if return_logprobs else cpu)).sum() <= 1, name
+
+
 # Philox words with their top 24 bits set (test_sampling.TOP_WORD_KEYS): no infinite tile key,
 # no inverse-CDF target past the tile (1 in 2^24 tiles; the tiny-temperature test below drew a
 # wrong tile about once in 10^4 rows before).
 def test_top_philox_words_draw_right():
     assert_top_words_draw_right(DEV)
+    assert_tail_noise_draws_right(DEV)
 
 
 # As on the CPU: tiny (down to subnormal) temperatures draw the maximum with log-prob 0, for

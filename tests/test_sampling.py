@@ -210,6 +210,39 @@ def test_top_philox_words_draw_right():
     assert_top_words_draw_right("cpu")
 
 
+# A key whose tile-1 noise word is 0xfffffffc (found by a search over offsets): its Gumbel
+# noise is ~20.9 nats, tile 0's ~0.01. Tile 1 then wins against a tile up to ~20.9 nats more
+# massive, as exact Gumbel-max says (computed here in float64 from the same words); the 24-bit
+# noise stopped at 16.6 nats, so such tiles never won.
+TAIL_NOISE_KEY = (12345, 210958243)
+
+
+def gumbel_of_word(bits):
+    """The sampler's Gumbel noise of a 32-bit word, in float64 (see exponential_from_bits)."""
+    if bits >= 0xF8000000:  # near u = 1: from the complement's 32 bits
+        e = -math.log1p(-((bits ^ 0xFFFFFFFF) + 0.5) * 2.0**-32)
+    else:
+        e = -math.log(((bits >> 8) + 0.5) * 2.0**-24)
+    return -math.log(e)
+
+
+def assert_tail_noise_draws_right(device):
+    seed, offset = TAIL_NOISE_KEY
+    x, _, z, _ = philox_block(seed, offset, 0)
+    lead = gumbel_of_word(z) - gumbel_of_word(x)  # how far below tile 0 tile 1 may be and win
+    assert 20 < lead < 22  # the case is what it claims
+    for deficit in (15.0, 18.0, lead - 0.3, lead + 0.3, 25.0):
+        row = torch.full((1, 128), float("-inf"))
+        row[0, 0], row[0, 64] = 0.0, -deficit
+        token = fusedlm.sample(row.to(device), 1.0, seed=torch.tensor([seed], device=device),
+                               offset=torch.tensor([offset], device=device)).item()
+        assert token == (64 if deficit < lead else 0), (deficit, lead, token)
+
+
+def test_tail_noise_draws_right():
+    assert_tail_noise_draws_right("cpu")
+
+
 def tied_maxima_counts(tau, n, device="cpu", dtype=torch.float32):
     """Draws from n copies of a row whose maximum (12.0) sits in two tiles (entries 100 and
     3000); returns how often each of the two was drawn."""
@@ -418,6 +451,29 @@ BAD = [
     ("negative tau in temperature_logprobs",
      lambda l: fusedlm.temperature_logprobs(l, torch.tensor([0, 1, 2]), [1.0, -1.0]), ValueError),
     ("token range", lambda l: fusedlm.temperature_logprobs(l, torch.tensor([0, 1, 99]), [1.0]), IndexError),
+    ("inf tau", lambda l: fusedlm.sample(l, math.inf), ValueError),
+    ("inf tau tensor", lambda l: fusedlm.sample(l, torch.tensor([1.0, math.inf, 1.0])), ValueError),
+    ("bool tau", lambda l: fusedlm.sample(l, True), TypeError),
+    ("no tau", lambda l: fusedlm.sample(l, None), TypeError),
+    ("list tau", lambda l: fusedlm.sample(l, [1.0, 1.0, 1.0]), TypeError),
+    # Per-row truncation values of CPU tensors (CUDA rows with them return token 0 and NaN).
+    ("top_p tensor 0", lambda l: fusedlm.sample(l, 1.0, top_p=torch.tensor([0.5, 0.0, 0.9])), ValueError),
+    ("top_p tensor nan", lambda l: fusedlm.sample(l, 1.0, top_p=torch.tensor([0.5, math.nan, 0.9])), ValueError),
+    ("top_p tensor 1.5", lambda l: fusedlm.sample(l, 1.0, top_p=torch.tensor([0.5, 1.5, 0.9])), ValueError),
+    ("min_p tensor 1.5", lambda l: fusedlm.sample(l, 1.0, min_p=torch.tensor([0.1, 1.5, 0.1])), ValueError),
+    ("min_p tensor nan", lambda l: fusedlm.sample(l, 1.0, min_p=torch.tensor([0.1, math.nan, 0.1])), ValueError),
+    ("top_k tensor -5", lambda l: fusedlm.sample(l, 1.0, top_k=torch.tensor([5, -5, 5])), ValueError),
+    ("top_k nan", lambda l: fusedlm.sample(l, 1.0, top_k=math.nan), ValueError),
+    ("offset float", lambda l: fusedlm.sample(l, 1.0, seed=0, offset=1.5), ValueError),
+    ("offset negative", lambda l: fusedlm.sample(l, 1.0, seed=0, offset=-1), ValueError),
+    ("offset bool", lambda l: fusedlm.sample(l, 1.0, seed=0, offset=True), TypeError),
+    ("return_logprobs str", lambda l: fusedlm.sample(l, 1.0, return_logprobs="False"), TypeError),
+    ("seed and generator", lambda l: fusedlm.sample(l, 1.0, seed=0, generator=torch.Generator()), ValueError),
+    ("tl int logits", lambda l: fusedlm.temperature_logprobs(l.long(), torch.tensor([0, 1, 2]), [1.0]), TypeError),
+    ("tl 17 temperatures", lambda l: fusedlm.temperature_logprobs(l, torch.tensor([0, 1, 2]), [1.0] * 17), ValueError),
+    ("tl float tokens", lambda l: fusedlm.temperature_logprobs(l, torch.tensor([0.0, 1.0, 2.0]), [1.0]), TypeError),
+    ("tl tokens shape", lambda l: fusedlm.temperature_logprobs(l, torch.tensor([0, 1]), [1.0]), ValueError),
+    ("tl inf temperature", lambda l: fusedlm.temperature_logprobs(l, torch.tensor([0, 1, 2]), [math.inf]), ValueError),
 ]
 
 
@@ -432,6 +488,50 @@ def test_integer_tensors_of_any_integer_dtype_are_accepted():
     a = fusedlm.sample(logits, 1.0, seed=torch.arange(3, dtype=torch.int32), top_k=torch.full((3,), 5, dtype=torch.int16))
     b = fusedlm.sample(logits, 1.0, seed=torch.arange(3), top_k=5)
     assert torch.equal(a, b)
+
+
+def test_loose_but_valid_arguments():
+    """Forms a user may pass: a 0-d temperature tensor (one value for every row), any int
+    seed (taken modulo 2^62), int32 tokens and a scalar temperature in temperature_logprobs;
+    outputs never require grad (the ops are not differentiable)."""
+    logits = torch.randn(3, 20, requires_grad=True)
+    seeds = torch.arange(3)
+    assert torch.equal(fusedlm.sample(logits, torch.tensor(0.7), seed=seeds), fusedlm.sample(logits, 0.7, seed=seeds))
+    assert torch.equal(fusedlm.sample(logits, 1.0, seed=2**70 + 5), fusedlm.sample(logits, 1.0, seed=(2**70 + 5) % 2**62))
+    out = fusedlm.sample(logits, 1.0, seed=seeds, return_logprobs=True)
+    assert not any(t.requires_grad for t in out)
+    lp = fusedlm.temperature_logprobs(logits, torch.tensor([0, 1, 2], dtype=torch.int32), 0.5)
+    assert lp.shape == (3, 1) and not lp.requires_grad
+    torch.testing.assert_close(lp, fusedlm.temperature_logprobs(logits, torch.tensor([0, 1, 2]), [0.5]))
+
+
+# +inf logits count as the largest float in every sum: a row holding any draws uniformly among
+# its +inf entries (log-prob -log(count)), with and without truncation. (Before: NaN sums, a
+# token elsewhere.)
+def assert_plus_inf_rows_draw_among_them(device, dtype=torch.float32, v=300, n=4000):
+    logits = torch.randn(n, v) * 3
+    logits[:, [7, 150, 299]] = math.inf
+    logits[::2, 7] = -math.inf  # half the rows: two +inf entries
+    logits = logits.to(dtype).to(device)
+    seeds = torch.randint(0, 2**62, (n,), device=device)
+    for trunc in ({}, dict(top_k=5), dict(top_p=0.9), dict(top_p=0.3), dict(min_p=0.1)):
+        tokens = fusedlm.sample(logits, 0.8, seed=seeds, **trunc).cpu()
+        tokens_lp, lp, raw = (t.cpu() for t in fusedlm.sample(logits, 0.8, seed=seeds, return_logprobs=True, **trunc))
+        for t in (tokens, tokens_lp):
+            assert (t[::2] != 7).all() and torch.isin(t, torch.tensor([7, 150, 299])).all(), trunc
+            share = (t[1::2] == 150).float().mean().item()  # rows with three: each 1/3
+            assert abs(share - 1 / 3) < 0.05, (trunc, share)
+        count = torch.where(torch.arange(n) % 2 == 0, 2.0, 3.0)
+        torch.testing.assert_close(lp, -count.log())
+        torch.testing.assert_close(raw, -count.log())
+    greedy = fusedlm.sample(logits, 0.0, return_logprobs=True)
+    assert torch.equal(greedy[0].cpu(), torch.where(torch.arange(n) % 2 == 0, 150, 7))
+    out = fusedlm.temperature_logprobs(logits, torch.full((n,), 150, device=device), [0.5, 1.0]).cpu()
+    torch.testing.assert_close(out, -count.log()[:, None].expand(n, 2))
+
+
+def test_plus_inf_logits_draw_among_them():
+    assert_plus_inf_rows_draw_among_them("cpu")
 
 
 def test_temperature_logprobs_error_names_the_op():

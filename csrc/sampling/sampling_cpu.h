@@ -14,8 +14,12 @@
 //    instead of a Gumbel variate per entry.
 //  * top-p alone (no top-k, no min-p) with 0.5 <= top_p < 1: by rejection, see
 //    top_p_rejection.h (a first draw from the whole distribution, kept if inside the set).
+//  * +inf logits count as the largest float (FLT_MAX) in every sum: a row holding any draws
+//    uniformly among its +inf entries, log-prob -log(their count).
 //  * NaN logits count as -inf. A row whose logits are all -inf (or NaN) returns token 0 and
-//    NaN log-probs.
+//    NaN log-probs, as does a row with an invalid value: a negative, NaN or infinite tau,
+//    top_k < 0, top_p outside (0, 1], min_p outside [0, 1] (the ops check these where they
+//    can: the CPU op raises, CUDA tensors are not read on the host).
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -98,7 +102,7 @@ inline int64_t draw_token(const float* l, int64_t V, float tau, uint64_t seed, u
                           uint32_t round) {
   auto kept = [&](int64_t v) { return l[v] >= threshold && l[v] > -INFINITY; };  // (-inf weighs nothing)
   int64_t best_tile = -1;
-  double best_key = -INFINITY, best_max = 0, best_sum = 0;
+  double best_frac = 0, best_max = 0, best_sum = 0;
   for (int64_t t = 0; t * kSampleTile < V; ++t) {
     const int64_t v_end = std::min(V, (t + 1) * kSampleTile);
     double m = -INFINITY;
@@ -108,24 +112,29 @@ inline int64_t draw_token(const float* l, int64_t V, float tau, uint64_t seed, u
     double sum = 0;
     for (int64_t v = t * kSampleTile; v < v_end; ++v)
       if (kept(v)) sum += std::exp((l[v] - m) / tau);
-    const double key =
-        m / tau + std::log(sum) + gumbel_from_bits(tile_noise_word(tile_pair_block(seed, offset, t, round), t));
-    if (best_tile < 0 || key > best_key) {
+    // The key m / tau + frac, compared as (m - best_max) / tau + (frac - best_frac): a key
+    // summed into one double loses the noise next to m / tau when that is huge (logits near
+    // FLT_MAX, tiny tau), and equal maxima must race on their noise (as on CUDA).
+    const double frac = std::log(sum) + gumbel_from_bits(tile_noise_word(tile_pair_block(seed, offset, t, round), t));
+    const double d = m == best_max ? frac - best_frac : (m - best_max) / tau + (frac - best_frac);
+    if (best_tile < 0 || d > 0) {
       best_tile = t;
-      best_key = key;
+      best_frac = frac;
       best_max = m;
       best_sum = sum;
     }
   }
+  if (best_tile < 0) return -1;  // nothing kept
   const double target =
       bits_to_open_unit(tile_uniform_word(tile_pair_block(seed, offset, best_tile, round), best_tile)) * best_sum;
   const int64_t v_end = std::min(V, (best_tile + 1) * kSampleTile);
   int64_t token = -1;
   double cumulative = 0;
   for (int64_t v = best_tile * kSampleTile; v < v_end; ++v) {
-    if (!kept(v)) continue;
-    token = v;  // the last kept entry if rounding leaves the target unreached
-    cumulative += std::exp((l[v] - best_max) / tau);
+    const double w = kept(v) ? std::exp((l[v] - best_max) / tau) : 0.0;
+    if (!(w > 0)) continue;  // (an exp that underflowed weighs nothing, as on CUDA)
+    token = v;  // the last entry of positive weight if rounding leaves the target unreached
+    cumulative += w;
     if (cumulative > target) break;
   }
   return token;
@@ -136,22 +145,32 @@ inline int64_t draw_token(const float* l, int64_t V, float tau, uint64_t seed, u
 inline RowResult sample_row(const float* l, int64_t V, float tau, uint64_t seed, uint64_t offset,
                             int64_t top_k, float top_p, double min_p, bool rejection = false) {
   const double nan = std::numeric_limits<double>::quiet_NaN();
+  const bool valid = tau >= 0.0f && tau < INFINITY && top_k >= 0 && top_p > 0.0f && top_p <= 1.0f && min_p >= 0.0 &&
+                     min_p <= 1.0;
   const int64_t argmax = row_argmax(l, V);
   const float max_value = l[argmax];
-  if (!(max_value > -std::numeric_limits<float>::infinity())) return {0, nan, nan};  // all -inf / NaN
-  const double raw_lse = max_value + log_sum_exp(l, V, 1.0, -INFINITY, max_value);
-  if (tau == 0.0f) return {argmax, 0.0, l[argmax] - raw_lse};
+  if (!valid || !(max_value > -std::numeric_limits<float>::infinity())) return {0, nan, nan};  // (all -inf / NaN)
+  if (max_value == INFINITY) {  // +inf entries count as FLT_MAX (see the top of this file)
+    std::vector<float> finite(l, l + V);
+    for (float& x : finite) x = x == INFINITY ? std::numeric_limits<float>::max() : x;
+    return sample_row(finite.data(), V, tau, seed, offset, top_k, top_p, min_p, rejection);
+  }
+  // log-sum-exps relative to the maximum (no term of its size: at FLT_MAX, +inf logits, the
+  // difference would round away)
+  const double raw_log_sum = log_sum_exp(l, V, 1.0, -INFINITY, max_value);
+  if (tau == 0.0f) return {argmax, 0.0, -raw_log_sum};
 
   const double threshold = truncation_threshold(l, V, tau, top_k, top_p, min_p, max_value);
   const bool by_rejection = rejection && sampling::top_p_by_rejection(tau, top_p);
   int64_t token = -1;
   if (by_rejection) {
     const int64_t first = draw_token(l, V, tau, seed, offset, -INFINITY, 0);
-    if (l[first] >= threshold) token = first;
+    if (first >= 0 && l[first] >= threshold) token = first;
   }
   if (token < 0) token = draw_token(l, V, tau, seed, offset, threshold, by_rejection ? 1 : 0);
+  if (token < 0) return {0, nan, nan};  // nothing kept (e.g. +inf logits: NaN sums)
   const double processed_lse = log_sum_exp(l, V, 1.0 / tau, threshold, max_value);
-  return {token, (l[token] - max_value) / tau - processed_lse, l[token] - raw_lse};
+  return {token, (l[token] - max_value) / tau - processed_lse, (l[token] - max_value) - raw_log_sum};
 }
 
 // log p(token | tau_k) for K temperatures in one pass over the row (shared max, K sums).
@@ -159,16 +178,24 @@ inline RowResult sample_row(const float* l, int64_t V, float tau, uint64_t seed,
 inline void temperature_logprobs_row(const float* l, int64_t V, int64_t token, const float* taus,
                                      int64_t K, double* out) {
   const int64_t argmax = row_argmax(l, V);
-  const float max_value = l[argmax];
+  auto finite = [](float x) { return x == INFINITY ? std::numeric_limits<float>::max() : x; };  // (as in sample_row)
+  const float max_value = finite(l[argmax]);
+  if (!(max_value > -INFINITY)) {  // a row of -inf / NaN: NaN, as sample's log-probs
+    for (int64_t k = 0; k < K; ++k) out[k] = std::numeric_limits<double>::quiet_NaN();
+    return;
+  }
   std::vector<double> sums(K, 0.0);
   for (int64_t v = 0; v < V; ++v) {
-    const double centred = static_cast<double>(l[v]) - max_value;
+    if (l[v] != l[v]) continue;  // NaN counts as -inf
+    const double centred = static_cast<double>(finite(l[v])) - max_value;
     for (int64_t k = 0; k < K; ++k)
       if (taus[k] > 0) sums[k] += std::exp(centred / taus[k]);
   }
   for (int64_t k = 0; k < K; ++k) {
-    if (taus[k] > 0) {
-      out[k] = (static_cast<double>(l[token]) - max_value) / taus[k] - std::log(sums[k]);
+    if (!(taus[k] >= 0 && taus[k] < INFINITY)) {
+      out[k] = std::numeric_limits<double>::quiet_NaN();  // (the CPU op raises first)
+    } else if (taus[k] > 0) {
+      out[k] = (static_cast<double>(finite(l[token])) - max_value) / taus[k] - std::log(sums[k]);
     } else {
       out[k] = (token == argmax) ? 0.0 : -std::numeric_limits<double>::infinity();
     }

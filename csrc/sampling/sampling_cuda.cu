@@ -177,7 +177,24 @@ __device__ RowState block_reduce(RowState s, float scale2, float inv_tau, bool k
   return s;
 }
 
-__device__ __forceinline__ bool valid_tau(float tau) { return tau >= 0.f; }  // false for NaN
+__device__ __forceinline__ bool valid_tau(float tau) { return tau >= 0.f && tau < INFINITY; }  // false for NaN
+
+// +inf logits count as FLT_MAX wherever sums are formed (finite_logit, as on the CPU): a row
+// holding any draws among its +inf entries uniformly, with log-prob -log(their count), instead
+// of NaN sums. The largest-entry tests (maxima, argmax, thresholds) still see +inf; tiles
+// holding +inf take the out-of-line clamped path (tile_sums_rare), the others are unchanged.
+__device__ __forceinline__ float finite_logit(float x) { return x == INFINITY ? FLT_MAX : x; }  // (NaN stays NaN)
+
+// Per-row values the host does not check for CUDA tensors (no sync): a row with an invalid
+// temperature (valid_tau), top_k < 0, top_p outside (0, 1] or min_p outside [0, 1] (NaN
+// included) returns token 0 and NaN log-probs (the CPU op raises instead). For the truncation
+// values the truncation kernel gives such a row a NaN threshold, which finish_row reads as
+// invalid (a check of the values there made the main kernels spill: 5% at batch 64).
+__device__ __forceinline__ bool valid_truncation(const SampleArgs& a, int64_t row) {
+  if (a.top_k != nullptr && a.top_k[row] < 0) return false;
+  if (a.top_p != nullptr && !(a.top_p[row] > 0.f && a.top_p[row] <= 1.f)) return false;
+  return a.min_p == nullptr || (a.min_p[row] >= 0.f && a.min_p[row] <= 1.f);
+}
 
 // Four consecutive logits of a row (entries past V read as -inf). kVec: one 16-byte (float)
 // or 8-byte (16-bit) load, valid when the row start is aligned (checked on the host).
@@ -320,7 +337,7 @@ __device__ __forceinline__ void fold4(RowState& st, float& tile_max, float& tile
   if (c.need_logprobs) {
     float r[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i) r[i] = x[i] == x[i] ? x[i] : -INFINITY;
+    for (int i = 0; i < 4; ++i) r[i] = x[i] == x[i] ? finite_logit(x[i]) : -INFINITY;
     lse_add4(st.raw_max, st.raw_sum, r, 1.f);
   }
   if (c.greedy) {
@@ -334,8 +351,7 @@ __device__ __forceinline__ void fold4(RowState& st, float& tile_max, float& tile
     return;
   }
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
-    if (!(x[i] >= c.threshold)) x[i] = -INFINITY;  // truncated (or NaN)
+  for (int i = 0; i < 4; ++i) x[i] = x[i] >= c.threshold ? finite_logit(x[i]) : -INFINITY;  // (truncated or NaN)
   lse_add4(tile_max, tile_sum, x, c.inv_tau);
 }
 
@@ -408,8 +424,8 @@ __device__ void finish_row(const SampleArgs& a, int64_t row, int lane, const Row
                            uint64_t seed, uint64_t offset) {
   const bool greedy = c.greedy;
   const bool masked_row = greedy ? (a.need_logprobs && st.raw_max == -INFINITY) : st.best_idx < 0;
-  if (!valid_tau(c.tau) || st.best_idx < 0 || masked_row) {
-    // invalid temperature or a fully masked row: documented fallback, no crash
+  if (!valid_tau(c.tau) || c.threshold != c.threshold || st.best_idx < 0 || masked_row) {
+    // invalid row values (see valid_truncation) or a fully masked row: documented fallback
     if (lane == 0) {
       a.tokens[row] = 0;
       if (a.need_logprobs) {
@@ -421,15 +437,14 @@ __device__ void finish_row(const SampleArgs& a, int64_t row, int lane, const Row
   }
   const T* l = static_cast<const T*>(a.logits) + row * a.ld;
   int64_t token = st.best_idx;     // greedy: the argmax index
-  float token_logit = st.best_key.base;  // greedy: its logit (see finish_or_write_partial)
+  float token_logit = finite_logit(st.best_key.base);  // greedy: its logit (see finish_or_write_partial)
   if (!greedy) {
     const int64_t t = st.best_idx;
     const float threshold = c.threshold;
     float x[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
     if (lane < kTile / 4) load4<T, kVec>(l, t * (kTile / 4) + lane, a.V, x);
 #pragma unroll
-    for (int q = 0; q < 4; ++q)
-      if (!(x[q] >= threshold)) x[q] = -INFINITY;
+    for (int q = 0; q < 4; ++q) x[q] = x[q] >= threshold ? finite_logit(x[q]) : -INFINITY;
     const float m = warp_max(fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3])));
     float cum[4], run = 0.f;
 #pragma unroll
@@ -445,15 +460,18 @@ __device__ void finish_row(const SampleArgs& a, int64_t row, int lane, const Row
     const float total = __shfl_sync(0xffffffffu, base, 31);
     base -= run;
     const float target = bits_to_open_unit(tile_uniform_word(tile_pair_block(seed, offset, t, c.round), t)) * total;
+    // Only entries that raise the lane's sum are candidates: a lane's base (rounded apart from
+    // the previous lane's last sum) may leave a target in a one-ulp gap before an entry whose
+    // exp underflowed to 0 (-inf entries weigh 0 too).
     int first = 4, last_kept = -1;
 #pragma unroll
     for (int q = 3; q >= 0; --q) {
-      if (x[q] == -INFINITY) continue;
+      if (!(cum[q] > (q > 0 ? cum[q - 1] : 0.f))) continue;
       if (last_kept < 0) last_kept = q;
       if (base + cum[q] > target) first = q;
     }
     const unsigned found = __ballot_sync(0xffffffffu, first < 4);
-    // Not found: rounding left the target unreached; the last kept entry of the tile.
+    // Not found: rounding left the target unreached; the last entry of positive weight.
     const unsigned any = found != 0u ? found : __ballot_sync(0xffffffffu, last_kept >= 0);
     const int src = found != 0u ? __ffs(found) - 1 : 31 - __clz(any);
     const int q = __shfl_sync(0xffffffffu, found != 0u ? first : last_kept, src);
@@ -729,7 +747,8 @@ __device__ __forceinline__ float tile_exp2_sum(const uint4 (&q)[kTile * sizeof(T
   float s[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
   for (int j = 0; j < kTile; ++j) {
-    float z = term(tile_entry<T, kThreshold>(q, j, threshold));
+    const float x = tile_entry<T, kThreshold>(q, j, threshold);
+    float z = term(clamp ? finite_logit(x) : x);
     if (clamp) z = fmaxf(z, -INFINITY);
     s[j % 4] += fast_exp2(z);
   }
@@ -778,7 +797,7 @@ __device__ __noinline__ TileSums tile_sums_rare(const uint4* tile_shared, float 
 #pragma unroll
   for (int j = 0; j < kTile; ++j) m = fmaxf(m, tile_entry<T, kThreshold>(q, j, threshold));
   if (m == -INFINITY) return {m, 0.f, 0.f, 0.f};
-  return tile_sums<T, kThreshold, kRaw, true>(q, m, threshold, scale2);
+  return tile_sums<T, kThreshold, kRaw, true>(q, finite_logit(m), threshold, scale2);
 }
 
 // Tiles whose finite maximum max (over non-NaN entries) is not flat (tiny tau, rare): terms
@@ -1357,6 +1376,10 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) truncation_kernel(Sampl
   if (a.pass == kExactRows && row_marks(a)[row] == 0) return;  // (the whole row: every CTA of its cluster)
   const float tau = a.temperature[row];
   float threshold = -INFINITY;
+  if (!valid_truncation(a, row)) {  // token 0 (see valid_truncation)
+    if (rank == 0 && threadIdx.x == 0) thresholds[row] = NAN;
+    return;
+  }
   if (!(tau > 0.f)) {  // (uniform over the row's CTAs)
     if (rank == 0 && threadIdx.x == 0) thresholds[row] = threshold;
     return;
@@ -1440,17 +1463,19 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) truncation_kernel(Sampl
 // the whole Z (the set holds every entry x >= t, t the largest logit whose entries at or above
 // it reach the share). One pass: an online maximum with both sums relative to it. Marks the
 // rows that need the threshold (1): rows not drawn yet (top_p_threshold_at_once), and draws
-// that are not clearly inside the set, A >= top_p * Z * (1 - kCheckMargin(V)); 0: the first
+// that are not clearly inside the set, A >= top_p * Z * (1 - check_margin); 0: the first
 // draw is the token. The margin covers the rounding of these float32 sums and of the
 // threshold's fixed-point masses, so that every draw kept here lies in the threshold's set;
 // for the marked rows truncation_kernel finds the threshold and keeps the draw if it lies in
 // its set (rare near the boundary), else the row is drawn again from that set. Also stores
 // each row's maximum and Z. Launched like truncation_kernel (same grid, clusters).
 // (The unused float* keeps truncation_kernel's signature: truncation_launch launches both.)
-__device__ __forceinline__ float check_margin(int64_t V) {
-  // float32 sums of up to ~500 terms per thread, relative error <~ 500 * 2^-24 = 3e-5 each,
-  // and fixed-point masses each within 2^-32 of the whole: V * 2^-31 against top_p >= 0.5.
-  return 0x1p-12f + static_cast<float>(V) * 0x1p-31f;
+__device__ __forceinline__ float check_margin(int64_t V, int64_t readers) {
+  // Worst cases: the float32 sums A and Z (each thread's V / readers terms, then ~log2(readers)
+  // merges: relative error <= n * 2^-24 each), the exps (a few ulps), and the fixed-point
+  // masses (each within 2^-32 of the whole: <= V * 2^-32 over A and Z against top_p >= 0.5).
+  const float per_thread = static_cast<float>(V / readers + 32);
+  return 0x1p-16f + per_thread * 0x1p-23f + static_cast<float>(V) * 0x1p-30f;
 }
 
 template <typename T, int kBlock>
@@ -1465,8 +1490,10 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) top_p_check_kernel(Samp
   const int64_t row = blockIdx.x / ctas;
   const int rank = static_cast<int>(blockIdx.x % ctas);
   const float tau = a.temperature[row], top_p = row_top_p(a, row);
-  if (!top_p_by_rejection(tau, top_p)) {  // drawn once for good (tau = 0, top-p off), or not drawn yet
-    if (rank == 0 && threadIdx.x == 0) row_marks(a)[row] = top_p_threshold_at_once(tau, top_p) ? 1 : 0;
+  if (!top_p_by_rejection(tau, top_p) || !valid_truncation(a, row)) {
+    // drawn once for good (tau = 0, top-p off), or not drawn yet, or invalid (to truncation)
+    if (rank == 0 && threadIdx.x == 0)
+      row_marks(a)[row] = top_p_threshold_at_once(tau, top_p) || !valid_truncation(a, row) ? 1 : 0;
     return;
   }
   const int64_t slice = ceil_div(ceil_div(a.V, ctas), 16) * 16;  // (as truncation_kernel)
@@ -1482,7 +1509,7 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) top_p_check_kernel(Samp
   const OnlineMass<true> whole = row_mass<kBlock>(mine, inv_tau, ctas, true, scratch);
   if (rank == 0 && threadIdx.x == 0) {
     // (+inf logits: the sums count the +inf entries only, so only a drawn +inf entry passes.)
-    row_marks(a)[row] = whole.above < top_p * whole.sum * (1.f - check_margin(a.V)) ? 0 : 1;
+    row_marks(a)[row] = whole.above < top_p * whole.sum * (1.f - check_margin(a.V, kBlock * ctas)) ? 0 : 1;
     row_max_and_sum(a)[row] = make_float2(whole.max, whole.sum);
   }
   row_barrier(ctas);  // no CTA leaves while another may still read its shared memory
@@ -1588,24 +1615,25 @@ __global__ void __launch_bounds__(kThreads) temperature_logprobs_kernel(Temperat
 #pragma unroll
   for (int k = 0; k < kMaxK; ++k)
     inv_tau[k] = k < a.K && a.temperatures[k] > 0.f ? inverse_temperature(a.temperatures[k]) : 0.f;
-  const float m = row_max;
+  const float m = finite_logit(row_max);
   for_row_entries(l, a.V, [&](float x, bool valid, int64_t) {
-    if (!valid) return;
-    const float centred = x - m;
+    if (!valid || x != x) return;  // (NaN counts as -inf)
+    const float centred = finite_logit(x) - m;
 #pragma unroll
     for (int k = 0; k < kMaxK; ++k)
       if (inv_tau[k] > 0.f) sums[k] += __expf(centred * inv_tau[k]);
   });
   const int64_t token = a.tokens[row];
-  const float lt = (token >= 0 && token < a.V) ? load_logit(l + token) : NAN;
+  const float lt = (token >= 0 && token < a.V) ? finite_logit(load_logit(l + token)) : NAN;
 #pragma unroll
   for (int k = 0; k < kMaxK; ++k) {
     if (k >= a.K) break;
     const float total = block_sum(sums[k]);
     if (threadIdx.x == 0) {
       const float tau = a.temperatures[k];
-      a.out[row * a.K + k] = tau > 0.f ? (lt - row_max) / tau - logf(total)
-                                       : (token == row_arg ? 0.f : -INFINITY);
+      a.out[row * a.K + k] = !valid_tau(tau) || row_arg < 0 ? NAN  // (invalid tau: not checked on the host; row of -inf / NaN)
+                             : tau > 0.f ? (lt - m) / tau - logf(total)
+                                         : (token == row_arg ? 0.f : -INFINITY);
     }
   }
 }

@@ -36,9 +36,16 @@ def _cce_backward_fake(e, c, targets, bias, lse, grad_lse, grad_target, grad_sum
     return e.new_empty(e.shape), c.new_empty(c.shape), grad_bias
 
 
+def _same_device(op, logits, *tensors):
+    for t in tensors:
+        if t is not None:
+            torch._check(t.device == logits.device, lambda: f"{op}: a tensor on {t.device}, logits on {logits.device}")
+
+
 @torch.library.register_fake("fusedlm::sample")
 def _sample_fake(logits, temperature, seed, offset, top_k, top_p, min_p, need_logprobs=True):
-    torch._check(logits.dim() == 2)
+    torch._check(logits.dim() == 2, lambda: "sample: logits must be [B, V]")
+    _same_device("sample", logits, temperature, seed, offset, top_k, top_p, min_p)
     b = logits.shape[0]
     lp = b if need_logprobs else 0  # log-probs only on request (else empty)
     return (logits.new_empty(b, dtype=torch.int64), logits.new_empty(lp, dtype=torch.float32),
@@ -47,5 +54,9 @@ def _sample_fake(logits, temperature, seed, offset, top_k, top_p, min_p, need_lo
 
 @torch.library.register_fake("fusedlm::temperature_logprobs")
 def _temperature_logprobs_fake(logits, tokens, temperatures):
-    torch._check(logits.dim() == 2 and temperatures.dim() == 1)
+    torch._check(logits.dim() == 2 and temperatures.dim() == 1,
+                 lambda: "temperature_logprobs: logits must be [B, V] and temperatures 1-D")
+    torch._check(tokens.dim() == 1 and tokens.shape[0] == logits.shape[0],
+                 lambda: "temperature_logprobs: tokens must be [B]")
+    _same_device("temperature_logprobs", logits, tokens, temperatures)
     return logits.new_empty(logits.shape[0], temperatures.shape[0], dtype=torch.float32)

@@ -12,7 +12,9 @@ rounding at near-ties.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+import math
+import numbers
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -28,6 +30,8 @@ def _per_row(value, batch: int, device, dtype, name: str, check) -> Optional[Ten
     if value is None:
         return None
     if isinstance(value, Tensor):
+        if value.dim() == 0:  # a scalar tensor: the same value for every row (no host read)
+            value = value.reshape(1).expand(batch)
         if value.shape != (batch,):
             raise ValueError(f"{name} must be a scalar or a ({batch},) tensor, got shape "
                              f"{tuple(value.shape)}")
@@ -36,6 +40,8 @@ def _per_row(value, batch: int, device, dtype, name: str, check) -> Optional[Ten
         if not dtype.is_floating_point:
             _check_integer_tensor(value, name)
         return value if value.dtype == dtype else value.to(dtype)  # (.to costs ~1 us even as a no-op)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number or a ({batch},) tensor, got {type(value).__name__}")
     check(value)
     return torch.full((batch,), value, dtype=dtype, device=device)
 
@@ -48,13 +54,22 @@ def _check_integer_tensor(value: Tensor, name: str) -> None:
 
 
 def _check_temperature(t: float) -> None:
-    if not t >= 0:  # also rejects NaN
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {t}")
+    if not 0 <= t < math.inf:  # also rejects NaN
+        raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {t}")
+
+
+def _is_whole(x) -> bool:
+    return isinstance(x, numbers.Integral) or (math.isfinite(x) and float(x).is_integer())
 
 
 def _check_top_k(k: int) -> None:
-    if int(k) != k or k < 0:
+    if not _is_whole(k) or k < 0:
         raise ValueError(f"top_k must be a non-negative integer (0 = off), got {k}")
+
+
+def _check_offset(o: int) -> None:
+    if not _is_whole(o) or not 0 <= o < 2**63:
+        raise ValueError(f"offset must be an integer in [0, 2^63), got {o}")
 
 
 def _check_top_p(p: float) -> None:
@@ -79,12 +94,22 @@ def _row_seeds(seed, batch: int, device, generator) -> Tensor:
             raise ValueError(f"seed is on {seed.device} but logits are on {device}")
         _check_integer_tensor(seed, "seed")
         return seed if seed.dtype == torch.int64 else seed.to(torch.int64)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be None, an int or an int64 tensor, got {type(seed)}")
-    # One int for the batch: derive distinct per-row streams, so identical rows do not draw
-    # identical tokens. Pass a seed tensor for position-independent per-row seeds.
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be None, an int or an int64 tensor, got {type(seed).__name__}")
+    # One int for the batch (taken modulo 2^62): derive distinct per-row streams, so identical
+    # rows do not draw identical tokens. Pass a seed tensor for position-independent seeds.
     rows = torch.arange(batch, device=device, dtype=torch.int64)
-    return (rows * 0x5851F42D4C957F2D + seed) & (_SEED_HIGH - 1)
+    return (rows * 0x5851F42D4C957F2D + int(seed) % _SEED_HIGH) & (_SEED_HIGH - 1)
+
+
+def _check_logits(logits, op: str) -> None:
+    if not isinstance(logits, Tensor) or logits.dim() != 2:
+        raise ValueError(f"{op}: logits must be a [B, V] tensor, got "
+                         f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}")
+    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"{op}: logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    if logits.shape[1] == 0:
+        raise ValueError(f"{op}: logits must have at least one column")
 
 
 def sample(
@@ -104,12 +129,16 @@ def sample(
     Args:
         logits: ``[B, V]`` float32, bfloat16 or float16 (read as is, no float32 copy on the
             GPU). ``-inf`` entries are never drawn; NaN entries count as ``-inf``. A row of
-            all ``-inf`` (or NaN) returns token 0 and NaN log-probs.
-        temperature: a float or a ``[B]`` tensor; 0 = exact argmax (lowest index on ties).
-            Negative or NaN raises ``ValueError`` (for CUDA tensors the check runs inside
-            the kernel without a host sync: such rows return token 0 and NaN log-probs).
+            all ``-inf`` (or NaN) returns token 0 and NaN log-probs. ``+inf`` entries count as
+            the largest float: a row holding any draws uniformly among them.
+        temperature: a number or a ``[B]`` (or 0-d) tensor; 0 = exact argmax (lowest index
+            on ties). Negative, NaN or infinite raises ``ValueError`` (for CUDA tensors the
+            check runs inside the kernel without a host sync: such rows return token 0 and
+            NaN log-probs).
         top_k, top_p, min_p: optional truncation, scalar or ``[B]``, applied in this order to
-            the tempered distribution (``top_k=0``, ``top_p=1``, ``min_p=0`` are off). Ties
+            the tempered distribution (``top_k=0``, ``top_p=1``, ``min_p=0`` are off). Values
+            outside ``top_k >= 0``, ``0 < top_p <= 1``, ``0 <= min_p <= 1`` raise
+            ``ValueError``, or for CUDA tensors give such a row token 0 and NaN log-probs. Ties
             at a truncation boundary are all kept. top-p keeps the smallest set of largest
             entries whose mass reaches ``top_p``; on CUDA the masses are float32 exps summed
             in 2^-31 fixed point, so the boundary may differ from a float64 sum by one entry
@@ -123,45 +152,77 @@ def sample(
             with ``return_logprobs=True`` need the threshold anyway and draw from the set at
             once, so for the same seed their token may differ from a tokens-only call's.
         seed: None (draw per-row seeds from ``generator`` / torch's default generator), an
-            int (per-row streams derived from it and the row index), or an int64 ``[B]``
+            int (taken modulo 2^62; per-row streams derived from it and the row index), or an int64 ``[B]``
             tensor (a row's token then depends only on its logits, seed and offset, not on
             its batch position).
-        offset: int or int64 ``[B]`` tensor selecting an independent stream for the same
-            seed (e.g. the decoding step). Default 0.
+        offset: int in ``[0, 2^63)`` or int64 ``[B]`` tensor selecting an independent stream
+            for the same seed (e.g. the decoding step). Default 0.
+        generator: a ``torch.Generator`` for the per-row seeds when ``seed`` is None.
         return_logprobs: also return the chosen token's log-prob under the processed
             (tempered, truncated) distribution and under the raw ``softmax(logits)``.
+            Not differentiable: the outputs never require grad.
 
     Returns:
         ``tokens`` (int64 ``[B]``), or ``(tokens, logprob, raw_logprob)``.
     """
-    if not isinstance(logits, Tensor) or logits.dim() != 2:
-        raise ValueError(f"logits must be a [B, V] tensor, got "
-                         f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits)}")
-    if logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
-    if logits.shape[1] == 0:
-        raise ValueError("logits must have at least one column")
+    _check_logits(logits, "sample")
+    if not isinstance(return_logprobs, bool):
+        raise TypeError(f"return_logprobs must be a bool, got {type(return_logprobs).__name__}")
+    if seed is not None and generator is not None:
+        raise ValueError("pass seed or generator, not both (a seed fixes the draws by itself)")
     batch, device = logits.shape[0], logits.device
+    if temperature is None:
+        raise TypeError("temperature must be a number or a [B] tensor, got None")
     tau = _per_row(temperature, batch, device, torch.float32, "temperature", _check_temperature)
     k = _per_row(top_k, batch, device, torch.int64, "top_k", _check_top_k)
     p = _per_row(top_p, batch, device, torch.float32, "top_p", _check_top_p)
     mp = _per_row(min_p, batch, device, torch.float32, "min_p", _check_min_p)
     seeds = _row_seeds(seed, batch, device, generator)
     # No offset = 0 for every row, without a zero-filled tensor (one kernel less).
-    offsets = _per_row(offset, batch, device, torch.int64, "offset", lambda o: None)
-    tokens, logprob, raw_logprob = ops.sample(logits, tau, seeds, offsets, k, p, mp,
-                                              bool(return_logprobs))
+    offsets = _per_row(offset, batch, device, torch.int64, "offset", _check_offset)
+    # (detached: the ops have no gradient; their outputs never require one)
+    tokens, logprob, raw_logprob = ops.sample(logits.detach(), tau, seeds, offsets, k, p, mp, return_logprobs)
     if return_logprobs:
         return tokens, logprob, raw_logprob
     return tokens
 
 
-def temperature_logprobs(logits: Tensor, tokens: Tensor, temperatures: Union[Tensor, list]) -> Tensor:
+def temperature_logprobs(logits: Tensor, tokens: Tensor,
+                         temperatures: Union[Tensor, Sequence[float], float]) -> Tensor:
     """``log p(tokens[b] | softmax(logits[b] / temperatures[k]))`` for every row and all K
     temperatures at once: ``[B, K]`` float32, one pass over the logits (shared max, K
     running sums). ``tau = 0`` gives 0 if the token is the argmax and ``-inf`` otherwise.
-    Used by LPO's latent-temperature loss."""
+    Used by LPO's latent-temperature loss. Not differentiable (the output never requires
+    grad).
+
+    Args:
+        logits: ``[B, V]`` float32, bfloat16 or float16.
+        tokens: integer ``[B]`` tensor on the logits' device, each in ``[0, V)`` (checked for
+            CPU tensors; on CUDA an out-of-range token gives NaN, without a host sync).
+        temperatures: 1 to 16 values >= 0 (a float, a sequence or a 1-D tensor). Negative, NaN
+            or infinite values raise when given on the host; in a CUDA tensor they give NaN.
+    """
+    _check_logits(logits, "temperature_logprobs")
+    batch, device = logits.shape[0], logits.device
+    if not isinstance(tokens, Tensor) or tokens.shape != (batch,):
+        raise ValueError(f"temperature_logprobs: tokens must be a ({batch},) tensor, got "
+                         f"{tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__}")
+    if tokens.device != device:
+        raise ValueError(f"temperature_logprobs: tokens are on {tokens.device} but logits are on {device}")
+    _check_integer_tensor(tokens, "tokens")
+    if isinstance(temperatures, numbers.Real) and not isinstance(temperatures, bool):
+        temperatures = [temperatures]
     if not isinstance(temperatures, Tensor):
-        temperatures = torch.tensor(list(temperatures), dtype=torch.float32)
-    temperatures = temperatures.to(device=logits.device, dtype=torch.float32)
-    return ops.temperature_logprobs(logits, tokens, temperatures)
+        values = list(temperatures)
+        if any(isinstance(t, bool) or not isinstance(t, numbers.Real) for t in values):
+            raise TypeError(f"temperature_logprobs: temperatures must be numbers, got {values}")
+        temperatures = torch.tensor(values, dtype=torch.float32)
+    if temperatures.dim() != 1 or not 1 <= temperatures.numel() <= 16:
+        raise ValueError("temperature_logprobs: temperatures must hold 1 to 16 values, got shape "
+                         f"{tuple(temperatures.shape)}")
+    if temperatures.device.type == "cpu":  # (a CUDA tensor is not read on the host: no sync)
+        for t in temperatures.tolist():
+            if not 0 <= t < math.inf:
+                raise ValueError(f"temperature_logprobs: temperatures must be finite and >= 0, got {t}")
+    temperatures = temperatures.to(device=device, dtype=torch.float32)
+    return ops.temperature_logprobs(logits.detach(), tokens.to(torch.int64), temperatures)

@@ -35,6 +35,11 @@ static void test_philox_known_answers() {
     const float u = fusedlm::bits_to_open_unit(bits);
     EXPECT(u > 0.0f && u < 1.0f && fusedlm::exponential_from_bits(bits) > 0.0f, "open unit of %08x: %.9g", bits, u);
   }
+  // The exponential keeps its relative precision at the small end (the large Gumbel noise):
+  // -log(1 - w) for w = 0.5 * 2^-32; at the large end it is -log(0.5 * 2^-24).
+  const double smallest = fusedlm::exponential_from_bits(0xFFFFFFFFu), largest = fusedlm::exponential_from_bits(0u);
+  EXPECT(std::fabs(smallest / std::ldexp(0.5, -32) - 1) < 1e-6, "smallest exponential %.9g", smallest);
+  EXPECT(std::fabs(largest - 25 * std::log(2.0)) < 1e-5, "largest exponential %.9g", largest);
 }
 
 static void test_forward_matches_direct() {
