@@ -1,6 +1,8 @@
 """CPU tests of fusedlm.linear_cross_entropy against float64 references."""
 import itertools
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -244,7 +246,52 @@ BAD_CALLS = [
     ("filter_eps", lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y, filter_eps="fast"), ValueError),
     ("bias shape", lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y, torch.zeros(3, dtype=c.dtype)), ValueError),
     ("empty vocabulary", lambda e, c, y: fusedlm.linear_cross_entropy(e, c[:0], torch.full_like(y, -100)), ValueError),  # not IndexError from the targets
+    ("softcap inf", lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y, softcap=math.inf), ValueError),
+    ("softcap below float32", lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y, softcap=1e-300), ValueError),
+    ("softcap string", lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y, softcap="5"), TypeError),
+    ("smoothing None", lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y, label_smoothing=None), TypeError),
+    ("z_loss inf", lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y, z_loss=math.inf), ValueError),
+    ("filter_eps 1", lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y, filter_eps=1.0), ValueError),
+    ("filter_eps bool", lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y, filter_eps=True), TypeError),
+    ("ignore_index float", lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y, ignore_index=3.7), TypeError),
+    ("ignore_index huge", lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y, ignore_index=2**70), ValueError),
+    ("D = 0", lambda e, c, y: fusedlm.linear_cross_entropy(e[:, :0], c[:, :0], y), ValueError),
+    ("shift with 1-D e", lambda e, c, y: fusedlm.linear_cross_entropy(e[0], c, y[0], shift=True), ValueError),
+    ("e not a tensor", lambda e, c, y: fusedlm.linear_cross_entropy(e.tolist(), c, y), TypeError),
+    ("module option", lambda e, c, y: fusedlm.LinearCrossEntropy(foo=1), TypeError),
+    ("module reduction", lambda e, c, y: fusedlm.LinearCrossEntropy(reduction="x"), ValueError),
 ]
+
+
+def test_autocast_casts_only_float32_and_16_bit_operands():
+    e, c, y, _ = make_inputs(dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(TypeError):  # integers are refused, not cast
+            fusedlm.linear_cross_entropy(e.detach().long(), c.detach().long(), y)
+        assert fusedlm.linear_cross_entropy(e.double(), c.double(), y).dtype == torch.float64
+        assert fusedlm.linear_cross_entropy(e, c, y).dtype == torch.float32  # (bf16 statistics, float32 loss)
+
+
+def test_second_derivatives_raise():
+    """Not twice differentiable: the gradient carries no graph, so differentiating it raises
+    (it used to require grad and give silent zeros)."""
+    e, c, y, _ = make_inputs(dtype=torch.float64)
+    (g,) = torch.autograd.grad(fusedlm.linear_cross_entropy(e, c, y, filter_eps=None), e, create_graph=True)
+    assert not g.requires_grad
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(g.sum(), (e, c))
+
+
+def test_leading_minus_inf_logits():
+    """A bias of -inf at column 0 (a masked token) gave NaN on CPU: the running maximum
+    started at -inf and exp(-inf - -inf) is NaN."""
+    e, c, y, _ = make_inputs(dtype=torch.float64)
+    bias = torch.zeros(c.shape[0], dtype=torch.float64)
+    bias[:2] = -math.inf
+    y = y.clamp_min(2)
+    got = fusedlm.linear_cross_entropy(e, c, y, bias, filter_eps=None)
+    want = torch.nn.functional.cross_entropy(e @ c.T + bias, y)
+    torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("name,call,exc", BAD_CALLS, ids=[b[0] for b in BAD_CALLS])

@@ -58,8 +58,8 @@ void forward_rows(const T* e, const T* c, const T* bias, const int64_t* targets,
       if (z > running_max) {
         running_sum = running_sum * std::exp(running_max - z) + T(1);
         running_max = z;
-      } else {
-        running_sum += std::exp(z - running_max);
+      } else if (z != -std::numeric_limits<T>::infinity()) {  // (-inf weighs 0; before any
+        running_sum += std::exp(z - running_max);                // finite logit, -inf - -inf is NaN)
       }
     }
     lse[i] = running_max + std::log(running_sum);

@@ -10,11 +10,16 @@ coefficients and the backward kernel recomputes logit tiles and forms
 """
 from __future__ import annotations
 
+import inspect
+import math
+import numbers
+import operator
 import os
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ._ops import ops
 
@@ -37,9 +42,11 @@ def resolve_filter_eps(filter_eps: Union[str, float, None], dtype: torch.dtype) 
         if filter_eps != "auto":
             raise ValueError(f'filter_eps must be "auto", None or a float >= 0, got {filter_eps!r}')
         return torch.finfo(dtype).eps / 32
+    if isinstance(filter_eps, bool) or not isinstance(filter_eps, numbers.Real):
+        raise TypeError(f'filter_eps must be "auto", None or a float in [0, 1), got {filter_eps!r}')
     filter_eps = float(filter_eps)
-    if not filter_eps >= 0:
-        raise ValueError(f"filter_eps must be >= 0, got {filter_eps}")
+    if not 0 <= filter_eps < 1:  # (1 or more would drop every gradient)
+        raise ValueError(f"filter_eps must be in [0, 1), got {filter_eps}")
     return filter_eps
 
 
@@ -76,6 +83,7 @@ class _CCEStatistics(torch.autograd.Function):
         return lse, target_logit, logit_sum
 
     @staticmethod
+    @once_differentiable  # (second derivatives: a clear error, not silent zeros)
     def backward(ctx, grad_lse, grad_target, grad_sum):
         e, c, targets, bias, lse, tile_max, target_logit = ctx.saved_tensors
         softcap, filter_eps, uniform_outside, accum_fp32 = ctx.options
@@ -108,11 +116,50 @@ def cce_statistics(e: Tensor, c: Tensor, targets: Tensor, bias: Optional[Tensor]
                                 bool(uses_logit_sum))
 
 
-def _check_inputs(e, c, targets, bias, reduction, softcap, label_smoothing, z_loss):
+def _check_tensor_types(e, c, targets, bias) -> None:
+    """Before any autocast cast: only floating e / c (and bias) may be cast."""
     if not isinstance(e, Tensor) or not isinstance(c, Tensor) or not isinstance(targets, Tensor):
         raise TypeError("linear_cross_entropy: e, c and targets must be tensors")
+    if bias is not None and not isinstance(bias, Tensor):
+        raise TypeError(f"bias must be None or a tensor, got {type(bias).__name__}")
+    if not e.is_floating_point() or not c.is_floating_point():
+        raise TypeError(f"e and c must be floating point, got {e.dtype} and {c.dtype}")
+
+
+def _autocast_operands(e, c, targets, bias):
+    """(e, c, bias) as autocast would feed a matmul: float32 / float16 / bfloat16 operands
+    take its dtype, float64 stays (as in torch's own matmuls). Types are checked first, so
+    integer tensors are refused rather than cast. (Meta tensors have no autocast state.)"""
+    _check_tensor_types(e, c, targets, bias)
+    if e.device.type == "meta" or not torch.is_autocast_enabled(e.device.type):
+        return e, c, bias
+    dt = torch.get_autocast_dtype(e.device.type)
+    cast = lambda t: t.to(dt) if t is not None and t.dtype != torch.float64 else t  # noqa: E731
+    return cast(e), cast(c), cast(bias)
+
+
+def _number(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _check_ignore_index(ignore_index) -> int:
+    try:
+        index = operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"ignore_index must be an integer, got {ignore_index!r}") from None
+    if not -2**63 <= index < 2**63:
+        raise ValueError(f"ignore_index must fit int64, got {index}")
+    return index
+
+
+def _check_inputs(e, c, targets, bias, reduction, softcap, label_smoothing, z_loss):
+    _check_tensor_types(e, c, targets, bias)
     if e.dim() < 1:
         raise ValueError(f"e must have shape (..., D), got {tuple(e.shape)}")
+    if e.shape[-1] == 0:
+        raise ValueError("e and c must have D >= 1 features")
     if c.dim() != 2:
         raise ValueError(f"c (the classifier) must have shape (V, D), got {tuple(c.shape)}")
     if e.shape[-1] != c.shape[1]:
@@ -138,12 +185,13 @@ def _check_inputs(e, c, targets, bias, reduction, softcap, label_smoothing, z_lo
                             f"{bias.device}")
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be None or > 0, got {softcap}")
-    if not 0.0 <= label_smoothing <= 1.0:
+    # softcap: finite and representable in float32 (smaller ones became 0 = off there)
+    if softcap is not None and not torch.finfo(torch.float32).tiny <= _number(softcap, "softcap") < math.inf:
+        raise ValueError(f"softcap must be None or a finite float > 0, got {softcap}")
+    if not 0.0 <= _number(label_smoothing, "label_smoothing") <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
-    if not z_loss >= 0.0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    if not 0.0 <= _number(z_loss, "z_loss") < math.inf:
+        raise ValueError(f"z_loss must be finite and >= 0, got {z_loss}")
 
 
 def _debug_check_targets(targets: Tensor, vocab: int, ignore_index: int) -> None:
@@ -216,11 +264,13 @@ def linear_cross_entropy(
 
     Returns:
         The loss in float32 (float64 for float64 inputs), and the LSE if ``return_lse``.
+        Differentiable once (its gradients carry no graph: second derivatives raise).
 
     Memory: the forward keeps O(N) floats beyond its inputs; see the README for the CUDA
     backward's bounded workspace. No host synchronisation happens on the hot path (set
     ``FUSEDLM_CHECK_TARGETS=1`` to validate CUDA targets eagerly, which synchronises).
     """
+    ignore_index = _check_ignore_index(ignore_index)
     if process_group is not None:
         from .parallel import vocab_parallel_linear_cross_entropy
 
@@ -228,13 +278,12 @@ def linear_cross_entropy(
             e, c, targets, bias, process_group=process_group, ignore_index=ignore_index,
             reduction=reduction, softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss,
             shift=shift, filter_eps=filter_eps, accum_fp32=accum_fp32, return_lse=return_lse)
-    if torch.is_autocast_enabled(e.device.type):
-        dt = torch.get_autocast_dtype(e.device.type)
-        e, c = e.to(dt), c.to(dt)
-        bias = bias.to(dt) if bias is not None else None
+    e, c, bias = _autocast_operands(e, c, targets, bias)
     _check_inputs(e, c, targets, bias, reduction, softcap, label_smoothing, z_loss)
     batch_shape = e.shape[:-1]
     if shift:
+        if e.dim() < 2:
+            raise ValueError(f"shift=True needs e of shape (..., T, D), got {tuple(e.shape)}")
         targets = _shift_targets(targets, ignore_index)
     e2 = e.reshape(-1, e.shape[-1])
     y = targets.reshape(-1).to(torch.int64)
@@ -286,6 +335,13 @@ class LinearCrossEntropy(torch.nn.Module):
 
     def __init__(self, **options):
         super().__init__()
+        known = [n for n, p in inspect.signature(linear_cross_entropy).parameters.items()
+                 if p.kind == p.KEYWORD_ONLY]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise TypeError(f"LinearCrossEntropy: unknown options {unknown}; known: {known}")
+        if options.get("reduction", "mean") not in _REDUCTIONS:
+            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {options['reduction']!r}")
         self.options = options
 
     def forward(self, e: Tensor, c: Tensor, targets: Tensor, bias: Optional[Tensor] = None):

@@ -69,7 +69,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .cce import (_check_inputs, _debug_check_targets, _shift_targets, cce_statistics,
+from .cce import (_autocast_operands, _check_inputs, _debug_check_targets, _shift_targets, cce_statistics,
                   linear_cross_entropy, loss_from_statistics)
 
 __all__ = ["vocab_parallel_linear_cross_entropy", "vocab_shard_range", "shard_vocab"]
@@ -240,10 +240,7 @@ def vocab_parallel_linear_cross_entropy(
         return linear_cross_entropy(e, c, targets, bias, **options)
     rank = dist.get_rank(pg)
 
-    if torch.is_autocast_enabled(e.device.type):
-        dt = torch.get_autocast_dtype(e.device.type)
-        e, c = e.to(dt), c.to(dt)
-        bias = bias.to(dt) if bias is not None else None
+    e, c, bias = _autocast_operands(e, c, targets, bias)
     _check_inputs(e, c, targets, bias, reduction, softcap, label_smoothing, z_loss)
 
     # Where this rank's rows sit in the global vocabulary.
@@ -299,6 +296,11 @@ def vocab_parallel_linear_cross_entropy(
     gathered = _GatherStatistics.apply(torch.stack(stats), pg, rank, world)  # [R, k, N]
     lse = torch.logsumexp(gathered[:, 0], dim=0)
     target_logit = gathered[:, 1].sum(0)
+    # A target outside [0, V) is owned by no rank: NaN, as the single-device op gives on CUDA
+    # (without the check above: no host sync), not the finite loss of a target logit of 0.
+    out_of_range = valid & ((y < 0) | (y >= v_total.to(y.device)))
+    target_logit = torch.where(out_of_range.to(target_logit.device), torch.full_like(target_logit, float("nan")),
+                               target_logit)
 
     logit_sum = gathered[:, 2].sum(0) if uses_logit_sum else None
     vocab = v_total.to(device=lse.device, dtype=lse.dtype) if uses_logit_sum else None
