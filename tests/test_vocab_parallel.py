@@ -44,6 +44,8 @@ CASES = {
     "dtensor_inputs": (dict(bias=True), {}, "dtensor"),
     "singleton_group": (dict(bias=True), dict(softcap=5.0), "single"),
     "out_of_range_target": (dict(bad_target=True), {}, None),
+    # As on CUDA without FUSEDLM_CHECK_TARGETS (no eager range check): NaN for that token.
+    "out_of_range_target_unchecked": (dict(bad_target=True), dict(reduction="none"), "unchecked"),
     # V < ranks: rank 1's shard is empty and must still join every collective.
     "empty_shard": (dict(v=1, bias=True), dict(label_smoothing=0.1), None),
     "autocast_bfloat16": (dict(dtype=torch.float32, bias=True), dict(softcap=6.0), "autocast"),
@@ -128,11 +130,18 @@ def _run_case(case, rank, world, singleton):
         b_in = DTensor.from_local(b, mesh, [Shard(0)], run_check=False, shape=b_full.shape,
                                   stride=b_full.stride())
         leaves = (e, c, b)
+    import fusedlm.parallel as parallel
+
+    check = parallel._debug_check_targets
+    if case["mode"] == "unchecked":
+        parallel._debug_check_targets = lambda *args: None
     try:
         return _loss_and_grads(fn, e_in, c_in, case["y"], b_in, kw, case["g_out"],
                                case["g_lse"], leaves, autocast=case["mode"] == "autocast")
     except Exception as err:  # noqa: BLE001 - reported to the parent
         return dict(error=f"{type(err).__name__}: {err}")
+    finally:
+        parallel._debug_check_targets = check
 
 
 def _gloo_worker(rank, world, store, path):
@@ -196,7 +205,7 @@ def _compare(got, want, loss_tol, grad_tol, vocab_split=True):
         torch.testing.assert_close(full, want[key], equal_nan=True, **grad_tol)
 
 
-@pytest.mark.parametrize("cid", [c for c in CASES if c != "out_of_range_target"])
+@pytest.mark.parametrize("cid", [c for c in CASES if not c.startswith("out_of_range_target")])
 def test_two_ranks_match_single_process(cid, gloo_results):
     cases, per_rank = gloo_results
     got = [r[cid] for r in per_rank]
@@ -214,6 +223,17 @@ def test_out_of_range_target_raises_on_every_rank(gloo_results):
     _, per_rank = gloo_results
     for r in per_rank:
         assert r["out_of_range_target"].get("error", "").startswith("IndexError"), r
+
+
+def test_unchecked_out_of_range_target_gives_nan(gloo_results):
+    """Without the eager check (CUDA's default) a target no rank owns gives NaN for its token,
+    not the finite loss of a target logit of 0; the other tokens are unaffected."""
+    _, per_rank = gloo_results
+    for r in per_rank:
+        loss = r["out_of_range_target_unchecked"]["loss"].reshape(-1)
+        others = torch.ones_like(loss, dtype=torch.bool)
+        others[2] = False  # make_case(bad_target=True) puts V there
+        assert loss[2].isnan() and loss[others].isfinite().all(), loss
 
 
 def test_needs_initialised_process_group():
