@@ -122,7 +122,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cpu(
 void check_temperatures_cpu(const at::Tensor& temperature, const char* op) {
   const float* tau = temperature.const_data_ptr<float>();
   for (int64_t b = 0; b < temperature.numel(); ++b) {
-    TORCH_CHECK_VALUE(tau[b] >= 0.0f && tau[b] < INFINITY, op, ": temperature[", b, "] = ", tau[b],
+    TORCH_CHECK_VALUE(sampling_cpu::valid_temperature(tau[b]), op, ": temperature[", b, "] = ", tau[b],
                       " is negative, NaN or infinite; use 0 for greedy decoding");
   }
 }
@@ -132,15 +132,15 @@ void check_temperatures_cpu(const at::Tensor& temperature, const char* op) {
 void check_truncation_cpu(const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p) {
   for (int64_t b = 0; top_k.defined() && b < top_k.numel(); ++b) {
     const int64_t k = top_k.const_data_ptr<int64_t>()[b];
-    TORCH_CHECK_VALUE(k >= 0, "sample: top_k[", b, "] = ", k, " is negative (0 = off)");
+    TORCH_CHECK_VALUE(sampling_cpu::valid_top_k(k), "sample: top_k[", b, "] = ", k, " is negative (0 = off)");
   }
   for (int64_t b = 0; top_p.defined() && b < top_p.numel(); ++b) {
     const float p = top_p.const_data_ptr<float>()[b];
-    TORCH_CHECK_VALUE(p > 0.0f && p <= 1.0f, "sample: top_p[", b, "] = ", p, " is outside (0, 1] (1 = off)");
+    TORCH_CHECK_VALUE(sampling_cpu::valid_top_p(p), "sample: top_p[", b, "] = ", p, " is outside (0, 1] (1 = off)");
   }
   for (int64_t b = 0; min_p.defined() && b < min_p.numel(); ++b) {
     const float p = min_p.const_data_ptr<float>()[b];
-    TORCH_CHECK_VALUE(p >= 0.0f && p <= 1.0f, "sample: min_p[", b, "] = ", p, " is outside [0, 1] (0 = off)");
+    TORCH_CHECK_VALUE(sampling_cpu::valid_min_p(p), "sample: min_p[", b, "] = ", p, " is outside [0, 1] (0 = off)");
   }
 }
 

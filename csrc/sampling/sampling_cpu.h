@@ -40,6 +40,16 @@ struct RowResult {
   double raw_logprob;  // under softmax(l), tau = 1, no truncation
 };
 
+// The per-row values a row needs to be drawn (see the top of this file; the CPU op raises for
+// the others, naming the value). (sampling_cuda.cu's valid_tau / valid_truncation: the same.)
+inline bool valid_temperature(float tau) { return tau >= 0.0f && tau < INFINITY; }  // (false for NaN)
+inline bool valid_top_k(int64_t k) { return k >= 0; }
+inline bool valid_top_p(float p) { return p > 0.0f && p <= 1.0f; }
+inline bool valid_min_p(double p) { return p >= 0.0 && p <= 1.0; }
+
+// A logit as it enters sums: +inf counts as the largest float (see the top of this file).
+inline float finite_logit(float x) { return x == INFINITY ? std::numeric_limits<float>::max() : x; }
+
 // Index of the largest logit, lowest index on ties; NaN entries are skipped (0 if all are).
 inline int64_t row_argmax(const float* l, int64_t V) {
   int64_t argmax = -1;
@@ -145,14 +155,13 @@ inline int64_t draw_token(const float* l, int64_t V, float tau, uint64_t seed, u
 inline RowResult sample_row(const float* l, int64_t V, float tau, uint64_t seed, uint64_t offset,
                             int64_t top_k, float top_p, double min_p, bool rejection = false) {
   const double nan = std::numeric_limits<double>::quiet_NaN();
-  const bool valid = tau >= 0.0f && tau < INFINITY && top_k >= 0 && top_p > 0.0f && top_p <= 1.0f && min_p >= 0.0 &&
-                     min_p <= 1.0;
+  const bool valid = valid_temperature(tau) && valid_top_k(top_k) && valid_top_p(top_p) && valid_min_p(min_p);
   const int64_t argmax = row_argmax(l, V);
   const float max_value = l[argmax];
   if (!valid || !(max_value > -std::numeric_limits<float>::infinity())) return {0, nan, nan};  // (all -inf / NaN)
   if (max_value == INFINITY) {  // +inf entries count as FLT_MAX (see the top of this file)
     std::vector<float> finite(l, l + V);
-    for (float& x : finite) x = x == INFINITY ? std::numeric_limits<float>::max() : x;
+    for (float& x : finite) x = finite_logit(x);
     return sample_row(finite.data(), V, tau, seed, offset, top_k, top_p, min_p, rejection);
   }
   // log-sum-exps relative to the maximum (no term of its size: at FLT_MAX, +inf logits, the
@@ -178,8 +187,7 @@ inline RowResult sample_row(const float* l, int64_t V, float tau, uint64_t seed,
 inline void temperature_logprobs_row(const float* l, int64_t V, int64_t token, const float* taus,
                                      int64_t K, double* out) {
   const int64_t argmax = row_argmax(l, V);
-  auto finite = [](float x) { return x == INFINITY ? std::numeric_limits<float>::max() : x; };  // (as in sample_row)
-  const float max_value = finite(l[argmax]);
+  const float max_value = finite_logit(l[argmax]);
   if (!(max_value > -INFINITY)) {  // a row of -inf / NaN: NaN, as sample's log-probs
     for (int64_t k = 0; k < K; ++k) out[k] = std::numeric_limits<double>::quiet_NaN();
     return;
@@ -187,15 +195,15 @@ inline void temperature_logprobs_row(const float* l, int64_t V, int64_t token, c
   std::vector<double> sums(K, 0.0);
   for (int64_t v = 0; v < V; ++v) {
     if (l[v] != l[v]) continue;  // NaN counts as -inf
-    const double centred = static_cast<double>(finite(l[v])) - max_value;
+    const double centred = static_cast<double>(finite_logit(l[v])) - max_value;
     for (int64_t k = 0; k < K; ++k)
       if (taus[k] > 0) sums[k] += std::exp(centred / taus[k]);
   }
   for (int64_t k = 0; k < K; ++k) {
-    if (!(taus[k] >= 0 && taus[k] < INFINITY)) {
+    if (!valid_temperature(taus[k])) {
       out[k] = std::numeric_limits<double>::quiet_NaN();  // (the CPU op raises first)
     } else if (taus[k] > 0) {
-      out[k] = (static_cast<double>(finite(l[token])) - max_value) / taus[k] - std::log(sums[k]);
+      out[k] = (static_cast<double>(finite_logit(l[token])) - max_value) / taus[k] - std::log(sums[k]);
     } else {
       out[k] = (token == argmax) ? 0.0 : -std::numeric_limits<double>::infinity();
     }

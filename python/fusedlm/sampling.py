@@ -53,9 +53,9 @@ def _check_integer_tensor(value: Tensor, name: str) -> None:
         raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
 
 
-def _check_temperature(t: float) -> None:
+def _check_temperature(t: float, name: str = "temperature") -> None:
     if not 0 <= t < math.inf:  # also rejects NaN
-        raise ValueError(f"temperature must be finite and >= 0 (0 = greedy), got {t}")
+        raise ValueError(f"{name} must be finite and >= 0 (0 = greedy), got {t}")
 
 
 def _is_whole(x) -> bool:
@@ -222,7 +222,6 @@ def temperature_logprobs(logits: Tensor, tokens: Tensor,
                          f"{tuple(temperatures.shape)}")
     if temperatures.device.type == "cpu":  # (a CUDA tensor is not read on the host: no sync)
         for t in temperatures.tolist():
-            if not 0 <= t < math.inf:
-                raise ValueError(f"temperature_logprobs: temperatures must be finite and >= 0, got {t}")
+            _check_temperature(t, "temperature_logprobs: temperatures")
     temperatures = temperatures.to(device=device, dtype=torch.float32)
     return ops.temperature_logprobs(logits.detach(), tokens.to(torch.int64), temperatures)
