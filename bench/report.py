@@ -51,6 +51,19 @@ def cce_tables(rows):
         steady_rows[:0] = ["", "Under sustained load (back-to-back calls at the power limit), ms:", "",
                            "| shape | regime | GEMM | torch.compile | apple CCE | Liger | fusedlm | fusedlm exact |",
                            "|---|---|---|---|---|---|---|---|"]
+    # Runs since session 18 also time a frozen classifier (LoRA: only dE), ms (extra MiB).
+    frozen_rows = []
+    for (case, regime), m in t.items():
+        if ("fusedlm", "fwd+bwd_frozen_c") not in m:
+            continue
+        cells = [f"{m[(k, 'fwd+bwd_frozen_c')]:.1f} ({mem[(case, regime)][(k, 'fwd+bwd_frozen_c')]:.0f})"
+                 if (k, "fwd+bwd_frozen_c") in m else "–"
+                 for k in ("torch_compile", "apple_cce", "liger", "fusedlm", "fusedlm_exact")]
+        frozen_rows.append(f"| {case} | {regime} | {m[('cublas_gemm', 'gemm')]:.1f} | " + " | ".join(cells) + " |")
+    if frozen_rows:
+        frozen_rows[:0] = ["", "Frozen classifier (gradient of e only), fwd+bwd ms (extra MiB beyond the gradient):",
+                           "", "| shape | regime | GEMM | torch.compile | apple CCE | Liger | fusedlm | fusedlm exact |",
+                           "|---|---|---|---|---|---|---|---|"]
     for (case, regime), m in t.items():
         gemm = m[("cublas_gemm", "gemm")]
         out.append(f"| {case} | {regime} | {gemm:.1f} | {pair(m, 'torch_compile')} | {pair(m, 'apple_cce')} | "
@@ -76,7 +89,7 @@ def cce_tables(rows):
         bars.append(f"| {case} | {regime} | {ok(fwd, 1.10)}{alt_txt}{steady(fwd_s, 1.10)} | {ok(fb, 0.90)}"
                     f"{steady(fb_s, 0.90)} | {exact_txt} | "
                     f"{mem[(case, regime)][('fusedlm', 'fwd+bwd')]:.0f} | {dense_floor:.2f} |")
-    return out + steady_rows, bars
+    return out + steady_rows + frozen_rows, bars
 
 
 def _us(m, method, p="sample_graph20"):

@@ -1,7 +1,7 @@
 """A small run of every CUDA kernel, for compute-sanitizer (memcheck / racecheck):
     compute-sanitizer --tool memcheck python bench/sanitize_case.py
 With the argument `sampling`, only the sampling kernels (e.g. for initcheck: every workspace
-word a sampling kernel reads was written before).
+word a sampling kernel reads was written before); with `cce`, only the CCE kernels.
 """
 import os
 import sys
@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import fusedlm  # noqa: E402
 
 torch.manual_seed(0)
-SAMPLING_ONLY = sys.argv[1:] == ["sampling"]
+SAMPLING_ONLY, CCE_ONLY = sys.argv[1:] == ["sampling"], sys.argv[1:] == ["cce"]
 if not SAMPLING_ONLY:
     for dtype in (torch.bfloat16, torch.float32):
         for n, d, v in ((37, 72, 300), (130, 64, 129)):
@@ -57,6 +57,26 @@ if not SAMPLING_ONLY:
     os.environ["FUSEDLM_CCE_MMA_SYNC_GEMMS"] = "1"
     fusedlm.linear_cross_entropy(e, c, y).backward()
     del os.environ["FUSEDLM_CCE_MMA_SYNC_GEMMS"]
+    # Frozen classifier / frozen hidden states (one of the dE / dC GEMMs skipped; e+c: only
+    # the bias), exact and filtered, on both dE / dC pairings, over several chunks.
+    os.environ["FUSEDLM_CCE_WORKSPACE_MB"] = "1"
+    e = torch.randn(600, 72, device="cuda", dtype=torch.bfloat16)
+    c = torch.randn(9000, 72, device="cuda", dtype=torch.bfloat16) / 8
+    b = torch.randn(9000, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    y = torch.randint(0, 9000, (600,), device="cuda")
+    for pairing in ("hopper", "mma_sync"):
+        if pairing == "mma_sync":
+            os.environ["FUSEDLM_CCE_MMA_SYNC_GEMMS"] = "1"
+        for frozen in ("c", "e", "e+c"):
+            e.requires_grad_("e" not in frozen)
+            c.requires_grad_("c" not in frozen)
+            for filter_eps in ("auto", None):
+                fusedlm.linear_cross_entropy(e, c, y, b, filter_eps=filter_eps).backward()
+    del os.environ["FUSEDLM_CCE_MMA_SYNC_GEMMS"], os.environ["FUSEDLM_CCE_WORKSPACE_MB"]
+if CCE_ONLY:
+    torch.cuda.synchronize()
+    print("sanitize case done")
+    sys.exit(0)
 logits = torch.randn(5, 3001, device="cuda")
 fusedlm.sample(logits, torch.tensor([0.0, 0.5, 1.0, 2.0, 1.0], device="cuda"), top_k=10, top_p=0.9,
                min_p=0.01, return_logprobs=True)

@@ -67,8 +67,8 @@ struct BackwardArgs {
   uint16_t* tile_mask;
   float* bias_partials;    // [ceil(N / kTileRows), vocab_chunk] or nullptr when no bias
   float* grad_bias;        // [V] float32 or nullptr
-  float* grad_e_acc;       // [N, D] float32
-  void* grad_c;            // [V, D] of dtype
+  float* grad_e_acc;       // [N, D] float32, or nullptr: dE not needed (its GEMM is skipped)
+  void* grad_c;            // [V, D] of dtype, or nullptr: dC not needed (its GEMM is skipped)
   // With filter_eps >= 0: [N] bytes of workspace, 1 where the row's target entry is one the
   // filter keeps (judged from target_logit, the forward's, when given; else every target
   // with a gradient counts).

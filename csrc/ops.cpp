@@ -74,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cpu(
     const std::optional<at::Tensor>& bias, const at::Tensor& lse, const at::Tensor& grad_lse,
     const at::Tensor& grad_target, const at::Tensor& grad_sum, double softcap, double filter_eps,
     bool accum_fp32, const std::optional<at::Tensor>& tile_max,
-    const std::optional<at::Tensor>& target_logit) {
+    const std::optional<at::Tensor>& target_logit, bool need_grad_e, bool need_grad_c) {
   (void)accum_fp32;  // the CPU always accumulates in float32 (float64 for float64 inputs)
   check_cce_inputs(e, c, targets, bias);
   const int64_t N = e.size(0), D = e.size(1), V = c.size(0);
@@ -90,14 +90,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cpu(
   const at::Tensor y = targets.to(at::kLong).contiguous();
   const at::Tensor lse_c = lse.to(ct).contiguous(), ga = grad_lse.to(ct).contiguous(),
                    gt = grad_target.to(ct).contiguous(), gs = grad_sum.to(ct).contiguous();
-  auto grad_e = at::empty({N, D}, e.options().dtype(ct));
-  auto grad_c = at::empty({V, D}, e.options().dtype(ct));
+  // Gradients not asked for are empty and never computed.
+  auto grad_e = need_grad_e ? at::empty({N, D}, e.options().dtype(ct)) : at::empty({0}, e.options());
+  auto grad_c = need_grad_c ? at::empty({V, D}, e.options().dtype(ct)) : at::empty({0}, c.options());
   auto grad_bias = at::empty({bias.has_value() ? V : 0}, e.options().dtype(ct));
   AT_DISPATCH_FLOATING_TYPES(ct, "cce_backward_cpu", [&] {
     const auto eps = static_cast<scalar_t>(filter_eps);
     const auto cap = static_cast<scalar_t>(softcap);
     const scalar_t* b_ptr = bias.has_value() ? b_c.const_data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    if (need_grad_e) at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
       cce_cpu::backward_e_rows<scalar_t>(
           e_c.const_data_ptr<scalar_t>(), c_c.const_data_ptr<scalar_t>(), b_ptr,
           y.const_data_ptr<int64_t>(), lse_c.const_data_ptr<scalar_t>(),
@@ -105,13 +106,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cpu(
           gs.const_data_ptr<scalar_t>(), D, V, cap, eps, begin, end,
           grad_e.mutable_data_ptr<scalar_t>());
     });
-    at::parallel_for(0, V, 1, [&](int64_t begin, int64_t end) {
+    if (need_grad_c || bias.has_value()) at::parallel_for(0, V, 1, [&](int64_t begin, int64_t end) {
       cce_cpu::backward_c_rows<scalar_t>(
           e_c.const_data_ptr<scalar_t>(), c_c.const_data_ptr<scalar_t>(), b_ptr,
           y.const_data_ptr<int64_t>(), lse_c.const_data_ptr<scalar_t>(),
           ga.const_data_ptr<scalar_t>(), gt.const_data_ptr<scalar_t>(),
           gs.const_data_ptr<scalar_t>(), N, D, cap, eps, begin, end,
-          grad_c.mutable_data_ptr<scalar_t>(),
+          need_grad_c ? grad_c.mutable_data_ptr<scalar_t>() : nullptr,
           bias.has_value() ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr);
     });
   });
@@ -221,8 +222,8 @@ TORCH_LIBRARY(fusedlm, m) {
   m.def(
       "cce_backward(Tensor e, Tensor c, Tensor targets, Tensor? bias, Tensor lse, "
       "Tensor grad_lse, Tensor grad_target, Tensor grad_sum, float softcap, float filter_eps, "
-      "bool accum_fp32, Tensor? tile_max=None, Tensor? target_logit=None) -> (Tensor grad_e, "
-      "Tensor grad_c, Tensor grad_bias)");
+      "bool accum_fp32, Tensor? tile_max=None, Tensor? target_logit=None, bool need_grad_e=True, "
+      "bool need_grad_c=True) -> (Tensor grad_e, Tensor grad_c, Tensor grad_bias)");  // grad_e, grad_c: empty unless needed
   m.def(
       "sample(Tensor logits, Tensor temperature, Tensor seed, Tensor? offset, Tensor? top_k, "
       "Tensor? top_p, Tensor? min_p, bool need_logprobs=True) -> (Tensor tokens, Tensor logprob, "

@@ -103,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cuda(
     const std::optional<at::Tensor>& bias, const at::Tensor& lse, const at::Tensor& grad_lse,
     const at::Tensor& grad_target, const at::Tensor& grad_sum, double softcap, double filter_eps,
     bool accum_fp32, const std::optional<at::Tensor>& tile_max,
-    const std::optional<at::Tensor>& target_logit) {
+    const std::optional<at::Tensor>& target_logit, bool need_grad_e, bool need_grad_c) {
   (void)accum_fp32;  // dE always accumulates in float32 on the GPU, dC in float32 registers
   check_cuda_inputs(e, c, targets, bias);
   const int64_t N = e.size(0), D = e.size(1), V = c.size(0);
@@ -123,8 +123,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cuda(
   const at::Tensor lse_f = as_f32(lse), ga = as_f32(grad_lse), gt = as_f32(grad_target),
                    gs = as_f32(grad_sum);
   const auto f32 = e.options().dtype(at::kFloat);
-  auto grad_e_acc = at::empty({N, d_pad}, f32);
-  auto grad_c = at::empty({V, d_pad}, c.options());
+  // Gradients not asked for are empty, and their GEMMs are not run.
+  auto grad_e_acc = at::empty({need_grad_e ? N : 0, d_pad}, f32);
+  auto grad_c = at::empty({need_grad_c ? V : 0, d_pad}, c.options());
   auto grad_bias = at::empty({bias.has_value() ? V : 0}, f32);
   if (N == 0 || V == 0) {
     grad_e_acc.zero_();
@@ -150,7 +151,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cuda(
         workspace.mutable_data_ptr(), reinterpret_cast<uint16_t*>(mask.mutable_data_ptr<int16_t>()),
         bias.has_value() ? bias_partials.mutable_data_ptr<float>() : nullptr,
         bias.has_value() ? grad_bias.mutable_data_ptr<float>() : nullptr,
-        grad_e_acc.mutable_data_ptr<float>(), grad_c.mutable_data_ptr(),
+        need_grad_e ? grad_e_acc.mutable_data_ptr<float>() : nullptr,
+        need_grad_c ? grad_c.mutable_data_ptr() : nullptr,
         filtered ? target_keep.mutable_data_ptr<uint8_t>() : nullptr,
         hint ? target_logit_f.const_data_ptr<float>() : nullptr,
         hint ? tile_max_f.const_data_ptr<float>() : nullptr,
@@ -158,8 +160,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cuda(
         num_sms(e.get_device())};
     FUSEDLM_CUDA_CHECK(cce_cuda::backward(args, c10::cuda::getCurrentCUDAStream()));
   }
-  at::Tensor grad_e = grad_e_acc.narrow(1, 0, D).to(e.scalar_type()).contiguous();
-  if (d_pad != D) grad_c = grad_c.narrow(1, 0, D).contiguous();
+  at::Tensor grad_e = need_grad_e ? grad_e_acc.narrow(1, 0, D).to(e.scalar_type()).contiguous()
+                                  : at::empty({0}, e.options());
+  grad_c = !need_grad_c ? at::empty({0}, c.options()) : d_pad != D ? grad_c.narrow(1, 0, D).contiguous() : grad_c;
   return {grad_e, grad_c,
           bias.has_value() ? grad_bias.to(bias->scalar_type()) : grad_bias.to(c.scalar_type())};
 }

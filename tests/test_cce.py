@@ -162,6 +162,11 @@ def test_opcheck(case):
     hint = (tile_max, tl) if record else (None, None)
     opcheck(torch.ops.fusedlm.cce_backward.default,
             (e, c, y, b, lse, ga, gt, gs, float(case), [-1.0, 1e-3][case % 2], False, *hint))
+    need_e, need_c = case % 2 == 0, case % 3 == 0  # one gradient skipped, or both
+    args = (e, c, y, b, lse, ga, gt, gs, float(case), -1.0, False, *hint, need_e, need_c)
+    opcheck(torch.ops.fusedlm.cce_backward.default, args)
+    grad_e, grad_c, _ = torch.ops.fusedlm.cce_backward(*args)
+    assert grad_e.shape == (e.shape if need_e else (0,)) and grad_c.shape == (c.shape if need_c else (0,))
 
 
 @pytest.mark.parametrize("softcap", [0.0, 3.0])
@@ -200,6 +205,32 @@ def test_filter_drops_a_target_entry_only_when_its_gradient_is_that_small():
     g = torch.where(kept, g, 0.0)
     torch.testing.assert_close(grad_e, g @ c)
     torch.testing.assert_close(grad_c, g.T @ e)
+
+
+@pytest.mark.parametrize("frozen", ["c", "e", "e+c"])
+def test_frozen_inputs_get_no_gradient(frozen):
+    """A frozen classifier (LoRA) or frozen hidden states: that gradient is never computed
+    (None, and the op returns it empty); the others equal the full backward's, with the
+    options whose extra terms are added outside the kernel (label smoothing, z-loss)."""
+    e, c, y, b = make_inputs(n=11, d=16, v=37, bias=True, dtype=torch.float64)
+    kw = dict(softcap=4.0 if frozen == "e" else None, label_smoothing=0.1, z_loss=1e-2)
+    loss = fusedlm.linear_cross_entropy(e, c, y, b, **kw)
+    full = dict(zip("ecb", torch.autograd.grad(loss, (e, c, b))))
+    e.requires_grad_("e" not in frozen)
+    c.requires_grad_("c" not in frozen)
+    params = [t for t in (e, c, b) if t.requires_grad]
+    loss = fusedlm.linear_cross_entropy(e, c, y, b, **kw)
+    part = torch.autograd.grad(loss, params)
+    want = [k for k in "ecb" if k not in frozen]
+    for k, got in zip(want, part, strict=True):
+        torch.testing.assert_close(got, full[k], rtol=1e-12, atol=1e-12)
+
+    def loss_of(*trained):  # the frozen inputs stay constants
+        it = iter(trained)
+        e_, c_, b_ = (next(it) if t.requires_grad else t for t in (e, c, b))
+        return fusedlm.linear_cross_entropy(e_, c_, y, b_, **kw)
+
+    assert torch.autograd.gradcheck(loss_of, params)
 
 
 def test_torch_compile_fullgraph():

@@ -116,15 +116,15 @@ void backward_e_rows(const T* e, const T* c, const T* bias, const int64_t* targe
   }
 }
 
-// grad_c rows (vocabulary entries) [v_begin, v_end), and grad_bias for them when non-null.
+// grad_c rows (vocabulary entries) [v_begin, v_end) and grad_bias for them, each when non-null.
 template <typename T>
 void backward_c_rows(const T* e, const T* c, const T* bias, const int64_t* targets, const T* lse,
                      const T* grad_lse, const T* grad_target, const T* grad_sum, int64_t N,
                      int64_t D, T softcap, T filter_eps, int64_t v_begin, int64_t v_end,
                      T* grad_c, T* grad_bias) {
   for (int64_t v = v_begin; v < v_end; ++v) {
-    T* out = grad_c + v * D;
-    for (int64_t k = 0; k < D; ++k) out[k] = 0;
+    T* out = grad_c != nullptr ? grad_c + v * D : nullptr;
+    for (int64_t k = 0; out != nullptr && k < D; ++k) out[k] = 0;
     T bias_acc = 0;
     for (int64_t i = 0; i < N; ++i) {
       if (!row_has_gradient(grad_lse[i], grad_target[i], grad_sum[i])) continue;
@@ -134,7 +134,7 @@ void backward_c_rows(const T* e, const T* c, const T* bias, const int64_t* targe
                              targets[i] == v, softcap, filter_eps);
       if (g == T(0)) continue;
       bias_acc += g;
-      for (int64_t k = 0; k < D; ++k) out[k] += g * e_row[k];
+      for (int64_t k = 0; out != nullptr && k < D; ++k) out[k] += g * e_row[k];
     }
     if (grad_bias != nullptr) grad_bias[v] = bias_acc;
   }

@@ -1138,7 +1138,7 @@ __global__ void __launch_bounds__(GemmE::kThreadsPerCta, 1)
                          const __grid_constant__ CUtensorMap out_c, int d_tiles) {
   static_assert(GemmE::kThreadsPerCta == GemmC::kThreadsPerCta, "one block size");
   extern __shared__ __align__(128) char smem[];
-  const int c_ctas = d_tiles * ck.chunk_tiles;
+  const int c_ctas = a.grad_c != nullptr ? d_tiles * ck.chunk_tiles : 0;  // (none: dC not needed)
   const int b = static_cast<int>(blockIdx.x);
   // Wide D (more than 12 tiles): groups of 8 D tiles x all outer tiles, D fastest, so that a
   // wave of ~132 CTAs reads ~16 outer slabs and 8 D slabs instead of ~8 and all of them.
@@ -1353,14 +1353,21 @@ cudaError_t backward_typed(const BackwardArgs& args, cudaStream_t stream) {
   CUtensorMap g_store{};
   if constexpr (staging_bytes<Mainloop>() > 0)
     FUSEDLM_RETURN_IF_ERROR(make_tma_map(&g_store, a.dtype, a.grad_workspace, ws_rows, a.vocab_chunk, 16));
+  // dE and dC are each optional (a frozen classifier needs no dC, frozen hidden states no dE):
+  // a gradient not asked for gets no GEMM.
+  const bool need_e = a.grad_e_acc != nullptr, need_c = a.grad_c != nullptr;
   if constexpr (kWgmmaGemms) {
-    FUSEDLM_RETURN_IF_ERROR(make_tma_map(&maps_e.a, a.dtype, a.grad_workspace, ws_rows, a.vocab_chunk, kM));
-    FUSEDLM_RETURN_IF_ERROR(make_tma_map(&maps_e.a_half, a.dtype, a.grad_workspace, ws_rows, a.vocab_chunk, 64));
-    FUSEDLM_RETURN_IF_ERROR(make_tma_map(&maps_e.b, a.dtype, a.c, a.V, a.D, 64));
-    FUSEDLM_RETURN_IF_ERROR(make_tma_map(&maps_c.a, a.dtype, a.grad_workspace, ws_rows, a.vocab_chunk, 64));
-    FUSEDLM_RETURN_IF_ERROR(make_tma_map(&maps_c.b, a.dtype, a.e, a.N, a.D, 64));
-    FUSEDLM_RETURN_IF_ERROR(make_tma_map(&out_e, DType::kFloat32, a.grad_e_acc, a.N, a.D, 64));
-    FUSEDLM_RETURN_IF_ERROR(make_tma_map(&out_c, a.dtype, a.grad_c, a.V, a.D, 64));
+    if (need_e) {
+      FUSEDLM_RETURN_IF_ERROR(make_tma_map(&maps_e.a, a.dtype, a.grad_workspace, ws_rows, a.vocab_chunk, kM));
+      FUSEDLM_RETURN_IF_ERROR(make_tma_map(&maps_e.a_half, a.dtype, a.grad_workspace, ws_rows, a.vocab_chunk, 64));
+      FUSEDLM_RETURN_IF_ERROR(make_tma_map(&maps_e.b, a.dtype, a.c, a.V, a.D, 64));
+      FUSEDLM_RETURN_IF_ERROR(make_tma_map(&out_e, DType::kFloat32, a.grad_e_acc, a.N, a.D, 64));
+    }
+    if (need_c) {
+      FUSEDLM_RETURN_IF_ERROR(make_tma_map(&maps_c.a, a.dtype, a.grad_workspace, ws_rows, a.vocab_chunk, 64));
+      FUSEDLM_RETURN_IF_ERROR(make_tma_map(&maps_c.b, a.dtype, a.e, a.N, a.D, 64));
+      FUSEDLM_RETURN_IF_ERROR(make_tma_map(&out_c, a.dtype, a.grad_c, a.V, a.D, 64));
+    }
     FUSEDLM_RETURN_IF_ERROR(allow_smem(grad_ec_wgmma_kernel<T, GemmE, GemmC>, smem_ec));
   } else {
     FUSEDLM_RETURN_IF_ERROR(allow_smem(grad_e_kernel<T>, smem_e));
@@ -1394,15 +1401,22 @@ cudaError_t backward_typed(const BackwardArgs& args, cudaStream_t stream) {
                                     Mainloop::kThreadsPerCta, smem_tile, stream>>>(a, ck, maps, g_store);
     FUSEDLM_RETURN_IF_ERROR(cudaGetLastError());
     if constexpr (kWgmmaGemms) {
-      const unsigned ctas = d_tiles_wide * static_cast<unsigned>(ck.chunk_tiles + row_tiles);
-      grad_ec_wgmma_kernel<T, GemmE, GemmC><<<ctas, GemmE::kThreadsPerCta, smem_ec, stream>>>(
-          a, ck, maps_e, maps_c, out_e, out_c, static_cast<int>(d_tiles_wide));
+      const unsigned ctas = d_tiles_wide * static_cast<unsigned>((need_c ? ck.chunk_tiles : 0) + (need_e ? row_tiles : 0));
+      if (ctas > 0) {
+        grad_ec_wgmma_kernel<T, GemmE, GemmC><<<ctas, GemmE::kThreadsPerCta, smem_ec, stream>>>(
+            a, ck, maps_e, maps_c, out_e, out_c, static_cast<int>(d_tiles_wide));
+        FUSEDLM_RETURN_IF_ERROR(cudaGetLastError());
+      }
     } else {
-      grad_e_kernel<T><<<dim3(row_tiles, d_tiles), kThreads, smem_e, stream>>>(a, ck);
-      FUSEDLM_RETURN_IF_ERROR(cudaGetLastError());
-      grad_c_kernel<T><<<dim3(ck.chunk_tiles, d_tiles), kThreads, smem_c, stream>>>(a, ck);
+      if (need_e) {
+        grad_e_kernel<T><<<dim3(row_tiles, d_tiles), kThreads, smem_e, stream>>>(a, ck);
+        FUSEDLM_RETURN_IF_ERROR(cudaGetLastError());
+      }
+      if (need_c) {
+        grad_c_kernel<T><<<dim3(ck.chunk_tiles, d_tiles), kThreads, smem_c, stream>>>(a, ck);
+        FUSEDLM_RETURN_IF_ERROR(cudaGetLastError());
+      }
     }
-    FUSEDLM_RETURN_IF_ERROR(cudaGetLastError());
     if (a.bias_partials != nullptr) {
       bias_reduce_kernel<<<static_cast<unsigned>((chunk_len + 255) / 256), 256, 0, stream>>>(
           a, ck, chunk_len);

@@ -87,20 +87,25 @@ class _CCEStatistics(torch.autograd.Function):
     def backward(ctx, grad_lse, grad_target, grad_sum):
         e, c, targets, bias, lse, tile_max, target_logit = ctx.saved_tensors
         softcap, filter_eps, uniform_outside, accum_fp32 = ctx.options
+        # A frozen classifier (LoRA, a tied embedding kept fixed) or frozen hidden states:
+        # the kernels skip that gradient's GEMM and never allocate it.
+        need_e, need_c, need_bias = (ctx.needs_input_grad[i] for i in (0, 1, 3))
         kernel_grad_sum = torch.zeros_like(grad_sum) if uniform_outside else grad_sum
         grad_e, grad_c, grad_bias = ops.cce_backward(
             e, c, targets, bias, lse, grad_lse.to(lse.dtype), grad_target.to(lse.dtype),
             kernel_grad_sum.to(lse.dtype), softcap, filter_eps, accum_fp32, tile_max,
-            target_logit)
+            target_logit, need_e, need_c)
         if uniform_outside:
             g = grad_sum.to(lse.dtype)
             acc = torch.float64 if lse.dtype == torch.float64 else torch.float32
-            grad_e = (grad_e.to(acc) + g[:, None] * c.to(acc).sum(0)).to(e.dtype)
-            grad_c = (grad_c.to(acc) + (g @ e.to(acc))[None, :]).to(c.dtype)
+            if need_e:
+                grad_e = (grad_e.to(acc) + g[:, None] * c.to(acc).sum(0)).to(e.dtype)
+            if need_c:
+                grad_c = (grad_c.to(acc) + (g @ e.to(acc))[None, :]).to(c.dtype)
             if bias is not None:
                 grad_bias = (grad_bias.to(acc) + g.sum()).to(bias.dtype)
-        return (grad_e, grad_c, None, grad_bias if bias is not None else None,
-                None, None, None, None, None)
+        return (grad_e if need_e else None, grad_c if need_c else None, None,
+                grad_bias if need_bias else None, None, None, None, None, None)
 
 
 def cce_statistics(e: Tensor, c: Tensor, targets: Tensor, bias: Optional[Tensor] = None, *,
