@@ -23,8 +23,9 @@ def test_report_tables_from_committed_csv(path, capsys):
     # one table line per CCE case (results and bars) and per sampling case
     cce_lines = [line for line in out.splitlines()
                  if line.startswith("| ") and (" | random |" in line or " | peaked |" in line)]
-    # results and bars, plus the sustained-load table when the run has *_steady passes
-    tables = 3 if any(r["pass"] == "fwd_steady" for r in rows) else 2
+    # results and bars, plus the sustained-load table when the run has *_steady passes and
+    # the frozen-classifier table when it has those
+    tables = 2 + any(r["pass"] == "fwd_steady" for r in rows) + any(r["pass"] == "fwd+bwd_frozen_c" for r in rows)
     assert len(cce_lines) == tables * len(cce_cases)
     assert sum(line.count(" floor: ") + line.count("≤ 15 µs") for line in out.splitlines()) >= len(
         [c for c in sampling_cases if c[0].split("xV")[0] != "B8"])
