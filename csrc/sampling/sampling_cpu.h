@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "../common/philox.h"
+#include "row_values.h"
 #include "top_p_rejection.h"
 
 namespace fusedlm {
@@ -40,15 +41,12 @@ struct RowResult {
   double raw_logprob;  // under softmax(l), tau = 1, no truncation
 };
 
-// The per-row values a row needs to be drawn (see the top of this file; the CPU op raises for
-// the others, naming the value). (sampling_cuda.cu's valid_tau / valid_truncation: the same.)
-inline bool valid_temperature(float tau) { return tau >= 0.0f && tau < INFINITY; }  // (false for NaN)
-inline bool valid_top_k(int64_t k) { return k >= 0; }
-inline bool valid_top_p(float p) { return p > 0.0f && p <= 1.0f; }
-inline bool valid_min_p(double p) { return p >= 0.0 && p <= 1.0; }
-
-// A logit as it enters sums: +inf counts as the largest float (see the top of this file).
-inline float finite_logit(float x) { return x == INFINITY ? std::numeric_limits<float>::max() : x; }
+// Per-row validity and +inf handling: the rules of the CUDA kernels (row_values.h).
+using sampling::finite_logit;
+using sampling::valid_min_p;
+using sampling::valid_temperature;
+using sampling::valid_top_k;
+using sampling::valid_top_p;
 
 // Index of the largest logit, lowest index on ties; NaN entries are skipped (0 if all are).
 inline int64_t row_argmax(const float* l, int64_t V) {

@@ -33,6 +33,7 @@
 #include "../common/fast_math.cuh"
 #include "../common/philox.h"
 #include "../dispatch.h"
+#include "row_values.h"
 #include "top_p_rejection.h"
 
 namespace fusedlm {
@@ -177,23 +178,21 @@ __device__ RowState block_reduce(RowState s, float scale2, float inv_tau, bool k
   return s;
 }
 
-__device__ __forceinline__ bool valid_tau(float tau) { return tau >= 0.f && tau < INFINITY; }  // false for NaN
-
-// +inf logits count as FLT_MAX wherever sums are formed (finite_logit, as on the CPU): a row
-// holding any draws among its +inf entries uniformly, with log-prob -log(their count), instead
-// of NaN sums. The largest-entry tests (maxima, argmax, thresholds) still see +inf; tiles
-// holding +inf take the out-of-line clamped path (tile_sums_rare), the others are unchanged.
-__device__ __forceinline__ float finite_logit(float x) { return x == INFINITY ? FLT_MAX : x; }  // (NaN stays NaN)
+// +inf logits count as FLT_MAX wherever sums are formed (finite_logit, row_values.h). The
+// largest-entry tests (maxima, argmax, thresholds) still see +inf; tiles holding +inf take the
+// out-of-line clamped path (tile_sums_rare), the others are unchanged.
+using sampling::finite_logit;
+using sampling::valid_temperature;
 
 // Per-row values the host does not check for CUDA tensors (no sync): a row with an invalid
-// temperature (valid_tau), top_k < 0, top_p outside (0, 1] or min_p outside [0, 1] (NaN
-// included) returns token 0 and NaN log-probs (the CPU op raises instead). For the truncation
-// values the truncation kernel gives such a row a NaN threshold, which finish_row reads as
-// invalid (a check of the values there made the main kernels spill: 5% at batch 64).
+// temperature, top_k, top_p or min_p (row_values.h; NaN included) returns token 0 and NaN
+// log-probs (the CPU op raises instead). For the truncation values the truncation kernel gives
+// such a row a NaN threshold, which finish_row reads as invalid (a check of the values there
+// made the main kernels spill: 5% at batch 64).
 __device__ __forceinline__ bool valid_truncation(const SampleArgs& a, int64_t row) {
-  if (a.top_k != nullptr && a.top_k[row] < 0) return false;
-  if (a.top_p != nullptr && !(a.top_p[row] > 0.f && a.top_p[row] <= 1.f)) return false;
-  return a.min_p == nullptr || (a.min_p[row] >= 0.f && a.min_p[row] <= 1.f);
+  if (a.top_k != nullptr && !sampling::valid_top_k(a.top_k[row])) return false;
+  if (a.top_p != nullptr && !sampling::valid_top_p(a.top_p[row])) return false;
+  return a.min_p == nullptr || sampling::valid_min_p(a.min_p[row]);
 }
 
 // Four consecutive logits of a row (entries past V read as -inf). kVec: one 16-byte (float)
@@ -424,7 +423,7 @@ __device__ void finish_row(const SampleArgs& a, int64_t row, int lane, const Row
                            uint64_t seed, uint64_t offset) {
   const bool greedy = c.greedy;
   const bool masked_row = greedy ? (a.need_logprobs && st.raw_max == -INFINITY) : st.best_idx < 0;
-  if (!valid_tau(c.tau) || c.threshold != c.threshold || st.best_idx < 0 || masked_row) {
+  if (!valid_temperature(c.tau) || c.threshold != c.threshold || st.best_idx < 0 || masked_row) {
     // invalid row values (see valid_truncation) or a fully masked row: documented fallback
     if (lane == 0) {
       a.tokens[row] = 0;
@@ -1631,7 +1630,7 @@ __global__ void __launch_bounds__(kThreads) temperature_logprobs_kernel(Temperat
     const float total = block_sum(sums[k]);
     if (threadIdx.x == 0) {
       const float tau = a.temperatures[k];
-      a.out[row * a.K + k] = !valid_tau(tau) || row_arg < 0 ? NAN  // (invalid tau: not checked on the host; row of -inf / NaN)
+      a.out[row * a.K + k] = !valid_temperature(tau) || row_arg < 0 ? NAN  // (invalid tau: not checked on the host; row of -inf / NaN)
                              : tau > 0.f ? (lt - m) / tau - logf(total)
                                          : (token == row_arg ? 0.f : -INFINITY);
     }

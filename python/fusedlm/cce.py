@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import numbers
 import operator
 import os
 from typing import Optional, Union
@@ -21,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ._checks import is_real_number
 from ._ops import ops
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropy", "cce_statistics", "loss_from_statistics",
@@ -42,7 +42,7 @@ def resolve_filter_eps(filter_eps: Union[str, float, None], dtype: torch.dtype) 
         if filter_eps != "auto":
             raise ValueError(f'filter_eps must be "auto", None or a float >= 0, got {filter_eps!r}')
         return torch.finfo(dtype).eps / 32
-    if isinstance(filter_eps, bool) or not isinstance(filter_eps, numbers.Real):
+    if not is_real_number(filter_eps):
         raise TypeError(f'filter_eps must be "auto", None or a float in [0, 1), got {filter_eps!r}')
     filter_eps = float(filter_eps)
     if not 0 <= filter_eps < 1:  # (1 or more would drop every gradient)
@@ -144,7 +144,7 @@ def _autocast_operands(e, c, targets, bias):
 
 
 def _number(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real_number(value):
         raise TypeError(f"{name} must be a number, got {value!r}")
     return float(value)
 

@@ -19,6 +19,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from ._checks import is_real_number
 from ._ops import ops
 
 __all__ = ["sample", "temperature_logprobs"]
@@ -40,7 +41,7 @@ def _per_row(value, batch: int, device, dtype, name: str, check) -> Optional[Ten
         if not dtype.is_floating_point:
             _check_integer_tensor(value, name)
         return value if value.dtype == dtype else value.to(dtype)  # (.to costs ~1 us even as a no-op)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not is_real_number(value):
         raise TypeError(f"{name} must be a number or a ({batch},) tensor, got {type(value).__name__}")
     check(value)
     return torch.full((batch,), value, dtype=dtype, device=device)
@@ -210,11 +211,11 @@ def temperature_logprobs(logits: Tensor, tokens: Tensor,
     if tokens.device != device:
         raise ValueError(f"temperature_logprobs: tokens are on {tokens.device} but logits are on {device}")
     _check_integer_tensor(tokens, "tokens")
-    if isinstance(temperatures, numbers.Real) and not isinstance(temperatures, bool):
+    if is_real_number(temperatures):
         temperatures = [temperatures]
     if not isinstance(temperatures, Tensor):
         values = list(temperatures)
-        if any(isinstance(t, bool) or not isinstance(t, numbers.Real) for t in values):
+        if not all(is_real_number(t) for t in values):
             raise TypeError(f"temperature_logprobs: temperatures must be numbers, got {values}")
         temperatures = torch.tensor(values, dtype=torch.float32)
     if temperatures.dim() != 1 or not 1 <= temperatures.numel() <= 16:
