@@ -49,6 +49,8 @@ CASES = {
     # V < ranks: rank 1's shard is empty and must still join every collective.
     "empty_shard": (dict(v=1, bias=True), dict(label_smoothing=0.1), None),
     "autocast_bfloat16": (dict(dtype=torch.float32, bias=True), dict(softcap=6.0), "autocast"),
+    # A frozen classifier and bias (LoRA): only dE, still all-reduced over the ranks.
+    "frozen_classifier": (dict(bias=True), dict(label_smoothing=0.1), "frozen"),
 }
 
 
@@ -99,6 +101,8 @@ def _leaf(t):
 
 def reference(case):
     e, c, b = _leaf(case["e"]), _leaf(case["c"]), _leaf(case["b"])
+    if case["mode"] == "frozen":
+        c, b = case["c"], case["b"]
     return _loss_and_grads(fusedlm.linear_cross_entropy, e, c, case["y"], b, case["kw"],
                            case["g_out"], case["g_lse"], autocast=case["mode"] == "autocast")
 
@@ -115,6 +119,9 @@ def _run_case(case, rank, world, singleton):
         kw["process_group"] = singleton
         c, b = _leaf(c_full), _leaf(b_full)
         c_in, b_in = c, b
+    elif case["mode"] == "frozen":
+        c_in, b_in = c.detach(), b.detach()
+        leaves = (e, c_in, b_in)
     elif case["mode"] == "explicit":
         fn = vocab_parallel_linear_cross_entropy
         kw.update(vocab_start_index=start, vocab_size=case["c"].shape[0])
