@@ -67,9 +67,9 @@ if not SAMPLING_ONLY:
     for pairing in ("hopper", "mma_sync"):
         if pairing == "mma_sync":
             os.environ["FUSEDLM_CCE_MMA_SYNC_GEMMS"] = "1"
-        for frozen in ("c", "e", "e+c"):
-            e.requires_grad_("e" not in frozen)
-            c.requires_grad_("c" not in frozen)
+        for frozen in ("c", "e", "e+c", "c+b"):
+            for name, t in zip("ecb", (e, c, b)):
+                t.requires_grad_(name not in frozen)
             for filter_eps in ("auto", None):
                 fusedlm.linear_cross_entropy(e, c, y, b, filter_eps=filter_eps).backward()
     del os.environ["FUSEDLM_CCE_MMA_SYNC_GEMMS"], os.environ["FUSEDLM_CCE_WORKSPACE_MB"]

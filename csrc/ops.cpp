@@ -74,7 +74,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cpu(
     const std::optional<at::Tensor>& bias, const at::Tensor& lse, const at::Tensor& grad_lse,
     const at::Tensor& grad_target, const at::Tensor& grad_sum, double softcap, double filter_eps,
     bool accum_fp32, const std::optional<at::Tensor>& tile_max,
-    const std::optional<at::Tensor>& target_logit, bool need_grad_e, bool need_grad_c) {
+    const std::optional<at::Tensor>& target_logit, bool need_grad_e, bool need_grad_c,
+    bool need_grad_bias) {
   (void)accum_fp32;  // the CPU always accumulates in float32 (float64 for float64 inputs)
   check_cce_inputs(e, c, targets, bias);
   const int64_t N = e.size(0), D = e.size(1), V = c.size(0);
@@ -93,7 +94,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cpu(
   // Gradients not asked for are empty and never computed.
   auto grad_e = need_grad_e ? at::empty({N, D}, e.options().dtype(ct)) : at::empty({0}, e.options());
   auto grad_c = need_grad_c ? at::empty({V, D}, e.options().dtype(ct)) : at::empty({0}, c.options());
-  auto grad_bias = at::empty({bias.has_value() ? V : 0}, e.options().dtype(ct));
+  const bool bias_grad = bias.has_value() && need_grad_bias;
+  auto grad_bias = at::empty({bias_grad ? V : 0}, e.options().dtype(ct));
   AT_DISPATCH_FLOATING_TYPES(ct, "cce_backward_cpu", [&] {
     const auto eps = static_cast<scalar_t>(filter_eps);
     const auto cap = static_cast<scalar_t>(softcap);
@@ -106,14 +108,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cpu(
           gs.const_data_ptr<scalar_t>(), D, V, cap, eps, begin, end,
           grad_e.mutable_data_ptr<scalar_t>());
     });
-    if (need_grad_c || bias.has_value()) at::parallel_for(0, V, 1, [&](int64_t begin, int64_t end) {
+    if (need_grad_c || bias_grad) at::parallel_for(0, V, 1, [&](int64_t begin, int64_t end) {
       cce_cpu::backward_c_rows<scalar_t>(
           e_c.const_data_ptr<scalar_t>(), c_c.const_data_ptr<scalar_t>(), b_ptr,
           y.const_data_ptr<int64_t>(), lse_c.const_data_ptr<scalar_t>(),
           ga.const_data_ptr<scalar_t>(), gt.const_data_ptr<scalar_t>(),
           gs.const_data_ptr<scalar_t>(), N, D, cap, eps, begin, end,
           need_grad_c ? grad_c.mutable_data_ptr<scalar_t>() : nullptr,
-          bias.has_value() ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr);
+          bias_grad ? grad_bias.mutable_data_ptr<scalar_t>() : nullptr);
     });
   });
   return {grad_e.to(e.scalar_type()), grad_c.to(c.scalar_type()),
@@ -223,7 +225,8 @@ TORCH_LIBRARY(fusedlm, m) {
       "cce_backward(Tensor e, Tensor c, Tensor targets, Tensor? bias, Tensor lse, "
       "Tensor grad_lse, Tensor grad_target, Tensor grad_sum, float softcap, float filter_eps, "
       "bool accum_fp32, Tensor? tile_max=None, Tensor? target_logit=None, bool need_grad_e=True, "
-      "bool need_grad_c=True) -> (Tensor grad_e, Tensor grad_c, Tensor grad_bias)");  // grad_e, grad_c: empty unless needed
+      "bool need_grad_c=True, bool need_grad_bias=True) -> (Tensor grad_e, Tensor grad_c, Tensor grad_bias)");
+  // (a gradient not needed, or the bias's without a bias, is empty)
   m.def(
       "sample(Tensor logits, Tensor temperature, Tensor seed, Tensor? offset, Tensor? top_k, "
       "Tensor? top_p, Tensor? min_p, bool need_logprobs=True) -> (Tensor tokens, Tensor logprob, "

@@ -103,7 +103,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cuda(
     const std::optional<at::Tensor>& bias, const at::Tensor& lse, const at::Tensor& grad_lse,
     const at::Tensor& grad_target, const at::Tensor& grad_sum, double softcap, double filter_eps,
     bool accum_fp32, const std::optional<at::Tensor>& tile_max,
-    const std::optional<at::Tensor>& target_logit, bool need_grad_e, bool need_grad_c) {
+    const std::optional<at::Tensor>& target_logit, bool need_grad_e, bool need_grad_c,
+    bool need_grad_bias) {
   (void)accum_fp32;  // dE always accumulates in float32 on the GPU, dC in float32 registers
   check_cuda_inputs(e, c, targets, bias);
   const int64_t N = e.size(0), D = e.size(1), V = c.size(0);
@@ -126,7 +127,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cuda(
   // Gradients not asked for are empty, and their GEMMs are not run.
   auto grad_e_acc = at::empty({need_grad_e ? N : 0, d_pad}, f32);
   auto grad_c = at::empty({need_grad_c ? V : 0, d_pad}, c.options());
-  auto grad_bias = at::empty({bias.has_value() ? V : 0}, f32);
+  const bool bias_grad = bias.has_value() && need_grad_bias;
+  auto grad_bias = at::empty({bias_grad ? V : 0}, f32);
   if (N == 0 || V == 0) {
     grad_e_acc.zero_();
     grad_c.zero_();
@@ -136,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cuda(
     const int64_t chunk = cce_cuda::backward_vocab_chunk(N, V, dt, workspace_budget_bytes());
     auto workspace = at::empty({row_tiles * cce_cuda::kTileRows, chunk}, c.options());
     auto mask = at::empty({row_tiles, chunk / cce_cuda::kTileVocab}, e.options().dtype(at::kShort));
-    auto bias_partials = bias.has_value() ? at::empty({row_tiles, chunk}, f32) : at::Tensor();
+    auto bias_partials = bias_grad ? at::empty({row_tiles, chunk}, f32) : at::Tensor();
     const auto bytes = e.options().dtype(at::kByte);
     const bool filtered = filter_eps >= 0;
     auto target_keep = filtered ? at::empty({N}, bytes) : at::Tensor();
@@ -149,8 +151,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cuda(
         gt.const_data_ptr<float>(), gs.const_data_ptr<float>(), N, d_pad, V,
         static_cast<float>(softcap), static_cast<float>(filter_eps), chunk,
         workspace.mutable_data_ptr(), reinterpret_cast<uint16_t*>(mask.mutable_data_ptr<int16_t>()),
-        bias.has_value() ? bias_partials.mutable_data_ptr<float>() : nullptr,
-        bias.has_value() ? grad_bias.mutable_data_ptr<float>() : nullptr,
+        bias_grad ? bias_partials.mutable_data_ptr<float>() : nullptr,
+        bias_grad ? grad_bias.mutable_data_ptr<float>() : nullptr,
         need_grad_e ? grad_e_acc.mutable_data_ptr<float>() : nullptr,
         need_grad_c ? grad_c.mutable_data_ptr() : nullptr,
         filtered ? target_keep.mutable_data_ptr<uint8_t>() : nullptr,

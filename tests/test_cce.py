@@ -162,11 +162,12 @@ def test_opcheck(case):
     hint = (tile_max, tl) if record else (None, None)
     opcheck(torch.ops.fusedlm.cce_backward.default,
             (e, c, y, b, lse, ga, gt, gs, float(case), [-1.0, 1e-3][case % 2], False, *hint))
-    need_e, need_c = case % 2 == 0, case % 3 == 0  # one gradient skipped, or both
-    args = (e, c, y, b, lse, ga, gt, gs, float(case), -1.0, False, *hint, need_e, need_c)
+    need_e, need_c, need_b = case % 2 == 0, case % 3 == 0, case != 4  # some gradients skipped
+    args = (e, c, y, b, lse, ga, gt, gs, float(case), -1.0, False, *hint, need_e, need_c, need_b)
     opcheck(torch.ops.fusedlm.cce_backward.default, args)
-    grad_e, grad_c, _ = torch.ops.fusedlm.cce_backward(*args)
+    grad_e, grad_c, grad_b = torch.ops.fusedlm.cce_backward(*args)
     assert grad_e.shape == (e.shape if need_e else (0,)) and grad_c.shape == (c.shape if need_c else (0,))
+    assert grad_b.shape == (b.shape if b is not None and need_b else (0,))
 
 
 @pytest.mark.parametrize("softcap", [0.0, 3.0])
@@ -207,7 +208,7 @@ def test_filter_drops_a_target_entry_only_when_its_gradient_is_that_small():
     torch.testing.assert_close(grad_c, g.T @ e)
 
 
-@pytest.mark.parametrize("frozen", ["c", "e", "e+c"])
+@pytest.mark.parametrize("frozen", ["c", "e", "e+c", "c+b"])
 def test_frozen_inputs_get_no_gradient(frozen):
     """A frozen classifier (LoRA) or frozen hidden states: that gradient is never computed
     (None, and the op returns it empty); the others equal the full backward's, with the
@@ -216,8 +217,8 @@ def test_frozen_inputs_get_no_gradient(frozen):
     kw = dict(softcap=4.0 if frozen == "e" else None, label_smoothing=0.1, z_loss=1e-2)
     loss = fusedlm.linear_cross_entropy(e, c, y, b, **kw)
     full = dict(zip("ecb", torch.autograd.grad(loss, (e, c, b))))
-    e.requires_grad_("e" not in frozen)
-    c.requires_grad_("c" not in frozen)
+    for name, t in zip("ecb", (e, c, b)):
+        t.requires_grad_(name not in frozen)
     params = [t for t in (e, c, b) if t.requires_grad]
     loss = fusedlm.linear_cross_entropy(e, c, y, b, **kw)
     part = torch.autograd.grad(loss, params)

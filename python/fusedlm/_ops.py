@@ -30,11 +30,11 @@ def _cce_forward_fake(e, c, targets, bias, softcap, ignore_index, record_tile_ma
 @torch.library.register_fake("fusedlm::cce_backward")
 def _cce_backward_fake(e, c, targets, bias, lse, grad_lse, grad_target, grad_sum, softcap,
                        filter_eps, accum_fp32, tile_max=None, target_logit=None,
-                       need_grad_e=True, need_grad_c=True):
+                       need_grad_e=True, need_grad_c=True, need_grad_bias=True):
     torch._check(e.shape[1] == c.shape[1])
-    grad_bias = (bias.new_empty(bias.shape) if bias is not None
+    # A gradient not asked for is empty (never computed), as is the bias's without a bias.
+    grad_bias = (bias.new_empty(bias.shape if need_grad_bias else (0,)) if bias is not None
                  else c.new_empty(0))
-    # A gradient not asked for is empty (never computed).
     return (e.new_empty(e.shape if need_grad_e else (0,)),
             c.new_empty(c.shape if need_grad_c else (0,)), grad_bias)
 

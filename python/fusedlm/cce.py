@@ -94,15 +94,15 @@ class _CCEStatistics(torch.autograd.Function):
         grad_e, grad_c, grad_bias = ops.cce_backward(
             e, c, targets, bias, lse, grad_lse.to(lse.dtype), grad_target.to(lse.dtype),
             kernel_grad_sum.to(lse.dtype), softcap, filter_eps, accum_fp32, tile_max,
-            target_logit, need_e, need_c)
+            target_logit, need_e, need_c, need_bias)
         if uniform_outside:
             g = grad_sum.to(lse.dtype)
             acc = torch.float64 if lse.dtype == torch.float64 else torch.float32
-            if need_e:
-                grad_e = (grad_e.to(acc) + g[:, None] * c.to(acc).sum(0)).to(e.dtype)
+            if need_e:  # (sum in acc without a float32 copy of c)
+                grad_e = (grad_e.to(acc) + g[:, None] * c.sum(0, dtype=acc)).to(e.dtype)
             if need_c:
                 grad_c = (grad_c.to(acc) + (g @ e.to(acc))[None, :]).to(c.dtype)
-            if bias is not None:
+            if need_bias:
                 grad_bias = (grad_bias.to(acc) + g.sum()).to(bias.dtype)
         return (grad_e if need_e else None, grad_c if need_c else None, None,
                 grad_bias if need_bias else None, None, None, None, None, None)
