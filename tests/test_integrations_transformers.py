@@ -96,6 +96,23 @@ def test_same_loss_and_grads_as_unpatched(name, monkeypatch):
         assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
 
+def test_frozen_lm_head_lora_style():
+    """A frozen (untied) lm_head, as in LoRA fine-tuning: the patched model's loss and the
+    gradients of everything that trains match the unpatched model's, and lm_head gets none."""
+    model = make_model("llama")
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+    model.get_output_embeddings().weight.requires_grad_(False)
+    ids, labels = make_batch()
+    ref, ref_grads = loss_and_grads(model, input_ids=ids, labels=labels)
+    patch(model, filter_eps=None)
+    out, grads = loss_and_grads(model, input_ids=ids, labels=labels)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    assert_grads_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
+    model(input_ids=ids, labels=labels).loss.backward()
+    assert model.get_output_embeddings().weight.grad is None
+    assert model.get_input_embeddings().weight.grad is not None
+
+
 def test_gradient_accumulation_num_items_and_shift_labels():
     model = make_model("llama")
     ids, labels = make_batch()
