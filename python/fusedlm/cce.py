@@ -160,7 +160,7 @@ def _check_ignore_index(ignore_index) -> int:
 
 
 def _check_inputs(e, c, targets, bias, reduction, softcap, label_smoothing, z_loss):
-    _check_tensor_types(e, c, targets, bias)
+    """Shapes, devices and options; after _autocast_operands, which checked the tensor types."""
     if e.dim() < 1:
         raise ValueError(f"e must have shape (..., D), got {tuple(e.shape)}")
     if e.shape[-1] == 0:
