@@ -164,7 +164,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cuda(
   }
   at::Tensor grad_e = need_grad_e ? grad_e_acc.narrow(1, 0, D).to(e.scalar_type()).contiguous()
                                   : at::empty({0}, e.options());
-  grad_c = !need_grad_c ? at::empty({0}, c.options()) : d_pad != D ? grad_c.narrow(1, 0, D).contiguous() : grad_c;
+  if (!need_grad_c)
+    grad_c = at::empty({0}, c.options());
+  else if (d_pad != D)
+    grad_c = grad_c.narrow(1, 0, D).contiguous();
   return {grad_e, grad_c,
           bias.has_value() ? grad_bias.to(bias->scalar_type()) : grad_bias.to(c.scalar_type())};
 }
