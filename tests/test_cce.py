@@ -118,6 +118,22 @@ def test_label_smoothing_with_filter_is_exact_in_the_uniform_term():
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("block_elements", [1, 3 * 17 + 5])
+def test_label_smoothing_uniform_term_in_row_blocks(monkeypatch, block_elements):
+    # The uniform term is added a block of rows at a time (no float32 copy of a whole
+    # gradient): blocks of one row, and ragged blocks, give the reference gradients.
+    monkeypatch.setattr(fusedlm.cce, "_BLOCK_ELEMENTS", block_elements)
+    e, c, y, b = make_inputs(bias=True)
+    for dtype in (torch.float64, torch.float32):
+        e_, c_, b_ = (t.detach().to(dtype).requires_grad_() for t in (e, c, b))
+        loss = fusedlm.linear_cross_entropy(e_, c_, y, b_, label_smoothing=0.3, filter_eps=0.0)
+        ref = reference_loss(e, c, y, b, label_smoothing=0.3)
+        tol = dict(rtol=1e-9, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+        for got, want in zip(torch.autograd.grad(loss, (e_, c_, b_)), torch.autograd.grad(ref, (e, c, b))):
+            assert got.dtype == dtype
+            torch.testing.assert_close(got.double(), want, **tol)
+
+
 def test_return_lse_and_z_loss_agree():
     e, c, y, _ = make_inputs(ignore_frac=0.0)
     loss, lse = fusedlm.linear_cross_entropy(e, c, y, return_lse=True, filter_eps=None)

@@ -62,6 +62,34 @@ def _kernel_filter(filter_eps: float, softcap: float, uses_logit_sum: bool):
     return filter_eps, False
 
 
+# Rows per block of the label-smoothing terms below: ~16M elements (64 MB of float32), so
+# that no float32 copy of a whole [V, D] or [N, D] tensor is made.
+_BLOCK_ELEMENTS = 1 << 24
+
+
+def _row_blocks(rows: int, cols: int):
+    step = max(1, _BLOCK_ELEMENTS // max(1, cols))
+    return range(0, rows, step), step
+
+
+def _add_outer_(out: Tensor, col: Optional[Tensor], row: Tensor, acc: torch.dtype) -> None:
+    """out += col[:, None] * row[None, :] (col None: ones), summed in `acc`, in place."""
+    starts, step = _row_blocks(out.shape[0], out.shape[1])
+    for start in starts:
+        block = out[start:start + step]
+        term = row if col is None else col[start:start + step, None] * row
+        block.copy_(block.to(acc) + term)
+
+
+def _weighted_row_sum(weights: Tensor, x: Tensor, acc: torch.dtype) -> Tensor:
+    """weights @ x in `acc` ([N] @ [N, D] -> [D])."""
+    total = torch.zeros(x.shape[1], dtype=acc, device=x.device)
+    starts, step = _row_blocks(x.shape[0], x.shape[1])
+    for start in starts:
+        total += weights[start:start + step].to(acc) @ x[start:start + step].to(acc)
+    return total
+
+
 class _CCEStatistics(torch.autograd.Function):
     """(lse, target_logit, logit_sum) per token, differentiable w.r.t. e, c and bias."""
 
@@ -98,10 +126,10 @@ class _CCEStatistics(torch.autograd.Function):
         if uniform_outside:
             g = grad_sum.to(lse.dtype)
             acc = torch.float64 if lse.dtype == torch.float64 else torch.float32
-            if need_e:  # (sum in acc without a float32 copy of c)
-                grad_e = (grad_e.to(acc) + g[:, None] * c.sum(0, dtype=acc)).to(e.dtype)
+            if need_e:
+                _add_outer_(grad_e, g, c.sum(0, dtype=acc), acc)
             if need_c:
-                grad_c = (grad_c.to(acc) + (g @ e.to(acc))[None, :]).to(c.dtype)
+                _add_outer_(grad_c, None, _weighted_row_sum(g, e, acc), acc)
             if need_bias:
                 grad_bias = (grad_bias.to(acc) + g.sum()).to(bias.dtype)
         return (grad_e if need_e else None, grad_c if need_c else None, None,
@@ -116,9 +144,15 @@ def cce_statistics(e: Tensor, c: Tensor, targets: Tensor, bias: Optional[Tensor]
     (after softcap) for 2-D ``e`` [N, D]; building block of :func:`linear_cross_entropy`
     and of the vocabulary-parallel loss. ``target_logit`` is 0 where ``targets ==
     ignore_index``."""
-    return _CCEStatistics.apply(e, c, targets, bias, float(softcap or 0.0), int(ignore_index),
-                                resolve_filter_eps(filter_eps, e.dtype), bool(accum_fp32),
-                                bool(uses_logit_sum))
+    softcap, ignore_index = float(softcap or 0.0), int(ignore_index)
+    filter_eps = resolve_filter_eps(filter_eps, e.dtype)  # (checked even when unused)
+    wants_grad = e.requires_grad or c.requires_grad or (bias is not None and bias.requires_grad)
+    if not (wants_grad and torch.is_grad_enabled()):
+        # Nothing to differentiate: the op alone, without autograd.Function's host time.
+        lse, target_logit, logit_sum, _ = ops.cce_forward(e, c, targets, bias, softcap, ignore_index, False)
+        return lse, target_logit, logit_sum
+    return _CCEStatistics.apply(e, c, targets, bias, softcap, ignore_index, filter_eps,
+                                bool(accum_fp32), bool(uses_logit_sum))
 
 
 def _check_tensor_types(e, c, targets, bias) -> None:
@@ -318,14 +352,14 @@ def loss_from_statistics(lse: Tensor, target_logit: Tensor, logit_sum: Optional[
         per_token = nll
     if z_loss > 0:
         per_token = per_token + z_loss * lse.square()
-    per_token = torch.where(valid, per_token, torch.zeros_like(per_token))
+    per_token = torch.where(valid, per_token, 0.0)
 
     if reduction == "none":
         loss = per_token.reshape(batch_shape)
     elif reduction == "sum":
         loss = per_token.sum()
     else:
-        loss = per_token.sum() / valid.sum().to(per_token.dtype)
+        loss = per_token.sum() / valid.sum(dtype=per_token.dtype)
     if return_lse:
         return loss, lse.reshape(batch_shape)
     return loss
