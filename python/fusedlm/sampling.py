@@ -213,7 +213,8 @@ def temperature_logprobs(logits: Tensor, tokens: Tensor,
     _check_integer_tensor(tokens, "tokens")
     if is_real_number(temperatures):
         temperatures = [temperatures]
-    if not isinstance(temperatures, Tensor):
+    from_numbers = not isinstance(temperatures, Tensor)
+    if from_numbers:
         values = list(temperatures)
         if not all(is_real_number(t) for t in values):
             raise TypeError(f"temperature_logprobs: temperatures must be numbers, got {values}")
@@ -224,5 +225,6 @@ def temperature_logprobs(logits: Tensor, tokens: Tensor,
     if temperatures.device.type == "cpu":  # (a CUDA tensor is not read on the host: no sync)
         for t in temperatures.tolist():
             _check_temperature(t, "temperature_logprobs: temperatures")
-    temperatures = temperatures.to(device=device, dtype=torch.float32)
+    # (numbers: the host does not wait for the copy of the pageable tensor built here)
+    temperatures = temperatures.to(device=device, dtype=torch.float32, non_blocking=from_numbers)
     return ops.temperature_logprobs(logits.detach(), tokens.to(torch.int64), temperatures)
