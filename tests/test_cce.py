@@ -278,6 +278,36 @@ def test_torch_compile_inductor_training_step():
     assert e.grad is not None and torch.isfinite(e.grad).all()
 
 
+def test_torch_compile_label_smoothing_does_not_recompile_per_length():
+    # Under compile the label-smoothing term (added outside the kernels when filtering) stays
+    # one expression: a loop over row blocks would pin N and recompile for every new length
+    # (12 lengths > dynamo's recompile limit of 8: a hard failure with fullgraph=True).
+    torch._dynamo.reset()
+    c = torch.randn(V, D, requires_grad=True)
+    fn = torch.compile(lambda e_, c_, y_: fusedlm.linear_cross_entropy(e_, c_, y_, label_smoothing=0.1),
+                       fullgraph=True, dynamic=True, backend="aot_eager")
+    for n in range(9, 21):
+        e = torch.randn(n, D, requires_grad=True)
+        y = torch.randint(0, V, (n,))
+        got = torch.autograd.grad(fn(e, c, y), (e, c))
+        want = torch.autograd.grad(fusedlm.linear_cross_entropy(e, c, y, label_smoothing=0.1), (e, c))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+
+
+def test_forward_mode_ad_is_refused_not_zero():
+    # Dual tensors do not set requires_grad; they must not take the no-gradient shortcut,
+    # whose op would drop the tangent (a silent zero derivative).
+    e, c, y, _ = make_inputs(dtype=torch.float64)
+    e, c = e.detach(), c.detach()
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(e, torch.ones_like(e))
+        with pytest.raises((NotImplementedError, RuntimeError)):
+            fusedlm.linear_cross_entropy(dual, c, y)
+    with pytest.raises((NotImplementedError, RuntimeError)):
+        torch.func.jvp(lambda e_: fusedlm.linear_cross_entropy(e_, c, y), (e,), (torch.ones_like(e),))
+
+
 BAD_CALLS = [
     ("targets shape", lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y[:-1]), ValueError),
     ("c not 2-D", lambda e, c, y: fusedlm.linear_cross_entropy(e, c[None], y), ValueError),

@@ -18,6 +18,7 @@ from typing import Optional, Union
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 
 from ._checks import is_real_number
@@ -63,7 +64,9 @@ def _kernel_filter(filter_eps: float, softcap: float, uses_logit_sum: bool):
 
 
 # Rows per block of the label-smoothing terms below: ~16M elements (64 MB of float32), so
-# that no float32 copy of a whole [V, D] or [N, D] tensor is made.
+# that no float32 copy of a whole [V, D] or [N, D] tensor is made. (Under torch.compile the
+# terms stay single expressions: a loop over the rows would pin N and V to their values and
+# recompile for every new N; the compiler fuses the casts of the elementwise one anyway.)
 _BLOCK_ELEMENTS = 1 << 24
 
 
@@ -72,22 +75,37 @@ def _row_blocks(rows: int, cols: int):
     return range(0, rows, step), step
 
 
-def _add_outer_(out: Tensor, col: Optional[Tensor], row: Tensor, acc: torch.dtype) -> None:
-    """out += col[:, None] * row[None, :] (col None: ones), summed in `acc`, in place."""
+def _add_outer_(out: Tensor, col: Optional[Tensor], row: Tensor, acc: torch.dtype) -> Tensor:
+    """out + col[:, None] * row[None, :] (col None: ones), summed in `acc`; in place."""
+    if torch.compiler.is_compiling():
+        return (out.to(acc) + (row if col is None else col[:, None] * row)).to(out.dtype)
     starts, step = _row_blocks(out.shape[0], out.shape[1])
     for start in starts:
         block = out[start:start + step]
         term = row if col is None else col[start:start + step, None] * row
         block.copy_(block.to(acc) + term)
+    return out
 
 
 def _weighted_row_sum(weights: Tensor, x: Tensor, acc: torch.dtype) -> Tensor:
     """weights @ x in `acc` ([N] @ [N, D] -> [D])."""
+    if torch.compiler.is_compiling():
+        return weights.to(acc) @ x.to(acc)
     total = torch.zeros(x.shape[1], dtype=acc, device=x.device)
     starts, step = _row_blocks(x.shape[0], x.shape[1])
     for start in starts:
         total += weights[start:start + step].to(acc) @ x[start:start + step].to(acc)
     return total
+
+
+def _carries_derivatives(*tensors: Optional[Tensor]) -> bool:
+    """Whether autograd could differentiate through any of the tensors: reverse mode
+    (requires_grad, grad mode on) or forward mode (dual tensors of forward_ad,
+    torch.func.jvp / jacfwd, which do not set requires_grad)."""
+    grad_mode = torch.is_grad_enabled()
+    return any(t is not None and ((grad_mode and t.requires_grad)
+                                  or forward_ad.unpack_dual(t).tangent is not None)
+               for t in tensors)
 
 
 class _CCEStatistics(torch.autograd.Function):
@@ -127,9 +145,9 @@ class _CCEStatistics(torch.autograd.Function):
             g = grad_sum.to(lse.dtype)
             acc = torch.float64 if lse.dtype == torch.float64 else torch.float32
             if need_e:
-                _add_outer_(grad_e, g, c.sum(0, dtype=acc), acc)
+                grad_e = _add_outer_(grad_e, g, c.sum(0, dtype=acc), acc)
             if need_c:
-                _add_outer_(grad_c, None, _weighted_row_sum(g, e, acc), acc)
+                grad_c = _add_outer_(grad_c, None, _weighted_row_sum(g, e, acc), acc)
             if need_bias:
                 grad_bias = (grad_bias.to(acc) + g.sum()).to(bias.dtype)
         return (grad_e if need_e else None, grad_c if need_c else None, None,
@@ -146,9 +164,9 @@ def cce_statistics(e: Tensor, c: Tensor, targets: Tensor, bias: Optional[Tensor]
     ignore_index``."""
     softcap, ignore_index = float(softcap or 0.0), int(ignore_index)
     filter_eps = resolve_filter_eps(filter_eps, e.dtype)  # (checked even when unused)
-    wants_grad = e.requires_grad or c.requires_grad or (bias is not None and bias.requires_grad)
-    if not (wants_grad and torch.is_grad_enabled()):
+    if not (torch.compiler.is_compiling() or _carries_derivatives(e, c, bias)):
         # Nothing to differentiate: the op alone, without autograd.Function's host time.
+        # (Forward-mode AD goes through the Function, which refuses it clearly.)
         lse, target_logit, logit_sum, _ = ops.cce_forward(e, c, targets, bias, softcap, ignore_index, False)
         return lse, target_logit, logit_sum
     return _CCEStatistics.apply(e, c, targets, bias, softcap, ignore_index, filter_eps,
