@@ -351,6 +351,92 @@ def test_activation_checkpointing_gives_same_gradients(mode):
         assert max_diff(a, b) < 1e-10
 
 
+@pytest.mark.parametrize("mode", ["copy", "distill"])
+def test_checkpointing_keeps_the_last_training_calls_teacher_activations(mode):
+    # An evaluation call between a training call and its backward must not change the
+    # teacher activations the checkpointed backward recomputes from; a second training call
+    # before the backward is refused (its recompute would be ambiguous), not silently wrong.
+    teacher, student = make_vit(seed=1), make_vit(seed=2)
+    at = AttentionTransfer(student, teacher, mode=mode, layers="all")
+    xa, xb = images(seed=1), images(b=5, seed=2)
+    grads = []
+    for ckpt, evaluate in ((False, False), (True, True)):
+        student.set_grad_checkpointing(ckpt)
+        student.zero_grad(set_to_none=True)
+        at.train()
+        out = at(xa)
+        if evaluate:
+            at.eval()
+            with torch.no_grad():
+                at(xb)
+            at.train()
+        (out.logits.square().sum() + out.aux_loss).backward()
+        grads.append([p.grad.clone() for p in student.parameters()])
+    for a, b in zip(*grads):
+        assert max_diff(a, b) < 1e-10
+    out = at(xa)
+    with pytest.raises(RuntimeError, match="run backward"):
+        at(xb)
+    (out.logits.sum() + out.aux_loss).backward()  # then the next call is fine again
+    at(xb)
+    student.set_grad_checkpointing(False)
+    oa, ob = at(xa), at(xb)  # without checkpointing, several calls before one backward work
+    (oa.logits.sum() + ob.logits.sum() + oa.aux_loss + ob.aux_loss).backward()
+
+
+def test_reentrant_checkpointing_is_refused_in_distill_mode():
+    # Reentrant checkpointing runs the blocks without gradients in the forward: the
+    # distillation loss computed there would not train the student.
+    set_reentrant = getattr(timm.layers, "set_reentrant_ckpt", None)
+    if set_reentrant is None:
+        pytest.skip("this timm has no set_reentrant_ckpt")
+    teacher, student = make_vit(seed=1), make_vit(seed=2)
+    at = AttentionTransfer(student, teacher, mode="distill", layers="all").train()
+    student.set_grad_checkpointing(True)
+    set_reentrant(True)
+    try:
+        with pytest.raises(RuntimeError, match="non-reentrant"):
+            at(images())
+    finally:
+        set_reentrant(False)
+
+
+@pytest.mark.parametrize("mode", ["copy", "distill"])
+def test_bare_student_never_uses_stale_teacher_activations(mode):
+    teacher, student = make_vit(seed=1), make_vit(seed=2)
+    plain = copy.deepcopy(student)
+    at = AttentionTransfer(student, teacher, mode=mode, layers="all").train()
+    at(images(b=3))  # leaves this call's teacher activations in the slots
+    student.eval()
+    plain.eval()
+    for b in (3, 2):
+        if mode == "copy":  # the student alone cannot run: it needs the teacher
+            with pytest.raises(RuntimeError, match="call the AttentionTransfer module"):
+                student(images(b=b, seed=7))
+        else:  # distill: the student alone is the plain model (inference, EMA copies)
+            want = plain(images(b=b, seed=7))
+            assert max_diff(student(images(b=b, seed=7)), want) < 1e-10
+            ema = copy.deepcopy(student)
+            assert max_diff(ema(images(b=b, seed=7)), want) < 1e-10
+
+
+@pytest.mark.parametrize("mode", ["copy", "distill"])
+def test_deepcopy_of_the_wrapper_is_self_contained(mode):
+    # e.g. an EMA of the whole dual model: the copy's patched layers use the copy's teacher
+    teacher, student = make_vit(seed=1), make_vit(seed=2)
+    at = AttentionTransfer(student, teacher, mode=mode, layers="all")
+    twin = copy.deepcopy(at)
+    for training in (True, False):
+        at.train(training)
+        twin.train(training)
+        x = images(b=4, seed=3)
+        got, want = twin(x), at(x)
+        assert torch.equal(got.logits, want.logits) and torch.equal(got.aux_loss, want.aux_loss)
+    at.unpatch()
+    twin.eval()
+    assert twin(images(b=2)).logits.shape == (2, 5)
+
+
 # -------------------------------------------------------------------- patch / unpatch
 
 def test_only_chosen_layers_are_patched():
@@ -527,3 +613,15 @@ def test_cuda_matches_cpu(mode):
         gpu = at(x.cuda())
     assert torch.allclose(gpu.logits.float().cpu(), cpu.logits, atol=0.1, rtol=0.1)
     assert abs(gpu.aux_loss.item() - cpu.aux_loss.item()) < 0.05 * max(1.0, cpu.aux_loss.item())
+
+
+def test_unpatch_restores_mixed_train_eval_modes_of_the_teacher():
+    teacher, student = make_vit(seed=1), make_vit(seed=2)
+    teacher.train()
+    teacher.blocks[0].eval()
+    teacher.head.eval()
+    before = {n: m.training for n, m in teacher.named_modules()}
+    at = AttentionTransfer(student, teacher, mode="copy", layers="all")
+    assert not any(m.training for m in teacher.modules())
+    at.unpatch()
+    assert {n: m.training for n, m in teacher.named_modules()} == before

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import types
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple, Union
 
@@ -259,10 +260,27 @@ def _head_plan(heads: Optional[Iterable[int]], hs: int, ht: int, mode: str,
         inv_perm=[perm.index(j) for j in range(hs)] if rest else None)
 
 
+class _GraphSentinel:
+    """An object kept in a call's autograd graph (node metadata): freed with the graph."""
+
+
+@dataclass(eq=False)
+class _CallState:
+    """Shared by one wrapper's patched layers: whether its forward is running, and the
+    graph-building calls whose backward has not started yet (activation checkpointing
+    recomputes the student's layers in that backward, from the slots)."""
+    active: bool = False
+    graph_call: bool = False  # the running call records a graph (grad mode on)
+    pending: Dict[int, bool] = field(default_factory=dict)
+    calls: int = 0
+
+
 @dataclass(eq=False)
 class _Slot:
-    """Teacher layer -> student layer(s) hand-over; cleared before every forward."""
+    """Teacher layer -> student layer(s) hand-over: the teacher's q / k of the last call that
+    recorded a graph (a call without one restores them afterwards)."""
     scale: float
+    state: _CallState
     q: Optional[Tensor] = None
     k: Optional[Tensor] = None
 
@@ -271,9 +289,34 @@ class _Slot:
 class _Link:
     student_layer: int
     teacher_layer: int
+    mode: str
     slot: _Slot
     plan: _HeadPlan
     loss: Optional[Tensor] = field(default=None)
+
+
+def _in_backward() -> bool:
+    """Whether an autograd backward pass is running (activation checkpointing recomputes
+    the student's layers there)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
+def _teacher_slot_for(link: _Link, module: nn.Module) -> bool:
+    """Whether the student layer may use the slot's teacher activations now: inside the
+    wrapper's forward, or when a backward recomputes the layer. A bare call of the student
+    (or of a copy of it, e.g. an EMA model) never sees them."""
+    state = link.slot.state
+    if state.active:
+        if (link.mode == "distill" and state.graph_call and module.training
+                and not torch.is_grad_enabled()):
+            raise RuntimeError(
+                "the student's blocks run without gradients inside a training call (reentrant "
+                "activation checkpointing?): the distillation loss would not train them. Use "
+                "non-reentrant checkpointing (timm.layers.set_reentrant_ckpt(False), or "
+                "torch.utils.checkpoint with use_reentrant=False)")
+        return link.slot.q is not None
+    return _in_backward() and link.slot.q is not None
 
 
 def _take(t: Tensor, idx: Optional[List[int]]) -> Tensor:
@@ -302,68 +345,69 @@ def _output(m: nn.Module, o: Tensor, gate: Optional[Tensor]) -> Tensor:
     return m.proj_drop(m.proj(x))
 
 
-def _teacher_forward(slot: _Slot):
-    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
-                is_causal: bool = False) -> Tensor:
-        gate = _gate(self, x)
-        q, k, v = _split_qkv(self, x)
-        q, k = self.q_norm(q), self.k_norm(k)
+def _teacher_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
+                     is_causal: bool = False) -> Tensor:
+    # (Patched forwards read their slot / link from the module, not from a closure, so that a
+    # deepcopy of the models or of the wrapper stays self-consistent.)
+    gate = _gate(self, x)
+    q, k, v = _split_qkv(self, x)
+    q, k = self.q_norm(q), self.k_norm(k)
+    slot = self._fusedlm_slot
+    if slot.state.active:  # (a bare call of the teacher leaves the slot alone)
         slot.q, slot.k = q, k
-        o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
-            dropout_p=self.attn_drop.p if self.training else 0.0)
+    o = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+        dropout_p=self.attn_drop.p if self.training else 0.0)
+    return _output(self, o, gate)
+
+
+def _student_forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
+                     is_causal: bool = False) -> Tensor:
+    link = self._fusedlm_link
+    plan, slot, mode = link.plan, link.slot, link.mode
+    n = x.shape[1]
+    gate = _gate(self, x)
+    q, k, v = _split_qkv(self, x)
+    p = self.attn_drop.p if self.training else 0.0
+    use_teacher = _teacher_slot_for(link, self)
+    if mode == "distill":
+        q, k = self.q_norm(q), self.k_norm(k)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p,
+                                           is_causal=is_causal, scale=self.scale)
+        if use_teacher:  # the teacher ran (training): distill this layer
+            if slot.q.shape[2] != n:
+                raise ValueError(f"teacher has {slot.q.shape[2]} tokens, student {n}")
+            link.loss = attention_distill_loss_from_qk(
+                _take(q, plan.sel_idx), _take(k, plan.sel_idx),
+                _take(slot.q, plan.t_idx), _take(slot.k, plan.t_idx),
+                scale_s=self.scale, scale_t=slot.scale, teacher_group=plan.group)
         return _output(self, o, gate)
-    return forward
 
-
-def _student_forward(link: _Link, mode: str):
-    plan, slot = link.plan, link.slot
-
-    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None,
-                is_causal: bool = False) -> Tensor:
-        n = x.shape[1]
-        gate = _gate(self, x)
-        q, k, v = _split_qkv(self, x)
-        p = self.attn_drop.p if self.training else 0.0
-        if mode == "distill":
-            q, k = self.q_norm(q), self.k_norm(k)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p,
-                                               is_causal=is_causal, scale=self.scale)
-            if slot.q is not None:  # the teacher ran (training): distill this layer
-                if slot.q.shape[2] != n:
-                    raise ValueError(f"teacher has {slot.q.shape[2]} tokens, student {n}")
-                link.loss = attention_distill_loss_from_qk(
-                    _take(q, plan.sel_idx), _take(k, plan.sel_idx),
-                    _take(slot.q, plan.t_idx), _take(slot.k, plan.t_idx),
-                    scale_s=self.scale, scale_t=slot.scale, teacher_group=plan.group)
-            return _output(self, o, gate)
-
-        if slot.q is None:
-            raise RuntimeError(
-                f"student layer {link.student_layer} is patched for attention {mode} and needs "
-                "the teacher's activations: call the AttentionTransfer module, not the student")
-        if slot.q.shape[2] != n:
-            raise ValueError(f"teacher has {slot.q.shape[2]} tokens, student {n}")
-        qt, kt = slot.q.to(v.dtype), slot.k.to(v.dtype)
-        if mode == "copy":
-            q_src, k_src, scale = _take(qt, plan.t_idx), _take(kt, plan.t_idx), slot.scale
-            v_src = _take(v, plan.v_idx)
-        else:  # copy_q: teacher queries, own keys; copy_k: own queries, teacher keys
-            q_src = qt if mode == "copy_q" else self.q_norm(q)
-            k_src = self.k_norm(k) if mode == "copy_q" else kt
-            q_src, k_src, scale = _take(q_src, plan.sel_idx), _take(k_src, plan.sel_idx), self.scale
-            v_src = _take(v, plan.sel_idx)
-        o = F.scaled_dot_product_attention(q_src, k_src, v_src, attn_mask=attn_mask,
-                                           dropout_p=p, is_causal=is_causal, scale=scale)
-        if plan.group > 1:  # attention is linear in V: mean of maps @ v = mean of outputs
-            o = o.unflatten(1, (len(plan.sel), plan.group)).mean(dim=2)
-        if plan.inv_perm is not None:
-            own = F.scaled_dot_product_attention(
-                self.q_norm(q)[:, plan.rest], self.k_norm(k)[:, plan.rest], v[:, plan.rest],
-                attn_mask=attn_mask, dropout_p=p, is_causal=is_causal, scale=self.scale)
-            o = torch.cat([o, own], dim=1)[:, plan.inv_perm]
-        return _output(self, o, gate)
-    return forward
+    if not use_teacher:
+        raise RuntimeError(
+            f"student layer {link.student_layer} is patched for attention {mode} and needs "
+            "the teacher's activations: call the AttentionTransfer module, not the student")
+    if slot.q.shape[2] != n:
+        raise ValueError(f"teacher has {slot.q.shape[2]} tokens, student {n}")
+    qt, kt = slot.q.to(v.dtype), slot.k.to(v.dtype)
+    if mode == "copy":
+        q_src, k_src, scale = _take(qt, plan.t_idx), _take(kt, plan.t_idx), slot.scale
+        v_src = _take(v, plan.v_idx)
+    else:  # copy_q: teacher queries, own keys; copy_k: own queries, teacher keys
+        q_src = qt if mode == "copy_q" else self.q_norm(q)
+        k_src = self.k_norm(k) if mode == "copy_q" else kt
+        q_src, k_src, scale = _take(q_src, plan.sel_idx), _take(k_src, plan.sel_idx), self.scale
+        v_src = _take(v, plan.sel_idx)
+    o = F.scaled_dot_product_attention(q_src, k_src, v_src, attn_mask=attn_mask,
+                                       dropout_p=p, is_causal=is_causal, scale=scale)
+    if plan.group > 1:  # attention is linear in V: mean of maps @ v = mean of outputs
+        o = o.unflatten(1, (len(plan.sel), plan.group)).mean(dim=2)
+    if plan.inv_perm is not None:
+        own = F.scaled_dot_product_attention(
+            self.q_norm(q)[:, plan.rest], self.k_norm(k)[:, plan.rest], v[:, plan.rest],
+            attn_mask=attn_mask, dropout_p=p, is_causal=is_causal, scale=self.scale)
+        o = torch.cat([o, own], dim=1)[:, plan.inv_perm]
+    return _output(self, o, gate)
 
 
 # ------------------------------------------------------------------------------ the module
@@ -435,6 +479,7 @@ class AttentionTransfer(nn.Module):
             layers, mode, len(self._s_attn), len(self._t_attn))
         heads = None if heads is None else list(heads)
 
+        self._state = _CallState()
         self._slots: Dict[int, _Slot] = {}
         self._links: List[_Link] = []
         for s, t in self.layers:
@@ -444,10 +489,10 @@ class AttentionTransfer(nn.Module):
                 raise ValueError(f"mode={mode!r} needs equal head dims; student layer {s} has "
                                  f"{sa.head_dim}, teacher layer {t} has {ta.head_dim}")
             if t not in self._slots:
-                self._slots[t] = _Slot(scale=float(ta.scale))
-            self._links.append(_Link(s, t, self._slots[t], plan))
+                self._slots[t] = _Slot(scale=float(ta.scale), state=self._state)
+            self._links.append(_Link(s, t, mode, self._slots[t], plan))
         self._teacher_last = max(self._slots)
-        self._saved_teacher: Optional[Tuple[bool, Dict[str, bool]]] = None
+        self._saved_teacher: Optional[Tuple[Dict[str, bool], Dict[str, bool]]] = None
         self.patched = False
         self.patch()
 
@@ -464,11 +509,13 @@ class AttentionTransfer(nn.Module):
                                    "(patched by another AttentionTransfer?)")
         for t, slot in self._slots.items():
             attn = self._t_attn[t]
-            attn.forward = types.MethodType(_teacher_forward(slot), attn)
+            attn._fusedlm_slot = slot
+            attn.forward = types.MethodType(_teacher_forward, attn)
         for link in self._links:
             attn = self._s_attn[link.student_layer]
-            attn.forward = types.MethodType(_student_forward(link, self.mode), attn)
-        self._saved_teacher = (self.teacher.training,
+            attn._fusedlm_link = link
+            attn.forward = types.MethodType(_student_forward, attn)
+        self._saved_teacher = ({n: m.training for n, m in self.teacher.named_modules()},
                                {n: p.requires_grad for n, p in self.teacher.named_parameters()})
         self.teacher.requires_grad_(False)
         self.teacher.eval()
@@ -482,12 +529,15 @@ class AttentionTransfer(nn.Module):
             return
         for t in self._slots:
             del self._t_attn[t].__dict__["forward"]
+            del self._t_attn[t]._fusedlm_slot
         for link in self._links:
             del self._s_attn[link.student_layer].__dict__["forward"]
-        training, flags = self._saved_teacher
+            del self._s_attn[link.student_layer]._fusedlm_link
+        modes, flags = self._saved_teacher
         for n, p in self.teacher.named_parameters():
             p.requires_grad_(flags[n])
-        self.teacher.train(training)
+        for n, m in self.teacher.named_modules():  # (per module: mixed train / eval survive)
+            m.training = modes[n]
         self._clear()
         self.patched = False
 
@@ -533,13 +583,33 @@ class AttentionTransfer(nn.Module):
     def forward(self, x: Tensor) -> TransferOutput:
         if not self.patched:
             raise RuntimeError("AttentionTransfer was unpatched; call .patch() first")
+        state = self._state
+        graph_call = torch.is_grad_enabled()
+        checkpointing = bool(getattr(self.student, "grad_checkpointing", False))
+        if graph_call and checkpointing and state.pending:
+            raise RuntimeError(
+                "activation checkpointing recomputes the student's patched layers during "
+                "backward from the teacher activations of the last training call: run backward "
+                "on a call's outputs before the next call with gradients (or turn checkpointing "
+                "off to sum the losses of several calls)")
+        # The slots keep the teacher activations of the last call that recorded a graph (its
+        # backward may recompute the student's layers from them); a call without a graph puts
+        # them back when it is done.
+        saved = [(slot, slot.q, slot.k) for slot in self._slots.values()]
         self._clear()
-        run_teacher = self.uses_teacher
-        if run_teacher:
-            with torch.no_grad():
-                self._run_teacher(x)
-        logits = self.student(x)
-        if self.mode == "distill" and run_teacher:
+        state.active, state.graph_call = True, graph_call
+        try:
+            if self.uses_teacher:
+                with torch.no_grad():
+                    self._run_teacher(x)
+            logits = self.student(x)
+        except BaseException:
+            for slot, q, k in saved:
+                slot.q, slot.k = q, k
+            raise
+        finally:
+            state.active = False
+        if self.mode == "distill" and self.uses_teacher:
             layer_losses = torch.stack([link.loss for link in self._links])
             aux = self.weight * layer_losses.sum()
             layer_losses = layer_losses.detach()
@@ -547,12 +617,33 @@ class AttentionTransfer(nn.Module):
             dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
             aux = logits.new_zeros((), dtype=dtype)
             layer_losses = logits.new_zeros((0,), dtype=dtype)
-        # The teacher's q/k stay in the slots until the next call (they are small, [B, H, N, d],
-        # and saved for backward by the copy modes anyway): activation checkpointing re-runs
-        # the student's patched forwards during backward and needs them.
         for link in self._links:
             link.loss = None
+        if logits.requires_grad or aux.requires_grad:
+            if not torch.compiler.is_compiling():
+                self._track_backward(logits, aux)
+        else:
+            for slot, q, k in saved:
+                slot.q, slot.k = q, k
         return TransferOutput(logits, aux, layer_losses)
+
+    def _track_backward(self, *outputs: Tensor) -> None:
+        """Marks this call pending until a backward reaches its outputs or its graph is freed."""
+        state = self._state
+        state.calls += 1
+        key = state.calls
+        state.pending[key] = True
+        sentinel = _GraphSentinel()  # lives in the graph's metadata: dies with the graph
+        weakref.finalize(sentinel, state.pending.pop, key, None)
+
+        def backward_started(grad: Tensor) -> None:
+            state.pending.pop(key, None)
+
+        for t in outputs:
+            if t.requires_grad:
+                t.register_hook(backward_started)
+                if t.grad_fn is not None:
+                    t.grad_fn.metadata["fusedlm_transfer_call"] = sentinel
 
     # ------------------------------------------------------------------- logging
     def layer_loss_dict(self, out: Union[TransferOutput, Tensor],
