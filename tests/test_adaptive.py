@@ -326,7 +326,9 @@ def test_trainer_improves_reward_on_toy_task(tmp_path):
         assert history[0]["pairs"] > 10
         after = evaluate_rewards(model, head.eval(), test, reward, **ev)  # argmax tau
         kinds = torch.tensor([p["kind"] == "A" for p in test])
-        assert after["reward"] > before["reward"] + 0.15, (level, before["reward"], after["reward"])
+        # (+0.15 held for this seed only by luck: over seeds 0-4 the token-level gain was
+        # 0.07-0.25 here, and -0.08-0.33 with the earlier temperature-draw stream)
+        assert after["reward"] > before["reward"] + 0.05, (level, before["reward"], after["reward"])
         assert after["mean_tau"][kinds].mean() < 0.2 < after["mean_tau"][~kinds].mean(), level
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in lm_state.items())
         # the checkpoint reloads into a fresh trainer and the head file into a fresh head
@@ -401,3 +403,131 @@ def test_generate_bfloat16_model():
     ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
                          pad_token_id=0, eos_token_id=None)[:, ids.shape[1]:]
     assert torch.equal(greedy.tokens, ref)
+
+
+# ----------------------------------------------------------- reproducibility and bad input
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_sampled_temperatures_do_not_depend_on_the_batch_position(level):
+    # With a per-row seed tensor a row's reply (tokens and temperatures) depends only on its
+    # prompt and seed: the same rows permuted, or one row alone, give the same replies.
+    model = tiny_llama(init=0.3)
+    rows = [[5, 6, 7], [3, 4, 9], [11, 12, 13], [14, 15, 16]] * 2
+    seeds = torch.tensor([101, 202, 303, 404, 505, 606, 707, 808])
+    kw = dict(max_new_tokens=6, eos_token_id=None, pad_token_id=0, tau_mode="sample")
+    torch.manual_seed(0)
+    head = AdaptiveDecoder(32, level=level, zero_init=True)  # uniform P(tau | h): varied draws
+    ids, mask = left_pad(rows, 0)
+    base = generate(model, head, ids, mask, seed=seeds, **kw)
+    perm = torch.tensor([2, 0, 7, 3, 5, 1, 4, 6])
+    permuted = generate(model, head, ids[perm], mask[perm], seed=seeds[perm], **kw)
+    assert torch.equal(permuted.tokens, base.tokens[perm])
+    assert torch.equal(permuted.tau_index, base.tau_index[perm])
+    alone = generate(model, head, ids[1:2], mask[1:2], seed=seeds[1:2], **kw)
+    assert torch.equal(alone.tau_index, base.tau_index[1:2]) and torch.equal(alone.tokens, base.tokens[1:2])
+    assert len(set(base.tau_index.flatten().tolist())) > 1  # (sampled: not all the same)
+
+
+def test_generate_refuses_inputs_it_would_get_wrong():
+    model = tiny_llama()
+    ids, mask = left_pad([[5, 6, 7], [3, 4]], 0)
+    kw = dict(max_new_tokens=2, eos_token_id=None, pad_token_id=0, temperature=1.0)
+    with pytest.raises(TypeError, match="integer tensor"):  # float seeds would all be 0
+        generate(model, None, ids, mask, seed=torch.rand(2), **kw)
+    with pytest.raises(ValueError, match="left-padded"):  # right padding
+        generate(model, None, ids, mask.flip(1), **kw)
+    with pytest.raises(ValueError, match="empty prompt"):
+        left_pad([[5, 6], []], 0)
+    with pytest.raises(ValueError, match="eos_check_every"):
+        generate(model, None, ids, mask, eos_check_every=0, **kw)
+
+
+def test_lpo_loss_refuses_missing_temperatures_and_bad_reduction():
+    gen = torch.Generator().manual_seed(0)
+    head = random_head("token", d=8)
+    chosen, rejected = _side(4, 5, 8, 6, "token", gen), _side(4, 5, 8, 6, "token", gen)
+    lpo_loss(head, chosen, rejected)  # valid
+    chosen["tau_index"][0, 0] = -1  # a step without a head temperature, inside the reply
+    for form in ("separate", "nll"):
+        with pytest.raises(ValueError, match="tau_index is -1"):
+            lpo_loss(head, chosen, rejected, form=form)
+    chosen["response_mask"][0, 0] = False  # outside the reply it is ignored
+    lpo_loss(head, chosen, rejected)
+    with pytest.raises(ValueError, match="reduction"):
+        lpo_loss(head, chosen, rejected, form="nll", reduction="avg")
+
+
+def test_trainer_refuses_latent_loss_with_truncation_and_nan_rewards():
+    for kw in (dict(top_k=5), dict(top_p=0.9), dict(min_p=0.1)):
+        with pytest.raises(ValueError, match="untruncated"):
+            LPOConfig(loss="latent", **kw)
+    LPOConfig(loss="separate", top_k=5)  # the separate form reads only log P(tau | h)
+    model = tiny_llama()
+    cfg = LPOConfig(num_samples=2, max_new_tokens=2, eos_token_id=None, pad_token_id=0,
+                    progress=False)
+    trainer = LPOTrainer(model, random_head("token"), lambda p, rs: [1.0, float("nan")], cfg)
+    with pytest.raises(ValueError, match="NaN"):
+        trainer.build_pairs([[5, 6, 7]])
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        trainer.save_checkpoint()
+
+
+def test_checkpoint_of_another_head_configuration_is_refused(tmp_path):
+    model = tiny_llama()
+    cfg = LPOConfig(num_samples=2, max_new_tokens=2, eos_token_id=None, pad_token_id=0,
+                    progress=False, checkpoint_dir=str(tmp_path))
+    path = LPOTrainer(model, random_head("token"), lambda p, rs: [0.0, 1.0], cfg).save_checkpoint()
+    for other in (random_head("sequence"), random_head("token", temps=(0.0, 0.5, 1.0))):
+        with pytest.raises(ValueError, match="another configuration"):
+            LPOTrainer(model, other, lambda p, rs: [0.0, 1.0], cfg).load_checkpoint(path)
+
+
+def test_resume_from_a_mid_round_checkpoint_matches_the_uninterrupted_run(tmp_path):
+    model = tiny_llama(init=0.2)
+    train, reward = toy_task(model, 24, 0)
+
+    def trainer(directory, every):
+        torch.manual_seed(0)
+        head = AdaptiveDecoder(32, level="token", mlp_hidden=16, zero_init=False)
+        cfg = LPOConfig(num_samples=8, max_new_tokens=3, eos_token_id=None, pad_token_id=0,
+                        epochs=2, batch_size=2, lr=3e-3, rounds=2, progress=False, seed=0,
+                        checkpoint_dir=str(directory), checkpoint_every=every)
+        return LPOTrainer(model, head, reward, cfg)
+
+    whole = trainer(tmp_path / "whole", 0)
+    whole.fit(train)
+    assert whole.step > 5
+    crashing = trainer(tmp_path / "resume", 5)
+
+    class Crash(Exception):
+        pass
+
+    save = crashing.save_checkpoint
+
+    def save_then_crash(path=None):
+        save(path)
+        raise Crash
+
+    crashing.save_checkpoint = save_then_crash
+    with pytest.raises(Crash):
+        crashing.fit(train)
+    resumed = trainer(tmp_path / "resume", 0)
+    resumed.load_checkpoint(str(tmp_path / "resume" / "lpo_checkpoint.pt"))
+    assert resumed.step == 5
+    resumed.fit(train)
+    assert resumed.step == whole.step and resumed.round == whole.round
+    h = torch.randn(5, 32)
+    torch.testing.assert_close(resumed.head(h), whole.head(h))
+
+
+def test_cli_chat_template_output_as_a_mapping():
+    # transformers 5 returns a BatchEncoding (a Mapping, not a dict) from apply_chat_template
+    from collections import UserDict
+
+    from fusedlm.adaptive import cli
+
+    class Tokenizer:
+        def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+            return UserDict(input_ids=[7, 8, 9], attention_mask=[1, 1, 1])
+
+    records = cli._tokenize([{"prompt": "hi"}], Tokenizer(), chat=True)
+    assert records[0]["input_ids"] == [7, 8, 9]

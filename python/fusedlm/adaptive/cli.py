@@ -28,6 +28,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any, Callable, List, Optional
 
 import torch
@@ -97,7 +98,7 @@ def _tokenize(records: List[dict], tokenizer, chat: bool) -> List[dict]:
             if chat:
                 ids = tokenizer.apply_chat_template([{"role": "user", "content": text}],
                                                     add_generation_prompt=True, tokenize=True)
-                if isinstance(ids, dict):
+                if isinstance(ids, Mapping):  # (transformers 5: a BatchEncoding)
                     ids = ids["input_ids"]
             else:
                 ids = tokenizer(text)["input_ids"]

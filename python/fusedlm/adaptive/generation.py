@@ -64,8 +64,9 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device=None):
     if len(prompts) == 0:
         raise ValueError("no prompts")
     width = max(len(p) for p in prompts)
-    if width == 0:
-        raise ValueError("empty prompt")
+    empty = [i for i, p in enumerate(prompts) if len(p) == 0]
+    if empty:  # (its row would be generated from a fully masked context)
+        raise ValueError(f"empty prompt at index {empty[0]}")
     ids = torch.full((len(prompts), width), int(pad_token_id), dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for i, p in enumerate(prompts):
@@ -90,12 +91,19 @@ def _config_token(model, name: str):
     return None
 
 
+# Philox offsets of the temperature draws (token draws use offset = step < 2^62).
+_TAU_STREAM = 2**62
+
+
 def _row_seeds(seed, batch: int, device) -> Tensor:
     if seed is None:
         return torch.randint(0, 2**62, (batch,), device=device)
     if isinstance(seed, Tensor):
         if seed.shape != (batch,):
             raise ValueError(f"seed tensor must have shape ({batch},), got {tuple(seed.shape)}")
+        if seed.is_floating_point() or seed.is_complex() or seed.dtype == torch.bool:
+            # (cast to int64, torch.rand seeds would all become 0: one stream for every row)
+            raise TypeError(f"seed must be an integer tensor, got {seed.dtype}")
         return seed.to(device=device, dtype=torch.int64)
     rows = torch.arange(batch, device=device, dtype=torch.int64)
     return (rows * _SEED_MIX + int(seed) * 0x9E3779B97F4A7C15 % 2**62) & _SEED_MASK
@@ -163,6 +171,8 @@ def generate(
         raise ValueError("output_temperature_logprobs needs a head (its temperatures)")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not isinstance(eos_check_every, int) or eos_check_every < 1:
+        raise ValueError(f"eos_check_every must be an int >= 1, got {eos_check_every!r}")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [B, T], got {tuple(input_ids.shape)}")
     device = input_ids.device
@@ -170,6 +180,14 @@ def generate(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
+                         f"got {tuple(attention_mask.shape)}")
+    # Generation appends after the last column: prompts must be left-padded and not empty.
+    # (One host sync per call, before the decode loop.)
+    if bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any() | (attention_mask[:, -1] == 0).any()):
+        raise ValueError("prompts must be left-padded and non-empty: every row of attention_mask "
+                         "must be 0 ... 0 1 ... 1 with a 1 in the last column (see left_pad)")
 
     if isinstance(eos_token_id, str):
         eos_token_id = _config_token(model, "eos_token_id")
@@ -193,15 +211,6 @@ def generate(
     if head is not None:
         head_temps = head.temperatures.to(device)
     row_seeds = _row_seeds(seed, batch, device)
-    gen = None
-    if head is not None and fixed_tau is None and tau_mode == "sample":
-        head_dev = head.temperatures.device
-        gen = torch.Generator(device=head_dev)
-        if isinstance(seed, int):
-            gen.manual_seed(int(seed) ^ 0x2545F4914F6CDD1D)
-        else:
-            gen.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) if seed is None
-                            else int(seed.sum().item()) & _SEED_MASK)
 
     full_mask = torch.cat([attention_mask, attention_mask.new_ones(batch, max_new_tokens)], 1)
     position_ids = (attention_mask.cumsum(-1) - 1).masked_fill_(attention_mask == 0, 1)
@@ -242,7 +251,10 @@ def generate(
         if fixed_tau is not None:
             tau = fixed_tau
         elif level == "token" or seq_choice is None:
-            idx, tau, lp_tau = head.select(h, tau_mode, generator=gen)
+            # (sampled temperatures use the row's seed, on a stream apart from the tokens':
+            # a row's draws do not depend on its batch position)
+            idx, tau, lp_tau = head.select(h, tau_mode, seed=row_seeds.to(h.device),
+                                           offset=_TAU_STREAM + t)
             idx, tau, lp_tau = idx.to(device), tau.to(device), lp_tau.to(device)
             seq_choice = (idx, tau, lp_tau)
         else:

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import fusedlm
+
 __all__ = ["AdaptiveDecoder", "DEFAULT_TEMPERATURES", "LEVELS"]
 
 DEFAULT_TEMPERATURES: Tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -94,11 +96,15 @@ class AdaptiveDecoder(nn.Module):
 
     @torch.no_grad()
     def select(self, hidden: Tensor, mode: str = "argmax",
-               generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor, Tensor]:
+               generator: Optional[torch.Generator] = None, *, seed: Optional[Tensor] = None,
+               offset: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
         """Choose a temperature per row without a host sync.
 
         ``mode="argmax"`` is the paper's inference rule (Eq. 4), ``"sample"`` draws
-        ``tau ~ P(tau | h)`` (Eq. 5; used to build LPO data) by Gumbel-max with ``generator``.
+        ``tau ~ P(tau | h)`` (Eq. 5; used to build LPO data): with per-row ``seed`` (int64
+        ``[B]``, ``hidden`` ``[B, D]``) by :func:`fusedlm.sample` on the Philox stream
+        ``(seed, offset)``, so that a row's draw does not depend on the batch; else by
+        Gumbel-max with ``generator``.
         Returns ``(index [..], temperature [..], log P(tau | h) [..])``.
         """
         if mode not in TAU_MODES:
@@ -106,6 +112,10 @@ class AdaptiveDecoder(nn.Module):
         logp = self.log_probs(hidden)
         if mode == "argmax":
             index = logp.argmax(-1)
+        elif seed is not None:
+            if logp.dim() != 2:
+                raise ValueError(f"select with seed needs hidden [B, D], got {tuple(hidden.shape)}")
+            index = fusedlm.sample(logp.detach().float(), 1.0, seed=seed, offset=offset)
         else:
             u = torch.rand(logp.shape, device=logp.device, dtype=logp.dtype, generator=generator)
             u = u.clamp_(min=torch.finfo(u.dtype).tiny)

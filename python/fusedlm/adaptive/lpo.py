@@ -59,6 +59,11 @@ def tau_sequence_logprob(head: AdaptiveDecoder, hidden: Tensor, tau_index: Tenso
     ``tau_index`` ``[B, n]`` indices into ``head.temperatures``, ``response_mask`` ``[B, n]``.
     """
     level = level or head.level
+    # An index < 0 marks a step without a head temperature (after EOS, or a fixed-temperature
+    # generation): inside the reply it would be read as index 0. (A host sync.)
+    if bool(((tau_index < 0) & response_mask.bool()).any()):
+        raise ValueError("tau_index is -1 inside the response: these replies were not generated "
+                         "with the head's temperatures (e.g. a fixed temperature)")
     if level == "sequence":
         logp = head.log_probs(hidden[:, 0])
         return logp.gather(-1, tau_index[:, :1].clamp(min=0))[:, 0]
@@ -131,6 +136,8 @@ def lpo_loss(head: AdaptiveDecoder, chosen, rejected, *, form: str = "separate",
     """
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be mean, sum or none, got {reduction!r}")
     level = level or head.level
     hc, hr = _get(chosen, "hidden_states"), _get(rejected, "hidden_states")
     mc, mr = _get(chosen, "response_mask").bool(), _get(rejected, "response_mask").bool()

@@ -70,6 +70,12 @@ class LPOConfig:
             raise ValueError(f"loss must be one of {FORMS}, got {self.loss!r}")
         if self.num_samples < 2:
             raise ValueError("num_samples must be >= 2 (a pair needs two responses)")
+        if self.loss == "latent" and (self.top_k, self.top_p, self.min_p) != (None, None, None):
+            # Eq. 11 marginalises log p(y_t | tau_k) of the full tempered softmax
+            # (fusedlm.temperature_logprobs); with truncation the replies came from another
+            # distribution.
+            raise ValueError("loss='latent' needs untruncated sampling: top_k, top_p and min_p "
+                             "must be None")
 
 
 @dataclass
@@ -197,6 +203,8 @@ class LPOTrainer:
                                            weight_decay=self.config.weight_decay)
         self.step = 0
         self.round = 0
+        self._round_step = 0  # optimizer steps taken in the current round
+        self._round_start_head: Optional[Dict[str, Tensor]] = None
         self.history: List[Dict[str, float]] = []
 
     # --------------------------------------------------------------- data
@@ -232,6 +240,8 @@ class LPOTrainer:
                 if len(rewards) != cfg.num_samples:
                     raise ValueError(f"reward_fn returned {len(rewards)} rewards for "
                                      f"{cfg.num_samples} responses")
+                if any(math.isnan(r) for r in rewards):
+                    raise ValueError(f"reward_fn returned NaN for prompt {i}: {rewards}")
                 all_rewards.extend(rewards)
                 best, worst = max(rewards), min(rewards)
                 if best == worst:
@@ -291,9 +301,15 @@ class LPOTrainer:
         self.head.train()
         bar = tqdm(total=epochs * n_batches, desc=f"LPO train (round {self.round})", leave=False,
                    disable=not cfg.progress)
+        done = self._round_step  # steps of this round already taken (resumed mid-round)
+        bar.update(done)
+        self._round_step = 0
         for _ in range(epochs):
             perm = torch.randperm(len(pairs), generator=g)
             for b in range(n_batches):
+                if self._round_step < done:  # (the same batches as before the interruption)
+                    self._round_step += 1
+                    continue
                 batch = pairs.select(perm[b * cfg.batch_size:(b + 1) * cfg.batch_size]
                                      .to(pairs.prompt_index.device))
                 ref = None
@@ -306,12 +322,14 @@ class LPOTrainer:
                 loss.backward()
                 self.optimizer.step()
                 self.step += 1
+                self._round_step += 1
                 losses.append(float(loss.detach()))
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", acc=f"{stats['accuracy']:.2f}")
                 if cfg.checkpoint_dir and cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
         bar.close()
+        self._round_step = 0
         return losses
 
     def fit(self, prompts: Sequence[Any], eval_fn: Optional[Callable[["LPOTrainer"], Dict]] = None
@@ -321,7 +339,14 @@ class LPOTrainer:
         cfg = self.config
         start = self.round
         for _ in range(start, cfg.rounds):
-            pairs = self.build_pairs(prompts)
+            if self._round_step == 0:
+                self._round_start_head = _cpu_state(self.head)
+                pairs = self.build_pairs(prompts)
+            else:  # resumed mid-round: the round's pairs again, from the head it started with
+                trained = _cpu_state(self.head)
+                self.head.load_state_dict(self._round_start_head)
+                pairs = self.build_pairs(prompts)
+                self.head.load_state_dict(trained)
             losses = self.train_on_pairs(pairs)
             entry = {"round": self.round, "step": self.step, **pairs.stats,
                      "loss_first": losses[0] if losses else float("nan"),
@@ -336,11 +361,17 @@ class LPOTrainer:
 
     # --------------------------------------------------------------- checkpoints
     def save_checkpoint(self, path: Optional[str] = None) -> str:
+        if path is None and not self.config.checkpoint_dir:
+            raise ValueError("save_checkpoint: pass a path or set LPOConfig.checkpoint_dir")
         path = path or os.path.join(self.config.checkpoint_dir, "lpo_checkpoint.pt")
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        # Mid-round, the round's first head and the steps taken let a resume rebuild the same
+        # pairs and skip the batches already trained.
         torch.save({"head_config": self.head.config(),
-                    "head": {k: v.detach().cpu() for k, v in self.head.state_dict().items()},
-                    "ref_head": {k: v.detach().cpu() for k, v in self.ref_head.state_dict().items()},
+                    "head": _cpu_state(self.head),
+                    "ref_head": _cpu_state(self.ref_head),
+                    "round_start_head": self._round_start_head if self._round_step else None,
+                    "round_step": self._round_step if self._round_start_head is not None else 0,
                     "optimizer": self.optimizer.state_dict(), "step": self.step,
                     "round": self.round, "history": self.history,
                     "config": {k: v for k, v in asdict(self.config).items()
@@ -350,11 +381,24 @@ class LPOTrainer:
 
     def load_checkpoint(self, path: str) -> None:
         blob = torch.load(path, map_location="cpu", weights_only=False)
+        saved, current = blob.get("head_config"), self.head.config()
+        # (zero_init only decides the initial weights, which the checkpoint replaces)
+        diff = {k: (saved.get(k), current.get(k)) for k in sorted(set(saved or {}) | set(current))
+                if k != "zero_init" and saved is not None and saved.get(k) != current.get(k)}
+        if diff:
+            raise ValueError(f"{path} holds a head of another configuration (saved, current): "
+                             f"{diff}")
         self.head.load_state_dict(blob["head"])
         self.ref_head.load_state_dict(blob["ref_head"])
         self.optimizer.load_state_dict(blob["optimizer"])
         self.step, self.round = int(blob["step"]), int(blob["round"])
+        self._round_step = int(blob.get("round_step") or 0)
+        self._round_start_head = blob.get("round_start_head")
         self.history = list(blob.get("history", []))
+
+
+def _cpu_state(module: torch.nn.Module) -> Dict[str, Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
 def _mean(values) -> float:
