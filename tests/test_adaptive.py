@@ -531,3 +531,14 @@ def test_cli_chat_template_output_as_a_mapping():
 
     records = cli._tokenize([{"prompt": "hi"}], Tokenizer(), chat=True)
     assert records[0]["input_ids"] == [7, 8, 9]
+
+
+def test_lpo_loss_trains_only_the_head_even_with_a_graph_on_the_hidden_states():
+    gen = torch.Generator().manual_seed(0)
+    head = random_head("token", d=8)
+    chosen, rejected = _side(4, 5, 8, 6, "token", gen), _side(4, 5, 8, 6, "token", gen)
+    for side in (chosen, rejected):
+        side["hidden_states"].requires_grad_()
+    lpo_loss(head, chosen, rejected).backward()
+    assert chosen["hidden_states"].grad is None and rejected["hidden_states"].grad is None
+    assert all(p.grad is not None for p in head.parameters())

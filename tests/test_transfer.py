@@ -625,3 +625,13 @@ def test_unpatch_restores_mixed_train_eval_modes_of_the_teacher():
     assert not any(m.training for m in teacher.modules())
     at.unpatch()
     assert {n: m.training for n, m in teacher.named_modules()} == before
+
+
+def test_lower_precision_teacher_beside_a_float32_student():
+    teacher, student = make_vit(seed=1, dtype=torch.bfloat16), make_vit(seed=2, dtype=torch.float32)
+    for mode in ("copy", "distill"):
+        at = AttentionTransfer(student, teacher, mode=mode, layers="all").train()
+        out = at(images(dtype=torch.float32))
+        assert out.logits.dtype == torch.float32 and torch.isfinite(out.logits).all()
+        (out.logits.sum() + out.aux_loss).backward()
+        at.unpatch()

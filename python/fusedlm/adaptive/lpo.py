@@ -139,7 +139,8 @@ def lpo_loss(head: AdaptiveDecoder, chosen, rejected, *, form: str = "separate",
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be mean, sum or none, got {reduction!r}")
     level = level or head.level
-    hc, hr = _get(chosen, "hidden_states"), _get(rejected, "hidden_states")
+    # (detached: only the head trains, also when the hidden states carry the LM's graph)
+    hc, hr = _get(chosen, "hidden_states").detach(), _get(rejected, "hidden_states").detach()
     mc, mr = _get(chosen, "response_mask").bool(), _get(rejected, "response_mask").bool()
     if form in ("separate", "nll"):
         pc = tau_sequence_logprob(head, hc, _get(chosen, "tau_index"), mc, level, length_normalize)

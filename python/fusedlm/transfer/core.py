@@ -562,6 +562,9 @@ class AttentionTransfer(nn.Module):
 
     def _run_teacher(self, x: Tensor) -> None:
         t = self.teacher
+        dtype = next(t.parameters()).dtype
+        if x.is_floating_point() and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(dtype)  # (a bf16 teacher beside a float32 student, without autocast)
         try:
             from timm.models.vision_transformer import VisionTransformer
             plain = (isinstance(t, VisionTransformer)
