@@ -346,3 +346,49 @@ def test_ddp_and_fsdp2_two_cpu_ranks(tmp_path):
             assert ref_grads.keys() == grads.keys()
             for k in grads:
                 torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_moe_tuple_output_keeps_the_router_loss():
+    # return_dict=False drops None fields: the router aux loss comes before the logits
+    model = make_model("mixtral")
+    ids, labels = make_batch()
+    want = model(input_ids=ids, labels=labels, return_dict=False)
+    patch(model)
+    got = model(input_ids=ids, labels=labels, return_dict=False)
+    torch.testing.assert_close(got[0], want[0])  # the loss, router aux loss included
+    torch.testing.assert_close(got[1], want[1])  # the aux loss itself
+
+
+def test_refuses_what_it_would_get_wrong():
+    class OwnLoss(transformers.LlamaForCausalLM):
+        """Computes its loss itself (as Qwen2Audio does), not with self.loss_function."""
+
+        def forward(self, input_ids=None, labels=None, **kwargs):
+            hidden = self.model(input_ids=input_ids, **kwargs).last_hidden_state
+            logits = self.lm_head(hidden)
+            loss = None
+            if labels is not None:
+                loss = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+            return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    with pytest.raises(UnsupportedModelError, match="loss itself"):
+        patch(OwnLoss(transformers.LlamaConfig(**COMMON)))
+
+    class LearnedScale(transformers.LlamaForCausalLM):
+        def __init__(self, config):
+            super().__init__(config)
+            self.logit_scale = torch.nn.Parameter(torch.tensor(0.7))
+
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * self.logit_scale
+            return out
+
+    model = patch(LearnedScale(transformers.LlamaConfig(**COMMON)))
+    ids, labels = make_batch()
+    with pytest.raises(UnsupportedModelError, match="learnable"):  # it would get no gradient
+        model(input_ids=ids, labels=labels)
+
+    with pytest.raises(UnsupportedModelError, match="torch.compile wrapper"):
+        patch(torch.compile(make_model("llama")))

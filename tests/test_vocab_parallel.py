@@ -51,6 +51,8 @@ CASES = {
     "autocast_bfloat16": (dict(dtype=torch.float32, bias=True), dict(softcap=6.0), "autocast"),
     # A frozen classifier and bias (LoRA): only dE, still all-reduced over the ranks.
     "frozen_classifier": (dict(bias=True), dict(label_smoothing=0.1), "frozen"),
+    # torch.compile (aot_eager; graph breaks at the collectives are allowed)
+    "compiled": (dict(bias=True), dict(label_smoothing=0.1, z_loss=1e-3), "compiled"),
 }
 
 
@@ -122,6 +124,8 @@ def _run_case(case, rank, world, singleton):
     elif case["mode"] == "frozen":
         c_in, b_in = c.detach(), b.detach()
         leaves = (e, c_in, b_in)
+    elif case["mode"] == "compiled":
+        fn = torch.compile(fusedlm.linear_cross_entropy, backend="aot_eager")
     elif case["mode"] == "explicit":
         fn = vocab_parallel_linear_cross_entropy
         kw.update(vocab_start_index=start, vocab_size=case["c"].shape[0])

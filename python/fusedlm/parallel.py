@@ -78,12 +78,22 @@ __all__ = ["vocab_parallel_linear_cross_entropy", "vocab_shard_range", "shard_vo
 # ----------------------------------------------------------------------------- helpers
 
 
+def _is_device_mesh(obj) -> bool:
+    # (isinstance, not hasattr: dynamo cannot look up attributes of a ProcessGroup, which
+    # made the vocabulary-parallel loss fail under torch.compile)
+    try:
+        from torch.distributed.device_mesh import DeviceMesh
+    except ImportError:  # pragma: no cover - torch without DeviceMesh
+        return False
+    return isinstance(obj, DeviceMesh)
+
+
 def _resolve_group(process_group):
     """Accept a ProcessGroup, ``dist.group.WORLD`` or a 1-D DeviceMesh."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("vocab-parallel linear_cross_entropy needs an initialised "
                            "torch.distributed process group (dist.init_process_group)")
-    if hasattr(process_group, "get_group") and hasattr(process_group, "ndim"):  # DeviceMesh
+    if _is_device_mesh(process_group):
         if process_group.ndim != 1:
             raise ValueError("process_group: pass a 1-D DeviceMesh (e.g. mesh['tp']), got a "
                              f"{process_group.ndim}-D mesh")

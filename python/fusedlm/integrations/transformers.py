@@ -63,6 +63,8 @@ def _scalar(x) -> Optional[Any]:
     if isinstance(x, (int, float)):
         return float(x)
     if isinstance(x, Tensor) and not isinstance(x, _LogitsProbe) and x.numel() == 1:
+        if x.requires_grad:  # a learnable scale: folded into the loss it would get no gradient
+            return None
         return x.detach().reshape(())
     return None
 
@@ -75,6 +77,10 @@ def _classify(func, args, kwargs, probe) -> tuple:
         return ("tanh",)
     if len(args) == 2 and all(v is None for v in kwargs.values()):
         a, b = args
+        if name in _SCALE_OPS or name in _DIV_OPS:
+            other = b if a is probe else a
+            if isinstance(other, Tensor) and other.requires_grad:
+                return ("unknown", f"{name} by a learnable (requires_grad) logit scale")
         if name in _SCALE_OPS:
             other = b if a is probe else a
             s = _scalar(other)
@@ -297,11 +303,33 @@ def _model_name(model) -> str:
     return type(model).__name__
 
 
+def _forward_calls_loss_function(model) -> bool:
+    """Whether the model's forward computes the loss with ``self.loss_function``
+    (transformers' causal-LM loss, which the patch replaces), following ``super().forward``
+    calls of subclasses down the MRO; True when the source is not available."""
+    for cls in type(model).__mro__:
+        forward = cls.__dict__.get("forward")
+        if forward is None:
+            continue
+        try:
+            source = inspect.getsource(inspect.unwrap(forward))
+        except (OSError, TypeError):
+            return True
+        if "loss_function" in source:
+            return True
+        if "super(" not in source:  # a forward of its own, computing its own loss
+            return False
+    return True
+
+
 def _check_patchable(model) -> nn.Linear:
     name = _model_name(model)
     prefix = f"fusedlm.integrations.transformers.patch: cannot patch {name}: "
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(prefix + "not a torch.nn.Module")
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        raise UnsupportedModelError(prefix + "it is a torch.compile wrapper: patch the model "
+                                    "first, then compile the patched model")
     config = getattr(model, "config", None)
     if config is None or not callable(getattr(model, "get_output_embeddings", None)):
         raise UnsupportedModelError(prefix + "not a Hugging Face transformers model (no "
@@ -327,6 +355,10 @@ def _check_patchable(model) -> nn.Linear:
             raise UnsupportedModelError(prefix + f"its loss is {loss_type} "
                                         f"({getattr(fn, '__name__', fn)}), not a causal-LM "
                                         "cross-entropy over the vocabulary")
+    if hasattr(type(model), "loss_function") and not _forward_calls_loss_function(model):
+        # (e.g. Qwen2Audio: it drops padded positions and ignores num_items_in_batch itself)
+        raise UnsupportedModelError(prefix + "its forward computes its loss itself instead of "
+                                    "calling self.loss_function, which the fused loss reproduces")
     head = model.get_output_embeddings()
     if head is None:
         head = getattr(model, "lm_head", None)
@@ -388,7 +420,10 @@ def _finish(model, state: _PatchState, cap: _Capture, out, labels, kwargs):
             f"fusedlm.integrations.transformers: {name}'s forward did not call its lm_head "
             "(get_output_embeddings()); cannot patch it")
     is_tuple = isinstance(out, tuple)
-    logits = out[0] if is_tuple else getattr(out, "logits", None)
+    # A tuple (return_dict=False) drops None fields: MoE models put their router aux loss
+    # before the logits.
+    at = next((i for i, o in enumerate(out) if isinstance(o, _LogitsProbe)), 0) if is_tuple else None
+    logits = out[at] if is_tuple else getattr(out, "logits", None)
     if not isinstance(logits, _LogitsProbe):
         raise UnsupportedModelError(
             f"fusedlm.integrations.transformers: {name}'s output logits are not derived from "
@@ -420,14 +455,15 @@ def _finish(model, state: _PatchState, cap: _Capture, out, labels, kwargs):
         if torch.is_tensor(num_items):
             num_items = num_items.to(loss.device)
         loss = loss / num_items
-    aux = None if is_tuple else getattr(out, "aux_loss", None)
+    aux = getattr(out, "aux_loss", None) if not is_tuple else (out[0] if at == 1 else None)
     coef = getattr(model, "router_aux_loss_coef", None)
     if aux is not None and coef is not None:
         loss = loss + coef * aux.to(loss.device)
 
     plain_logits = logits.as_subclass(Tensor) if cap.want_logits else None
     if is_tuple:
-        return (loss,) + ((plain_logits,) if plain_logits is not None else ()) + tuple(out[1:])
+        return ((loss,) + tuple(out[:at]) + ((plain_logits,) if plain_logits is not None else ())
+                + tuple(out[at + 1:]))
     fields = {k: v for k, v in out.items()}
     fields["loss"] = loss
     fields["logits"] = plain_logits
