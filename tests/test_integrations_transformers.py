@@ -392,3 +392,15 @@ def test_refuses_what_it_would_get_wrong():
 
     with pytest.raises(UnsupportedModelError, match="torch.compile wrapper"):
         patch(torch.compile(make_model("llama")))
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_torch_compile_with_logits_on_request(name):
+    # (the logits are computed from the recorded scalings / softcap, as the loss is)
+    model = make_model(name)
+    ids, labels = make_batch()
+    ref = model(input_ids=ids, labels=labels)
+    compiled = torch.compile(patch(model, return_logits=True), backend="aot_eager")
+    out = compiled(input_ids=ids, labels=labels)
+    torch.testing.assert_close(out.logits, ref.logits)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)

@@ -30,6 +30,7 @@ import threading
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..cce import linear_cross_entropy
@@ -285,10 +286,10 @@ class _CapturingHeadForward:
                 f"fusedlm.integrations.transformers: {_model_name(self.model)} calls its "
                 "lm_head more than once per forward; cannot patch it")
         cap.hidden = hidden
-        if cap.want_logits:
-            out = original(hidden, *args, **kwargs)
-        else:
-            out = hidden.new_empty(*hidden.shape[:-1], 0)
+        # An empty probe records what the model does to its logits; the logits themselves,
+        # when asked for, are computed from that record in _finish (a full-size probe broke
+        # torch.compile: dynamo recursed on it).
+        out = hidden.new_empty(*hidden.shape[:-1], 0)
         out = out.as_subclass(_LogitsProbe)
         out._fusedlm_ops = ()
         return out
@@ -460,7 +461,14 @@ def _finish(model, state: _PatchState, cap: _Capture, out, labels, kwargs):
     if aux is not None and coef is not None:
         loss = loss + coef * aux.to(loss.device)
 
-    plain_logits = logits.as_subclass(Tensor) if cap.want_logits else None
+    plain_logits = None
+    if cap.want_logits:  # the model's logits: its lm_head output, scaled / softcapped
+        z = F.linear(cap.hidden, head.weight, head.bias)
+        if softcap is None:
+            plain_logits = z if _is_one(pre_scale) else z * pre_scale
+        else:
+            plain_logits = torch.tanh(z * (pre_scale / softcap)) * softcap
+        plain_logits = plain_logits.to(logits.dtype)
     if is_tuple:
         return ((loss,) + tuple(out[:at]) + ((plain_logits,) if plain_logits is not None else ())
                 + tuple(out[at + 1:]))
