@@ -226,8 +226,6 @@ def _check_inputs(e, c, targets, bias, reduction, softcap, label_smoothing, z_lo
                          f"got {tuple(targets.shape)}")
     if targets.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"targets must be int64 or int32, got {targets.dtype}")
-    if not e.is_floating_point() or not c.is_floating_point():
-        raise TypeError(f"e and c must be floating point, got {e.dtype} and {c.dtype}")
     if e.dtype != c.dtype:
         raise TypeError(f"e and c must share a dtype, got {e.dtype} and {c.dtype} "
                         "(cast one, or run under torch.autocast)")

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 import fusedlm
+from fusedlm.sampling import _check_integer_tensor
 
 from .head import AdaptiveDecoder, LEVELS, TAU_MODES
 
@@ -101,9 +102,7 @@ def _row_seeds(seed, batch: int, device) -> Tensor:
     if isinstance(seed, Tensor):
         if seed.shape != (batch,):
             raise ValueError(f"seed tensor must have shape ({batch},), got {tuple(seed.shape)}")
-        if seed.is_floating_point() or seed.is_complex() or seed.dtype == torch.bool:
-            # (cast to int64, torch.rand seeds would all become 0: one stream for every row)
-            raise TypeError(f"seed must be an integer tensor, got {seed.dtype}")
+        _check_integer_tensor(seed, "seed")  # (torch.rand seeds cast to int64 would all be 0)
         return seed.to(device=device, dtype=torch.int64)
     rows = torch.arange(batch, device=device, dtype=torch.int64)
     return (rows * _SEED_MIX + int(seed) * 0x9E3779B97F4A7C15 % 2**62) & _SEED_MASK

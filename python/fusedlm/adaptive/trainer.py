@@ -367,11 +367,12 @@ class LPOTrainer:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         # Mid-round, the round's first head and the steps taken let a resume rebuild the same
         # pairs and skip the batches already trained.
+        mid_round = self._round_step > 0 and self._round_start_head is not None
         torch.save({"head_config": self.head.config(),
                     "head": _cpu_state(self.head),
                     "ref_head": _cpu_state(self.ref_head),
-                    "round_start_head": self._round_start_head if self._round_step else None,
-                    "round_step": self._round_step if self._round_start_head is not None else 0,
+                    "round_start_head": self._round_start_head if mid_round else None,
+                    "round_step": self._round_step if mid_round else 0,
                     "optimizer": self.optimizer.state_dict(), "step": self.step,
                     "round": self.round, "history": self.history,
                     "config": {k: v for k, v in asdict(self.config).items()

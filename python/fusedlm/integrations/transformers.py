@@ -64,8 +64,6 @@ def _scalar(x) -> Optional[Any]:
     if isinstance(x, (int, float)):
         return float(x)
     if isinstance(x, Tensor) and not isinstance(x, _LogitsProbe) and x.numel() == 1:
-        if x.requires_grad:  # a learnable scale: folded into the loss it would get no gradient
-            return None
         return x.detach().reshape(())
     return None
 
@@ -78,12 +76,11 @@ def _classify(func, args, kwargs, probe) -> tuple:
         return ("tanh",)
     if len(args) == 2 and all(v is None for v in kwargs.values()):
         a, b = args
-        if name in _SCALE_OPS or name in _DIV_OPS:
-            other = b if a is probe else a
-            if isinstance(other, Tensor) and other.requires_grad:
-                return ("unknown", f"{name} by a learnable (requires_grad) logit scale")
+        other = b if a is probe else a
+        if (name in _SCALE_OPS or name in _DIV_OPS) and isinstance(other, Tensor) and other.requires_grad:
+            # a learnable scale: folded into the loss it would get no gradient
+            return ("unknown", f"{name} by a learnable (requires_grad) logit scale")
         if name in _SCALE_OPS:
-            other = b if a is probe else a
             s = _scalar(other)
             if s is not None:
                 return ("scale", s)

@@ -19,7 +19,7 @@ import types
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Set, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -271,7 +271,7 @@ class _CallState:
     recomputes the student's layers in that backward, from the slots)."""
     active: bool = False
     graph_call: bool = False  # the running call records a graph (grad mode on)
-    pending: Dict[int, bool] = field(default_factory=dict)
+    pending: Set[int] = field(default_factory=set)
     calls: int = 0
 
 
@@ -599,6 +599,11 @@ class AttentionTransfer(nn.Module):
         # backward may recompute the student's layers from them); a call without a graph puts
         # them back when it is done.
         saved = [(slot, slot.q, slot.k) for slot in self._slots.values()]
+
+        def restore_slots() -> None:
+            for slot, q, k in saved:
+                slot.q, slot.k = q, k
+
         self._clear()
         state.active, state.graph_call = True, graph_call
         try:
@@ -607,8 +612,7 @@ class AttentionTransfer(nn.Module):
                     self._run_teacher(x)
             logits = self.student(x)
         except BaseException:
-            for slot, q, k in saved:
-                slot.q, slot.k = q, k
+            restore_slots()
             raise
         finally:
             state.active = False
@@ -626,8 +630,7 @@ class AttentionTransfer(nn.Module):
             if not torch.compiler.is_compiling():
                 self._track_backward(logits, aux)
         else:
-            for slot, q, k in saved:
-                slot.q, slot.k = q, k
+            restore_slots()
         return TransferOutput(logits, aux, layer_losses)
 
     def _track_backward(self, *outputs: Tensor) -> None:
@@ -635,12 +638,12 @@ class AttentionTransfer(nn.Module):
         state = self._state
         state.calls += 1
         key = state.calls
-        state.pending[key] = True
+        state.pending.add(key)
         sentinel = _GraphSentinel()  # lives in the graph's metadata: dies with the graph
-        weakref.finalize(sentinel, state.pending.pop, key, None)
+        weakref.finalize(sentinel, state.pending.discard, key)
 
         def backward_started(grad: Tensor) -> None:
-            state.pending.pop(key, None)
+            state.pending.discard(key)
 
         for t in outputs:
             if t.requires_grad:
