@@ -145,6 +145,20 @@ def sampling_tables(rows):
     return out, t
 
 
+def model_table(rows):
+    """A training step of whole models: ms and peak MiB over the weights per method."""
+    steps = defaultdict(dict)
+    for r in rows:
+        if r["suite"] == "model":
+            steps[r["case"]][r["method"]] = (float(r["time_ms"]), float(r["peak_extra_mib"]))
+    methods = ["hf_eager", "fusedlm", "liger", "apple_cce", "hf_compile", "fusedlm_compile"]
+    out = ["| model, tokens | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for case, m in steps.items():
+        cells = [f"{m[k][0]:.1f} ms, {m[k][1]:.0f} MiB" if k in m else "–" for k in methods]
+        out.append(f"| {case} | " + " | ".join(cells) + " |")
+    return out if steps else []
+
+
 def plot(rows, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -191,6 +205,10 @@ def main(argv=None):
     table, bars = cce_tables(rows)
     print("\n".join(table) + "\n\n## CCE bars (issue #4)\n\n" + "\n".join(bars))
     print("\n## Sampling, µs per call\n\n" + "\n".join(sampling_tables(rows)[0]))
+    models = model_table(rows)
+    if models:
+        print("\n## Training step of a whole model (forward + backward, bf16; peak memory over the "
+              "weights, gradients included)\n\n" + "\n".join(models))
     if args.plot:
         plot(rows, args.plot)
         print(f"\nwrote {args.plot}")

@@ -2,6 +2,7 @@
 
     python bench/run.py --suite cce --out bench/out        # CCE vs naive / compile / peers
     python bench/run.py --suite sampling --out bench/out   # sampler vs torch paths (+ FlashInfer)
+    python bench/run.py --suite model --out bench/out      # a training step of whole HF models
 
 Each row: suite, case, method, dtype, regime, pass, time_ms (CUDA events, median), peak extra
 memory (MiB over the memory held before the call, minus the gradients' own size), ratio to
@@ -9,6 +10,11 @@ the suite's reference (one cuBLAS GEMM for CCE, the memory floor for sampling), 
 CCE passes: `fwd` / `fwd+bwd` timed call by call (a host sync after each, so each call starts
 after a pause, at boost clocks), `fwd_interleaved` alternating with the GEMM, and `*_steady`
 under sustained load (back-to-back calls at the GPU's power limit, as in a training loop).
+Model passes: `train_step` (forward + backward of a random-init Hugging Face causal LM, bf16,
+gradients set to None before each step; peak memory over the weights, the gradients
+included), unpatched against fusedlm's patch, Liger's loss-only patch and apple's CCE on the
+base model's hidden states, and torch.compile of the whole model, unpatched and patched;
+ratios to the unpatched eager step.
 FlashInfer's sampling kernels join the sampling suite when FUSEDLM_BENCH_FLASHINFER names a
 library built by bench/peers/build_flashinfer.sh.
 """
@@ -136,11 +142,13 @@ def flashinfer_library():
 
 
 def peer_versions():
+    from importlib import metadata
+
     names = []
-    for mod in ("cut_cross_entropy", "liger_kernel", "triton"):
+    for mod, dist in (("cut_cross_entropy", "cut-cross-entropy"), ("liger_kernel", "liger-kernel"),
+                      ("triton", "triton")):
         try:
-            m = __import__(mod)
-            names.append(f"{mod}={getattr(m, '__version__', '?')}")
+            names.append(f"{mod}={metadata.version(dist)}")
         except Exception:
             pass
     fi = flashinfer_library()
@@ -405,6 +413,138 @@ def bench_sampling(args, rows, meta):
                           f"{floor_ms * 1e3:.1f} us), {graph_txt}", flush=True)
 
 
+# ----------------------------------------------------------------------------- model
+# Two models as users train them (random init: speed and memory do not depend on the
+# weights): a Llama-3.2-1B-like model (tied embeddings, V = 128256; 4 x 2048 tokens, SDPA) and a
+# Gemma-2-2B-like one (V = 256000, final logit softcap 30; 2 x 2048 tokens: its attention is
+# HF's eager one, which keeps every layer's attention weights for the backward).
+MODEL_CASES = {
+    "llama_1b": ("LlamaConfig", "LlamaForCausalLM", (4, 2048), "sdpa",
+                 dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                      num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True)),
+    "gemma2_2b": ("Gemma2Config", "Gemma2ForCausalLM", (2, 2048), "eager",
+                  dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                       num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                       final_logit_softcapping=30.0, tie_word_embeddings=True)),
+}
+
+
+def model_methods(model, name):
+    """name -> (setup, loss, teardown) for one model instance: setup patches it, loss(ids,
+    labels) returns the training loss, teardown restores the unpatched model."""
+    from fusedlm.integrations import transformers as fl_hf
+
+    def hf_loss(ids, labels):
+        return model(input_ids=ids, labels=labels).loss
+
+    nothing = lambda: None  # noqa: E731
+    methods = {"hf_eager": (nothing, hf_loss, nothing),
+               "fusedlm": (lambda: fl_hf.patch(model), hf_loss, lambda: fl_hf.unpatch(model))}
+    # torch.compile of the whole model, unpatched (inductor fuses the loss after the logits
+    # GEMM) and patched
+    compiled = {}
+
+    def compile_setup(patched):
+        def setup():
+            if patched:
+                fl_hf.patch(model)
+            compiled["model"] = torch.compile(model)
+        return setup
+
+    def compiled_loss(ids, labels):
+        return compiled["model"](input_ids=ids, labels=labels).loss
+
+    def compile_teardown():
+        compiled.clear()
+        fl_hf.unpatch(model)
+        torch._dynamo.reset()
+
+    methods["hf_compile"] = (compile_setup(False), compiled_loss, compile_teardown)
+    methods["fusedlm_compile"] = (compile_setup(True), compiled_loss, compile_teardown)
+    try:
+        from cut_cross_entropy import linear_cross_entropy as apple_cce
+
+        softcap = getattr(model.config, "final_logit_softcapping", None)
+
+        def apple_loss(ids, labels):  # as apple's README does it for a model it does not patch
+            hidden = model.model(input_ids=ids).last_hidden_state
+            return apple_cce(hidden, model.lm_head.weight, labels, shift=True, softcap=softcap)
+
+        methods["apple_cce"] = (nothing, apple_loss, nothing)
+    except Exception as err:
+        print(f"apple cut_cross_entropy unavailable: {err}")
+    try:
+        from liger_kernel.transformers import monkey_patch
+
+        apply = getattr(monkey_patch, f"apply_liger_kernel_to_{name.split('_')[0]}")
+
+        mlp = {"geglu": False} if name.startswith("gemma") else {"swiglu": False}
+
+        def liger_setup():  # the loss only: the same layers as every other method
+            apply(rope=False, rms_norm=False, fused_linear_cross_entropy=True, model=model, **mlp)
+
+        def liger_teardown():
+            del model.forward  # (the patch is an instance attribute)
+
+        methods["liger"] = (liger_setup, hf_loss, liger_teardown)
+    except Exception as err:
+        print(f"liger unavailable: {err}")
+    return methods
+
+
+def bench_model(args, rows, meta):
+    import transformers
+
+    for name, (cfg_cls, model_cls, (batch, seq), attention, kw) in MODEL_CASES.items():
+        if args.quick:
+            batch, seq = 1, 512
+        cfg = getattr(transformers, cfg_cls)(**kw)
+        cfg._attn_implementation = attention
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = getattr(transformers, model_cls)(cfg).to(torch.bfloat16)
+        model.train()
+        g = torch.Generator(device="cuda").manual_seed(0)
+        ids = torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda", generator=g)
+        labels = ids.clone()
+        labels[:, : seq // 8] = -100  # a prompt: no loss there
+        params = [p for p in model.parameters() if p.requires_grad]
+        case = f"{name}_{batch}x{seq}"
+        base_ms = None
+        losses = {}
+        for method, (setup, loss_fn, teardown) in model_methods(model, name).items():
+            try:
+                setup()
+
+                def step():
+                    for p in params:
+                        p.grad = None
+                    loss = loss_fn(ids, labels)
+                    loss.backward()
+                    return loss.detach()
+
+                losses[method] = float(step())
+                ms = cuda_time(step, warmup=2, reps=5)
+                for p in params:
+                    p.grad = None
+                mem = peak_extra_mib(step)
+            except Exception as err:  # a peer that does not support this transformers version
+                print(f"{case} {method}: failed: {type(err).__name__}: {err}")
+                continue
+            finally:
+                for p in params:
+                    p.grad = None
+                teardown()
+            base_ms = ms if method == "hf_eager" else base_ms
+            rows.append(dict(meta, suite="model", case=case, method=method, dtype="bf16", regime="random_init",
+                             **{"pass": "train_step"}, time_ms=ms, peak_extra_mib=mem,
+                             ratio=ms / base_ms if base_ms else float("nan"), ratio_to="hf_eager"))
+            print(f"{case} {method:>10}: step {ms:8.2f} ms, peak over the weights {mem:9.1f} MiB, "
+                  f"loss {losses[method]:.5f}", flush=True)
+        del model, params
+        torch.cuda.empty_cache()
+
+
 def write_csv(path, rows):
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
@@ -415,7 +555,7 @@ def write_csv(path, rows):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["cce", "sampling", "all"], default="all")
+    parser.add_argument("--suite", choices=["cce", "sampling", "model", "all"], default="all")
     parser.add_argument("--out", default="bench/out")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--shapes", help="CCE shapes NxDxV, comma-separated (default: the issue's three)")
@@ -433,6 +573,8 @@ def main(argv=None):
         bench_cce(args, rows, meta)
     if args.suite in ("sampling", "all"):
         bench_sampling(args, rows, meta)
+    if args.suite in ("model", "all"):
+        bench_model(args, rows, meta)
     write_csv(args.csv_path, rows)
     print(f"wrote {args.csv_path} ({len(rows)} rows) in {time.time() - t0:.0f} s")
     return 0

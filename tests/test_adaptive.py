@@ -1,5 +1,6 @@
 """CPU tests of fusedlm.adaptive: the AdaptiveDecoder head, adaptive generation on tiny
 random-init Hugging Face models (no downloads), the LPO losses and the trainer."""
+import copy
 import json
 import math
 
@@ -542,3 +543,35 @@ def test_lpo_loss_trains_only_the_head_even_with_a_graph_on_the_hidden_states():
     lpo_loss(head, chosen, rejected).backward()
     assert chosen["hidden_states"].grad is None and rejected["hidden_states"].grad is None
     assert all(p.grad is not None for p in head.parameters())
+
+
+def test_trainer_leaves_the_lm_as_it_was_and_generates_without_dropout():
+    # A caller's LM in training mode (dropout on, parameters trainable) keeps its flags; the
+    # replies are generated in eval mode all the same: the same pairs as from the LM in eval.
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=4,
+                                   intermediate_size=64, initializer_range=0.3,
+                                   attention_dropout=0.5, pad_token_id=0)
+    model = transformers.LlamaForCausalLM(cfg)
+    model.model.layers[1].eval()  # mixed flags come back as they were, module by module
+    flags = {n: m.training for n, m in model.named_modules()}
+    train, reward = toy_task(model.eval(), 12, 0)
+    model.train()
+    model.model.layers[1].eval()
+    lpo = LPOConfig(num_samples=4, max_new_tokens=3, eos_token_id=None, pad_token_id=0,
+                    epochs=1, batch_size=4, progress=False, seed=0)
+
+    def pairs(lm):
+        torch.manual_seed(0)
+        head = AdaptiveDecoder(32, level="token", mlp_hidden=16, zero_init=False)
+        return LPOTrainer(lm, head, reward, lpo).build_pairs(train)
+
+    in_training = pairs(model)
+    assert {n: m.training for n, m in model.named_modules()} == flags
+    assert all(p.requires_grad for p in model.parameters())
+    in_eval = pairs(copy.deepcopy(model).eval())
+    assert len(in_training) > 0
+    for side in ("chosen", "rejected"):
+        for k, v in getattr(in_eval, side).items():
+            torch.testing.assert_close(getattr(in_training, side)[k], v, rtol=0, atol=0)

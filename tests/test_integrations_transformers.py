@@ -404,3 +404,24 @@ def test_torch_compile_with_logits_on_request(name):
     out = compiled(input_ids=ids, labels=labels)
     torch.testing.assert_close(out.logits, ref.logits)
     torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_logits_probe_view_chain_ends():
+    # Reading a probe's _base returned a new probe view with a _base of its own, without end;
+    # dynamo (torch 2.11) walks that chain when it meets the probe in a resumed frame, and
+    # recursed until it failed (torch.compile of a patched Llama on CUDA).
+    from fusedlm.integrations.transformers import _CapturingHeadForward
+
+    model = make_model("llama")
+    patch(model)
+    head = model.get_output_embeddings()
+    state = model.__dict__[fl_hf._STATE_ATTR]
+    state.local.capture = fl_hf._Capture(want_logits=False)
+    try:
+        probe = _CapturingHeadForward(model, head)(torch.randn(2, 3, 32))
+    finally:
+        state.local.capture = None
+    t, steps = probe, 0
+    while t._is_view() and steps < 10:
+        t, steps = t._base, steps + 1
+    assert steps <= 1 and not t._is_view()

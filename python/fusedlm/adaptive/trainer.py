@@ -2,6 +2,7 @@
 callable, and AdamW on the head only (the LM is frozen)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -117,6 +118,19 @@ def _device_of(model) -> torch.device:
         return torch.device("cpu")
 
 
+@contextlib.contextmanager
+def _eval_mode(model):
+    """``model`` in eval mode (no dropout) while replies are generated; each module's own
+    flag is restored after, so a caller's model in training mode stays so."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
 def _rollouts(model, head, prompts, num_samples, *, level, tau_mode, temperature, seed,
               gen_batch_size, max_new_tokens, eos_token_id, pad_token_id, top_k=None,
               top_p=None, min_p=None, outputs=False, latent=False, progress=False, desc=""):
@@ -130,11 +144,12 @@ def _rollouts(model, head, prompts, num_samples, *, level, tau_mode, temperature
         idx = list(range(start, min(start + per_call, len(prompts))))
         rows = [prompt_ids(prompts[i]) for i in idx for _ in range(num_samples)]
         ids, mask = left_pad(rows, pad, device)
-        gen = generate(model, head, ids, mask, max_new_tokens=max_new_tokens,
-                       eos_token_id=eos_token_id, pad_token_id=pad_token_id, level=level,
-                       tau_mode=tau_mode, temperature=temperature, top_k=top_k, top_p=top_p,
-                       min_p=min_p, seed=_mix_seed(seed, c),
-                       output_hidden_states=outputs, output_temperature_logprobs=latent)
+        with _eval_mode(model):
+            gen = generate(model, head, ids, mask, max_new_tokens=max_new_tokens,
+                           eos_token_id=eos_token_id, pad_token_id=pad_token_id, level=level,
+                           tau_mode=tau_mode, temperature=temperature, top_k=top_k,
+                           top_p=top_p, min_p=min_p, seed=_mix_seed(seed, c),
+                           output_hidden_states=outputs, output_temperature_logprobs=latent)
         yield idx, gen
 
 
@@ -192,8 +207,8 @@ class LPOTrainer:
         self.head = head
         self.reward_fn = reward_fn
         self.config = config or LPOConfig()
-        model.eval()
-        model.requires_grad_(False)
+        # (The LM is left as it is: replies are generated without gradients and in eval mode,
+        # and the losses detach its hidden states, so only the head trains.)
         self.device = _device_of(model)
         head.to(self.device)
         # Reference of the latent loss: the head as it was before training (uniform when

@@ -101,6 +101,11 @@ class _LogitsProbe(Tensor):
         kwargs = kwargs or {}
         with torch._C.DisableTorchFunctionSubclass():
             out = func(*args, **kwargs)
+        if getattr(func, "__name__", "") == "__get__":
+            # An attribute read (_base, grad, ...), not an op on the logits. Wrapped, a probe's
+            # _base was a new probe view with a _base of its own, without end: dynamo (torch
+            # 2.11) recursed on that chain when it met the probe in a resumed frame.
+            return out
         probes = [a for a in list(args) + list(kwargs.values()) if isinstance(a, _LogitsProbe)]
         if not probes:
             return out
