@@ -483,8 +483,8 @@ def model_methods(model, name):
         def liger_setup():  # the loss only: the same layers as every other method
             apply(rope=False, rms_norm=False, fused_linear_cross_entropy=True, model=model, **mlp)
 
-        def liger_teardown():
-            del model.forward  # (the patch is an instance attribute)
+        def liger_teardown():  # (the patch is an instance attribute; absent if it failed)
+            model.__dict__.pop("forward", None)
 
         methods["liger"] = (liger_setup, hf_loss, liger_teardown)
     except Exception as err:
@@ -496,6 +496,8 @@ def bench_model(args, rows, meta):
     import transformers
 
     for name, (cfg_cls, model_cls, (batch, seq), attention, kw) in MODEL_CASES.items():
+        if args.models and name not in args.models.split(","):
+            continue
         if args.quick:
             batch, seq = 1, 512
         cfg = getattr(transformers, cfg_cls)(**kw)
@@ -513,6 +515,8 @@ def bench_model(args, rows, meta):
         base_ms = None
         losses = {}
         for method, (setup, loss_fn, teardown) in model_methods(model, name).items():
+            if args.model_methods and method not in args.model_methods.split(","):
+                continue
             try:
                 setup()
 
@@ -559,6 +563,8 @@ def main(argv=None):
     parser.add_argument("--out", default="bench/out")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--shapes", help="CCE shapes NxDxV, comma-separated (default: the issue's three)")
+    parser.add_argument("--models", help=f"model suite cases, comma-separated (default: all of {list(MODEL_CASES)})")
+    parser.add_argument("--model-methods", help="model suite methods, comma-separated (default: all)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("benchmarks need a CUDA GPU")

@@ -27,6 +27,16 @@ def batch(b=3, t=37, seed=0):
     return ids.to(DEV), labels.to(DEV)
 
 
+def sharpen(model, target=4.0):
+    """Scale the lm_head so that the logits reach a few units: at init they stay below ~0.5,
+    where a softcap of 2-3 is nearly the identity (a lost softcap would go unnoticed)."""
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        ids = torch.arange(16, device=head.weight.device)[None] % V
+        h = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        head.weight.mul_(target / float((h.float() @ head.weight.float().T).abs().max()))
+
+
 def loss_and_grads(model, ids, labels):
     out = model(input_ids=ids, labels=labels)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -52,6 +62,7 @@ def test_patched_model_on_cuda_within_the_unpatched_models_error(name):
     model's are."""
     torch.manual_seed(0)
     model = make_model(name, torch.bfloat16)  # eval: no dropout
+    sharpen(model)
     ids, labels = batch()
     # (Mixtral's grouped expert matmul has no float64 kernel: float32 is its truth, ~1e5x
     # closer than bf16)
@@ -63,18 +74,19 @@ def test_patched_model_on_cuda_within_the_unpatched_models_error(name):
     loss, grads = loss_and_grads(model, ids, labels)
     assert loss.dtype == torch.float32 and loss.device.type == DEV
     ref_err = abs(float(ref_loss.detach()) - float(truth_loss.detach()))
-    assert abs(float(loss.detach()) - float(truth_loss.detach())) <= 2 * ref_err + 2e-3 * abs(float(truth_loss.detach()))
+    assert abs(float(loss.detach()) - float(truth_loss.detach())) <= 2 * ref_err + 2e-4 * abs(float(truth_loss.detach()))
     got, want = max_errors(grads, truth), max_errors(ref, truth)
     assert (got <= 2 * want + 1e-2).all(), (got, want)
     assert float(got.median()) <= 1.5 * float(want.median()) + 1e-3, (got, want)
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma2", "mixtral"])
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gemma3", "cohere", "mixtral"])
 def test_patched_model_on_cuda_float32_exact_mode(name):
     """float32 on the GPU (TF32 tensor cores in the CCE kernels), exact mode: the same loss and
     gradients as the unpatched float32 model to TF32 accuracy."""
     torch.manual_seed(0)
     model = make_model(name).to(DEV)
+    sharpen(model)
     ids, labels = batch()
     ref_loss, ref = loss_and_grads(model, ids, labels)
     patch(model, filter_eps=None)

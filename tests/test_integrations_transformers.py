@@ -335,7 +335,9 @@ def test_ddp_and_fsdp2_two_cpu_ranks(tmp_path):
     path = str(tmp_path / "inputs.pt")
     torch.save(dict(cfg=model.config, state=model.state_dict(), ids=ids, labels=labels), path)
     # fork: the children inherit the imported modules (spawn would re-import for seconds).
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    # With a GPU, spawn: a forked child fails once autograd started its device threads (any
+    # backward of an earlier test) or CUDA started in this process.
+    method = "fork" if "fork" in mp.get_all_start_methods() and not torch.cuda.is_available() else "spawn"
     mp.start_processes(_dist_worker, args=(2, str(tmp_path / "store"), path), nprocs=2,
                        join=True, start_method=method)
     for rank in range(2):
@@ -425,3 +427,52 @@ def test_logits_probe_view_chain_ends():
     while t._is_view() and steps < 10:
         t, steps = t._base, steps + 1
     assert steps <= 1 and not t._is_view()
+
+
+def _set_first_logits(logits):
+    logits[..., :5] = -1e4  # vocabulary masking written into the logits
+
+
+# What a model's forward does to its lm_head output l before the loss -> whether the patch
+# must refuse it (True) or fold it in (False). Writes into aliases (views, .data, .T) used to
+# go unrecorded (the loss of the unmodified logits), and reads such as .data / .mT were
+# passed through as if they were not the logits.
+POST_PROCESSING = {
+    "in-place softcap": (lambda l: (l.div_(2.0), l.tanh_(), l.mul_(2.0), None)[-1], False),
+    "scale then softcap": (lambda l: torch.tanh(l * 0.5 / 3.0) * 3.0, False),
+    "metadata reads": (lambda l: (l.grad, l._base, l.requires_grad, l.shape, None)[-1], False),
+    "item assignment": (_set_first_logits, True),
+    "masked_fill_": (lambda l: (l.masked_fill_(torch.rand(l.shape[-1]) < 0.5, -1e4), None)[-1], True),
+    "write through a view": (lambda l: (l.view(l.shape).mul_(2), None)[-1], True),
+    "write through .data": (lambda l: (l.data.mul_(2), None)[-1], True),
+    "write through .T": (lambda l: (l.T.mul_(2), None)[-1], True),
+    "copy_ into .data": (lambda l: (l.data.copy_(l.data * 3), None)[-1], True),
+    "returns .T.T": (lambda l: l.T.T, True),
+    "returns .data * 2": (lambda l: l.data * 2, True),
+    "divides by l.data.norm()": (lambda l: l / l.data.norm(), True),
+    "multiplies by l.mT.sum()": (lambda l: l * l.mT.sum(), True),
+}
+
+
+@pytest.mark.parametrize("case", list(POST_PROCESSING))
+def test_post_processing_is_folded_or_refused_never_wrong(case):
+    fn, refused = POST_PROCESSING[case]
+
+    class Model(transformers.LlamaForCausalLM):
+        def forward(self, input_ids=None, labels=None, **kwargs):
+            logits = self.lm_head(self.model(input_ids=input_ids).last_hidden_state)
+            out = fn(logits)
+            logits = logits if out is None else out
+            loss = None if labels is None else self.loss_function(logits, labels, self.config.vocab_size)
+            return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    torch.manual_seed(0)
+    model = Model(transformers.LlamaConfig(**COMMON)).eval()
+    ids, labels = make_batch()
+    ref = model(input_ids=ids, labels=labels).loss
+    patch(model, filter_eps=None)
+    if refused:
+        with pytest.raises(UnsupportedModelError):
+            model(input_ids=ids, labels=labels)
+    else:
+        torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, ref, rtol=1e-5, atol=1e-6)

@@ -175,7 +175,9 @@ def _spawn(worker, nprocs, tmp, payload, start_method="fork"):
     CUDA tests must spawn."""
     path = os.path.join(tmp, "inputs.pt")
     torch.save(payload, path)
-    if start_method == "fork" and "fork" not in mp.get_all_start_methods():
+    if start_method == "fork" and ("fork" not in mp.get_all_start_methods() or torch.cuda.is_available()):
+        # With a GPU, a forked child fails once CUDA started in the parent (inductor uses it)
+        # or autograd started its device threads (any backward of an earlier test).
         start_method = "spawn"
     mp.start_processes(worker, args=(nprocs, os.path.join(tmp, "store"), path), nprocs=nprocs,
                        join=True, start_method=start_method)

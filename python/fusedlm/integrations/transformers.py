@@ -91,44 +91,92 @@ def _classify(func, args, kwargs, probe) -> tuple:
     return ("unknown", name)
 
 
+# Attribute reads that say something about a tensor rather than compute from its values: a
+# probe's answers are plain. (Wrapped, a probe's _base was a new probe view with a _base of
+# its own, without end: dynamo (torch 2.11) recursed on that chain when it met the probe in a
+# resumed frame.) Other tensor-valued attributes (.T, .mT, .data, .real, ...) are ops.
+_METADATA_ATTRS = {"_base", "grad", "_grad"}
+
+
+_INPLACE_DUNDERS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
+                    "__ipow__", "__imatmul__", "__iand__", "__ior__", "__ixor__", "__ilshift__",
+                    "__irshift__", "__setitem__"}
+
+
+def _written(name: str, args, kwargs) -> Optional[Tensor]:
+    """The tensor an op writes into (an ``out=`` tensor, or its first argument for in-place
+    ops), or None."""
+    if isinstance(kwargs.get("out"), Tensor):
+        return kwargs["out"]
+    inplace = name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("_"))
+    return args[0] if inplace and args and isinstance(args[0], Tensor) else None
+
+
+class _ProbeFamily:
+    """Shared by a probe and every probe derived from it: the probes written in place."""
+
+    __slots__ = ("written",)
+
+    def __init__(self):
+        self.written = []
+
+
 class _LogitsProbe(Tensor):
     """Stand-in for the lm_head output: records the ops the model applies to its logits."""
 
     _fusedlm_ops: tuple = ()
+    _fusedlm_family: Optional[_ProbeFamily] = None
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        with torch._C.DisableTorchFunctionSubclass():
-            out = func(*args, **kwargs)
-        if getattr(func, "__name__", "") == "__get__":
-            # An attribute read (_base, grad, ...), not an op on the logits. Wrapped, a probe's
-            # _base was a new probe view with a _base of its own, without end: dynamo (torch
-            # 2.11) recursed on that chain when it met the probe in a resumed frame.
+        return _probe_op(func, args, kwargs or {})
+
+
+@torch._dynamo.disable
+def _probe_op(func, args, kwargs):
+    """One op on a probe (see _LogitsProbe), run eagerly: under torch.compile dynamo does
+    not trace the bookkeeping on the empty stand-in."""
+    with torch._C.DisableTorchFunctionSubclass():
+        out = func(*args, **kwargs)
+    name = getattr(func, "__name__", repr(func))
+    if name == "__get__":
+        name = getattr(getattr(func, "__self__", None), "__name__", name)
+        if name in _METADATA_ATTRS:
             return out
-        probes = [a for a in list(args) + list(kwargs.values()) if isinstance(a, _LogitsProbe)]
-        if not probes:
-            return out
-        parent = probes[0]
-        if isinstance(out, Tensor):
-            step = _classify(func, args, kwargs, parent) if len(probes) == 1 else \
-                ("unknown", getattr(func, "__name__", repr(func)))
-            ops = parent._fusedlm_ops + (step,)
-            if out is parent:  # in-place op
-                parent._fusedlm_ops = ops
-                return parent
-            res = out.as_subclass(_LogitsProbe)
-            res._fusedlm_ops = ops
-            return res
-        if isinstance(out, (tuple, list)) and any(isinstance(o, Tensor) for o in out):
-            wrapped = []
-            for o in out:
-                if isinstance(o, Tensor):
-                    o = o.as_subclass(_LogitsProbe)
-                    o._fusedlm_ops = parent._fusedlm_ops + (("unknown", "split"),)
-                wrapped.append(o)
-            return type(out)(wrapped)
+    probes = [a for a in list(args) + list(kwargs.values()) if isinstance(a, _LogitsProbe)]
+    if not probes:
         return out
+    parent = probes[0]
+    target = _written(name, args, kwargs)
+    if isinstance(target, _LogitsProbe):
+        # A write into a probe: recorded on the probe written (its own record stays right).
+        # Other probes of the family may alias it and are not updated, so _finish refuses a
+        # family written anywhere but in the logits the forward returns.
+        step = _classify(func, args, kwargs, parent) if len(probes) == 1 and target is parent \
+            else ("unknown", name)
+        if name == "__setitem__":
+            step = ("unknown", "item assignment")
+        target._fusedlm_ops = target._fusedlm_ops + (step,)
+        if target._fusedlm_family is not None:
+            target._fusedlm_family.written.append(target)
+        return target if out is target else out
+    if isinstance(out, Tensor):
+        step = _classify(func, args, kwargs, parent) if len(probes) == 1 else ("unknown", name)
+        if out is parent:  # an op returning its input (e.g. .float() of float32)
+            parent._fusedlm_ops = parent._fusedlm_ops + (step,)
+            return parent
+        return _derive(out, parent, parent._fusedlm_ops + (step,))
+    if isinstance(out, (tuple, list)) and any(isinstance(o, Tensor) for o in out):
+        return type(out)(_derive(o, parent, parent._fusedlm_ops + (("unknown", "split"),))
+                         if isinstance(o, Tensor) else o for o in out)
+    return out
+
+
+def _derive(t: Tensor, parent: "_LogitsProbe", ops: tuple) -> "_LogitsProbe":
+    res = t.as_subclass(_LogitsProbe)
+    res._fusedlm_ops = ops
+    res._fusedlm_family = parent._fusedlm_family
+    return res
 
 
 def _interpret(ops: tuple, model_name: str):
@@ -291,9 +339,9 @@ class _CapturingHeadForward:
         # An empty probe records what the model does to its logits; the logits themselves,
         # when asked for, are computed from that record in _finish (a full-size probe broke
         # torch.compile: dynamo recursed on it).
-        out = hidden.new_empty(*hidden.shape[:-1], 0)
-        out = out.as_subclass(_LogitsProbe)
+        out = hidden.new_empty(*hidden.shape[:-1], 0).as_subclass(_LogitsProbe)
         out._fusedlm_ops = ()
+        out._fusedlm_family = _ProbeFamily()
         return out
 
 
@@ -431,6 +479,12 @@ def _finish(model, state: _PatchState, cap: _Capture, out, labels, kwargs):
         raise UnsupportedModelError(
             f"fusedlm.integrations.transformers: {name}'s output logits are not derived from "
             "its lm_head output by elementwise scalings/softcapping; cannot patch it")
+    family = logits._fusedlm_family
+    if family is not None and any(w is not logits for w in family.written):
+        raise UnsupportedModelError(
+            f"fusedlm.integrations.transformers: {name}'s forward writes into a view or copy "
+            "of its lm_head output other than the logits it returns; cannot follow that "
+            "into the fused loss")
     pre_scale, softcap = _interpret(logits._fusedlm_ops, name)
 
     head = state.head
