@@ -5,6 +5,7 @@ import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
@@ -433,6 +434,22 @@ def _set_first_logits(logits):
     logits[..., :5] = -1e4  # vocabulary masking written into the logits
 
 
+def _assign_data(logits):
+    logits.data = logits.data * 2
+
+
+def _scale_without_grad(logits):
+    with torch.no_grad():  # scaled values, but no gradient through the scaling
+        logits.mul_(2)
+
+
+def _scale_by_changing_buffer(logits):
+    scale = torch.tensor(2.0)
+    out = logits * scale
+    scale.fill_(5.0)  # the logits keep the scale they were multiplied by
+    return out
+
+
 # What a model's forward does to its lm_head output l before the loss -> whether the patch
 # must refuse it (True) or fold it in (False). Writes into aliases (views, .data, .T) used to
 # go unrecorded (the loss of the unmodified logits), and reads such as .data / .mT were
@@ -451,6 +468,23 @@ POST_PROCESSING = {
     "returns .data * 2": (lambda l: l.data * 2, True),
     "divides by l.data.norm()": (lambda l: l / l.data.norm(), True),
     "multiplies by l.mT.sum()": (lambda l: l * l.mT.sum(), True),
+    # (a second review's cases)
+    "a scale read with .item()": (lambda l: l * (l.sum().item() + 1.0), True),
+    "a scale read with tolist()": (lambda l: l * (1 + len(str(l.tolist()))), True),
+    "a probe inside a list argument": (lambda l: l * (torch.stack([l]).sum() + 1), True),
+    "F.dropout in place on a view": (lambda l: (F.dropout(l.view(l.shape), 0.5, True, True), None)[-1], True),
+    "F.relu in place on a view": (lambda l: (F.relu(l.view(l.shape), inplace=True), None)[-1], True),
+    "aten mul_ on a view": (lambda l: (torch.ops.aten.mul_.Scalar(l.view(l.shape), 2), None)[-1], True),
+    "assigns .data": (_assign_data, True),
+    "casts to int and back": (lambda l: l.to(torch.int64).to(torch.float32), True),
+    "casts to bfloat16": (lambda l: l.to(torch.bfloat16), True),
+    "casts to float64": (lambda l: l.double(), False),
+    "scales in place under no_grad": (_scale_without_grad, True),
+    "a [V] bias": (lambda l: l + torch.linspace(-1, 1, V), True),
+    "divides by 0": (lambda l: l / 0, True),
+    "scales a copy, then writes the original": (lambda l: (l * 2, l.mul_(3))[0], False),
+    "clones, then writes the original": (lambda l: (l.clone(), l.mul_(3))[0], False),
+    "scales by a buffer changed after": (_scale_by_changing_buffer, False),
 }
 
 
@@ -468,11 +502,23 @@ def test_post_processing_is_folded_or_refused_never_wrong(case):
 
     torch.manual_seed(0)
     model = Model(transformers.LlamaConfig(**COMMON)).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)  # logits of a few units: a lost scale shows
     ids, labels = make_batch()
+    params = [p for p in model.parameters() if p.requires_grad]
     ref = model(input_ids=ids, labels=labels).loss
     patch(model, filter_eps=None)
     if refused:
         with pytest.raises(UnsupportedModelError):
             model(input_ids=ids, labels=labels)
-    else:
-        torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, ref, rtol=1e-5, atol=1e-6)
+        return
+    loss = model(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    try:  # (some in-place post-processings leave the unpatched model without a backward)
+        ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
+    except RuntimeError:
+        return
+    for g, w in zip(grads, ref_grads):
+        if w is not None:
+            assert float((g - w).abs().max()) <= 1e-4 * float(w.abs().max()) + 1e-7

@@ -52,9 +52,21 @@ class UnsupportedModelError(TypeError):
 _SCALE_OPS = {"mul", "__mul__", "__rmul__", "mul_", "__imul__", "multiply"}
 _DIV_OPS = {"div", "__truediv__", "true_divide", "div_", "__itruediv__", "divide"}
 _TANH_OPS = {"tanh", "tanh_"}
-_IDENTITY_OPS = {"float", "contiguous", "clone", "to", "type_as",
-                 "__format__", "__repr__", "__len__", "size", "dim", "numel", "is_floating_point",
-                 "element_size", "get_device", "is_contiguous", "__bool__"}
+_IDENTITY_OPS = {"contiguous", "clone"}
+_CASTS = {"float", "double", "half", "bfloat16", "to", "type", "type_as"}
+# Calls that read a probe's values into Python (refused: the stand-in's values are not the
+# logits'); other calls with non-tensor answers (size, dim, _is_view, ...) are metadata.
+_VALUE_READS = {"item", "tolist", "numpy", "__float__", "__int__", "__index__", "__bool__",
+                "__complex__", "__array__", "__iter__", "__reversed__", "__contains__", "equal",
+                "allclose", "is_nonzero"}
+# Attribute reads that say something about a tensor rather than compute from its values: a
+# probe's answers are plain. (Wrapped, a probe's _base was a new probe view with a _base of
+# its own, without end: dynamo (torch 2.11) recursed on that chain when it met the probe in a
+# resumed frame.) Other tensor-valued attributes (.T, .mT, .data, .real, ...) are ops.
+_METADATA_ATTRS = {"_base", "grad", "_grad"}
+_INPLACE_DUNDERS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
+                    "__ipow__", "__imatmul__", "__iand__", "__ior__", "__ixor__", "__ilshift__",
+                    "__irshift__", "__setitem__"}
 
 
 def _scalar(x) -> Optional[Any]:
@@ -64,7 +76,7 @@ def _scalar(x) -> Optional[Any]:
     if isinstance(x, (int, float)):
         return float(x)
     if isinstance(x, Tensor) and not isinstance(x, _LogitsProbe) and x.numel() == 1:
-        return x.detach().reshape(())
+        return x.detach().reshape(()).clone()  # (its value now: the model may change it later)
     return None
 
 
@@ -86,97 +98,162 @@ def _classify(func, args, kwargs, probe) -> tuple:
                 return ("scale", s)
         if name in _DIV_OPS and a is probe:
             s = _scalar(b)
-            if s is not None:
+            if s is not None and bool(s != 0):
                 return ("scale", 1.0 / s)
     return ("unknown", name)
 
 
-# Attribute reads that say something about a tensor rather than compute from its values: a
-# probe's answers are plain. (Wrapped, a probe's _base was a new probe view with a _base of
-# its own, without end: dynamo (torch 2.11) recursed on that chain when it met the probe in a
-# resumed frame.) Other tensor-valued attributes (.T, .mT, .data, .real, ...) are ops.
-_METADATA_ATTRS = {"_base", "grad", "_grad"}
-
-
-_INPLACE_DUNDERS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
-                    "__ipow__", "__imatmul__", "__iand__", "__ior__", "__ixor__", "__ilshift__",
-                    "__irshift__", "__setitem__"}
+def _cast_step(source: Tensor, result: Tensor) -> tuple:
+    """A dtype conversion of the logits: the identity when it loses nothing (the fused loss
+    works in float32), else an op the fused loss cannot reproduce."""
+    a, b = source.dtype, result.dtype
+    if a == b or (a.is_floating_point and b.is_floating_point and not a.is_complex and not b.is_complex
+                  and torch.finfo(b).eps <= torch.finfo(a).eps and torch.finfo(b).max >= torch.finfo(a).max):
+        return ("id",)
+    return ("unknown", f"a cast to {b}")
 
 
 def _written(name: str, args, kwargs) -> Optional[Tensor]:
     """The tensor an op writes into (an ``out=`` tensor, or its first argument for in-place
-    ops), or None."""
+    ops, by name; writes by other names are caught by the version counters, see _integrity)."""
     if isinstance(kwargs.get("out"), Tensor):
         return kwargs["out"]
-    inplace = name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("_"))
+    inplace = (name in _INPLACE_DUNDERS or (name.endswith("_") and not name.startswith("_"))
+               or kwargs.get("inplace") is True)
     return args[0] if inplace and args and isinstance(args[0], Tensor) else None
 
 
 class _ProbeFamily:
-    """Shared by a probe and every probe derived from it: the probes written in place."""
+    """Shared by a probe and every probe derived from it."""
 
-    __slots__ = ("written",)
+    __slots__ = ("grad_enabled", "refused", "written")
 
     def __init__(self):
-        self.written = []
+        self.grad_enabled = torch.is_grad_enabled()  # as the forward runs
+        self.refused: Optional[str] = None  # what the forward did that cannot be followed
+        self.written: list = []  # the probes written into (recorded writes)
 
 
 class _LogitsProbe(Tensor):
-    """Stand-in for the lm_head output: records the ops the model applies to its logits."""
+    """Stand-in for the lm_head output: records the ops the model applies to its logits.
+
+    Each probe also keeps its version counter at creation and the writes it recorded, so a
+    write it did not see (through another view, ``.data``, an op by another name, ...)
+    shows as a version the record does not explain."""
 
     _fusedlm_ops: tuple = ()
     _fusedlm_family: Optional[_ProbeFamily] = None
+    _fusedlm_version: int = 0  # _version at creation, plus the writes recorded on it
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         return _probe_op(func, args, kwargs or {})
 
 
+def _new_probe(t: Tensor, ops: tuple, family: Optional[_ProbeFamily]) -> _LogitsProbe:
+    # Not a view of t (which only this module holds): a probe's _base is None, so no plain
+    # alias of it leaks; it shares t's storage and version counter.
+    res = Tensor._make_subclass(_LogitsProbe, t)
+    res._fusedlm_ops = ops
+    res._fusedlm_family = family
+    res._fusedlm_version = res._version
+    return res
+
+
+def _storage_id(t: Tensor) -> int:
+    with torch._C.DisableTorchFunctionSubclass():
+        return t.untyped_storage()._cdata
+
+
+@torch._dynamo.disable
+def _integrity(probe: _LogitsProbe) -> Optional[str]:
+    """Why ``probe``'s record does not describe its values, or None: a refused op, a write
+    recorded on another probe sharing its storage, or a version its recorded writes do not
+    explain (a write it did not see)."""
+    family = probe._fusedlm_family
+    if family is not None:
+        if family.refused:
+            return family.refused
+        if any(w is not probe and _storage_id(w) == _storage_id(probe) for w in family.written):
+            return "writes into its lm_head output through another view"
+    if probe._version != probe._fusedlm_version:
+        return "writes into its lm_head output by an op it cannot follow"
+    return None
+
+
 @torch._dynamo.disable
 def _probe_op(func, args, kwargs):
     """One op on a probe (see _LogitsProbe), run eagerly: under torch.compile dynamo does
     not trace the bookkeeping on the empty stand-in."""
-    with torch._C.DisableTorchFunctionSubclass():
-        out = func(*args, **kwargs)
     name = getattr(func, "__name__", repr(func))
-    if name == "__get__":
+    attribute = name == "__get__"
+    if attribute:
         name = getattr(getattr(func, "__self__", None), "__name__", name)
-        if name in _METADATA_ATTRS:
-            return out
-    probes = [a for a in list(args) + list(kwargs.values()) if isinstance(a, _LogitsProbe)]
-    if not probes:
+    probes = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, _LogitsProbe)]
+    target = _written(name, args, kwargs) if probes else None
+    target_ok = isinstance(target, _LogitsProbe) and target._version == target._fusedlm_version
+    try:
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **kwargs)
+    except Exception as err:  # e.g. a [V] mask or bias against the stand-in's 0-wide last dim
+        if not probes or probes[0]._fusedlm_family is None:
+            raise
+        # Refused in _finish. (Raising here would not do: torch turns a TypeError from a
+        # binary operator into NotImplemented, then a bare "unsupported operand" error.)
+        parent = probes[0]
+        parent._fusedlm_family.refused = (f"applies `{name}` to its lm_head output, which failed "
+                                          f"on the stand-in ({type(err).__name__}: {err})")
+        with torch._C.DisableTorchFunctionSubclass():
+            plain = parent.new_empty(parent.shape)
+        return _new_probe(plain, parent._fusedlm_ops + (("unknown", name),), parent._fusedlm_family)
+    if not probes or name in _METADATA_ATTRS:
         return out
     parent = probes[0]
-    target = _written(name, args, kwargs)
+    family = parent._fusedlm_family
+    if family is not None and (name == "__set__" or (attribute and name == "data")):
+        # (.data has a version counter of its own: writes through it would go unseen)
+        family.refused = f"uses `.{getattr(getattr(func, '__self__', None), '__name__', name)}` of its lm_head output"
+        return out
+    if name in _VALUE_READS:
+        if family is not None:
+            family.refused = f"reads values of its lm_head output (`{name}`)"
+        return out
+    if not isinstance(out, (Tensor, tuple, list)):
+        return out
+    if target is None and args and out is args[0] and name not in _CASTS | _IDENTITY_OPS:
+        target = out  # returned its input: in place (e.g. F.relu(x, inplace=True))
+    if len(probes) > 1:
+        step = ("unknown", name)
+    elif family is not None and torch.is_grad_enabled() != family.grad_enabled:
+        step = ("unknown", f"{name} with gradients {'on' if torch.is_grad_enabled() else 'off'}")
+    elif name in _CASTS and isinstance(out, Tensor):
+        step = _cast_step(parent, out)
+    elif name == "__setitem__":
+        step = ("unknown", "item assignment")
+    else:
+        step = _classify(func, args, kwargs, parent)
     if isinstance(target, _LogitsProbe):
-        # A write into a probe: recorded on the probe written (its own record stays right).
-        # Other probes of the family may alias it and are not updated, so _finish refuses a
-        # family written anywhere but in the logits the forward returns.
-        step = _classify(func, args, kwargs, parent) if len(probes) == 1 and target is parent \
-            else ("unknown", name)
-        if name == "__setitem__":
-            step = ("unknown", "item assignment")
-        target._fusedlm_ops = target._fusedlm_ops + (step,)
-        if target._fusedlm_family is not None:
-            target._fusedlm_family.written.append(target)
+        # A write recorded on the probe written (and counted in its version, if the record
+        # described it before); views that do not see the write are caught by their
+        # versions (see _integrity).
+        target._fusedlm_ops = target._fusedlm_ops + (step if target is parent else ("unknown", name),)
+        if target_ok:
+            target._fusedlm_version = target._version
+        if family is not None:
+            family.written.append(target)
         return target if out is target else out
     if isinstance(out, Tensor):
-        step = _classify(func, args, kwargs, parent) if len(probes) == 1 else ("unknown", name)
+        ops = parent._fusedlm_ops + (step,)
+        if _integrity(parent) is not None:  # derived from values the record does not describe
+            ops = ops + (("unknown", "a write it could not follow"),)
         if out is parent:  # an op returning its input (e.g. .float() of float32)
-            parent._fusedlm_ops = parent._fusedlm_ops + (step,)
+            parent._fusedlm_ops = ops
             return parent
-        return _derive(out, parent, parent._fusedlm_ops + (step,))
-    if isinstance(out, (tuple, list)) and any(isinstance(o, Tensor) for o in out):
-        return type(out)(_derive(o, parent, parent._fusedlm_ops + (("unknown", "split"),))
+        return _new_probe(out, ops, family)
+    if any(isinstance(o, Tensor) for o in out):
+        return type(out)(_new_probe(o, parent._fusedlm_ops + (("unknown", "split"),), family)
                          if isinstance(o, Tensor) else o for o in out)
     return out
-
-
-def _derive(t: Tensor, parent: "_LogitsProbe", ops: tuple) -> "_LogitsProbe":
-    res = t.as_subclass(_LogitsProbe)
-    res._fusedlm_ops = ops
-    res._fusedlm_family = parent._fusedlm_family
-    return res
 
 
 def _interpret(ops: tuple, model_name: str):
@@ -339,10 +416,7 @@ class _CapturingHeadForward:
         # An empty probe records what the model does to its logits; the logits themselves,
         # when asked for, are computed from that record in _finish (a full-size probe broke
         # torch.compile: dynamo recursed on it).
-        out = hidden.new_empty(*hidden.shape[:-1], 0).as_subclass(_LogitsProbe)
-        out._fusedlm_ops = ()
-        out._fusedlm_family = _ProbeFamily()
-        return out
+        return _new_probe(hidden.new_empty(*hidden.shape[:-1], 0), (), _ProbeFamily())
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -479,12 +553,11 @@ def _finish(model, state: _PatchState, cap: _Capture, out, labels, kwargs):
         raise UnsupportedModelError(
             f"fusedlm.integrations.transformers: {name}'s output logits are not derived from "
             "its lm_head output by elementwise scalings/softcapping; cannot patch it")
-    family = logits._fusedlm_family
-    if family is not None and any(w is not logits for w in family.written):
+    trouble = _integrity(logits)
+    if trouble is not None:
         raise UnsupportedModelError(
-            f"fusedlm.integrations.transformers: {name}'s forward writes into a view or copy "
-            "of its lm_head output other than the logits it returns; cannot follow that "
-            "into the fused loss")
+            f"fusedlm.integrations.transformers: {name}'s forward {trouble}; cannot fold "
+            "that into the fused loss. Use the unpatched model.")
     pre_scale, softcap = _interpret(logits._fusedlm_ops, name)
 
     head = state.head
