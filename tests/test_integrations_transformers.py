@@ -522,3 +522,45 @@ def test_post_processing_is_folded_or_refused_never_wrong(case):
     for g, w in zip(grads, ref_grads):
         if w is not None:
             assert float((g - w).abs().max()) <= 1e-4 * float(w.abs().max()) + 1e-7
+
+
+def _dtensor_worker(rank, world, store, path):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        model = make_model("llama")
+        patch(model)
+        mesh = init_device_mesh("cpu", (world,))
+        inner = model.model.forward
+
+        def dtensor_states(*args, **kwargs):  # as under tensor parallelism
+            out = inner(*args, **kwargs)
+            out.last_hidden_state = DTensor.from_local(out.last_hidden_state, mesh, [Replicate()])
+            return out
+
+        model.model.forward = dtensor_states
+        ids, labels = make_batch()
+        try:
+            model(input_ids=ids, labels=labels)
+            result = "no error"
+        except UnsupportedModelError as err:
+            result = str(err)
+        torch.save(result, f"{path}.rank{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dtensor_hidden_states_get_the_clear_error(tmp_path):
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    path = str(tmp_path / "result")
+    method = "fork" if "fork" in mp.get_all_start_methods() and not torch.cuda.is_available() else "spawn"
+    mp.start_processes(_dtensor_worker, args=(1, str(tmp_path / "store"), path), nprocs=1,
+                       join=True, start_method=method)
+    assert "DTensor" in torch.load(f"{path}.rank0")

@@ -297,6 +297,14 @@ def _is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
+def _dtensor_error(name: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"fusedlm.integrations.transformers: {name}'s lm_head weight or its input is a "
+        "DTensor here (the lm_head is its own FSDP2 unit, or tensor-parallel). Keep the "
+        "lm_head (and tied embeddings) in the root FSDP2 module: fully_shard the decoder "
+        "layers, then the whole model, without a separate fully_shard(model.lm_head)")
+
+
 def _is_one(x) -> bool:
     return isinstance(x, float) and abs(x - 1.0) < 1e-12
 
@@ -412,6 +420,8 @@ class _CapturingHeadForward:
             raise UnsupportedModelError(
                 f"fusedlm.integrations.transformers: {_model_name(self.model)} calls its "
                 "lm_head more than once per forward; cannot patch it")
+        if _is_dtensor(hidden):  # (a probe cannot wrap a DTensor)
+            raise _dtensor_error(_model_name(self.model))
         cap.hidden = hidden
         # An empty probe records what the model does to its logits; the logits themselves,
         # when asked for, are computed from that record in _finish (a full-size probe broke
@@ -563,11 +573,7 @@ def _finish(model, state: _PatchState, cap: _Capture, out, labels, kwargs):
     head = state.head
     hidden, weight, bias = cap.hidden, head.weight, head.bias
     if _is_dtensor(weight) or _is_dtensor(hidden):
-        raise UnsupportedModelError(
-            f"fusedlm.integrations.transformers: {name}'s lm_head weight or its input is a "
-            "DTensor here (the lm_head is its own FSDP2 unit, or tensor-parallel). Keep the "
-            "lm_head (and tied embeddings) in the root FSDP2 module: fully_shard the decoder "
-            "layers, then the whole model, without a separate fully_shard(model.lm_head)")
+        raise _dtensor_error(name)
     if not (isinstance(pre_scale, float) and _is_one(pre_scale)):
         hidden = hidden * pre_scale
         bias = bias * pre_scale if bias is not None else None
