@@ -288,6 +288,18 @@ def test_clear_errors_for_unsupported_models():
     model(input_ids=ids)  # still usable without labels
 
 
+def _run_ranks(worker, world, tmp_path, path):
+    """``worker(rank, world, store, path)`` in ``world`` processes. fork: the children inherit
+    the imported modules (spawn would re-import for seconds). With a GPU, spawn: a forked
+    child fails once autograd started its device threads (any backward of an earlier test)
+    or CUDA started in this process."""
+    import torch.multiprocessing as mp
+
+    method = "fork" if "fork" in mp.get_all_start_methods() and not torch.cuda.is_available() else "spawn"
+    mp.start_processes(worker, args=(world, str(tmp_path / "store"), path), nprocs=world,
+                       join=True, start_method=method)
+
+
 def _dist_worker(rank, world, store, path):
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -325,7 +337,6 @@ def _dist_worker(rank, world, store, path):
 
 def test_ddp_and_fsdp2_two_cpu_ranks(tmp_path):
     import torch.distributed as dist
-    import torch.multiprocessing as mp
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("needs torch.distributed with gloo")
@@ -335,12 +346,7 @@ def test_ddp_and_fsdp2_two_cpu_ranks(tmp_path):
     labels[0, 0, :2] = -100
     path = str(tmp_path / "inputs.pt")
     torch.save(dict(cfg=model.config, state=model.state_dict(), ids=ids, labels=labels), path)
-    # fork: the children inherit the imported modules (spawn would re-import for seconds).
-    # With a GPU, spawn: a forked child fails once autograd started its device threads (any
-    # backward of an earlier test) or CUDA started in this process.
-    method = "fork" if "fork" in mp.get_all_start_methods() and not torch.cuda.is_available() else "spawn"
-    mp.start_processes(_dist_worker, args=(2, str(tmp_path / "store"), path), nprocs=2,
-                       join=True, start_method=method)
+    _run_ranks(_dist_worker, 2, tmp_path, path)
     for rank in range(2):
         res = torch.load(f"{path}.rank{rank}", weights_only=False)
         for wrap in ("ddp", "fsdp2"):
@@ -555,12 +561,9 @@ def _dtensor_worker(rank, world, store, path):
 
 def test_dtensor_hidden_states_get_the_clear_error(tmp_path):
     import torch.distributed as dist
-    import torch.multiprocessing as mp
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("needs torch.distributed with gloo")
     path = str(tmp_path / "result")
-    method = "fork" if "fork" in mp.get_all_start_methods() and not torch.cuda.is_available() else "spawn"
-    mp.start_processes(_dtensor_worker, args=(1, str(tmp_path / "store"), path), nprocs=1,
-                       join=True, start_method=method)
+    _run_ranks(_dtensor_worker, 1, tmp_path, path)
     assert "DTensor" in torch.load(f"{path}.rank0")
