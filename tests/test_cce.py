@@ -328,6 +328,9 @@ BAD_CALLS = [
     ("softcap below float32", lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y, softcap=1e-300), ValueError),
     ("softcap string", lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y, softcap="5"), TypeError),
     ("smoothing None", lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y, label_smoothing=None), TypeError),
+    # (apple's CCE takes shift=n; here only 1 exists, and a string used to count as True)
+    ("shift by 2", lambda e, c, y: fusedlm.linear_cross_entropy(e[None], c, y[None], shift=2), ValueError),
+    ("shift string", lambda e, c, y: fusedlm.linear_cross_entropy(e[None], c, y[None], shift="no"), ValueError),
     ("z_loss inf", lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y, z_loss=math.inf), ValueError),
     ("filter_eps 1", lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y, filter_eps=1.0), ValueError),
     ("filter_eps bool", lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y, filter_eps=True), TypeError),
@@ -350,14 +353,22 @@ def test_autocast_casts_only_float32_and_16_bit_operands():
         assert fusedlm.linear_cross_entropy(e, c, y).dtype == torch.float32  # (bf16 statistics, float32 loss)
 
 
-def test_second_derivatives_raise():
-    """Not twice differentiable: the gradient carries no graph, so differentiating it raises
-    (it used to require grad and give silent zeros)."""
+@pytest.mark.parametrize("frozen_c", [False, True])
+def test_second_derivatives_raise(frozen_c):
+    """Not twice differentiable: differentiating a gradient raises. (A gradient without a
+    graph made a gradient penalty add silent zeros: loss + |g|^2 backpropagated as loss.)"""
     e, c, y, _ = make_inputs(dtype=torch.float64)
-    (g,) = torch.autograd.grad(fusedlm.linear_cross_entropy(e, c, y, filter_eps=None), e, create_graph=True)
-    assert not g.requires_grad
-    with pytest.raises(RuntimeError):
-        torch.autograd.grad(g.sum(), (e, c))
+    c.requires_grad_(not frozen_c)
+    loss = fusedlm.linear_cross_entropy(e, c, y, filter_eps=None)
+    (g,) = torch.autograd.grad(loss, e, create_graph=True)
+    assert g.requires_grad
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        (loss + g.pow(2).sum()).backward()
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(g.sum(), e)
+    # first derivatives alone are unaffected, with or without create_graph
+    (g1,) = torch.autograd.grad(fusedlm.linear_cross_entropy(e, c, y, filter_eps=None), e)
+    torch.testing.assert_close(g.detach(), g1)
 
 
 def test_leading_minus_inf_logits():
@@ -393,3 +404,16 @@ def test_reduction_none_shapes_and_zero_at_ignored():
     assert out.shape == y.shape
     assert (out[..., -1] == 0).all()
     assert (out[..., :-1][y[..., 1:] == -100] == 0).all()
+
+
+def test_shift_with_int32_targets_and_an_ignore_index_past_int32():
+    # The shift pads each sequence's last target with ignore_index: an int32 pad overflowed.
+    e, c, y, _ = make_inputs(dtype=torch.float64, batch=2)
+    y = y.clamp_min(0)  # (no -100 entries: the pad is the only ignored target)
+    big = 2**40
+    got = fusedlm.linear_cross_entropy(e, c, y.to(torch.int32), shift=True, ignore_index=big)
+    want = fusedlm.linear_cross_entropy(e, c, y, shift=True, ignore_index=big)
+    torch.testing.assert_close(got, want)
+    ref = fusedlm.linear_cross_entropy(e[:, :-1], c, y[:, 1:])  # (nothing ignored)
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(fusedlm.linear_cross_entropy(e, c, y, shift=1), ref)

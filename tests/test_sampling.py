@@ -474,6 +474,11 @@ BAD = [
     ("tl float tokens", lambda l: fusedlm.temperature_logprobs(l, torch.tensor([0.0, 1.0, 2.0]), [1.0]), TypeError),
     ("tl tokens shape", lambda l: fusedlm.temperature_logprobs(l, torch.tensor([0, 1]), [1.0]), ValueError),
     ("tl inf temperature", lambda l: fusedlm.temperature_logprobs(l, torch.tensor([0, 1, 2]), [math.inf]), ValueError),
+    # (a complex temperature lost its imaginary part with only a warning)
+    ("complex tau tensor", lambda l: fusedlm.sample(l, torch.ones(3, dtype=torch.complex64)), TypeError),
+    ("complex top_p tensor", lambda l: fusedlm.sample(l, 1.0, top_p=torch.full((3,), 0.5 + 0j)), TypeError),
+    ("tl complex temperatures", lambda l: fusedlm.temperature_logprobs(l, torch.tensor([0, 1, 2]),
+                                                                       torch.tensor([1 + 1j])), TypeError),
 ]
 
 

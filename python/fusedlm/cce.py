@@ -19,7 +19,6 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad
-from torch.autograd.function import once_differentiable
 
 from ._checks import is_real_number
 from ._ops import ops
@@ -108,6 +107,20 @@ def _carries_derivatives(*tensors: Optional[Tensor]) -> bool:
                for t in tensors)
 
 
+class _NoSecondDerivative(torch.autograd.Function):
+    """Passes a first derivative through (as a view); differentiating it raises."""
+
+    @staticmethod
+    def forward(ctx, grad, *anchors):
+        return grad.view_as(grad)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "fusedlm.linear_cross_entropy is differentiable once: its gradients (from "
+            "autograd.grad(..., create_graph=True)) cannot be differentiated again")
+
+
 class _CCEStatistics(torch.autograd.Function):
     """(lse, target_logit, logit_sum) per token, differentiable w.r.t. e, c and bias."""
 
@@ -129,8 +142,22 @@ class _CCEStatistics(torch.autograd.Function):
         return lse, target_logit, logit_sum
 
     @staticmethod
-    @once_differentiable  # (second derivatives: a clear error, not silent zeros)
     def backward(ctx, grad_lse, grad_target, grad_sum):
+        with torch.no_grad():
+            grads = _CCEStatistics._gradients(ctx, grad_lse, grad_target, grad_sum)
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradients carry no graph (the kernels have no derivative),
+            # so a loss built on them would get silent zeros from their term (a gradient
+            # penalty, say). They pass through a node whose backward raises instead.
+            # (once_differentiable does that only when grad_lse & co require grad.)
+            e, c, _, bias = ctx.saved_tensors[:4]
+            anchors = [t for t in (e, c, bias) if t is not None and t.requires_grad]
+            if anchors:
+                grads = tuple(g if g is None else _NoSecondDerivative.apply(g, *anchors) for g in grads)
+        return grads
+
+    @staticmethod
+    def _gradients(ctx, grad_lse, grad_target, grad_sum):
         e, c, targets, bias, lse, tile_max, target_logit = ctx.saved_tensors
         softcap, filter_eps, uniform_outside, accum_fp32 = ctx.options
         # A frozen classifier (LoRA, a tied embedding kept fixed) or frozen hidden states:
@@ -258,9 +285,18 @@ def _debug_check_targets(targets: Tensor, vocab: int, ignore_index: int) -> None
                          f"is not ignore_index ({ignore_index})")
 
 
+def _check_shift(shift) -> bool:
+    # (apple's CCE also takes an int: a shift by that many positions; only 1 exists here)
+    if isinstance(shift, bool) or (isinstance(shift, int) and shift in (0, 1)):
+        return bool(shift)
+    raise ValueError(f"shift must be True / False (or 1 / 0), got {shift!r}")
+
+
 def _shift_targets(targets: Tensor, ignore_index: int) -> Tensor:
     """Position t predicts token t+1: shift left along the last (sequence) dim and mark the
     final position ignored. Only the O(N) targets move; e is never copied."""
+    if targets.dtype != torch.int64:  # (an ignore_index past int32 fits the pad)
+        targets = targets.to(torch.int64)
     pad = torch.full_like(targets[..., :1], ignore_index)
     return torch.cat([targets[..., 1:], pad], dim=-1)
 
@@ -326,6 +362,7 @@ def linear_cross_entropy(
     ``FUSEDLM_CHECK_TARGETS=1`` to validate CUDA targets eagerly, which synchronises).
     """
     ignore_index = _check_ignore_index(ignore_index)
+    shift = _check_shift(shift)
     if process_group is not None:
         from .parallel import vocab_parallel_linear_cross_entropy
 

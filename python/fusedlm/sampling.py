@@ -40,6 +40,8 @@ def _per_row(value, batch: int, device, dtype, name: str, check) -> Optional[Ten
             raise ValueError(f"{name} is on {value.device} but logits are on {device}")
         if not dtype.is_floating_point:
             _check_integer_tensor(value, name)
+        else:
+            _check_real_tensor(value, name)
         return value if value.dtype == dtype else value.to(dtype)  # (.to costs ~1 us even as a no-op)
     if not is_real_number(value):
         raise TypeError(f"{name} must be a number or a ({batch},) tensor, got {type(value).__name__}")
@@ -52,6 +54,13 @@ def _check_integer_tensor(value: Tensor, name: str) -> None:
     truncated silently (e.g. seeds drawn with torch.rand would all become 0)."""
     if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
+
+
+def _check_real_tensor(value: Tensor, name: str) -> None:
+    """A real-valued parameter given as a tensor (a complex one lost its imaginary part with
+    only a warning)."""
+    if value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"{name} must be a real tensor, got {value.dtype}")
 
 
 def _check_temperature(t: float, name: str = "temperature") -> None:
@@ -193,6 +202,7 @@ def temperature_logprobs(logits: Tensor, tokens: Tensor,
     """``log p(tokens[b] | softmax(logits[b] / temperatures[k]))`` for every row and all K
     temperatures at once: ``[B, K]`` float32, one pass over the logits (shared max, K
     running sums). ``tau = 0`` gives 0 if the token is the argmax and ``-inf`` otherwise.
+    NaN logits count as ``-inf`` (as in :func:`sample`).
     Used by LPO's latent-temperature loss. Not differentiable (the output never requires
     grad).
 
@@ -219,6 +229,7 @@ def temperature_logprobs(logits: Tensor, tokens: Tensor,
         if not all(is_real_number(t) for t in values):
             raise TypeError(f"temperature_logprobs: temperatures must be numbers, got {values}")
         temperatures = torch.tensor(values, dtype=torch.float32)
+    _check_real_tensor(temperatures, "temperature_logprobs: temperatures")
     if temperatures.dim() != 1 or not 1 <= temperatures.numel() <= 16:
         raise ValueError("temperature_logprobs: temperatures must hold 1 to 16 values, got shape "
                          f"{tuple(temperatures.shape)}")
