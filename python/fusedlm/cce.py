@@ -355,7 +355,7 @@ def linear_cross_entropy(
 
     Returns:
         The loss in float32 (float64 for float64 inputs), and the LSE if ``return_lse``.
-        Differentiable once (its gradients carry no graph: second derivatives raise).
+        Differentiable once: differentiating its gradients (``create_graph=True``) raises.
 
     Memory: the forward keeps O(N) floats beyond its inputs; see the README for the CUDA
     backward's bounded workspace. No host synchronisation happens on the hot path (set
