@@ -510,7 +510,6 @@ def bench_model(args, rows, meta):
         ids = torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda", generator=g)
         labels = ids.clone()
         labels[:, : seq // 8] = -100  # a prompt: no loss there
-        params = [p for p in model.parameters() if p.requires_grad]
         case = f"{name}_{batch}x{seq}"
         base_ms = None
         losses = {}
@@ -521,23 +520,20 @@ def bench_model(args, rows, meta):
                 setup()
 
                 def step():
-                    for p in params:
-                        p.grad = None
+                    model.zero_grad(set_to_none=True)
                     loss = loss_fn(ids, labels)
                     loss.backward()
                     return loss.detach()
 
                 losses[method] = float(step())
                 ms = cuda_time(step, warmup=2, reps=5)
-                for p in params:
-                    p.grad = None
+                model.zero_grad(set_to_none=True)  # (the peak's base: the weights alone)
                 mem = peak_extra_mib(step)
             except Exception as err:  # a peer that does not support this transformers version
                 print(f"{case} {method}: failed: {type(err).__name__}: {err}")
                 continue
             finally:
-                for p in params:
-                    p.grad = None
+                model.zero_grad(set_to_none=True)
                 teardown()
             base_ms = ms if method == "hf_eager" else base_ms
             rows.append(dict(meta, suite="model", case=case, method=method, dtype="bf16", regime="random_init",
@@ -545,7 +541,7 @@ def bench_model(args, rows, meta):
                              ratio=ms / base_ms if base_ms else float("nan"), ratio_to="hf_eager"))
             print(f"{case} {method:>10}: step {ms:8.2f} ms, peak over the weights {mem:9.1f} MiB, "
                   f"loss {losses[method]:.5f}", flush=True)
-        del model, params
+        del model
         torch.cuda.empty_cache()
 
 

@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 from fusedlm.integrations.transformers import patch  # noqa: E402
 from test_adaptive import tiny_llama, toy_task  # noqa: E402
 from test_integrations_transformers import FAMILIES, V, make_model  # noqa: E402
+from test_integrations_transformers import loss_and_grads as output_and_grads  # noqa: E402
 
 pytestmark = pytest.mark.cuda
 DEV = "cuda"
@@ -38,9 +39,8 @@ def sharpen(model, target=4.0):
 
 
 def loss_and_grads(model, ids, labels):
-    out = model(input_ids=ids, labels=labels)
-    params = [p for p in model.parameters() if p.requires_grad]
-    return out.loss, torch.autograd.grad(out.loss, params, allow_unused=True)
+    out, grads = output_and_grads(model, input_ids=ids, labels=labels)
+    return out.loss, grads
 
 
 def max_errors(grads, truth):
