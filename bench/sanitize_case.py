@@ -40,6 +40,11 @@ if not SAMPLING_ONLY:
     for t in (e, c, b):
         t.requires_grad_()
     fusedlm.linear_cross_entropy(e, c, y, b).backward()
+    # The same in row blocks of 256 rows (pointer offsets per block; the last block partial).
+    os.environ["FUSEDLM_CCE_ROWS_PER_LAUNCH"] = "256"
+    fusedlm.linear_cross_entropy(e, c, y, b).backward()
+    fusedlm.linear_cross_entropy(e, c, y, b, filter_eps=None).backward()
+    del os.environ["FUSEDLM_CCE_ROWS_PER_LAUNCH"]
     del os.environ["FUSEDLM_CCE_WORKSPACE_MB"]
     # Quadrant skips: each 64-token block has its softmax mass in one 64-wide vocabulary block
     # (the rest ~1e-7, filtered out), so the Hopper dE / dC warpgroups skip each other's steps;

@@ -45,6 +45,9 @@ struct ForwardArgs {
 };
 
 int forward_splits(int64_t N, int64_t V, DType dtype, int num_sms);
+// Rows (a multiple of kTileRows) one forward launch may take: the Hopper main loop's TMA row
+// coordinates are 32-bit. Callers split larger N into row blocks.
+constexpr int64_t kForwardRowsPerLaunch = int64_t{1} << 30;
 cudaError_t forward(const ForwardArgs& args, cudaStream_t stream);
 
 struct BackwardArgs {
@@ -83,6 +86,9 @@ struct BackwardArgs {
 };
 
 int64_t backward_vocab_chunk(int64_t N, int64_t V, DType dtype, int64_t budget_bytes);
+// Rows (a multiple of kTileRows) one backward launch may take on the current device (see
+// cce_cuda.cu): ~780k on Hopper for 16-bit inputs. Callers split larger N into row blocks.
+int64_t backward_rows_per_launch(DType dtype);
 cudaError_t backward(const BackwardArgs& args, cudaStream_t stream);
 
 }  // namespace cce_cuda

@@ -60,6 +60,14 @@ void check_cuda_inputs(const at::Tensor& e, const at::Tensor& c, const at::Tenso
                     "cce: vocabularies of 2^31 - 1024 entries or more are not supported on CUDA");
 }
 
+// Rows per kernel launch: `limit` (a multiple of the 128-row tile), or fewer when
+// FUSEDLM_CCE_ROWS_PER_LAUNCH asks (tests: row blocks without billions of rows).
+int64_t rows_per_launch(int64_t limit) {
+  const char* env = std::getenv("FUSEDLM_CCE_ROWS_PER_LAUNCH");
+  const int64_t asked = env != nullptr ? std::atoll(env) / cce_cuda::kTileRows * cce_cuda::kTileRows : 0;
+  return asked > 0 ? std::min(asked, limit) : limit;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cce_forward_cuda(
     const at::Tensor& e, const at::Tensor& c, const at::Tensor& targets,
     const std::optional<at::Tensor>& bias, double softcap, int64_t ignore_index,
@@ -78,24 +86,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cce_forward_cuda(
   auto lse = at::empty({N}, f32), target_logit = at::empty({N}, f32), logit_sum = at::empty({N}, f32);
   auto tile_max = at::empty({record_tile_max ? N : 0, record_tile_max ? tile_max_cols(V) : 0}, f32);
   if (N == 0) return {lse, target_logit, logit_sum, tile_max};
-  const int splits = cce_cuda::forward_splits(N, V, dt, num_sms(e.get_device()));
-  auto partials = at::empty({2, splits, N}, f32);
-  cce_cuda::ForwardArgs args{dt, e_k.const_data_ptr(), c_k.const_data_ptr(),
-                             b.defined() ? b.const_data_ptr() : nullptr,
-                             y.const_data_ptr<int64_t>(), N, d_pad, V,
-                             static_cast<float>(softcap), ignore_index, splits,
-                             partials.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>(),
-                             target_logit.mutable_data_ptr<float>(),
-                             logit_sum.mutable_data_ptr<float>(),
-                             record_tile_max ? tile_max.mutable_data_ptr<float>() : nullptr};
-  FUSEDLM_CUDA_CHECK(cce_cuda::forward(args, c10::cuda::getCurrentCUDAStream()));
+  // Row blocks of at most rows_per_launch rows (pointers offset per block; rows are
+  // independent in the forward, so the results are the same as one launch's).
+  const int64_t block_rows = rows_per_launch(cce_cuda::kForwardRowsPerLaunch);
+  const int64_t tm_cols = tile_max_cols(V);
+  const int64_t elem = e_k.element_size();
+  for (int64_t r0 = 0; r0 < N; r0 += block_rows) {
+    const int64_t rows = std::min(block_rows, N - r0);
+    const int splits = cce_cuda::forward_splits(rows, V, dt, num_sms(e.get_device()));
+    auto partials = at::empty({2, splits, rows}, f32);
+    cce_cuda::ForwardArgs args{dt, static_cast<const char*>(e_k.const_data_ptr()) + r0 * d_pad * elem,
+                               c_k.const_data_ptr(), b.defined() ? b.const_data_ptr() : nullptr,
+                               y.const_data_ptr<int64_t>() + r0, rows, d_pad, V,
+                               static_cast<float>(softcap), ignore_index, splits,
+                               partials.mutable_data_ptr<float>(), lse.mutable_data_ptr<float>() + r0,
+                               target_logit.mutable_data_ptr<float>() + r0,
+                               logit_sum.mutable_data_ptr<float>() + r0,
+                               record_tile_max ? tile_max.mutable_data_ptr<float>() + r0 * tm_cols : nullptr};
+    FUSEDLM_CUDA_CHECK(cce_cuda::forward(args, c10::cuda::getCurrentCUDAStream()));
+  }
   return {lse, target_logit, logit_sum, tile_max};
 }
 
 int64_t workspace_budget_bytes() {
   const char* env = std::getenv("FUSEDLM_CCE_WORKSPACE_MB");
   const int64_t mb = env != nullptr ? std::atoll(env) : 128;
-  return (mb > 0 ? mb : 128) << 20;
+  return std::min<int64_t>(mb > 0 ? mb : 128, int64_t{1} << 20) << 20;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cuda(
@@ -134,8 +150,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cuda(
     grad_c.zero_();
     grad_bias.zero_();
   } else {
-    const int64_t row_tiles = (N + cce_cuda::kTileRows - 1) / cce_cuda::kTileRows;
-    const int64_t chunk = cce_cuda::backward_vocab_chunk(N, V, dt, workspace_budget_bytes());
+    // Row blocks of at most block_rows rows: one launch, or (beyond ~780k tokens on Hopper)
+    // several, whose dC and bias gradients are summed in float32 here (dC then carries the
+    // rounding of each block's 16-bit partial as well as the final one).
+    const int64_t block_rows = rows_per_launch(cce_cuda::backward_rows_per_launch(dt));
+    const bool blocks = N > block_rows;
+    const int64_t max_rows = std::min(N, block_rows);
+    const int64_t row_tiles = (max_rows + cce_cuda::kTileRows - 1) / cce_cuda::kTileRows;
+    const int64_t chunk = cce_cuda::backward_vocab_chunk(max_rows, V, dt, workspace_budget_bytes());
     auto workspace = at::empty({row_tiles * cce_cuda::kTileRows, chunk}, c.options());
     auto mask = at::empty({row_tiles, chunk / cce_cuda::kTileVocab}, e.options().dtype(at::kShort));
     auto bias_partials = bias_grad ? at::empty({row_tiles, chunk}, f32) : at::Tensor();
@@ -145,22 +167,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cuda(
     const at::Tensor tile_max_f = hint ? as_f32(*tile_max) : at::Tensor();
     const at::Tensor target_logit_f = hint ? as_f32(*target_logit) : at::Tensor();
     auto keep_hint = hint ? at::empty({row_tiles, tile_max_cols(V)}, bytes) : at::Tensor();
-    cce_cuda::BackwardArgs args{
-        dt, e_k.const_data_ptr(), c_k.const_data_ptr(), b.defined() ? b.const_data_ptr() : nullptr,
-        y.const_data_ptr<int64_t>(), lse_f.const_data_ptr<float>(), ga.const_data_ptr<float>(),
-        gt.const_data_ptr<float>(), gs.const_data_ptr<float>(), N, d_pad, V,
-        static_cast<float>(softcap), static_cast<float>(filter_eps), chunk,
-        workspace.mutable_data_ptr(), reinterpret_cast<uint16_t*>(mask.mutable_data_ptr<int16_t>()),
-        bias_grad ? bias_partials.mutable_data_ptr<float>() : nullptr,
-        bias_grad ? grad_bias.mutable_data_ptr<float>() : nullptr,
-        need_grad_e ? grad_e_acc.mutable_data_ptr<float>() : nullptr,
-        need_grad_c ? grad_c.mutable_data_ptr() : nullptr,
-        filtered ? target_keep.mutable_data_ptr<uint8_t>() : nullptr,
-        hint ? target_logit_f.const_data_ptr<float>() : nullptr,
-        hint ? tile_max_f.const_data_ptr<float>() : nullptr,
-        hint ? keep_hint.mutable_data_ptr<uint8_t>() : nullptr,
-        num_sms(e.get_device())};
-    FUSEDLM_CUDA_CHECK(cce_cuda::backward(args, c10::cuda::getCurrentCUDAStream()));
+    // Per-block dC / bias gradients and their float32 sums (only with several blocks).
+    at::Tensor block_grad_c = grad_c, block_grad_bias = grad_bias, sum_grad_c, sum_grad_bias;
+    if (blocks && need_grad_c) sum_grad_c = at::zeros({V, d_pad}, f32);
+    if (blocks && bias_grad) sum_grad_bias = at::zeros({V}, f32);
+    const int64_t elem = e_k.element_size(), tm_cols = tile_max_cols(V);
+    for (int64_t r0 = 0; r0 < N; r0 += block_rows) {
+      const int64_t rows = std::min(block_rows, N - r0);
+      cce_cuda::BackwardArgs args{
+          dt, static_cast<const char*>(e_k.const_data_ptr()) + r0 * d_pad * elem, c_k.const_data_ptr(),
+          b.defined() ? b.const_data_ptr() : nullptr, y.const_data_ptr<int64_t>() + r0,
+          lse_f.const_data_ptr<float>() + r0, ga.const_data_ptr<float>() + r0,
+          gt.const_data_ptr<float>() + r0, gs.const_data_ptr<float>() + r0, rows, d_pad, V,
+          static_cast<float>(softcap), static_cast<float>(filter_eps), chunk,
+          workspace.mutable_data_ptr(), reinterpret_cast<uint16_t*>(mask.mutable_data_ptr<int16_t>()),
+          bias_grad ? bias_partials.mutable_data_ptr<float>() : nullptr,
+          bias_grad ? block_grad_bias.mutable_data_ptr<float>() : nullptr,
+          need_grad_e ? grad_e_acc.mutable_data_ptr<float>() + r0 * d_pad : nullptr,
+          need_grad_c ? block_grad_c.mutable_data_ptr() : nullptr,
+          filtered ? target_keep.mutable_data_ptr<uint8_t>() + r0 : nullptr,
+          hint ? target_logit_f.const_data_ptr<float>() + r0 : nullptr,
+          hint ? tile_max_f.const_data_ptr<float>() + r0 * tm_cols : nullptr,
+          hint ? keep_hint.mutable_data_ptr<uint8_t>() : nullptr,
+          num_sms(e.get_device())};
+      FUSEDLM_CUDA_CHECK(cce_cuda::backward(args, c10::cuda::getCurrentCUDAStream()));
+      if (sum_grad_c.defined()) sum_grad_c.add_(block_grad_c);
+      if (sum_grad_bias.defined()) sum_grad_bias.add_(block_grad_bias);
+    }
+    if (sum_grad_c.defined()) grad_c = sum_grad_c.to(c.scalar_type());
+    if (sum_grad_bias.defined()) grad_bias = sum_grad_bias;
   }
   at::Tensor grad_e = need_grad_e ? grad_e_acc.narrow(1, 0, D).to(e.scalar_type()).contiguous()
                                   : at::empty({0}, e.options());

@@ -144,6 +144,18 @@ def test_many_vocabulary_chunks_match_reference(dtype, mainloop, monkeypatch):
     check_against_reference(e, c, y, b, dtype, softcap=30.0)
 
 
+@pytest.mark.parametrize("opts", [dict(bias=True, softcap=20.0, reduction="none"), dict(label_smoothing=0.1)],
+                         ids=["bias_softcap_none", "smoothing"])
+def test_row_blocks_match_reference(opts, backward_path, monkeypatch):
+    """More rows than one launch takes (~780k tokens on Hopper; 256 here): the forward and the
+    backward run in row blocks (the last one partial), and the dC and bias gradients are
+    summed over the blocks."""
+    monkeypatch.setenv("FUSEDLM_CCE_ROWS_PER_LAUNCH", "256")
+    opts = dict(opts)
+    e, c, y, b = make(1000, 136, 5000, torch.bfloat16, bias=opts.pop("bias", False))
+    check_against_reference(e, c, y, b, torch.bfloat16, **opts)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_row_tiles_without_gradient(dtype, backward_path, monkeypatch):
     """Whole 128-row tiles of ignored targets (padding): their gradient-tile CTAs mark their

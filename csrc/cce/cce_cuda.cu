@@ -1430,8 +1430,9 @@ template <typename T>
 cudaError_t backward_dispatch(const BackwardArgs& a, cudaStream_t stream) {
   if constexpr (!std::is_same_v<T, float>) {
     if (use_wgmma(a.dtype)) {
-      // The active-tile lists live in shared memory next to the pipeline: beyond ~800k tokens
-      // per call the token list no longer fits and the mma.sync GEMMs (smaller pipeline) run.
+      // The active-tile lists live in shared memory next to the pipeline: beyond ~780k tokens
+      // the token list no longer fits and the mma.sync GEMMs (smaller pipeline) would run;
+      // the glue splits such calls into row blocks (backward_rows_per_launch).
       // (FUSEDLM_CCE_MMA_SYNC_GEMMS=1 forces that pairing, for tests.)
       const int row_tiles = static_cast<int>((a.N + kM - 1) / kM);
       const auto gemms = grad_ec_wgmma_kernel<T, HopperGradE<T>, HopperGradC<T>>;
@@ -1445,7 +1446,32 @@ cudaError_t backward_dispatch(const BackwardArgs& a, cudaStream_t stream) {
   return backward_typed<T, SyncNt<T>, false>(a, stream);
 }
 
+// Row tiles one backward launch can take: the dC kernels keep each vocabulary tile's list of
+// active row tiles in shared memory (4 bytes a row tile, next to the pipeline), and the
+// hint kernel has row tiles as gridDim.y. On Hopper the limit is the wgmma GEMMs' (the
+// mma.sync ones, with a smaller pipeline, would take ~6x more rows but run slower).
+template <typename T>
+int64_t backward_row_tiles_per_launch(DType dtype) {
+  int64_t free_bytes = max_dynamic_smem(grad_c_kernel<T>) - tile::smem_bytes<T, false, false>();
+  if constexpr (!std::is_same_v<T, float>) {
+    const char* force = std::getenv("FUSEDLM_CCE_MMA_SYNC_GEMMS");
+    if (use_wgmma(dtype) && !(force != nullptr && force[0] == '1'))
+      free_bytes = max_dynamic_smem(grad_ec_wgmma_kernel<T, HopperGradE<T>, HopperGradC<T>>) -
+                   HopperGradC<T>::smem_bytes();
+  }
+  return std::max<int64_t>(1, std::min<int64_t>(free_bytes / 4, 65535));
+}
+
 }  // namespace
+
+int64_t backward_rows_per_launch(DType dtype) {
+  switch (dtype) {
+    case DType::kBFloat16: return backward_row_tiles_per_launch<__nv_bfloat16>(dtype) * kM;
+    case DType::kFloat16: return backward_row_tiles_per_launch<__half>(dtype) * kM;
+    case DType::kFloat32: return backward_row_tiles_per_launch<float>(dtype) * kM;
+  }
+  return kM;
+}
 
 int forward_splits(int64_t N, int64_t V, DType dtype, int num_sms) {
   const int64_t tile_width = use_wgmma(dtype) ? HopperForward<__half>::kBlockN : SyncNt<float>::kBlockN;
