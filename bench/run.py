@@ -119,6 +119,18 @@ def graph_time(fn, reps=50, calls=1):
     return cuda_time(graph.replay, warmup=3, reps=reps) / calls
 
 
+def step_time(produce, fn, reps=20, steps=20):
+    """Per-step time fn adds to a decode-like CUDA graph of `steps` steps, each `produce`
+    (a kernel that writes fn's input, as an LM head writes the logits) then fn: the graph's
+    time less that of the producers alone, per step, or None when fn cannot be captured.
+    Unlike back-to-back calls of fn, each fn follows another kernel here, so a kernel of fn
+    cannot become resident while the previous fn call finishes (programmatic dependent
+    launch), and its input is freshly written."""
+    with_fn = graph_time(lambda: (produce(), fn()), reps=reps, calls=steps)
+    alone = graph_time(produce, reps=reps, calls=steps)
+    return None if with_fn is None or alone is None else with_fn - alone
+
+
 def peak_extra_mib(fn, exclude_bytes=0):
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -163,9 +175,11 @@ def cce_methods(softcap=None):
         return F.cross_entropy((e @ c.T).float(), y)
 
     # One compilation per shape and per requires_grad pattern (the frozen-classifier pass):
-    # more than dynamo's default 8, past which it silently falls back to eager.
+    # more than dynamo's default 8, past which it silently falls back to eager. dynamic=False:
+    # with one compiled object over several shapes, dynamo's automatic dynamic shapes would
+    # otherwise compile the second and later shapes with symbolic sizes.
     torch._dynamo.config.recompile_limit = 64
-    compiled = torch.compile(naive)
+    compiled = torch.compile(naive, dynamic=False)
     methods = {"torch_naive": naive, "torch_compile": compiled,
                "fusedlm": lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y),
                "fusedlm_exact": lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y, filter_eps=None)}
@@ -257,7 +271,10 @@ def bench_cce(args, rows, meta):
                 if t_fbi is not None:
                     rows.append(dict(meta, suite="cce", case=case, method=name, dtype="bf16", regime=regime,
                                      **{"pass": "fwd+bwd_interleaved"}, time_ms=t_fbi, peak_extra_mib=m_fb,
-                                     ratio=t_fbi / gemm_fbi, ratio_to="gemm_interleaved"))
+                                     ratio=t_fbi / gemm_fbi, ratio_to="gemm_fbwd_interleaved"))
+                    rows.append(dict(meta, suite="cce", case=case, method=name, dtype="bf16", regime=regime,
+                                     **{"pass": "gemm_fbwd_interleaved"}, time_ms=gemm_fbi,
+                                     peak_extra_mib=n * v * 2 / 2**20, ratio=1.0, ratio_to="gemm_fbwd_interleaved"))
                     print(f"{case:>20} {regime:>7} {name:>14}: fwd+bwd alternating with the GEMM "
                           f"{t_fbi:.2f} / {gemm_fbi:.2f} = {t_fbi / gemm_fbi:4.2f}x", flush=True)
                 print(f"{case:>20} {regime:>7} {name:>14}: fwd {t_f:8.2f} ms ({t_f / gemm:4.2f}x gemm; "
@@ -339,9 +356,11 @@ TOP_P, TOP_K = 0.9, 50  # the truncated-sampling rows (fusedlm_top_p / _top_k, t
 
 
 def bench_sampling(args, rows, meta):
-    """Eager time, one call per graph replay (sample_graph) and the per-call time of 20 calls
-    in one graph (sample_graph20: the device time a decode loop's graph pays per step, without
-    the per-replay launch latency). torch_amax_read (a reduction that only reads the logits
+    """Eager time, one call per graph replay (sample_graph), the per-call time of 20 calls
+    in one graph (sample_graph20: without the per-replay launch latency, but each call may
+    become resident during the previous one's tail) and the time per step of a graph of 20
+    steps, each a copy that writes the logits then the call (sample_step: the device time a
+    decode loop's graph pays per step; the bars are judged on it). torch_amax_read (a reduction that only reads the logits
     once) and a one-element kernel show what any kernel pays at these sizes."""
     fi = flashinfer_library()
     if fi is not None:
@@ -395,13 +414,17 @@ def bench_sampling(args, rows, meta):
                            "torch_amax_read": lambda: logits.amax(-1)}
                 if fi is not None:
                     methods.update(flashinfer_methods(fi, logits, tau, TOP_P, TOP_K))
+                source = logits.clone()  # what the producer of sample_step copies in
                 for name, fn in methods.items():
                     t = cuda_time(fn, warmup=5, reps=30)
                     graphed = name.startswith(("fusedlm", "flashinfer")) or name == "torch_amax_read"
                     tg = graph_time(fn) if graphed else None
                     tg20 = graph_time(fn, calls=GRAPH_CALLS) if graphed else None
+                    stepped = name in ("fusedlm", "fusedlm_logprobs", "torch_amax_read")
+                    ts = step_time(lambda: logits.copy_(source), fn) if stepped else None
                     mem = peak_extra_mib(fn)
-                    for pass_name, value in (("sample", t), ("sample_graph", tg), ("sample_graph20", tg20)):
+                    for pass_name, value in (("sample", t), ("sample_graph", tg), ("sample_graph20", tg20),
+                                             ("sample_step", ts)):
                         if value is None:
                             continue
                         rows.append(dict(meta, suite="sampling", case=f"B{b}xV{v}", method=name, dtype=dname,
@@ -409,6 +432,8 @@ def bench_sampling(args, rows, meta):
                                          peak_extra_mib=mem, ratio=value / floor_ms, ratio_to="memory_floor"))
                     graph_txt = (f"graph {tg * 1e3:7.1f} us, {tg20 * 1e3:7.1f} us per call in a graph of "
                                  f"{GRAPH_CALLS} ({tg20 / floor_ms:5.2f}x floor)") if tg is not None else ""
+                    if ts is not None:
+                        graph_txt += f", {ts * 1e3:7.1f} us per decode-like step ({ts / floor_ms:5.2f}x floor)"
                     print(f"B={b:5d} V={v} {dname}: {name:>26} {t * 1e3:9.1f} us ({t / floor_ms:6.2f}x floor "
                           f"{floor_ms * 1e3:.1f} us), {graph_txt}", flush=True)
 

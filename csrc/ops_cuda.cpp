@@ -87,7 +87,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> cce_forward_cuda(
   auto tile_max = at::empty({record_tile_max ? N : 0, record_tile_max ? tile_max_cols(V) : 0}, f32);
   if (N == 0) return {lse, target_logit, logit_sum, tile_max};
   // Row blocks of at most rows_per_launch rows (pointers offset per block; rows are
-  // independent in the forward, so the results are the same as one launch's).
+  // independent in the forward: only the last bits of a log-sum-exp may differ from one
+  // launch's, as the vocabulary splits depend on the rows per launch).
   const int64_t block_rows = rows_per_launch(cce_cuda::kForwardRowsPerLaunch);
   const int64_t tm_cols = tile_max_cols(V);
   const int64_t elem = e_k.element_size();
@@ -140,21 +141,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cuda(
   const at::Tensor lse_f = as_f32(lse), ga = as_f32(grad_lse), gt = as_f32(grad_target),
                    gs = as_f32(grad_sum);
   const auto f32 = e.options().dtype(at::kFloat);
+  // Row blocks of at most block_rows rows: one launch, or (beyond ~780k tokens on Hopper)
+  // several. Then dE accumulates in float32 one block at a time (each block's rows are
+  // converted into grad_e: N x D x 4 bytes of accumulator would dwarf e itself), and the dC
+  // and bias gradients are summed in float32 (dC then carries the rounding of each block's
+  // 16-bit partial as well as the final one).
+  const int64_t block_rows = rows_per_launch(cce_cuda::backward_rows_per_launch(dt));
+  const bool blocks = N > block_rows;
   // Gradients not asked for are empty, and their GEMMs are not run.
-  auto grad_e_acc = at::empty({need_grad_e ? N : 0, d_pad}, f32);
+  auto grad_e_acc = at::empty({need_grad_e ? std::min(N, block_rows) : 0, d_pad}, f32);
+  at::Tensor grad_e = blocks && need_grad_e ? at::empty({N, D}, e.options()) : at::Tensor();
   auto grad_c = at::empty({need_grad_c ? V : 0, d_pad}, c.options());
   const bool bias_grad = bias.has_value() && need_grad_bias;
   auto grad_bias = at::empty({bias_grad ? V : 0}, f32);
   if (N == 0 || V == 0) {
     grad_e_acc.zero_();
+    if (grad_e.defined()) grad_e.zero_();
     grad_c.zero_();
     grad_bias.zero_();
   } else {
-    // Row blocks of at most block_rows rows: one launch, or (beyond ~780k tokens on Hopper)
-    // several, whose dC and bias gradients are summed in float32 here (dC then carries the
-    // rounding of each block's 16-bit partial as well as the final one).
-    const int64_t block_rows = rows_per_launch(cce_cuda::backward_rows_per_launch(dt));
-    const bool blocks = N > block_rows;
     const int64_t max_rows = std::min(N, block_rows);
     const int64_t row_tiles = (max_rows + cce_cuda::kTileRows - 1) / cce_cuda::kTileRows;
     const int64_t chunk = cce_cuda::backward_vocab_chunk(max_rows, V, dt, workspace_budget_bytes());
@@ -183,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cuda(
           workspace.mutable_data_ptr(), reinterpret_cast<uint16_t*>(mask.mutable_data_ptr<int16_t>()),
           bias_grad ? bias_partials.mutable_data_ptr<float>() : nullptr,
           bias_grad ? block_grad_bias.mutable_data_ptr<float>() : nullptr,
-          need_grad_e ? grad_e_acc.mutable_data_ptr<float>() + r0 * d_pad : nullptr,
+          need_grad_e ? grad_e_acc.mutable_data_ptr<float>() : nullptr,
           need_grad_c ? block_grad_c.mutable_data_ptr() : nullptr,
           filtered ? target_keep.mutable_data_ptr<uint8_t>() + r0 : nullptr,
           hint ? target_logit_f.const_data_ptr<float>() + r0 : nullptr,
@@ -191,14 +196,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cuda(
           hint ? keep_hint.mutable_data_ptr<uint8_t>() : nullptr,
           num_sms(e.get_device())};
       FUSEDLM_CUDA_CHECK(cce_cuda::backward(args, c10::cuda::getCurrentCUDAStream()));
+      if (grad_e.defined()) grad_e.narrow(0, r0, rows).copy_(grad_e_acc.narrow(0, 0, rows).narrow(1, 0, D));
       if (sum_grad_c.defined()) sum_grad_c.add_(block_grad_c);
       if (sum_grad_bias.defined()) sum_grad_bias.add_(block_grad_bias);
     }
     if (sum_grad_c.defined()) grad_c = sum_grad_c.to(c.scalar_type());
     if (sum_grad_bias.defined()) grad_bias = sum_grad_bias;
   }
-  at::Tensor grad_e = need_grad_e ? grad_e_acc.narrow(1, 0, D).to(e.scalar_type()).contiguous()
-                                  : at::empty({0}, e.options());
+  if (!grad_e.defined())
+    grad_e = need_grad_e ? grad_e_acc.narrow(1, 0, D).to(e.scalar_type()).contiguous() : at::empty({0}, e.options());
   if (!need_grad_c)
     grad_c = at::empty({0}, c.options());
   else if (d_pad != D)

@@ -119,3 +119,37 @@ def test_sustained_ratios(tmp_path, capsys):
     assert lines and all("\\| 1.23 NOT met |" in line and "\\| 0.90 met |" in line and "\\| 4.50 NOT met |" in line
                          for line in lines)
     assert "Under sustained load" in out
+
+
+def test_sampling_bars_judged_on_the_decode_like_step(tmp_path, capsys):
+    """Runs with sample_step rows are judged on them, not on the graph of 20 back-to-back
+    calls (whose kernels can overlap the previous call's tail); older runs on the graph of 20."""
+    def bar_of(out, v, dtype, b):
+        line = next(line for line in out.split("## Sampling")[1].splitlines()
+                    if line.startswith(f"| {v} | {dtype} | {b} |"))
+        return line.rsplit("|", 2)[1].strip()
+
+    rows = report.load(CSVS[0])
+    old = report_of(rows, tmp_path, capsys)
+    assert bar_of(old, 256000, "bf16", 64) == "≤ 1.5× floor: met"  # 1.20x in the graph of 20
+    extra = [dict(r, **{"pass": "sample_step"}, time_ms=str(2 * float(r["time_ms"])), ratio=str(2 * float(r["ratio"])))
+             for r in rows if r["suite"] == "sampling" and r["method"] == "fusedlm" and r["pass"] == "sample_graph20"]
+    new = report_of(rows + extra, tmp_path, capsys)
+    assert bar_of(new, 256000, "bf16", 64) == "≤ 1.5× floor: NOT met"  # 2.40x per step
+    assert bar_of(new, 256000, "fp32", 1024) == "≤ 1.5× floor: NOT met"  # 0.97x doubled
+    assert bar_of(new, 128256, "bf16", 1) == "≤ 15 µs: met"             # 11.2 us per step
+
+
+def test_memory_bars(tmp_path, capsys):
+    """The forward's extra memory is judged against 8 MB + 8 bytes per token and fwd+bwd's
+    against 256 MB (10^6 bytes) at the Gemma shape only."""
+    rows = report.load(CSVS[0])
+    bump = [dict(r, peak_extra_mib="250") if r["suite"] == "cce" and r["method"] == "fusedlm"
+            and r["pass"] == "fwd+bwd" else r for r in rows]
+    bars = report_of(bump, tmp_path, capsys).split("## CCE bars")[1].split("##")[0]
+    lines = [line for line in bars.splitlines() if " | random |" in line or " | peaked |" in line]
+    gemma = [line for line in lines if line.startswith("| 8192x2304x256000")]
+    assert gemma and all("| 250 NOT met |" in line for line in gemma)  # 250 MiB > 244.1 MiB
+    assert all("| 250 |" in line for line in lines if line not in gemma)
+    forward = [line.split(" | ")[-3].strip() for line in lines]  # the forward's: all met
+    assert all(cell.endswith(" met") and "NOT" not in cell for cell in forward), forward

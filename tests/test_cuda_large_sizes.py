@@ -13,6 +13,7 @@ DEV = "cuda"
 
 
 def need_free_gib(gib):
+    torch.cuda.empty_cache()  # (blocks cached by earlier tests count as used)
     free, _ = torch.cuda.mem_get_info()
     if free < gib * 2**30:
         pytest.skip(f"needs {gib} GiB of free GPU memory, {free / 2**30:.1f} free")
