@@ -417,3 +417,28 @@ def test_shift_with_int32_targets_and_an_ignore_index_past_int32():
     ref = fusedlm.linear_cross_entropy(e[:, :-1], c, y[:, 1:])  # (nothing ignored)
     torch.testing.assert_close(got, ref)
     torch.testing.assert_close(fusedlm.linear_cross_entropy(e, c, y, shift=1), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_peaked_row_keeps_its_softmax_tail(dtype):
+    """A confident row over a large vocabulary: the target's logit 0, the others near -17.4,
+    each of whose exps is below half an ulp of 1. Summed one by one into a float32 running sum
+    that already holds the maximum they all rounded away (loss 0 instead of ~0.0036, and no
+    gradient); the sums are in double now. Loss and gradients within float32 accuracy of
+    float64, and at least as close as PyTorch's float32 cross-entropy."""
+    v = 128256
+    c = (-17.4 + 0.3 * torch.rand(v, 1)).to(dtype)
+    c[0] = 0.0
+    e = torch.ones(3, 1, dtype=dtype)
+    y = torch.zeros(3, dtype=torch.long)
+    e_, c_ = e.clone().requires_grad_(), c.clone().requires_grad_()
+    loss = fusedlm.linear_cross_entropy(e_, c_, y, filter_eps=None)  # (bf16's filter drops the tail)
+    grads = torch.autograd.grad(loss, (e_, c_))
+    e64, c64 = e.double().requires_grad_(), c.double().requires_grad_()
+    ref = reference_loss(e64, c64, y)
+    ref_grads = torch.autograd.grad(ref, (e64, c64))
+    torch_f32 = F.cross_entropy(e.float() @ c.float().T, y)
+    assert ref.item() > 3e-3
+    assert rel_err(loss, ref) < 1e-4 and rel_err(loss, ref) <= rel_err(torch_f32, ref)
+    for got, want in zip(grads, ref_grads):
+        assert rel_err(got, want) < 2e-2  # (the gradients are rounded to dtype)

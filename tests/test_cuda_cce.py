@@ -443,3 +443,15 @@ def test_torch_compile_fullgraph_cuda():
     loss.backward()
     ref = fusedlm.linear_cross_entropy(e.detach(), c.detach(), y, b.detach(), softcap=30.0)
     torch.testing.assert_close(loss, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_peaked_row_keeps_its_softmax_tail(dtype, mainloop):
+    """A confident row over a large vocabulary (target logit 0, the others near -17.4: each
+    exp below half an ulp of 1): the tail's mass must not round away in the running sums."""
+    v = 128256
+    c = (-17.4 + 0.3 * torch.rand(v, 8, device=DEV)).to(dtype) / 8
+    c[0] = 0.0
+    e = torch.ones(300, 8, device=DEV, dtype=dtype)
+    y = torch.zeros(300, dtype=torch.long, device=DEV)
+    check_against_reference(e.requires_grad_(), c.requires_grad_(), y, None, dtype)
