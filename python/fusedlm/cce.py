@@ -357,6 +357,13 @@ def linear_cross_entropy(
         The loss in float32 (float64 for float64 inputs), and the LSE if ``return_lse``.
         Differentiable once: differentiating its gradients (``create_graph=True``) raises.
 
+    Precision: on CUDA, float32 inputs are multiplied in TF32 (as with
+    ``torch.backends.cuda.matmul.allow_tf32 = True``, whatever that flag says); float64 runs
+    on the CPU only. A token's loss is ``lse - target_logit``, two float32 numbers of the
+    size of its largest logit: it carries an absolute error of about one float32 ulp of that
+    logit (~1e-6 at logits near 12), so a very confident token's loss (below ~1e-5) has a
+    large relative error, where ``F.cross_entropy`` in float32 keeps it to a few ulps.
+
     Memory: the forward keeps O(N) floats beyond its inputs; see the README for the CUDA
     backward's bounded workspace. No host synchronisation happens on the hot path (set
     ``FUSEDLM_CHECK_TARGETS=1`` to validate CUDA targets eagerly, which synchronises).
