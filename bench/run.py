@@ -98,11 +98,9 @@ def steady_times(fns, settle_s=1.0, block_s=0.2, rounds=5):
     return [statistics.median(s.elapsed_time(e) / n for s, e, n in ev) for ev in events]
 
 
-def graph_time(fn, reps=50, calls=1):
-    """Median time per call of fn replayed from a CUDA graph holding `calls` back-to-back
-    calls (no host launch overhead), or None when fn cannot be captured. With calls=1 each
-    timing includes the graph's own launch latency (10-20 us on the H100s measured for a
-    one-element kernel, against ~1.4 us per call with calls=20)."""
+def capture_graph(fn, calls):
+    """A CUDA graph of `calls` back-to-back calls of fn (after 3 warm-up calls on a side
+    stream), or None when fn cannot be captured."""
     try:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -116,19 +114,33 @@ def graph_time(fn, reps=50, calls=1):
                 fn()
     except Exception:
         return None
-    return cuda_time(graph.replay, warmup=3, reps=reps) / calls
+    return graph
 
 
-def step_time(produce, fn, reps=20, steps=20):
+def graph_time(fn, reps=50, calls=1):
+    """Median time per call of fn replayed from a CUDA graph holding `calls` back-to-back
+    calls (no host launch overhead), or None when fn cannot be captured. With calls=1 each
+    timing includes the graph's own launch latency (10-20 us on the H100s measured for a
+    one-element kernel, against ~1.4 us per call with calls=20)."""
+    graph = capture_graph(fn, calls)
+    return None if graph is None else cuda_time(graph.replay, warmup=3, reps=reps) / calls
+
+
+def step_time(produce, fn, rounds=5, reps=8, steps=20):
     """Per-step time fn adds to a decode-like CUDA graph of `steps` steps, each `produce`
-    (a kernel that writes fn's input, as an LM head writes the logits) then fn: the graph's
-    time less that of the producers alone, per step, or None when fn cannot be captured.
-    Unlike back-to-back calls of fn, each fn follows another kernel here, so a kernel of fn
-    cannot become resident while the previous fn call finishes (programmatic dependent
-    launch), and its input is freshly written."""
-    with_fn = graph_time(lambda: (produce(), fn()), reps=reps, calls=steps)
-    alone = graph_time(produce, reps=reps, calls=steps)
-    return None if with_fn is None or alone is None else with_fn - alone
+    (a copy that writes fn's input, as an LM head writes the logits) then fn: the graph's
+    time less that of the same graph of producers alone (the two timed in alternation, so
+    that both see the same clocks), per step; None when fn cannot be captured or the
+    difference is not positive (noise). Unlike back-to-back calls of fn, each fn follows
+    another operation here, so a kernel of fn cannot become resident while the previous fn
+    call finishes (programmatic dependent launch), and its input is freshly written."""
+    with_fn = capture_graph(lambda: (produce(), fn()), steps)
+    alone = capture_graph(produce, steps)
+    if with_fn is None or alone is None:
+        return None
+    t_with, t_alone = interleaved_times(with_fn.replay, alone.replay, rounds=rounds, reps=reps)
+    per_step = (t_with - t_alone) / steps
+    return per_step if per_step > 0 else None
 
 
 def peak_extra_mib(fn, exclude_bytes=0):

@@ -548,5 +548,5 @@ def test_random_configurations_match_cpu():
         greedy = (tau == 0) & drawable
         assert (picked[greedy] == lf.nan_to_num(nan=-math.inf)[greedy].amax(1)).all(), where
         same = cpu[0] == tokens
-        assert (~same).sum() <= max(1, int(0.01 * b)), where
+        assert (~same).sum() <= max(1, int(0.002 * b)), where  # (float-rounding near-ties)
         assert_logprobs_close(cpu, gpu, same, logits, tau, 2e-3 if "top_p" in kw or "min_p" in kw else 1e-4)
