@@ -362,7 +362,9 @@ def linear_cross_entropy(
     on the CPU only. A token's loss is ``lse - target_logit``, two float32 numbers of the
     size of its largest logit: it carries an absolute error of about one float32 ulp of that
     logit (~1e-6 at logits near 12), so a very confident token's loss (below ~1e-5) has a
-    large relative error, where ``F.cross_entropy`` in float32 keeps it to a few ulps.
+    large relative error, where ``F.cross_entropy`` in float32 keeps it to a few ulps; so
+    does that token's target gradient ``p - 1`` (dropped by the default filter for 16-bit
+    inputs).
 
     Memory: the forward keeps O(N) floats beyond its inputs; see the README for the CUDA
     backward's bounded workspace. No host synchronisation happens on the hot path (set
