@@ -1426,19 +1426,33 @@ cudaError_t backward_typed(const BackwardArgs& args, cudaStream_t stream) {
   return cudaSuccess;
 }
 
+// FUSEDLM_CCE_MMA_SYNC_GEMMS=1: the Hopper gradient tiles with the mma.sync dE / dC GEMMs
+// (for tests).
+bool mma_sync_gemms_forced() {
+  const char* force = std::getenv("FUSEDLM_CCE_MMA_SYNC_GEMMS");
+  return force != nullptr && force[0] == '1';
+}
+
+// Row tiles whose active-tile lists (4 bytes a row tile) fit in the shared memory next to
+// the pipeline of the Hopper dE / dC GEMMs, or of the mma.sync ones (a smaller pipeline).
+template <typename T>
+int64_t wgmma_gemm_row_tiles() {
+  return (max_dynamic_smem(grad_ec_wgmma_kernel<T, HopperGradE<T>, HopperGradC<T>>) - HopperGradC<T>::smem_bytes()) / 4;
+}
+template <typename T>
+int64_t mma_sync_gemm_row_tiles() {
+  return (max_dynamic_smem(grad_c_kernel<T>) - tile::smem_bytes<T, false, false>()) / 4;
+}
+
 template <typename T>
 cudaError_t backward_dispatch(const BackwardArgs& a, cudaStream_t stream) {
   if constexpr (!std::is_same_v<T, float>) {
     if (use_wgmma(a.dtype)) {
-      // The active-tile lists live in shared memory next to the pipeline: beyond ~780k tokens
-      // the token list no longer fits and the mma.sync GEMMs (smaller pipeline) would run;
-      // the glue splits such calls into row blocks (backward_rows_per_launch).
-      // (FUSEDLM_CCE_MMA_SYNC_GEMMS=1 forces that pairing, for tests.)
-      const int row_tiles = static_cast<int>((a.N + kM - 1) / kM);
-      const auto gemms = grad_ec_wgmma_kernel<T, HopperGradE<T>, HopperGradC<T>>;
-      const char* force = std::getenv("FUSEDLM_CCE_MMA_SYNC_GEMMS");
-      const bool forced = force != nullptr && force[0] == '1';
-      if (!forced && HopperGradC<T>::smem_bytes() + 4 * row_tiles <= max_dynamic_smem(gemms))
+      // Beyond ~780k tokens the token list no longer fits next to the wgmma GEMMs' pipeline
+      // and the mma.sync GEMMs would run; the glue splits such calls into row blocks
+      // (backward_rows_per_launch).
+      const int64_t row_tiles = (a.N + kM - 1) / kM;
+      if (!mma_sync_gemms_forced() && row_tiles <= wgmma_gemm_row_tiles<T>())
         return backward_typed<T, HopperGradTile<T>, true>(a, stream);
       return backward_typed<T, HopperGradTile<T>, false>(a, stream);
     }
@@ -1446,20 +1460,16 @@ cudaError_t backward_dispatch(const BackwardArgs& a, cudaStream_t stream) {
   return backward_typed<T, SyncNt<T>, false>(a, stream);
 }
 
-// Row tiles one backward launch can take: the dC kernels keep each vocabulary tile's list of
-// active row tiles in shared memory (4 bytes a row tile, next to the pipeline), and the
-// hint kernel has row tiles as gridDim.y. On Hopper the limit is the wgmma GEMMs' (the
-// mma.sync ones, with a smaller pipeline, would take ~6x more rows but run slower).
+// Row tiles one backward launch can take: those of the dE / dC GEMMs backward_dispatch picks
+// (on Hopper the wgmma ones: the mma.sync ones would take ~6x more rows but run slower), at
+// most 65535 (the hint kernel has row tiles as gridDim.y).
 template <typename T>
 int64_t backward_row_tiles_per_launch(DType dtype) {
-  int64_t free_bytes = max_dynamic_smem(grad_c_kernel<T>) - tile::smem_bytes<T, false, false>();
+  int64_t row_tiles = mma_sync_gemm_row_tiles<T>();
   if constexpr (!std::is_same_v<T, float>) {
-    const char* force = std::getenv("FUSEDLM_CCE_MMA_SYNC_GEMMS");
-    if (use_wgmma(dtype) && !(force != nullptr && force[0] == '1'))
-      free_bytes = max_dynamic_smem(grad_ec_wgmma_kernel<T, HopperGradE<T>, HopperGradC<T>>) -
-                   HopperGradC<T>::smem_bytes();
+    if (use_wgmma(dtype) && !mma_sync_gemms_forced()) row_tiles = wgmma_gemm_row_tiles<T>();
   }
-  return std::max<int64_t>(1, std::min<int64_t>(free_bytes / 4, 65535));
+  return std::max<int64_t>(1, std::min<int64_t>(row_tiles, 65535));
 }
 
 }  // namespace
