@@ -11,6 +11,7 @@ build machines often have no GPU.
 import glob
 import os
 import shutil
+import sys
 
 
 def _guess_cuda_home():
@@ -92,6 +93,15 @@ def nvidia_wheel_include_dirs():
     return sorted(d for d in dirs if os.path.isdir(d))
 
 
+def link_args():
+    """A C++ compiler that finds only libstdc++.a (e.g. a g++ whose libstdc++.so is not on its
+    search path) links a second copy of libstdc++ into the extension. Its symbols must stay
+    local: exported, some bind to the copy torch loaded and some to ours, and formatting a
+    number (any error message with a number in it) then crashes the process (seen on an
+    Ubuntu 24.04 machine with such a g++: a 5-line torch extension segfaulted the same way)."""
+    return ["-Wl,--exclude-libs,ALL"] if sys.platform.startswith("linux") else []
+
+
 def get_extensions():
     use_cuda, why = want_cuda()
     print(f"[fusedlm] building {'CUDA' if use_cuda else 'CPU-only'} extension: {why}")
@@ -125,6 +135,7 @@ def get_extensions():
         sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args=extra,
+        extra_link_args=link_args(),
         py_limited_api=True,
     )
     if use_cuda:
