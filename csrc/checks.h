@@ -6,6 +6,7 @@
 #include <optional>
 
 #include "cce/tile_max.h"
+#include "sampling/row_values.h"
 
 namespace fusedlm {
 
@@ -66,14 +67,23 @@ inline void check_tile_max_hint(const std::optional<at::Tensor>& tile_max,
                       t->scalar_type());
 }
 
+// A per-row parameter of sample is a [B] tensor on the logits' device or a 0-d CPU tensor:
+// one value for every row, read on the host and passed to the kernels by value (a number
+// costs no device memory and no kernel). A 0-d seed is the batch's seed (derived_row_seed).
+inline bool is_host_scalar(const at::Tensor& t) { return t.dim() == 0 && t.device().is_cpu(); }
+
+inline at::Tensor row_param(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t n,
+                            const at::Tensor& like) {
+  if (!is_host_scalar(t)) check_per_row(t, name, n, like);
+  TORCH_CHECK_VALUE(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  return t.contiguous();
+}
+
 // An optional per-row parameter (offset / top_k / top_p / min_p): checked, made contiguous;
 // an undefined tensor when absent.
 inline at::Tensor optional_per_row(const std::optional<at::Tensor>& t, const char* name,
                                    at::ScalarType dtype, int64_t n, const at::Tensor& like) {
-  if (!t.has_value()) return at::Tensor();
-  check_per_row(*t, name, n, like);
-  TORCH_CHECK_VALUE(t->scalar_type() == dtype, name, " must be ", dtype, ", got ", t->scalar_type());
-  return t->contiguous();
+  return t.has_value() ? row_param(*t, name, dtype, n, like) : at::Tensor();
 }
 
 inline void check_sample_inputs(const at::Tensor& logits, const at::Tensor& temperature,
@@ -85,12 +95,34 @@ inline void check_sample_inputs(const at::Tensor& logits, const at::Tensor& temp
   TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
                     "sample: logits must be float32, bfloat16 or float16, got ", dt);
   const int64_t B = logits.size(0);
-  check_per_row(temperature, "sample: temperature", B, logits);
-  TORCH_CHECK_VALUE(temperature.scalar_type() == at::kFloat,
-                    "sample: temperature must be float32, got ", temperature.scalar_type());
-  check_per_row(seed, "sample: seed", B, logits);
-  TORCH_CHECK_VALUE(seed.scalar_type() == at::kLong, "sample: seed must be int64, got ",
-                    seed.scalar_type());
+  row_param(temperature, "sample: temperature", at::kFloat, B, logits);
+  row_param(seed, "sample: seed", at::kLong, B, logits);
+}
+
+// Per-row values held on the host (CPU tensors, or numbers given to the CUDA op), checked
+// there; device tensors are not read (no sync): their invalid rows return token 0 and NaN
+// log-probs instead.
+inline void check_temperatures_cpu(const at::Tensor& temperature, const char* op) {
+  const float* tau = temperature.const_data_ptr<float>();
+  for (int64_t b = 0; b < temperature.numel(); ++b) {
+    TORCH_CHECK_VALUE(sampling::valid_temperature(tau[b]), op, ": temperature[", b, "] = ", tau[b],
+                      " is negative, NaN or infinite; use 0 for greedy decoding");
+  }
+}
+
+inline void check_truncation_cpu(const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p) {
+  for (int64_t b = 0; top_k.defined() && b < top_k.numel(); ++b) {
+    const int64_t k = top_k.const_data_ptr<int64_t>()[b];
+    TORCH_CHECK_VALUE(sampling::valid_top_k(k), "sample: top_k[", b, "] = ", k, " is negative (0 = off)");
+  }
+  for (int64_t b = 0; top_p.defined() && b < top_p.numel(); ++b) {
+    const float p = top_p.const_data_ptr<float>()[b];
+    TORCH_CHECK_VALUE(sampling::valid_top_p(p), "sample: top_p[", b, "] = ", p, " is outside (0, 1] (1 = off)");
+  }
+  for (int64_t b = 0; min_p.defined() && b < min_p.numel(); ++b) {
+    const float p = min_p.const_data_ptr<float>()[b];
+    TORCH_CHECK_VALUE(sampling::valid_min_p(p), "sample: min_p[", b, "] = ", p, " is outside [0, 1] (0 = off)");
+  }
 }
 
 inline void check_temperature_logprobs_inputs(const at::Tensor& logits, const at::Tensor& tokens,

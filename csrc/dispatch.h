@@ -95,16 +95,26 @@ cudaError_t backward(const BackwardArgs& args, cudaStream_t stream);
 
 namespace sampling_cuda {
 
+// A per-row parameter of sample(): a [B] array on the device, or (values == nullptr) one
+// value for every row, passed by value (a number given to fusedlm.sample costs no device
+// memory and no kernel). A parameter not given holds its "off" value.
+template <typename V>
+struct RowParam {
+  const V* values = nullptr;
+  V value{};
+  bool given = false;
+};
+
 struct SampleArgs {
   DType dtype;
   const void* logits;  // [B, V], row stride ld
   int64_t B, V, ld;
-  const float* temperature;  // [B]
-  const int64_t* seed;       // [B]
-  const int64_t* offset;     // [B] or nullptr (all 0)
-  const int64_t* top_k;      // [B] or nullptr
-  const float* top_p;        // [B] or nullptr
-  const float* min_p;        // [B] or nullptr
+  RowParam<float> temperature;
+  RowParam<int64_t> seed;    // one value: the batch's seed, each row's derived from it (derived_row_seed)
+  RowParam<int64_t> offset;  // off: 0
+  RowParam<int64_t> top_k;   // off: 0
+  RowParam<float> top_p;     // off: 1
+  RowParam<float> min_p;     // off: 0
   int splits;                // vocabulary splits per row (see sample_splits)
   float* workspace;          // sample_workspace_floats(B, splits) floats
   int64_t* tokens;           // [B]

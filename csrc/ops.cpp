@@ -122,29 +122,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cpu(
           bias.has_value() ? grad_bias.to(bias->scalar_type()) : grad_bias.to(c.scalar_type())};
 }
 
-void check_temperatures_cpu(const at::Tensor& temperature, const char* op) {
-  const float* tau = temperature.const_data_ptr<float>();
-  for (int64_t b = 0; b < temperature.numel(); ++b) {
-    TORCH_CHECK_VALUE(sampling_cpu::valid_temperature(tau[b]), op, ": temperature[", b, "] = ", tau[b],
-                      " is negative, NaN or infinite; use 0 for greedy decoding");
-  }
+// A per-row parameter given as one value (a 0-d CPU tensor, see row_param) as B entries for
+// the CPU kernel; a batch seed as each row's seed derived from it.
+at::Tensor rows_cpu(const at::Tensor& t, int64_t B) {
+  return t.defined() && is_host_scalar(t) ? t.expand({B}).contiguous() : t;
 }
-
-// Per-row truncation values of CPU tensors (CUDA rows with such values return token 0 and NaN
-// log-probs instead: their values are not read on the host).
-void check_truncation_cpu(const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p) {
-  for (int64_t b = 0; top_k.defined() && b < top_k.numel(); ++b) {
-    const int64_t k = top_k.const_data_ptr<int64_t>()[b];
-    TORCH_CHECK_VALUE(sampling_cpu::valid_top_k(k), "sample: top_k[", b, "] = ", k, " is negative (0 = off)");
-  }
-  for (int64_t b = 0; top_p.defined() && b < top_p.numel(); ++b) {
-    const float p = top_p.const_data_ptr<float>()[b];
-    TORCH_CHECK_VALUE(sampling_cpu::valid_top_p(p), "sample: top_p[", b, "] = ", p, " is outside (0, 1] (1 = off)");
-  }
-  for (int64_t b = 0; min_p.defined() && b < min_p.numel(); ++b) {
-    const float p = min_p.const_data_ptr<float>()[b];
-    TORCH_CHECK_VALUE(sampling_cpu::valid_min_p(p), "sample: min_p[", b, "] = ", p, " is outside [0, 1] (0 = off)");
-  }
+at::Tensor row_seeds_cpu(const at::Tensor& seed, int64_t B) {
+  if (!is_host_scalar(seed)) return seed.contiguous();
+  at::Tensor seeds = at::empty({B}, seed.options());
+  const auto base = static_cast<uint64_t>(*seed.const_data_ptr<int64_t>());
+  for (int64_t b = 0; b < B; ++b)
+    seeds.mutable_data_ptr<int64_t>()[b] = static_cast<int64_t>(sampling::derived_row_seed(base, b));
+  return seeds;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
@@ -155,13 +144,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
   check_sample_inputs(logits, temperature, seed);
   const int64_t B = logits.size(0), V = logits.size(1);
   const at::Tensor l = logits.to(at::kFloat).contiguous();
-  const at::Tensor tau = temperature.contiguous();
+  const at::Tensor tau = rows_cpu(temperature.contiguous(), B);
   check_temperatures_cpu(tau, "sample");
-  const at::Tensor seeds = seed.contiguous();
-  const at::Tensor offsets = optional_per_row(offset, "sample: offset", at::kLong, B, logits);
-  const at::Tensor k_t = optional_per_row(top_k, "sample: top_k", at::kLong, B, logits);
-  const at::Tensor p_t = optional_per_row(top_p, "sample: top_p", at::kFloat, B, logits);
-  const at::Tensor mp_t = optional_per_row(min_p, "sample: min_p", at::kFloat, B, logits);
+  const at::Tensor seeds = row_seeds_cpu(seed, B);
+  const at::Tensor offsets = rows_cpu(optional_per_row(offset, "sample: offset", at::kLong, B, logits), B);
+  const at::Tensor k_t = rows_cpu(optional_per_row(top_k, "sample: top_k", at::kLong, B, logits), B);
+  const at::Tensor p_t = rows_cpu(optional_per_row(top_p, "sample: top_p", at::kFloat, B, logits), B);
+  const at::Tensor mp_t = rows_cpu(optional_per_row(min_p, "sample: min_p", at::kFloat, B, logits), B);
   check_truncation_cpu(k_t, p_t, mp_t);
   auto tokens = at::empty({B}, logits.options().dtype(at::kLong));
   // Log-probs only on request (else empty: two allocations less per call).
@@ -231,6 +220,9 @@ TORCH_LIBRARY(fusedlm, m) {
       "sample(Tensor logits, Tensor temperature, Tensor seed, Tensor? offset, Tensor? top_k, "
       "Tensor? top_p, Tensor? min_p, bool need_logprobs=True) -> (Tensor tokens, Tensor logprob, "
       "Tensor raw_logprob)");  // logprob, raw_logprob: [B] if need_logprobs, else empty
+  // Per-row parameters: [B] tensors on the logits' device, or 0-d CPU tensors holding one value
+  // for every row (no kernel to fill a tensor); a 0-d seed is the batch's, each row's seed
+  // derived from it (sampling/row_values.h: derived_row_seed).
   m.def("temperature_logprobs(Tensor logits, Tensor tokens, Tensor temperatures) -> Tensor");
 }
 

@@ -213,6 +213,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cce_backward_cuda(
           bias.has_value() ? grad_bias.to(bias->scalar_type()) : grad_bias.to(c.scalar_type())};
 }
 
+// A per-row parameter for the kernels: its device array, or its one value (a 0-d CPU tensor,
+// see row_param); `off` when not given.
+template <typename V>
+sampling_cuda::RowParam<V> sample_param(const at::Tensor& t, V off) {
+  sampling_cuda::RowParam<V> p;
+  p.value = off;
+  if (!t.defined()) return p;
+  p.given = true;
+  if (is_host_scalar(t))
+    p.value = *t.const_data_ptr<V>();
+  else
+    p.values = t.const_data_ptr<V>();
+  return p;
+}
+
+// Values given as numbers are on the host: checked here, with the CPU op's messages (device
+// tensors are not read: their invalid rows return token 0 and NaN log-probs).
+void check_host_scalars(const at::Tensor& tau, const at::Tensor& top_k, const at::Tensor& top_p,
+                        const at::Tensor& min_p) {
+  if (is_host_scalar(tau)) check_temperatures_cpu(tau, "sample");
+  check_truncation_cpu(top_k.defined() && is_host_scalar(top_k) ? top_k : at::Tensor(),
+                       top_p.defined() && is_host_scalar(top_p) ? top_p : at::Tensor(),
+                       min_p.defined() && is_host_scalar(min_p) ? min_p : at::Tensor());
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
     const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& seed,
     const std::optional<at::Tensor>& offset, const std::optional<at::Tensor>& top_k,
@@ -229,6 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
   const at::Tensor mp_t = optional_per_row(min_p, "sample: min_p", at::kFloat, B, logits);
   const at::Tensor tau = temperature.contiguous(), seeds = seed.contiguous();
   const at::Tensor offsets = optional_per_row(offset, "sample: offset", at::kLong, B, logits);
+  check_host_scalars(tau, k_t, p_t, mp_t);
   auto tokens = at::empty({B}, logits.options().dtype(at::kLong));
   // Log-probs only on request (else empty: each allocation costs a few us of host time).
   auto logprob = at::empty({need_logprobs ? B : 0}, logits.options().dtype(at::kFloat));
@@ -246,12 +272,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
                                  B,
                                  V,
                                  l.stride(0),
-                                 tau.const_data_ptr<float>(),
-                                 seeds.const_data_ptr<int64_t>(),
-                                 offsets.defined() ? offsets.const_data_ptr<int64_t>() : nullptr,
-                                 k_t.defined() ? k_t.const_data_ptr<int64_t>() : nullptr,
-                                 p_t.defined() ? p_t.const_data_ptr<float>() : nullptr,
-                                 mp_t.defined() ? mp_t.const_data_ptr<float>() : nullptr,
+                                 sample_param<float>(tau, 0.f),
+                                 sample_param<int64_t>(seeds, 0),
+                                 sample_param<int64_t>(offsets, 0),
+                                 sample_param<int64_t>(k_t, 0),
+                                 sample_param<float>(p_t, 1.f),
+                                 sample_param<float>(mp_t, 0.f),
                                  splits,
                                  workspace.mutable_data_ptr<float>(),
                                  tokens.mutable_data_ptr<int64_t>(),

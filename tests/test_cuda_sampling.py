@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import fusedlm
-from test_sampling import (assert_plus_inf_rows_draw_among_them, assert_tail_noise_draws_right,
+from test_sampling import (assert_numbers_match_tensors, assert_plus_inf_rows_draw_among_them,
+                           assert_tail_noise_draws_right,
                            assert_top_p_boundary_draws, assert_top_words_draw_right,
                            chi_square_pvalue, huge_logits_case, logits_of_tiny_case, tied_maxima_counts,
                            tiny_temperature_case, truncated_probs)
@@ -252,6 +253,45 @@ def test_row_tokens_do_not_depend_on_the_layout(dtype, return_logprobs):
         assert torch.equal(tokens(batch, t, s)[at], alone), b
 
 
+@pytest.mark.parametrize("dtype,v", [(torch.bfloat16, 5120), (torch.float32, 5003)], ids=["aligned", "unaligned"])
+def test_numbers_match_tensors_cuda(dtype, v):
+    assert_numbers_match_tensors((torch.randn(64, v, device=DEV) * 2).to(dtype), DEV)
+
+
+def cuda_kernels(fn):
+    """The CUDA kernels one call of fn launches, by name, in order."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return [e.name for e in sorted(events, key=lambda e: e.time_range.start)]
+
+
+@pytest.mark.parametrize("kw", [{}, dict(top_p=0.9), dict(top_k=50, min_p=0.05, offset=2)],
+                         ids=["plain", "top_p", "top_k_min_p_offset"])
+def test_numbers_launch_no_kernel_of_their_own(kw):
+    # A temperature, seed or truncation value given as a number reaches the kernels by value:
+    # the call launches exactly the kernels of a call with [B] tensors (no fill kernels).
+    logits = torch.randn(64, 128256, device=DEV, dtype=torch.bfloat16)
+    as_tensors = {k: torch.full((64,), v, device=DEV) for k, v in kw.items()}
+    tau, seeds = torch.full((64,), 0.7, device=DEV), torch.arange(64, device=DEV)
+    with_numbers = cuda_kernels(lambda: fusedlm.sample(logits, 0.7, seed=3, **kw))
+    with_tensors = cuda_kernels(lambda: fusedlm.sample(logits, tau, seed=seeds, **as_tensors))
+    assert with_numbers == with_tensors and all("sampl" in n or "trunc" in n or "top_p" in n for n in with_numbers), (
+        with_numbers, with_tensors)
+
+
+def test_op_checks_host_numbers_cuda():
+    logits = torch.randn(4, 1000, device=DEV)
+    with pytest.raises(ValueError, match="temperature"):
+        torch.ops.fusedlm.sample(logits, torch.tensor(math.nan), torch.tensor(1), None, None, None, None)
+    for k, p, mp in ((torch.tensor(-2), None, None), (None, torch.tensor(0.0), None), (None, None, torch.tensor(2.0))):
+        with pytest.raises(ValueError, match="top_k|top_p|min_p"):
+            torch.ops.fusedlm.sample(logits, torch.tensor(1.0), torch.tensor(1), None, k, p, mp)
+
+
 def sampling_kernel_names(fn):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         fn()
@@ -494,6 +534,9 @@ def test_opcheck_cuda(need_logprobs):
                 torch.zeros(4, dtype=torch.long, device=DEV), torch.tensor([0, 3, 0, 10], device=DEV),
                 torch.tensor([1.0, 0.9, 0.5, 1.0], device=DEV), None, need_logprobs)
         torch.library.opcheck(torch.ops.fusedlm.sample.default, args)
+        host_scalars = (l, torch.tensor(0.8), torch.tensor(42), torch.tensor(7), torch.tensor(3),
+                        torch.tensor(0.9), torch.tensor(0.05), need_logprobs)  # one value for every row
+        torch.library.opcheck(torch.ops.fusedlm.sample.default, host_scalars)
         tokens, lp, raw = torch.ops.fusedlm.sample(*args)
         assert lp.shape == raw.shape == ((4,) if need_logprobs else (0,))
 

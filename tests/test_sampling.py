@@ -377,6 +377,49 @@ def test_int_seed_gives_distinct_rows():
     assert len(set(tokens.tolist())) > 50
 
 
+def derived_seeds(seed, batch):
+    """The per-row seeds of an int seed, as documented: (row * 0x5851F42D4C957F2D + seed mod
+    2^62) mod 2^62, in Python integers (no int64 wrap-around to rely on)."""
+    return torch.tensor([(r * 0x5851F42D4C957F2D + seed % 2**62) % 2**62 for r in range(batch)])
+
+
+def assert_numbers_match_tensors(logits, device):
+    """Numbers given to sample (passed to the op as 0-d CPU tensors, one value for every row)
+    draw what the same values as [B] tensors draw, an int seed what its derived per-row seeds
+    draw; with and without log-probs."""
+    b = logits.shape[0]
+    rows = lambda v, dt: torch.full((b,), v, dtype=dt, device=device)  # noqa: E731
+    for seed in (0, 12345, -7, 2**70 + 3):
+        for kw, as_tensors in (
+                (dict(), dict()),
+                (dict(top_k=5), dict(top_k=rows(5, torch.long))),
+                (dict(top_p=0.9), dict(top_p=rows(0.9, torch.float32))),
+                (dict(top_k=40, top_p=0.8, min_p=0.01, offset=3),
+                 dict(top_k=rows(40, torch.long), top_p=rows(0.8, torch.float32),
+                      min_p=rows(0.01, torch.float32), offset=rows(3, torch.long)))):
+            for logprobs in (False, True):
+                got = fusedlm.sample(logits, 0.7, seed=seed, return_logprobs=logprobs, **kw)
+                want = fusedlm.sample(logits, rows(0.7, torch.float32), seed=derived_seeds(seed, b).to(device),
+                                      return_logprobs=logprobs, **as_tensors)
+                for g, w in zip(got if logprobs else (got,), want if logprobs else (want,)):
+                    assert torch.equal(g, w), (seed, kw, logprobs)
+    # a number held in a 0-d tensor on the host is that number
+    assert torch.equal(fusedlm.sample(logits, torch.tensor(0.7), seed=5, top_p=torch.tensor(0.9)),
+                       fusedlm.sample(logits, 0.7, seed=5, top_p=0.9))
+
+
+def test_numbers_match_tensors():
+    assert_numbers_match_tensors(torch.randn(37, 3000) * 2, "cpu")
+
+
+def test_int_seed_rows_are_the_documented_derivation():
+    # The op derives the rows' seeds from a 0-d seed; a changed formula would change every
+    # int-seeded draw (checked here against tokens drawn with explicit per-row seeds).
+    logits = torch.randn(300, 700)
+    tokens = fusedlm.sample(logits, 1.0, seed=987654321987)
+    assert torch.equal(tokens, fusedlm.sample(logits, 1.0, seed=derived_seeds(987654321987, 300)))
+
+
 def test_masked_and_all_masked_rows():
     logits = torch.full((3, 50), float("-inf"))
     logits[0, [3, 7]] = 0.0
@@ -468,6 +511,13 @@ BAD = [
     ("offset negative", lambda l: fusedlm.sample(l, 1.0, seed=0, offset=-1), ValueError),
     ("offset bool", lambda l: fusedlm.sample(l, 1.0, seed=0, offset=True), TypeError),
     ("return_logprobs str", lambda l: fusedlm.sample(l, 1.0, return_logprobs="False"), TypeError),
+    # The op itself, with numbers as 0-d host tensors (checked on the host, as CPU tensors are).
+    ("op host tau", lambda l: torch.ops.fusedlm.sample(l, torch.tensor(-1.0), torch.tensor(1), None, None, None, None),
+     ValueError),
+    ("op host top_p", lambda l: torch.ops.fusedlm.sample(l, torch.tensor(1.0), torch.tensor(1), None, None,
+                                                         torch.tensor(1.5), None), ValueError),
+    ("op host seed dtype", lambda l: torch.ops.fusedlm.sample(l, torch.tensor(1.0), torch.tensor(1.0), None, None, None,
+                                                              None), ValueError),
     ("seed and generator", lambda l: fusedlm.sample(l, 1.0, seed=0, generator=torch.Generator()), ValueError),
     ("tl int logits", lambda l: fusedlm.temperature_logprobs(l.long(), torch.tensor([0, 1, 2]), [1.0]), TypeError),
     ("tl 17 temperatures", lambda l: fusedlm.temperature_logprobs(l, torch.tensor([0, 1, 2]), [1.0] * 17), ValueError),
@@ -557,6 +607,10 @@ def test_opcheck_ops():
     opcheck(torch.ops.fusedlm.sample.default, tokens_only)
     tokens, lp, raw = torch.ops.fusedlm.sample(*tokens_only)
     assert torch.equal(tokens, torch.ops.fusedlm.sample(*args)[0]) and lp.shape == raw.shape == (0,)
+    # Per-row parameters given as 0-d CPU tensors (one value for every row; a batch seed).
+    host_scalars = (logits, torch.tensor(0.8), torch.tensor(42), torch.tensor(7), torch.tensor(3),
+                    torch.tensor(0.9), torch.tensor(0.05))
+    opcheck(torch.ops.fusedlm.sample.default, host_scalars)
     opcheck(torch.ops.fusedlm.temperature_logprobs.default,
             (logits, torch.tensor([1, 2, 3, 4]), torch.tensor([0.0, 0.5, 1.0])))
 

@@ -17,6 +17,13 @@ FUSEDLM_HOST_DEVICE inline bool valid_top_k(int64_t k) { return k >= 0; }
 FUSEDLM_HOST_DEVICE inline bool valid_top_p(float p) { return p > 0.0f && p <= 1.0f; }
 FUSEDLM_HOST_DEVICE inline bool valid_min_p(float p) { return p >= 0.0f && p <= 1.0f; }
 
+// The seed of row `row` of a batch drawn with one seed (an int given to fusedlm.sample):
+// distinct streams per row, so that identical rows do not draw identical tokens; 62 bits, as
+// the seeds fusedlm.sample draws from torch's generator.
+FUSEDLM_HOST_DEVICE inline uint64_t derived_row_seed(uint64_t seed, int64_t row) {
+  return (static_cast<uint64_t>(row) * 0x5851F42D4C957F2DULL + seed) & ((uint64_t{1} << 62) - 1);
+}
+
 // A logit as it enters sums: +inf counts as the largest float, so a row holding any draws
 // uniformly among its +inf entries (log-prob -log(their count)) instead of forming NaN sums.
 // (NaN stays NaN.)

@@ -56,9 +56,20 @@ __device__ __forceinline__ float load_logit(const __nv_bfloat16* p) { return __b
 template <>
 __device__ __forceinline__ float load_logit(const __half* p) { return __half2float(*p); }
 
+// A row's value of a per-row parameter: its entry, or the one value of every row (see
+// RowParam; a parameter not given holds its "off" value there).
+template <typename V>
+__device__ __forceinline__ V row_value(const RowParam<V>& p, int64_t row) {
+  return p.values != nullptr ? p.values[row] : p.value;
+}
 // The row's Philox offset (0 when no offsets are given: no zero-filled tensor to launch).
 __device__ __forceinline__ uint64_t row_offset(const SampleArgs& a, int64_t row) {
-  return a.offset == nullptr ? 0 : static_cast<uint64_t>(a.offset[row]);
+  return static_cast<uint64_t>(row_value(a.offset, row));
+}
+// The row's seed: its entry, or derived from the batch's one seed.
+__device__ __forceinline__ uint64_t row_seed(const SampleArgs& a, int64_t row) {
+  return a.seed.values != nullptr ? static_cast<uint64_t>(a.seed.values[row])
+                                  : sampling::derived_row_seed(static_cast<uint64_t>(a.seed.value), row);
 }
 
 // A tile's key, log2 of its mass plus its Gumbel noise (base 2), as base * scale2 + frac
@@ -190,9 +201,9 @@ using sampling::valid_temperature;
 // such a row a NaN threshold, which finish_row reads as invalid (a check of the values there
 // made the main kernels spill: 5% at batch 64).
 __device__ __forceinline__ bool valid_truncation(const SampleArgs& a, int64_t row) {
-  if (a.top_k != nullptr && !sampling::valid_top_k(a.top_k[row])) return false;
-  if (a.top_p != nullptr && !sampling::valid_top_p(a.top_p[row])) return false;
-  return a.min_p == nullptr || sampling::valid_min_p(a.min_p[row]);
+  // (A parameter not given holds a valid "off" value.)
+  return sampling::valid_top_k(row_value(a.top_k, row)) && sampling::valid_top_p(row_value(a.top_p, row)) &&
+         sampling::valid_min_p(row_value(a.min_p, row));
 }
 
 // Four consecutive logits of a row (entries past V read as -inf). kVec: one 16-byte (float)
@@ -254,7 +265,7 @@ using sampling::top_p_by_rejection;
 using sampling::top_p_threshold_at_once;
 
 __device__ __forceinline__ float row_top_p(const SampleArgs& a, int64_t row) {
-  return a.top_p != nullptr ? a.top_p[row] : 1.f;
+  return row_value(a.top_p, row);  // (1 when not given)
 }
 // The per-row words after the partials (kSampleRowFloats, see dispatch.h): the thresholds,
 // then the marks of top_p_check_kernel, then the maximum and tempered normaliser it found for
@@ -305,7 +316,7 @@ __device__ __forceinline__ float row_threshold(const float* thresholds, int64_t 
 
 // The row's context for a drawing kernel, or false if this launch skips the row (row_in_pass).
 __device__ __forceinline__ bool row_ctx_in_pass(const SampleArgs& a, const float* thresholds, int64_t row, RowCtx& c) {
-  c = row_ctx(a, a.temperature[row]);
+  c = row_ctx(a, row_value(a.temperature, row));
   if (!row_in_pass(a, row, c)) return false;
   c.threshold = row_threshold(thresholds, row);
   return true;
@@ -589,7 +600,7 @@ __global__ void sample_finish_kernel(SampleArgs a, const float* thresholds, int 
   griddep_launch_dependents();  // (tiny kernel: the next one may get resident)
   const int64_t row = blockIdx.x;
   const int lane = threadIdx.x;
-  RowCtx c = row_ctx(a, a.temperature[row]);
+  RowCtx c = row_ctx(a, row_value(a.temperature, row));
   if (!row_in_pass(a, row, c)) return;  // (a pass that skips the row wrote no partials for it)
   // Every load of the row is issued before any is used (one memory round trip): with the
   // merge's branches between them, the partial's fields and the row's inputs were loaded one
@@ -601,7 +612,7 @@ __global__ void sample_finish_kernel(SampleArgs a, const float* thresholds, int 
     hi = partials[2 * lane + 1];
   }
   c.threshold = row_threshold(thresholds, row);
-  const uint64_t seed = static_cast<uint64_t>(a.seed[row]);
+  const uint64_t seed = row_seed(a, row);
   const uint64_t offset = row_offset(a, row);
   const RowState st = merge_partials(partials, partials_per_row, lane, lo, hi, !a.need_logprobs, c.scale2, c.inv_tau);
   finish_row<T, kVec>(a, row, lane, st, c, seed, offset);
@@ -620,7 +631,7 @@ __global__ void __launch_bounds__(kThreads)
   const T* l = static_cast<const T*>(a.logits) + row * a.ld;
   RowCtx c;
   if (!row_ctx_in_pass(a, thresholds, row, c)) return;
-  const uint64_t seed = static_cast<uint64_t>(a.seed[row]);
+  const uint64_t seed = row_seed(a, row);
   const uint64_t offset = row_offset(a, row);
   const int64_t total_tiles = (a.V + kTile - 1) / kTile;
   const int64_t t_begin = split * tiles_per_split;
@@ -904,7 +915,7 @@ __global__ void __launch_bounds__(kCluster ? kClusterThreads : kThreads, kCluste
   const T* l = static_cast<const T*>(a.logits) + row * a.ld;
   RowCtx c;
   if (!row_ctx_in_pass(a, thresholds, row, c)) return;  // (the whole row: every CTA of its cluster)
-  const uint64_t seed = static_cast<uint64_t>(a.seed[row]);
+  const uint64_t seed = row_seed(a, row);
   const uint64_t offset = row_offset(a, row);
   const int64_t t_begin = split * tiles_per_split;
   const int64_t t_end = min(t_begin + tiles_per_split, ceil_div(a.V, kTile));
@@ -1373,7 +1384,7 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) truncation_kernel(Sampl
   const int64_t row = blockIdx.x / ctas;
   const int rank = static_cast<int>(blockIdx.x % ctas);
   if (a.pass == kExactRows && row_marks(a)[row] == 0) return;  // (the whole row: every CTA of its cluster)
-  const float tau = a.temperature[row];
+  const float tau = row_value(a.temperature, row);
   float threshold = -INFINITY;
   if (!valid_truncation(a, row)) {  // token 0 (see valid_truncation)
     if (rank == 0 && threadIdx.x == 0) thresholds[row] = NAN;
@@ -1391,7 +1402,7 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) truncation_kernel(Sampl
   const float inv_tau = inverse_temperature(tau);
   const float top_p = row_top_p(a, row);
   const bool by_mass = top_p < 1.f;
-  const int64_t k = a.top_k != nullptr ? a.top_k[row] : 0;
+  const int64_t k = row_value(a.top_k, row);  // (0 when not given)
   const bool by_count = k > 0 && k < a.V;
   const bool rejected = a.pass == kExactRows && top_p_by_rejection(tau, top_p);
   if (by_count)
@@ -1446,7 +1457,7 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) truncation_kernel(Sampl
     };
     threshold = fmaxf(threshold, radix_threshold<kBlock, false>(l, len, ctas, scratch, mass, share_of_total));
   }
-  const float min_p = a.min_p != nullptr ? a.min_p[row] : 0.f;
+  const float min_p = row_value(a.min_p, row);  // (0 when not given)
   if (min_p > 0.f) threshold = fmaxf(threshold, row_max + tau * logf(min_p));
   if (rank == 0 && threadIdx.x == 0) {
     thresholds[row] = threshold;
@@ -1488,7 +1499,7 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) top_p_check_kernel(Samp
   griddep_launch_dependents();
   const int64_t row = blockIdx.x / ctas;
   const int rank = static_cast<int>(blockIdx.x % ctas);
-  const float tau = a.temperature[row], top_p = row_top_p(a, row);
+  const float tau = row_value(a.temperature, row), top_p = row_top_p(a, row);
   if (!top_p_by_rejection(tau, top_p) || !valid_truncation(a, row)) {
     // drawn once for good (tau = 0, top-p off), or not drawn yet, or invalid (to truncation)
     if (rank == 0 && threadIdx.x == 0)
@@ -1702,9 +1713,9 @@ cudaError_t draw_launch(const SampleArgs& a, const float* thresholds, cudaStream
 
 template <typename T>
 cudaError_t sample_typed(const SampleArgs& a, cudaStream_t stream) {
-  if (a.top_k == nullptr && a.top_p == nullptr && a.min_p == nullptr) return draw_launch<T>(a, nullptr, stream);
+  if (!a.top_k.given && !a.top_p.given && !a.min_p.given) return draw_launch<T>(a, nullptr, stream);
   float* thresholds = row_thresholds(a);
-  if (a.top_k != nullptr || a.min_p != nullptr || a.need_logprobs) {  // the threshold for every row, then the draw
+  if (a.top_k.given || a.min_p.given || a.need_logprobs) {  // the threshold for every row, then the draw
     const cudaError_t err = truncation_launch<T>(a, thresholds, stream);
     return err != cudaSuccess ? err : draw_launch<T>(a, thresholds, stream);
   }

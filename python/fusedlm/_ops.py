@@ -45,10 +45,15 @@ def _same_device(op, logits, *tensors):
             torch._check(t.device == logits.device, lambda: f"{op}: a tensor on {t.device}, logits on {logits.device}")
 
 
+def _same_device_or_host_scalar(op, logits, *tensors):
+    # sample's per-row parameters may be 0-d CPU tensors: one value for every row.
+    _same_device(op, logits, *(t for t in tensors if t is not None and not (t.dim() == 0 and t.device.type == "cpu")))
+
+
 @torch.library.register_fake("fusedlm::sample")
 def _sample_fake(logits, temperature, seed, offset, top_k, top_p, min_p, need_logprobs=True):
     torch._check(logits.dim() == 2, lambda: "sample: logits must be [B, V]")
-    _same_device("sample", logits, temperature, seed, offset, top_k, top_p, min_p)
+    _same_device_or_host_scalar("sample", logits, temperature, seed, offset, top_k, top_p, min_p)
     b = logits.shape[0]
     lp = b if need_logprobs else 0  # log-probs only on request (else empty)
     return (logits.new_empty(b, dtype=torch.int64), logits.new_empty(lp, dtype=torch.float32),

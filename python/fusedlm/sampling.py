@@ -30,6 +30,8 @@ _SEED_HIGH = 2**62
 def _per_row(value, batch: int, device, dtype, name: str, check) -> Optional[Tensor]:
     if value is None:
         return None
+    if isinstance(value, Tensor) and value.dim() == 0 and value.device.type == "cpu" != device.type:
+        value = value.item()  # a number held on the host: taken as that number (no device copy)
     if isinstance(value, Tensor):
         if value.dim() == 0:  # a scalar tensor: the same value for every row (no host read)
             value = value.reshape(1).expand(batch)
@@ -46,7 +48,9 @@ def _per_row(value, batch: int, device, dtype, name: str, check) -> Optional[Ten
     if not is_real_number(value):
         raise TypeError(f"{name} must be a number or a ({batch},) tensor, got {type(value).__name__}")
     check(value)
-    return torch.full((batch,), value, dtype=dtype, device=device)
+    # One value for every row: a 0-d CPU tensor, which the op passes to its kernels by value
+    # (a [B] tensor filled on the device cost a kernel per call).
+    return torch.tensor(value, dtype=dtype)
 
 
 def _check_integer_tensor(value: Tensor, name: str) -> None:
@@ -106,10 +110,10 @@ def _row_seeds(seed, batch: int, device, generator) -> Tensor:
         return seed if seed.dtype == torch.int64 else seed.to(torch.int64)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be None, an int or an int64 tensor, got {type(seed).__name__}")
-    # One int for the batch (taken modulo 2^62): derive distinct per-row streams, so identical
-    # rows do not draw identical tokens. Pass a seed tensor for position-independent seeds.
-    rows = torch.arange(batch, device=device, dtype=torch.int64)
-    return (rows * 0x5851F42D4C957F2D + int(seed) % _SEED_HIGH) & (_SEED_HIGH - 1)
+    # One int for the batch (taken modulo 2^62), as a 0-d CPU tensor: the op derives distinct
+    # per-row streams from it, (row * 0x5851F42D4C957F2D + seed) mod 2^62, so identical rows
+    # do not draw identical tokens. Pass a seed tensor for position-independent seeds.
+    return torch.tensor(int(seed) % _SEED_HIGH, dtype=torch.int64)
 
 
 def _check_logits(logits, op: str) -> None:
@@ -161,10 +165,11 @@ def sample(
             left to the threshold), in two passes over most rows instead of five; calls
             with ``return_logprobs=True`` need the threshold anyway and draw from the set at
             once, so for the same seed their token may differ from a tokens-only call's.
-        seed: None (draw per-row seeds from ``generator`` / torch's default generator), an
-            int (taken modulo 2^62; per-row streams derived from it and the row index), or an int64 ``[B]``
-            tensor (a row's token then depends only on its logits, seed and offset, not on
-            its batch position).
+        seed: None (draw per-row seeds from ``generator`` / torch's default generator: one
+            small kernel), an int (taken modulo 2^62; row ``b`` draws with seed
+            ``(b * 0x5851F42D4C957F2D + seed) mod 2^62``), or an int64 ``[B]`` tensor (a
+            row's token then depends only on its logits, seed and offset, not on its batch
+            position).
         offset: int in ``[0, 2^63)`` or int64 ``[B]`` tensor selecting an independent stream
             for the same seed (e.g. the decoding step). Default 0.
         generator: a ``torch.Generator`` for the per-row seeds when ``seed`` is None.
@@ -174,6 +179,10 @@ def sample(
 
     Returns:
         ``tokens`` (int64 ``[B]``), or ``(tokens, logprob, raw_logprob)``.
+
+    Numbers (temperature, an int seed, offset, truncation values; also 0-d CPU tensors) reach
+    the kernels by value: unlike ``[B]`` tensors made for them, they launch no kernel of their
+    own, which matters in a decode step of a few microseconds.
     """
     _check_logits(logits, "sample")
     if not isinstance(return_logprobs, bool):
