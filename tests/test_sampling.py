@@ -403,13 +403,25 @@ def assert_numbers_match_tensors(logits, device):
                                       return_logprobs=logprobs, **as_tensors)
                 for g, w in zip(got if logprobs else (got,), want if logprobs else (want,)):
                     assert torch.equal(g, w), (seed, kw, logprobs)
-    # a number held in a 0-d tensor on the host is that number
-    assert torch.equal(fusedlm.sample(logits, torch.tensor(0.7), seed=5, top_p=torch.tensor(0.9)),
-                       fusedlm.sample(logits, 0.7, seed=5, top_p=0.9))
+    # numpy scalars as numbers (a float one for an integer parameter, as whole numbers are)
+    np = pytest.importorskip("numpy")
+    assert torch.equal(fusedlm.sample(logits, np.float32(0.7), seed=np.int64(5), top_k=np.float32(40.0),
+                                      offset=np.float32(3.0)),
+                       fusedlm.sample(logits, 0.7, seed=5, top_k=40, offset=3))
 
 
 def test_numbers_match_tensors():
     assert_numbers_match_tensors(torch.randn(37, 3000) * 2, "cpu")
+
+
+def test_numbers_under_torch_compile():
+    # Compiled, numbers become [B] device tensors in the graph (a CPU tensor there would keep
+    # a CUDA graph from forming): the same draws as eager.
+    logits = torch.randn(64, 500)
+    fn = torch.compile(lambda l: fusedlm.sample(l, 0.7, seed=5, top_k=20, offset=2, return_logprobs=True),
+                       fullgraph=True)
+    for a, b in zip(fn(logits), fusedlm.sample(logits, 0.7, seed=5, top_k=20, offset=2, return_logprobs=True)):
+        assert torch.equal(a, b)
 
 
 def test_int_seed_rows_are_the_documented_derivation():

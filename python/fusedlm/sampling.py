@@ -25,13 +25,12 @@ from ._ops import ops
 __all__ = ["sample", "temperature_logprobs"]
 
 _SEED_HIGH = 2**62
+_SEED_MIX = 0x5851F42D4C957F2D  # an int seed's row multiplier (csrc/sampling/row_values.h)
 
 
 def _per_row(value, batch: int, device, dtype, name: str, check) -> Optional[Tensor]:
     if value is None:
         return None
-    if isinstance(value, Tensor) and value.dim() == 0 and value.device.type == "cpu" != device.type:
-        value = value.item()  # a number held on the host: taken as that number (no device copy)
     if isinstance(value, Tensor):
         if value.dim() == 0:  # a scalar tensor: the same value for every row (no host read)
             value = value.reshape(1).expand(batch)
@@ -48,6 +47,11 @@ def _per_row(value, batch: int, device, dtype, name: str, check) -> Optional[Ten
     if not is_real_number(value):
         raise TypeError(f"{name} must be a number or a ({batch},) tensor, got {type(value).__name__}")
     check(value)
+    value = float(value) if dtype.is_floating_point else int(value)  # (numpy scalars, 50.0 as top_k)
+    if torch.compiler.is_compiling():
+        # In a compiled graph a CPU tensor keeps the call out of CUDA graphs (reduce-overhead),
+        # and the fill is part of the graph anyway.
+        return torch.full((batch,), value, dtype=dtype, device=device)
     # One value for every row: a 0-d CPU tensor, which the op passes to its kernels by value
     # (a [B] tensor filled on the device cost a kernel per call).
     return torch.tensor(value, dtype=dtype)
@@ -110,10 +114,19 @@ def _row_seeds(seed, batch: int, device, generator) -> Tensor:
         return seed if seed.dtype == torch.int64 else seed.to(torch.int64)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be None, an int or an int64 tensor, got {type(seed).__name__}")
-    # One int for the batch (taken modulo 2^62), as a 0-d CPU tensor: the op derives distinct
-    # per-row streams from it, (row * 0x5851F42D4C957F2D + seed) mod 2^62, so identical rows
-    # do not draw identical tokens. Pass a seed tensor for position-independent seeds.
-    return torch.tensor(int(seed) % _SEED_HIGH, dtype=torch.int64)
+    # One int for the batch (taken modulo 2^62): distinct per-row streams derived from it,
+    # (row * 0x5851F42D4C957F2D + seed) mod 2^62, so identical rows do not draw identical
+    # tokens. Pass a seed tensor for position-independent seeds.
+    base = int(seed) % _SEED_HIGH
+    if torch.compiler.is_compiling():  # (see _per_row) the rows' seeds as a device tensor
+        # Exact in int64 without overflow (the multiplier as hi * 2^31 + lo, every partial sum
+        # below 2^63) and with % rather than & or <<: compiled (Inductor, CPU), an overflowing
+        # product or & / << with 62-bit constants gave other seeds for some rows.
+        rows = torch.arange(batch, device=device, dtype=torch.int64)
+        lo, hi = _SEED_MIX % 2**31, _SEED_MIX // 2**31
+        low_part = (rows * lo + base) % _SEED_HIGH
+        return (low_part + (rows * hi) % 2**31 * 2**31) % _SEED_HIGH
+    return torch.tensor(base, dtype=torch.int64)  # 0-d on the host: the op derives the rows' seeds
 
 
 def _check_logits(logits, op: str) -> None:
@@ -180,8 +193,7 @@ def sample(
     Returns:
         ``tokens`` (int64 ``[B]``), or ``(tokens, logprob, raw_logprob)``.
 
-    Numbers (temperature, an int seed, offset, truncation values; also 0-d CPU tensors) reach
-    the kernels by value: unlike ``[B]`` tensors made for them, they launch no kernel of their
+    Numbers (temperature, an int seed, offset, truncation values) reach the kernels by value: unlike ``[B]`` tensors made for them, they launch no kernel of their
     own, which matters in a decode step of a few microseconds.
     """
     _check_logits(logits, "sample")
