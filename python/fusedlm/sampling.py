@@ -193,8 +193,9 @@ def sample(
     Returns:
         ``tokens`` (int64 ``[B]``), or ``(tokens, logprob, raw_logprob)``.
 
-    Numbers (temperature, an int seed, offset, truncation values) reach the kernels by value: unlike ``[B]`` tensors made for them, they launch no kernel of their
-    own, which matters in a decode step of a few microseconds.
+    Numbers (temperature, an int seed, offset, truncation values) reach the kernels by value:
+    unlike ``[B]`` tensors made for them, they launch no kernel of their own, which matters in
+    a decode step of a few microseconds.
     """
     _check_logits(logits, "sample")
     if not isinstance(return_logprobs, bool):
