@@ -89,6 +89,12 @@ fusedlm.sample(logits.bfloat16(), 1.0)
 # Numbers reach the kernels by value (no [B] tensors): temperature, an int seed, truncation.
 fusedlm.sample(logits, 0.7, seed=3, offset=2, top_k=10, top_p=0.9, min_p=0.01, return_logprobs=True)
 fusedlm.sample(torch.randn(64, 5120, device="cuda").bfloat16(), 0.7, seed=3, top_p=0.9)
+# An int seed as torch.compile passes it: a 0-d tensor on the device, read by the kernels
+# (aligned and unaligned rows, a finish kernel's split plan and clusters).
+for rows, width, logprobs in ((5, 5120, True), (5, 5003, False), (64, 5120, False), (300, 5120, True)):
+    torch.ops.fusedlm.sample(torch.randn(rows, width, device="cuda"), torch.rand(rows, device="cuda"),
+                             torch.tensor(7, device="cuda"), None, None, torch.full((rows,), 0.9, device="cuda"),
+                             None, logprobs)
 fusedlm.temperature_logprobs(logits, torch.arange(5, device="cuda"), [0.0, 0.5, 1.0])
 # A row's splits merged by the finish kernel (B = 1; B = 8, 64 without clusters), in a cluster
 # (B = 8: 8 CTAs, B = 64: 2 CTAs of 16 warps) or a single split drawing the token (B = 200,

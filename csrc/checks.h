@@ -96,7 +96,17 @@ inline void check_sample_inputs(const at::Tensor& logits, const at::Tensor& temp
                     "sample: logits must be float32, bfloat16 or float16, got ", dt);
   const int64_t B = logits.size(0);
   row_param(temperature, "sample: temperature", at::kFloat, B, logits);
-  row_param(seed, "sample: seed", at::kLong, B, logits);
+  // A 0-d seed is the batch's seed; it may also be on the logits' device (read by the kernels:
+  // fusedlm.sample passes an int seed so under torch.compile, where a host tensor kept the call
+  // out of CUDA graphs).
+  if (seed.dim() == 0) {
+    TORCH_CHECK_VALUE(seed.device().is_cpu() || seed.device() == logits.device(), "sample: seed is on ",
+                      seed.device(), " but expected ", logits.device());
+  } else {
+    check_per_row(seed, "sample: seed", B, logits);
+  }
+  TORCH_CHECK_VALUE(seed.scalar_type() == at::kLong, "sample: seed must be ", at::kLong, ", got ",
+                    seed.scalar_type());
 }
 
 // Per-row values held on the host (CPU tensors, or numbers given to the CUDA op), checked

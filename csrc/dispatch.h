@@ -125,6 +125,9 @@ struct SampleArgs {
   bool sm90;                 // sm_90+: programmatic dependent launches
   bool clusters;             // thread-block clusters (sm_90+; off with FUSEDLM_NO_CLUSTERS=1)
   int pass = 0;              // (internal: which rows a launch draws; sample() sets it)
+  // seed.values points to the batch's one seed on the device (a 0-d tensor, as fusedlm.sample
+  // passes an int seed under torch.compile); the rows derive theirs from it.
+  bool batch_seed_on_device = false;
 };
 
 // Workspace floats per (row, split): a partial of 8 floats for each of up to 8 warps.

@@ -233,9 +233,8 @@ sampling_cuda::RowParam<V> sample_param(const at::Tensor& t, V off) {
 void check_host_scalars(const at::Tensor& tau, const at::Tensor& top_k, const at::Tensor& top_p,
                         const at::Tensor& min_p) {
   if (is_host_scalar(tau)) check_temperatures_cpu(tau, "sample");
-  check_truncation_cpu(top_k.defined() && is_host_scalar(top_k) ? top_k : at::Tensor(),
-                       top_p.defined() && is_host_scalar(top_p) ? top_p : at::Tensor(),
-                       min_p.defined() && is_host_scalar(min_p) ? min_p : at::Tensor());
+  auto on_host = [](const at::Tensor& t) { return t.defined() && is_host_scalar(t) ? t : at::Tensor(); };
+  check_truncation_cpu(on_host(top_k), on_host(top_p), on_host(min_p));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
@@ -287,6 +286,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
                                  device->multiProcessorCount,
                                  sm90,
                                  clusters};
+  args.batch_seed_on_device = seeds.dim() == 0 && !is_host_scalar(seeds);
   FUSEDLM_CUDA_CHECK(sampling_cuda::sample(args, c10::cuda::getCurrentCUDAStream()));
   return {tokens, logprob, raw_logprob};
 }

@@ -526,6 +526,39 @@ def test_torch_compile_fullgraph_cuda():
     assert torch.equal(fn(logits, tau), fusedlm.sample(logits, tau, seed=seeds))
 
 
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_torch_compile_numbers_cuda(mode):
+    # Compiled, an int seed reaches the op as a 0-d device tensor from which the kernels
+    # derive the rows' seeds (forming them in the graph failed to compile for Triton: a 62-bit
+    # constant in 32-bit index arithmetic); numbers are [B] device tensors. Same draws as eager,
+    # and no CUDA-graph skips (a host tensor in the graph would keep it from forming).
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    logits = torch.randn(8, 5120, device=DEV)
+    kw = dict(seed=5, top_p=0.9, offset=3, return_logprobs=True)
+    fn = torch.compile(lambda l: fusedlm.sample(l, 0.7, **kw), mode=mode, fullgraph=True)
+    want = fusedlm.sample(logits, 0.7, **kw)
+    for _ in range(3):  # (reduce-overhead: warm-up, recording, replay)
+        got = fn(logits)
+        assert torch.equal(got[0], want[0])
+        torch.testing.assert_close(got[1:], want[1:], rtol=0, atol=0)
+    assert not torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
+
+
+@pytest.mark.parametrize("v", [3000, 3072])  # (unaligned and aligned rows: both kernels)
+def test_zero_dim_device_seed_is_the_batch_seed(v):
+    # A 0-d seed on the device is read by the kernels: the same rows' seeds as the host value.
+    logits = torch.randn(70, v, device=DEV).bfloat16()  # (B = 1, 8: clusters; 70: a CTA per row)
+    tau = torch.rand(70, device=DEV)
+    for b in (1, 8, 70):
+        host = torch.ops.fusedlm.sample(logits[:b], tau[:b], torch.tensor(123456789), None, None, None, None, False)[0]
+        device = torch.ops.fusedlm.sample(logits[:b], tau[:b], torch.tensor(123456789, device=DEV), None, None, None,
+                                          None, False)[0]
+        assert torch.equal(host, device)
+    with pytest.raises(ValueError, match="seed must be"):
+        torch.ops.fusedlm.sample(logits, tau, torch.tensor(1.0, device=DEV), None, None, None, None, False)
+
+
 @pytest.mark.parametrize("need_logprobs", [True, False])
 def test_opcheck_cuda(need_logprobs):
     logits = torch.randn(4, 5003, device=DEV)  # unaligned rows; and 5120-wide aligned ones
@@ -537,6 +570,8 @@ def test_opcheck_cuda(need_logprobs):
         host_scalars = (l, torch.tensor(0.8), torch.tensor(42), torch.tensor(7), torch.tensor(3),
                         torch.tensor(0.9), torch.tensor(0.05), need_logprobs)  # one value for every row
         torch.library.opcheck(torch.ops.fusedlm.sample.default, host_scalars)
+        device_seed = (l, torch.tensor(0.8), torch.tensor(42, device=DEV), None, None, None, None, need_logprobs)
+        torch.library.opcheck(torch.ops.fusedlm.sample.default, device_seed)  # (the compiled path's form)
         tokens, lp, raw = torch.ops.fusedlm.sample(*args)
         assert lp.shape == raw.shape == ((4,) if need_logprobs else (0,))
 

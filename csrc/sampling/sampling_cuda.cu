@@ -66,10 +66,11 @@ __device__ __forceinline__ V row_value(const RowParam<V>& p, int64_t row) {
 __device__ __forceinline__ uint64_t row_offset(const SampleArgs& a, int64_t row) {
   return static_cast<uint64_t>(row_value(a.offset, row));
 }
-// The row's seed: its entry, or derived from the batch's one seed.
+// The row's seed: its entry, or derived from the batch's one seed (by value, or on the device).
 __device__ __forceinline__ uint64_t row_seed(const SampleArgs& a, int64_t row) {
-  return a.seed.values != nullptr ? static_cast<uint64_t>(a.seed.values[row])
-                                  : sampling::derived_row_seed(static_cast<uint64_t>(a.seed.value), row);
+  if (a.seed.values == nullptr) return sampling::derived_row_seed(static_cast<uint64_t>(a.seed.value), row);
+  return a.batch_seed_on_device ? sampling::derived_row_seed(static_cast<uint64_t>(*a.seed.values), row)
+                                : static_cast<uint64_t>(a.seed.values[row]);
 }
 
 // A tile's key, log2 of its mass plus its Gumbel noise (base 2), as base * scale2 + frac

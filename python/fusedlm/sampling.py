@@ -25,7 +25,6 @@ from ._ops import ops
 __all__ = ["sample", "temperature_logprobs"]
 
 _SEED_HIGH = 2**62
-_SEED_MIX = 0x5851F42D4C957F2D  # an int seed's row multiplier (csrc/sampling/row_values.h)
 
 
 def _per_row(value, batch: int, device, dtype, name: str, check) -> Optional[Tensor]:
@@ -118,15 +117,13 @@ def _row_seeds(seed, batch: int, device, generator) -> Tensor:
     # (row * 0x5851F42D4C957F2D + seed) mod 2^62, so identical rows do not draw identical
     # tokens. Pass a seed tensor for position-independent seeds.
     base = int(seed) % _SEED_HIGH
-    if torch.compiler.is_compiling():  # (see _per_row) the rows' seeds as a device tensor
-        # Exact in int64 without overflow (the multiplier as hi * 2^31 + lo, every partial sum
-        # below 2^63) and with % rather than & or <<: compiled (Inductor, CPU), an overflowing
-        # product or & / << with 62-bit constants gave other seeds for some rows.
-        rows = torch.arange(batch, device=device, dtype=torch.int64)
-        lo, hi = _SEED_MIX % 2**31, _SEED_MIX // 2**31
-        low_part = (rows * lo + base) % _SEED_HIGH
-        return (low_part + (rows * hi) % 2**31 * 2**31) % _SEED_HIGH
-    return torch.tensor(base, dtype=torch.int64)  # 0-d on the host: the op derives the rows' seeds
+    # One 0-d tensor, from which the op derives the rows' seeds: on the host (passed to the
+    # kernels by value), or under torch.compile on the device (see _per_row; the kernels read
+    # it). Forming the rows' seeds in the graph instead went wrong: Inductor folded the formula
+    # into index arithmetic, which overflowed (CPU) or failed to compile (Triton: 32-bit).
+    if torch.compiler.is_compiling():
+        return torch.full((), base, dtype=torch.int64, device=device)
+    return torch.tensor(base, dtype=torch.int64)
 
 
 def _check_logits(logits, op: str) -> None:
