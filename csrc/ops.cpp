@@ -222,7 +222,8 @@ TORCH_LIBRARY(fusedlm, m) {
       "Tensor raw_logprob)");  // logprob, raw_logprob: [B] if need_logprobs, else empty
   // Per-row parameters: [B] tensors on the logits' device, or 0-d CPU tensors holding one value
   // for every row (no kernel to fill a tensor); a 0-d seed is the batch's, each row's seed
-  // derived from it (sampling/row_values.h: derived_row_seed).
+  // derived from it (sampling/row_values.h: derived_row_seed), and may also be on the logits'
+  // device (fusedlm.sample under torch.compile).
   m.def("temperature_logprobs(Tensor logits, Tensor tokens, Tensor temperatures) -> Tensor");
 }
 
