@@ -122,7 +122,7 @@ struct SampleArgs {
   float* raw_logprob;        // [B]; written only if need_logprobs
   bool need_logprobs;        // false: skip the two log-sum-exps (tokens only)
   int num_sms;               // the device's multiprocessors
-  bool sm90;                 // sm_90+: programmatic dependent launches
+  bool sm90;                 // sm_90+ device and kernels (sm90_kernels): programmatic dependent launches
   bool clusters;             // thread-block clusters (sm_90+; off with FUSEDLM_NO_CLUSTERS=1)
   int pass = 0;              // (internal: which rows a launch draws; sample() sets it)
   // seed.values points to the batch's one seed on the device (a 0-d tensor, as fusedlm.sample
@@ -140,6 +140,12 @@ inline int64_t sample_workspace_floats(int64_t B, int splits) {
 }
 // The split plan depends on whether the rows are 16-byte aligned (see sampling_cuda.cu).
 // clusters: a row's splits may merge in a thread-block cluster (SampleArgs::clusters).
+// Whether the current device runs the sampling kernels compiled for sm_90+ (with programmatic
+// dependent launches and clusters; SampleArgs::sm90). A build without sm_90 code (e.g.
+// TORCH_CUDA_ARCH_LIST=8.0+PTX) runs its sm_80 PTX on Hopper, which has neither: launched with
+// clusters, its rows' splits merged one CTA's partials with stale shared memory (H100: 53% of
+// B = 64 and 87% of B = 8 tokens wrong), and a PDL launch would not wait for its input.
+bool sm90_kernels();
 int sample_splits(DType dtype, const void* logits, int64_t ld, int64_t B, int64_t V, int num_sms, bool clusters);
 cudaError_t sample(const SampleArgs& args, cudaStream_t stream);
 

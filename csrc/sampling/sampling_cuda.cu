@@ -25,6 +25,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
 #include <cfloat>
 #include <cstdint>
 #include <type_traits>
@@ -1731,6 +1732,21 @@ cudaError_t sample_typed(const SampleArgs& a, cudaStream_t stream) {
 }
 
 }  // namespace
+
+bool sm90_kernels() {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  static std::atomic<signed char> known[64] = {};  // per device: 0 not asked yet, 1 yes, -1 no
+  if (device < 64 && known[device] != 0) return known[device] > 0;
+  cudaFuncAttributes attr;
+  const bool yes = cudaFuncGetAttributes(&attr, sample_kernel<float, false>) == cudaSuccess && attr.ptxVersion >= 90;
+  (void)cudaGetLastError();  // (no code for this device: the launch reports it)
+  if (device < 64) known[device] = yes ? 1 : -1;
+  return yes;
+}
 
 int sample_splits(DType dtype, const void* logits, int64_t ld, int64_t B, int64_t V, int num_sms, bool clusters) {
   if (rows_aligned(dtype, logits, ld)) {
