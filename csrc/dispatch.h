@@ -90,6 +90,9 @@ int64_t backward_vocab_chunk(int64_t N, int64_t V, DType dtype, int64_t budget_b
 // cce_cuda.cu): ~780k on Hopper for 16-bit inputs. Callers split larger N into row blocks.
 int64_t backward_rows_per_launch(DType dtype);
 cudaError_t backward(const BackwardArgs& args, cudaStream_t stream);
+// Whether the current device runs the Hopper wgmma main loops: an sm_90 device and a build
+// with sm_90a code (FUSEDLM_HAS_SM90A).
+bool wgmma_available();
 
 }  // namespace cce_cuda
 

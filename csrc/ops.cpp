@@ -12,9 +12,31 @@
 #include "checks.h"
 #include "sampling/sampling_cpu.h"
 
+#ifdef FUSEDLM_WITH_CUDA
+namespace fusedlm {
+// ops_cuda.cpp: whether the current CUDA device runs this build's Hopper paths.
+void hopper_paths(bool& sampling, bool& cce);
+}  // namespace fusedlm
+#endif
+
+// fusedlm._C.hopper_paths() -> (sampling, cce): whether the current CUDA device runs this
+// build's Hopper paths: the sampler's clusters and programmatic launches (a build with sm_90
+// code), CCE's wgmma main loops (a build with sm_90a code). (False, False) in CPU builds and on
+// other GPUs.
+static PyObject* hopper_paths(PyObject*, PyObject*) {
+  bool sampling = false, cce = false;
+#ifdef FUSEDLM_WITH_CUDA
+  fusedlm::hopper_paths(sampling, cce);
+#endif
+  return Py_BuildValue("(NN)", PyBool_FromLong(sampling), PyBool_FromLong(cce));
+}
+
 extern "C" PyObject* PyInit__C(void) {
-  // The ops live in the dispatcher; the Python module itself is empty.
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  // The ops live in the dispatcher; the Python module holds one diagnostic (hopper_paths).
+  static PyMethodDef methods[] = {
+      {"hopper_paths", hopper_paths, METH_NOARGS, "(sampling, cce): this build's Hopper paths on the current device"},
+      {nullptr, nullptr, 0, nullptr}};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 

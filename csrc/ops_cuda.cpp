@@ -313,6 +313,18 @@ at::Tensor temperature_logprobs_cuda(const at::Tensor& logits, const at::Tensor&
 }
 
 }  // namespace
+
+void hopper_paths(bool& sampling, bool& cce) {
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    (void)cudaGetLastError();  // (no usable device: neither)
+    return;
+  }
+  sampling = major >= 9 && sampling_cuda::sm90_kernels();
+  cce = cce_cuda::wgmma_available();
+}
+
 }  // namespace fusedlm
 
 TORCH_LIBRARY_IMPL(fusedlm, CUDA, m) {

@@ -48,6 +48,21 @@
 
 namespace fusedlm {
 namespace cce_cuda {
+
+bool wgmma_available() {
+#if defined(FUSEDLM_HAS_SM90A)
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return major == 9;
+#else
+  return false;
+#endif
+}
+
 namespace {
 
 using tile::kK;
@@ -1192,21 +1207,13 @@ using HopperGradE = wg::TmaWgmma<T, 256, 4, wg::Major::K, wg::Major::MN>;
 template <typename T>
 using HopperGradC = wg::TmaWgmma<T, 256, 4, wg::Major::MN, wg::Major::MN>;
 
-// The Hopper wgmma main loop: only for 16-bit inputs on an sm_90 device, in builds that
-// compiled sm_90a code; FUSEDLM_DISABLE_WGMMA=1 forces the mma.sync path (for A/B tests).
+// The Hopper wgmma main loop: only for 16-bit inputs where it is available (wgmma_available);
+// FUSEDLM_DISABLE_WGMMA=1 forces the mma.sync path (for A/B tests).
 bool use_wgmma(DType dtype) {
-#if defined(FUSEDLM_HAS_SM90A)
   if (dtype == DType::kFloat32) return false;
   const char* off = std::getenv("FUSEDLM_DISABLE_WGMMA");
   if (off != nullptr && off[0] == '1') return false;
-  int device = 0, major = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
-  return major == 9;
-#else
-  (void)dtype;
-  return false;
-#endif
+  return wgmma_available();
 }
 
 // TMA descriptor of a row-major [rows, cols] 16-bit (or float32) matrix, read or written in

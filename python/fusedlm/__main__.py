@@ -11,6 +11,11 @@ def info() -> int:
     print(f"CUDA kernels built: {fusedlm.cuda_available()}")
     print(f"CUDA device visible: {torch.cuda.is_available()}"
           + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""))
+    if fusedlm.cuda_available() and torch.cuda.is_available():
+        from . import _C
+
+        sampling, cce = _C.hopper_paths()  # (needs this build's sm_90 / sm_90a code on an sm_90 GPU)
+        print(f"Hopper paths on this device: sampling clusters and PDL {sampling}, CCE wgmma {cce}")
     return 0
 
 
