@@ -141,14 +141,14 @@ constexpr int kSampleRowFloats = 4;
 inline int64_t sample_workspace_floats(int64_t B, int splits) {
   return B * (splits * kSampleSplitFloats + kSampleRowFloats);
 }
-// The split plan depends on whether the rows are 16-byte aligned (see sampling_cuda.cu).
-// clusters: a row's splits may merge in a thread-block cluster (SampleArgs::clusters).
 // Whether the current device runs the sampling kernels compiled for sm_90+ (with programmatic
 // dependent launches and clusters; SampleArgs::sm90). A build without sm_90 code (e.g.
 // TORCH_CUDA_ARCH_LIST=8.0+PTX) runs its sm_80 PTX on Hopper, which has neither: launched with
 // clusters, its rows' splits merged one CTA's partials with stale shared memory (H100: 53% of
-// B = 64 and 87% of B = 8 tokens wrong), and a PDL launch would not wait for its input.
+// B = 64 and 88% of B = 8 tokens wrong), and a PDL launch would not wait for its input.
 bool sm90_kernels();
+// The split plan depends on whether the rows are 16-byte aligned (see sampling_cuda.cu).
+// clusters: a row's splits may merge in a thread-block cluster (SampleArgs::clusters).
 int sample_splits(DType dtype, const void* logits, int64_t ld, int64_t B, int64_t V, int num_sms, bool clusters);
 cudaError_t sample(const SampleArgs& args, cudaStream_t stream);
 

@@ -23,7 +23,7 @@ void hopper_paths(bool& sampling, bool& cce);
 // build's Hopper paths: the sampler's clusters and programmatic launches (a build with sm_90
 // code), CCE's wgmma main loops (a build with sm_90a code). (False, False) in CPU builds and on
 // other GPUs.
-static PyObject* hopper_paths(PyObject*, PyObject*) {
+static PyObject* py_hopper_paths(PyObject*, PyObject*) {
   bool sampling = false, cce = false;
 #ifdef FUSEDLM_WITH_CUDA
   fusedlm::hopper_paths(sampling, cce);
@@ -34,7 +34,7 @@ static PyObject* hopper_paths(PyObject*, PyObject*) {
 extern "C" PyObject* PyInit__C(void) {
   // The ops live in the dispatcher; the Python module holds one diagnostic (hopper_paths).
   static PyMethodDef methods[] = {
-      {"hopper_paths", hopper_paths, METH_NOARGS, "(sampling, cce): this build's Hopper paths on the current device"},
+      {"hopper_paths", py_hopper_paths, METH_NOARGS, "(sampling, cce): this build's Hopper paths on the current device"},
       {nullptr, nullptr, 0, nullptr}};
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
