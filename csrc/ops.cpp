@@ -13,10 +13,7 @@
 #include "sampling/sampling_cpu.h"
 
 #ifdef FUSEDLM_WITH_CUDA
-namespace fusedlm {
-// ops_cuda.cpp: whether the current CUDA device runs this build's Hopper paths.
-void hopper_paths(bool& sampling, bool& cce);
-}  // namespace fusedlm
+#include "dispatch.h"
 #endif
 
 // fusedlm._C.hopper_paths() -> (sampling, cce): whether the current CUDA device runs this
@@ -26,7 +23,8 @@ void hopper_paths(bool& sampling, bool& cce);
 static PyObject* py_hopper_paths(PyObject*, PyObject*) {
   bool sampling = false, cce = false;
 #ifdef FUSEDLM_WITH_CUDA
-  fusedlm::hopper_paths(sampling, cce);
+  sampling = fusedlm::sampling_cuda::sm90_kernels();
+  cce = fusedlm::cce_cuda::wgmma_available();
 #endif
   return Py_BuildValue("(NN)", PyBool_FromLong(sampling), PyBool_FromLong(cce));
 }

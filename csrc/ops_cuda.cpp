@@ -260,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
   auto raw_logprob = at::empty({need_logprobs ? B : 0}, logits.options().dtype(at::kFloat));
   if (B == 0) return {tokens, logprob, raw_logprob};
   const cudaDeviceProp* device = at::cuda::getDeviceProperties(logits.get_device());
-  const bool sm90 = device->major >= 9 && sampling_cuda::sm90_kernels();  // (a build without sm_90 code: neither)
+  const bool sm90 = sampling_cuda::sm90_kernels();  // (a build without sm_90 code: neither)
   // FUSEDLM_NO_CLUSTERS=1: no thread-block clusters (tests cover both paths with it).
   const bool clusters = sm90 && std::getenv("FUSEDLM_NO_CLUSTERS") == nullptr;
   const int splits = sampling_cuda::sample_splits(dt, l.const_data_ptr(), l.stride(0), B, V,
@@ -313,18 +313,6 @@ at::Tensor temperature_logprobs_cuda(const at::Tensor& logits, const at::Tensor&
 }
 
 }  // namespace
-
-void hopper_paths(bool& sampling, bool& cce) {
-  int device = 0, major = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
-    (void)cudaGetLastError();  // (no usable device: neither)
-    return;
-  }
-  sampling = major >= 9 && sampling_cuda::sm90_kernels();
-  cce = cce_cuda::wgmma_available();
-}
-
 }  // namespace fusedlm
 
 TORCH_LIBRARY_IMPL(fusedlm, CUDA, m) {

@@ -1742,8 +1742,9 @@ bool sm90_kernels() {
   static std::atomic<signed char> known[64] = {};  // per device: 0 not asked yet, 1 yes, -1 no
   if (device < 64 && known[device] != 0) return known[device] > 0;
   cudaFuncAttributes attr;
-  const bool yes = cudaFuncGetAttributes(&attr, sample_kernel<float, false>) == cudaSuccess && attr.ptxVersion >= 90;
-  (void)cudaGetLastError();  // (no code for this device: the launch reports it)
+  const cudaError_t err = cudaFuncGetAttributes(&attr, sample_kernel<float, false>);
+  if (err != cudaSuccess) (void)cudaGetLastError();  // (no code for this device: the launch reports it)
+  const bool yes = err == cudaSuccess && attr.ptxVersion >= 90;  // (sm_90+ code runs only on sm_90+ devices)
   if (device < 64) known[device] = yes ? 1 : -1;
   return yes;
 }
