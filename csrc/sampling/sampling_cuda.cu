@@ -27,6 +27,7 @@
 
 #include <atomic>
 #include <cfloat>
+#include <climits>
 #include <cstdint>
 #include <type_traits>
 
@@ -162,7 +163,7 @@ __device__ __noinline__ RowState warp_reduce(RowState s, float scale2, float inv
 // log-sum-exps a step. The indices (tiles; tokens for tau = 0) fit 32 bits, as in the
 // partials. (H100, graph of 20, bf16 V = 128256: B = 64 9.3 -> 8.5 us, B = 8 5.8 -> 5.2,
 // B = 1 5.9 -> 5.3.)
-__device__ __forceinline__ void warp_reduce_key(TileKey& key, int64_t& idx, float scale2) {
+__device__ __forceinline__ void warp_reduce_key_by_shuffles(TileKey& key, int64_t& idx, float scale2) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
     const TileKey other{__shfl_xor_sync(0xffffffffu, key.base, off), __shfl_xor_sync(0xffffffffu, key.frac, off)};
@@ -171,23 +172,57 @@ __device__ __forceinline__ void warp_reduce_key(TileKey& key, int64_t& idx, floa
   }
 }
 
+// The same, kByMaximum: usually in one step. The key rounded once, fma(base, scale2, frac),
+// is a monotone function of the key, so the winner holds the largest rounded key. One
+// integer maximum over the lanes (REDUX) finds it; only lanes tied on it (equal keys, or a
+// tiny tau where the rounding swallows the noise) take the shuffle merge, among themselves.
+// (H100, bf16 V = 128256, per decode-like step: B = 64 -0.3 us, B = 8 -0.4; a warp's merge is
+// on the path of the row's last warp and of its finishing warp.) sample_kernel's
+// instantiation for log-probs or thresholds keeps the shuffle merge (see finish_from_partials).
+template <bool kByMaximum>
+__device__ __forceinline__ void warp_reduce_key(TileKey& key, int64_t& idx, float scale2) {
+  if constexpr (!kByMaximum) {
+    warp_reduce_key_by_shuffles(key, idx, scale2);
+    return;
+  }
+  const float rounded = idx < 0 ? -INFINITY : fmaf(key.base, scale2, key.frac);
+  const int bits = __float_as_int(rounded);
+  // Order-preserving integer image of the float (NaN: the largest, so such lanes always
+  // take the exact merge).
+  const int order = rounded != rounded ? INT_MAX : bits >= 0 ? bits : bits ^ 0x7fffffff;
+  const int top = __reduce_max_sync(0xffffffffu, order);
+  const unsigned tied = __ballot_sync(0xffffffffu, order == top);
+  if (__popc(tied) == 1) {
+    const int src = __ffs(tied) - 1;
+    key.base = __shfl_sync(0xffffffffu, key.base, src);
+    key.frac = __shfl_sync(0xffffffffu, key.frac, src);
+    idx = __shfl_sync(0xffffffffu, static_cast<int>(idx), src);
+    return;
+  }
+  if (order != top) idx = -1;
+  warp_reduce_key_by_shuffles(key, idx, scale2);
+}
+
+template <bool kByMaximum>
 __device__ __forceinline__ RowState warp_merge(RowState s, bool key_only, float scale2, float inv_tau) {
   if (!key_only) return warp_reduce(s, scale2, inv_tau);
-  warp_reduce_key(s.best_key, s.best_idx, scale2);
+  warp_reduce_key<kByMaximum>(s.best_key, s.best_idx, scale2);
   return s;
 }
 
 // The CTA's merged state, in every lane of warp 0. Warp 0 merges the warps' states with
 // shuffles, in parallel, rather than thread 0 one after another (7 dependent merges, each
 // with exps, at the end of every CTA).
+template <bool kByMaximum = false>
 __device__ RowState block_reduce(RowState s, float scale2, float inv_tau, bool key_only = false) {
-  __shared__ RowState warp_states[kClusterThreads / 32];  // (sample_kernel<T, true> may have 16 warps)
-  s = warp_merge(s, key_only, scale2, inv_tau);
+  __shared__ RowState warp_states[kClusterThreads / 32];  // (sample_kernel<T, true, ...> may have 16 warps)
+  s = warp_merge<kByMaximum>(s, key_only, scale2, inv_tau);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) warp_states[warp] = s;
   __syncthreads();
   if (warp == 0)
-    s = warp_merge(lane < static_cast<int>(blockDim.x / 32) ? warp_states[lane] : RowState(), key_only, scale2, inv_tau);
+    s = warp_merge<kByMaximum>(lane < static_cast<int>(blockDim.x / 32) ? warp_states[lane] : RowState(), key_only,
+                               scale2, inv_tau);
   return s;
 }
 
@@ -428,12 +463,20 @@ __device__ __forceinline__ void store_cluster_shared(float4* p, int rank, float4
 #endif
 }
 
+// The winning tile's entries as finish_row reads them (lane j < 16: entries 4j .. 4j + 3, -inf
+// past the row) and its uniform word, when the caller already has them (see
+// finish_from_partials); otherwise finish_row loads and draws them itself.
+struct WinnerTile {
+  float x[4];
+  uint32_t uniform;
+};
+
 // One warp, with the row's merged state in every lane: the token (inside the winning tile,
 // by inverse CDF with the tile's uniform; tau = 0: the argmax) and the log-probs. The row's
 // inputs (c, seed, offset) come from the caller, which loaded them early.
 template <typename T, bool kVec>
 __device__ void finish_row(const SampleArgs& a, int64_t row, int lane, const RowState& st, const RowCtx& c,
-                           uint64_t seed, uint64_t offset) {
+                           uint64_t seed, uint64_t offset, const WinnerTile* given = nullptr) {
   const bool greedy = c.greedy;
   const bool masked_row = greedy ? (a.need_logprobs && st.raw_max == -INFINITY) : st.best_idx < 0;
   if (!valid_temperature(c.tau) || c.threshold != c.threshold || st.best_idx < 0 || masked_row) {
@@ -454,7 +497,12 @@ __device__ void finish_row(const SampleArgs& a, int64_t row, int lane, const Row
     const int64_t t = st.best_idx;
     const float threshold = c.threshold;
     float x[4] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY};
-    if (lane < kTile / 4) load4<T, kVec>(l, t * (kTile / 4) + lane, a.V, x);
+    if (given != nullptr) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) x[q] = given->x[q];
+    } else if (lane < kTile / 4) {
+      load4<T, kVec>(l, t * (kTile / 4) + lane, a.V, x);
+    }
 #pragma unroll
     for (int q = 0; q < 4; ++q) x[q] = x[q] >= threshold ? finite_logit(x[q]) : -INFINITY;
     const float m = warp_max(fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3])));
@@ -471,7 +519,8 @@ __device__ void finish_row(const SampleArgs& a, int64_t row, int lane, const Row
     }
     const float total = __shfl_sync(0xffffffffu, base, 31);
     base -= run;
-    const float target = bits_to_open_unit(tile_uniform_word(tile_pair_block(seed, offset, t, c.round), t)) * total;
+    const uint32_t uniform = given != nullptr ? given->uniform : tile_uniform_word(tile_pair_block(seed, offset, t, c.round), t);
+    const float target = bits_to_open_unit(uniform) * total;
     // Only entries that raise the lane's sum are candidates: a lane's base (rounded apart from
     // the previous lane's last sum) may leave a target in a one-ulp gap before an entry whose
     // exp underflowed to 0 (-inf entries weigh 0 too).
@@ -506,6 +555,7 @@ __device__ void finish_row(const SampleArgs& a, int64_t row, int lane, const Row
 // The warp merge is inline, without the argmax fields: warp_reduce (an out-of-line call)
 // measured up to 1 us slower in the finish kernel (H100, B = 64 with log-probs).
 // key_only: no log-probs (see warp_reduce_key).
+template <bool kByMaximum>
 __device__ __forceinline__ RowState merge_partials(const float4* partials, int n, int lane, float4 lo, float4 hi,
                                                    bool key_only, float scale2, float inv_tau) {
   RowState st;
@@ -521,7 +571,7 @@ __device__ __forceinline__ RowState merge_partials(const float4* partials, int n
     best_merge(st.best_key, st.best_idx, TileKey{hi.x, hi.z}, __float_as_int(hi.y), scale2);
   }
   if (key_only) {
-    warp_reduce_key(st.best_key, st.best_idx, scale2);
+    warp_reduce_key<kByMaximum>(st.best_key, st.best_idx, scale2);
     return st;
   }
   for (int off = 16; off > 0; off >>= 1) {
@@ -531,6 +581,68 @@ __device__ __forceinline__ RowState merge_partials(const float4* partials, int n
     best_merge(st.best_key, st.best_idx, other.best_key, other.best_idx, scale2);
   }
   return st;
+}
+
+template <typename T>
+__device__ __forceinline__ uint4 ldg_vec(const T* p);
+template <typename T>
+__device__ __forceinline__ uint4 ldg_vec_tail(const T* l, int64_t e, int64_t end);
+
+// finish_row from the row's n partials (lo / hi: partial `lane`, loaded by the caller). For a
+// 16-byte aligned row with tau > 0 and at most 32 partials, each lane first requests the tile
+// its partial names and draws that tile's uniform, and only then do the lanes merge (by
+// maximum, warp_reduce_key): the winner's tile reaches the warp through tile_shared (kTile
+// entries) instead of a load after the merge, so the row's last round trip and its Philox
+// overlap the merge. (H100, bf16 V = 128256, per decode-like step: B = 64 -0.4 us, B = 8 -0.3,
+// B = 1 -0.3.) Used by sample_finish_kernel and by sample_kernel's tokens-only instantiation;
+// the one for log-probs or thresholds keeps the merge by shuffles and the load after it: a
+// build with both there measured its log-prob draws up to 25% slower (H100, one run; the merge
+// by maximum alone spilled 8 bytes in its bf16 cluster kernel).
+template <typename T, bool kVec>
+__device__ void finish_from_partials(const SampleArgs& a, int64_t row, int lane, const float4* partials, int n,
+                                     float4 lo, float4 hi, const RowCtx& c, uint64_t seed, uint64_t offset,
+                                     uint4* tile_shared) {
+  const bool key_only = !a.need_logprobs;
+  const T* l = static_cast<const T*>(a.logits) + row * a.ld;
+  if (c.greedy || n > 32 || reinterpret_cast<uintptr_t>(l) % 16 != 0) {
+    finish_row<T, kVec>(a, row, lane, merge_partials<true>(partials, n, lane, lo, hi, key_only, c.scale2, c.inv_tau),
+                        c, seed, offset);
+    return;
+  }
+  constexpr int kPer = 16 / static_cast<int>(sizeof(T)), kVecs = kTile / kPer;
+  const int candidate = lane < n ? __float_as_int(hi.y) : -1;  // (the partial's tile; -1: none)
+  uint4 tile[kVecs];
+  uint32_t uniform = 0;
+  if (candidate >= 0) {
+    const int64_t e0 = static_cast<int64_t>(candidate) * kTile;
+    if (e0 + kTile <= a.V) {
+#pragma unroll
+      for (int k = 0; k < kVecs; ++k) tile[k] = ldg_vec(l + e0 + k * kPer);
+    } else {
+#pragma unroll
+      for (int k = 0; k < kVecs; ++k) tile[k] = ldg_vec_tail(l, e0 + k * kPer, a.V);
+    }
+    uniform = tile_uniform_word(tile_pair_block(seed, offset, candidate, c.round), candidate);
+  }
+  const RowState st = merge_partials<true>(partials, n, lane, lo, hi, key_only, c.scale2, c.inv_tau);
+  const unsigned holders = __ballot_sync(0xffffffffu, candidate >= 0 && candidate == st.best_idx);
+  if (holders == 0u) {  // no winner (a fully masked or invalid row): finish_row's fallback
+    finish_row<T, kVec>(a, row, lane, st, c, seed, offset);
+    return;
+  }
+  const int src = __ffs(holders) - 1;
+  if (lane == src) {
+#pragma unroll
+    for (int k = 0; k < kVecs; ++k) tile_shared[k] = tile[k];
+  }
+  __syncwarp();
+  WinnerTile w{{-INFINITY, -INFINITY, -INFINITY, -INFINITY}, __shfl_sync(0xffffffffu, uniform, src)};
+  if (lane < kTile / 4) {
+    const T* h = reinterpret_cast<const T*>(tile_shared) + 4 * lane;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) w.x[q] = to_float(h[q]);
+  }
+  finish_row<T, kVec>(a, row, lane, st, c, seed, offset, &w);
 }
 
 constexpr int kMaxClusterSplits = 8;  // portable cluster size
@@ -551,17 +663,20 @@ __host__ __device__ constexpr bool use_cluster_merge(int64_t B, int64_t splits, 
 // end of the main kernel, whose slowest CTA the finish kernel waits for. kCluster (the row's
 // splits form one thread-block cluster, sm_90): the partials go to cluster_partials in the
 // shared memory of the row's first CTA instead, whose warp 0 merges them after a cluster
-// barrier and draws the token (no finish kernel, no global round trip).
-template <typename T, bool kVec, bool kCluster = false>
+// barrier and draws the token (no finish kernel, no global round trip). kTokensOnly: see
+// sample_kernel; tile_shared: kTile entries of shared memory for finish_from_partials.
+template <typename T, bool kVec, bool kCluster = false, bool kTokensOnly = false>
 __device__ void finish_or_write_partial(const SampleArgs& a, int64_t row, int split, RowState st, const RowCtx& c,
-                                        uint64_t seed, uint64_t offset, float4* cluster_partials = nullptr) {
+                                        uint64_t seed, uint64_t offset, float4* cluster_partials = nullptr,
+                                        uint4* tile_shared = nullptr) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   if (c.greedy) {  // the winner slot holds the argmax for tau = 0 rows (a key of frac 0)
     st.best_key = TileKey{st.arg_val, 0.f};
     st.best_idx = st.arg_idx;
   }
   const bool key_only = !a.need_logprobs;
-  st = a.splits == 1 ? block_reduce(st, c.scale2, c.inv_tau, key_only) : warp_merge(st, key_only, c.scale2, c.inv_tau);
+  st = a.splits == 1 ? block_reduce<kTokensOnly>(st, c.scale2, c.inv_tau, key_only)
+                      : warp_merge<kTokensOnly>(st, key_only, c.scale2, c.inv_tau);
   if (a.splits == 1) {
     if (warp == 0) finish_row<T, kVec>(a, row, lane, st, c, seed, offset);
     return;
@@ -589,8 +704,12 @@ __device__ void finish_or_write_partial(const SampleArgs& a, int64_t row, int sp
       plo = cluster_partials[2 * lane];
       phi = cluster_partials[2 * lane + 1];
     }
-    finish_row<T, kVec>(a, row, lane, merge_partials(cluster_partials, n, lane, plo, phi, key_only, c.scale2, c.inv_tau),
-                        c, seed, offset);
+    if constexpr (kTokensOnly)
+      finish_from_partials<T, kVec>(a, row, lane, cluster_partials, n, plo, phi, c, seed, offset, tile_shared);
+    else
+      finish_row<T, kVec>(a, row, lane,
+                          merge_partials<false>(cluster_partials, n, lane, plo, phi, key_only, c.scale2, c.inv_tau), c,
+                          seed, offset);
   }
 }
 
@@ -616,8 +735,8 @@ __global__ void sample_finish_kernel(SampleArgs a, const float* thresholds, int 
   c.threshold = row_threshold(thresholds, row);
   const uint64_t seed = row_seed(a, row);
   const uint64_t offset = row_offset(a, row);
-  const RowState st = merge_partials(partials, partials_per_row, lane, lo, hi, !a.need_logprobs, c.scale2, c.inv_tau);
-  finish_row<T, kVec>(a, row, lane, st, c, seed, offset);
+  __shared__ uint4 tile_shared[kTile * sizeof(T) / 16];
+  finish_from_partials<T, kVec>(a, row, lane, partials, partials_per_row, lo, hi, c, seed, offset, tile_shared);
 }
 
 // Unaligned fallback (rows not 16-byte aligned): same tile keys as sample_kernel, but each
@@ -901,9 +1020,18 @@ __device__ __forceinline__ void tile_argmax(const uint4 (&q)[kTile * sizeof(T) /
 
 // kCluster: a row's splits form a thread-block cluster and merge in it (see
 // finish_or_write_partial); a separate instantiation, so that the other kernel is unchanged.
-template <typename T, bool kCluster>
+// kTokensOnly: the host launches this instantiation for calls without log-probs or
+// thresholds (the common decode step); both are then compile-time constants and the kernel
+// holds only its own paths, half the code. (H100, bf16 V = 128256, per decode-like step:
+// B = 16 -0.2 us, fp32 B = 64 -0.5, bf16 B = 64 -0.1.) Only it merges by maximum and
+// requests the winning tile early (finish_from_partials).
+template <typename T, bool kCluster, bool kTokensOnly>
 __global__ void __launch_bounds__(kCluster ? kClusterThreads : kThreads, kCluster ? 1 : 2)
     sample_kernel(SampleArgs a, const float* thresholds, int64_t tiles_per_split) {
+  if constexpr (kTokensOnly) {
+    a.need_logprobs = false;
+    thresholds = nullptr;
+  }
   constexpr int kPer = 16 / static_cast<int>(sizeof(T));  // entries per 16-byte vector
   constexpr int kVecs = kTile / kPer;                       // vectors per tile: 16 or 8
   // Per warp: 32 tiles of kVecs + 1 (pad) vectors; kCluster: then the row's partials.
@@ -994,8 +1122,9 @@ __global__ void __launch_bounds__(kCluster ? kClusterThreads : kThreads, kCluste
     if (tile_max == -INFINITY) continue;  // nothing kept in the tile
     add_tile(st, tile_max, log2_sum, c, lane % 2 ? odd : even, t);
   }
-  finish_or_write_partial<T, true, kCluster>(a, row, split, st, c, seed, offset,
-                                             reinterpret_cast<float4*>(stage_all + nwarps * kBatchTiles * (kVecs + 1)));
+  finish_or_write_partial<T, true, kCluster, kTokensOnly>(a, row, split, st, c, seed, offset,
+                                             reinterpret_cast<float4*>(stage_all + nwarps * kBatchTiles * (kVecs + 1)),
+                                             stage);  // (warp 0's stage is free by then)
 }
 
 __device__ __forceinline__ float from_order_key(uint32_t k) {
@@ -1671,26 +1800,27 @@ cudaError_t sample_aligned_launch(const SampleArgs& a, const float* thresholds, 
   auto smem_for = [&](int warps) { return static_cast<size_t>(warps) * kBatchTiles * (kVecs + 1) * sizeof(uint4); };
   const dim3 grid(static_cast<unsigned>(a.B), static_cast<unsigned>(a.splits));
   const int64_t tiles_per_split = per_split * kBatchTiles;
+  const bool tokens_only = !a.need_logprobs && thresholds == nullptr;
   if (a.clusters && use_cluster_merge(a.B, a.splits, a.num_sms)) {  // a row's splits merge in a cluster
     const int cwarps = warps_up_to(a.splits == 2 ? kClusterThreads : kThreads);
     const size_t cluster_smem = smem_for(cwarps) + 2 * sizeof(float4) * static_cast<size_t>(a.splits * cwarps);
+    const auto kernel = tokens_only ? sample_kernel<T, true, true> : sample_kernel<T, true, false>;
     cudaError_t err = cudaSuccess;
     if (cluster_smem > 48 * 1024)  // fp32: 70 KB with 8 warps, 140 KB with 16 (+ partials)
-      err = cudaFuncSetAttribute(sample_kernel<T, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 static_cast<int>(cluster_smem));
-    if (err == cudaSuccess && launch(a, dim3(1, a.splits), sample_kernel<T, true>, grid, dim3(cwarps * 32),
-                                     cluster_smem, stream, a, thresholds, tiles_per_split) == cudaSuccess)
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(cluster_smem));
+    if (err == cudaSuccess && launch(a, dim3(1, a.splits), kernel, grid, dim3(cwarps * 32), cluster_smem, stream, a,
+                                     thresholds, tiles_per_split) == cudaSuccess)
       return cudaSuccess;
     (void)cudaGetLastError();  // no room for such clusters (e.g. a small MIG slice): the finish kernel
   }
   const int warps = warps_up_to(kThreads);  // (the workspace holds 8 warps' partials per split)
   const size_t smem = smem_for(warps);
+  const auto kernel = tokens_only ? sample_kernel<T, false, true> : sample_kernel<T, false, false>;
   cudaError_t err = cudaSuccess;
   if (smem > 48 * 1024)
-    err = cudaFuncSetAttribute(sample_kernel<T, false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(smem));
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (err != cudaSuccess) return err;
-  err = launch(a, 1, sample_kernel<T, false>, grid, dim3(warps * 32), smem, stream, a, thresholds, tiles_per_split);
+  err = launch(a, 1, kernel, grid, dim3(warps * 32), smem, stream, a, thresholds, tiles_per_split);
   if (err != cudaSuccess || a.splits == 1) return err;  // one split: the CTA drew the token
   return finish_launch<T, true>(a, thresholds, warps, stream);
 }
@@ -1742,7 +1872,7 @@ bool sm90_kernels() {
   static std::atomic<signed char> known[64] = {};  // per device: 0 not asked yet, 1 yes, -1 no
   if (device < 64 && known[device] != 0) return known[device] > 0;
   cudaFuncAttributes attr;
-  const cudaError_t err = cudaFuncGetAttributes(&attr, sample_kernel<float, false>);
+  const cudaError_t err = cudaFuncGetAttributes(&attr, sample_kernel<float, false, false>);
   if (err != cudaSuccess) (void)cudaGetLastError();  // (no code for this device: the launch reports it)
   const bool yes = err == cudaSuccess && attr.ptxVersion >= 90;  // (sm_90+ code runs only on sm_90+ devices)
   if (device < 64) known[device] = yes ? 1 : -1;
