@@ -173,9 +173,12 @@ __device__ __forceinline__ void warp_reduce_key_by_shuffles(TileKey& key, int64_
 }
 
 // The same, kByMaximum: usually in one step. The key rounded once, fma(base, scale2, frac),
-// is a monotone function of the key, so the winner holds the largest rounded key. One
-// integer maximum over the lanes (REDUX) finds it; only lanes tied on it (equal keys, or a
-// tiny tau where the rounding swallows the noise) take the shuffle merge, among themselves.
+// is a monotone function of the key, so the lane with the largest real key holds the largest
+// rounded key. One integer maximum over the lanes (REDUX) finds it; only lanes tied on it
+// (equal keys, or a tiny tau where the rounding swallows the noise) take the shuffle merge,
+// among themselves. (best_merge rounds the keys' differences, so for keys within an ulp or
+// so of each other the two merges may pick different tiles: there this one follows the real
+// keys.)
 // (H100, bf16 V = 128256, per decode-like step: B = 64 -0.3 us, B = 8 -0.4; a warp's merge is
 // on the path of the row's last warp and of its finishing warp.) sample_kernel's
 // instantiation for log-probs or thresholds keeps the shuffle merge (see finish_from_partials).
@@ -187,8 +190,8 @@ __device__ __forceinline__ void warp_reduce_key(TileKey& key, int64_t& idx, floa
   }
   const float rounded = idx < 0 ? -INFINITY : fmaf(key.base, scale2, key.frac);
   const int bits = __float_as_int(rounded);
-  // Order-preserving integer image of the float (NaN: the largest, so such lanes always
-  // take the exact merge).
+  // Order-preserving integer image of the float (NaN, which the keys of valid rows never
+  // are: the largest).
   const int order = rounded != rounded ? INT_MAX : bits >= 0 ? bits : bits ^ 0x7fffffff;
   const int top = __reduce_max_sync(0xffffffffu, order);
   const unsigned tied = __ballot_sync(0xffffffffu, order == top);
@@ -594,10 +597,10 @@ __device__ __forceinline__ uint4 ldg_vec_tail(const T* l, int64_t e, int64_t end
 // maximum, warp_reduce_key): the winner's tile reaches the warp through tile_shared (kTile
 // entries) instead of a load after the merge, so the row's last round trip and its Philox
 // overlap the merge. (H100, bf16 V = 128256, per decode-like step: B = 64 -0.4 us, B = 8 -0.3,
-// B = 1 -0.3.) Used by sample_finish_kernel and by sample_kernel's tokens-only instantiation;
-// the one for log-probs or thresholds keeps the merge by shuffles and the load after it: a
-// build with both there measured its log-prob draws up to 25% slower (H100, one run; the merge
-// by maximum alone spilled 8 bytes in its bf16 cluster kernel).
+// B = 1 -0.3.) Used by sample_finish_kernel (every draw) and by sample_kernel's tokens-only
+// instantiation; its instantiation for log-probs or thresholds keeps the merge by shuffles and
+// the load after it: a build with both there measured its log-prob draws up to 25% slower
+// (H100, one run; the merge by maximum alone spilled 8 bytes in its bf16 cluster kernel).
 template <typename T, bool kVec>
 __device__ void finish_from_partials(const SampleArgs& a, int64_t row, int lane, const float4* partials, int n,
                                      float4 lo, float4 hi, const RowCtx& c, uint64_t seed, uint64_t offset,
