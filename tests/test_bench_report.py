@@ -129,10 +129,20 @@ def test_sampling_bars_judged_on_the_decode_like_step(tmp_path, capsys):
                     if line.startswith(f"| {v} | {dtype} | {b} |"))
         return line.rsplit("|", 2)[1].strip()
 
-    rows = [r for r in report.load(CSVS[0]) if r["pass"] != "sample_step"]
+    # The graph-of-20 ratios set here (not the committed run's): 1.20x and 1.61x at batch 64,
+    # 0.97x at batch 1024, 5.6 us at batch 1.
+    graph20 = {("B64xV256000", "bf16"): 1.20, ("B64xV128256", "bf16"): 1.61, ("B1024xV256000", "fp32"): 0.97}
+    def set_graph20(r):
+        if r["suite"] == "sampling" and r["method"] == "fusedlm" and r["pass"] == "sample_graph20":
+            if (r["case"], r["dtype"]) in graph20:
+                return dict(r, ratio=str(graph20[(r["case"], r["dtype"])]))
+            if (r["case"], r["dtype"]) == ("B1xV128256", "bf16"):
+                return dict(r, time_ms="0.0056")
+        return r
+    rows = [set_graph20(r) for r in report.load(CSVS[0]) if r["pass"] != "sample_step"]
     old = report_of(rows, tmp_path, capsys)
-    assert bar_of(old, 256000, "bf16", 64) == "≤ 1.5× floor: met (graph of 20)"  # 1.20x there
-    assert bar_of(old, 128256, "bf16", 64) == "≤ 1.5× floor: NOT met (graph of 20)"  # 1.61x
+    assert bar_of(old, 256000, "bf16", 64) == "≤ 1.5× floor: met (graph of 20)"
+    assert bar_of(old, 128256, "bf16", 64) == "≤ 1.5× floor: NOT met (graph of 20)"
     extra = [dict(r, **{"pass": "sample_step"}, time_ms=str(2 * float(r["time_ms"])), ratio=str(2 * float(r["ratio"])))
              for r in rows if r["suite"] == "sampling" and r["method"] == "fusedlm" and r["pass"] == "sample_graph20"]
     new = report_of(rows + extra, tmp_path, capsys)
