@@ -36,11 +36,22 @@ def python_blocks(page):
     return blocks
 
 
-def run(cmd, cwd):
+def run(cmd, cwd, attempts=1):
+    """Runs cmd; `attempts` > 1 retries only a run that ended in gloo's teardown abort."""
     env = dict(os.environ, PYTHONPATH=str(ROOT / "python"), HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    for _ in range(attempts):
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+        if proc.returncode == 0 or GLOO_TEARDOWN_ABORT not in proc.stderr:
+            break
     assert proc.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+# A gloo process group can abort the process at exit, after the script's work, even after
+# destroy_process_group (a C++ thread left joinable; seen once in CI on 2 busy cores, torch
+# 2.14). Such a run is repeated once.
+GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
 
 
 def test_every_example_parses():
@@ -75,4 +86,4 @@ def test_distributed_examples_run(page, tmp_path):
         script = tmp_path / f"example_{k}.py"
         script.write_text(code + "\n")
         run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-             str(script)], tmp_path)
+             str(script)], tmp_path, attempts=2)
