@@ -437,6 +437,31 @@ def test_greedy_exact_with_ties_and_masks():
     assert (t == 0).all() and torch.isnan(lp).all() and torch.isnan(raw).all()
 
 
+# Rows of only -inf and NaN (NaN first, so the first non-NaN index is not 0) at tau = 0 and 1
+# return token 0 and NaN log-probs as on the CPU, next to ordinary rows, in every layout
+# (B = 1: 8-CTA clusters; 8 and 64: clusters; 300: one CTA per row; V = 5003: unaligned rows).
+@pytest.mark.parametrize("b,v", [(1, 128256), (8, 128256), (64, 128256), (300, 5120), (8, 5003)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rows_without_a_finite_entry_draw_token_0(b, v, dtype):
+    logits = torch.randn(b, v) * 3
+    masked = torch.arange(b) % 2 == 0
+    logits[masked] = float("-inf")
+    logits[masked, 0] = float("nan")
+    logits[masked, 3::7] = float("nan")
+    logits = logits.to(dtype)
+    tau = torch.tensor([0.0, 0.0, 1.0, 0.7])[torch.arange(b) % 4]
+    seeds = torch.arange(b) + 11
+    for logprobs in (False, True):
+        cpu = fusedlm.sample(logits.float(), tau, seed=seeds, return_logprobs=logprobs)
+        gpu = fusedlm.sample(logits.to(DEV), tau.to(DEV), seed=seeds.to(DEV), return_logprobs=logprobs)
+        cpu_tokens, gpu_tokens = (cpu[0], gpu[0].cpu()) if logprobs else (cpu, gpu.cpu())
+        assert (gpu_tokens[masked] == 0).all() and (cpu_tokens[masked] == 0).all()
+        assert (gpu_tokens[~masked] > 0).all()  # (an ordinary row drawing index 0: 1 in 10^5)
+        if logprobs:
+            assert gpu[1].cpu()[masked].isnan().all() and gpu[2].cpu()[masked].isnan().all()
+            assert gpu[1].cpu()[~masked].isfinite().all()
+
+
 # tau = 0 rows among sampled ones: the lowest index of the maximum (ties inside a tile and
 # across tiles, NaN entries, a +inf entry, a ragged last tile), and the raw log-prob.
 @pytest.mark.parametrize("b,v", [(8, 128256), (64, 128256), (300, 5120), (64, 5003)])

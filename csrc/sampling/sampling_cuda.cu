@@ -545,7 +545,9 @@ template <typename T, bool kVec>
 __device__ void finish_row(const SampleArgs& a, int64_t row, int lane, const RowState& st, const RowCtx& c,
                            uint64_t seed, uint64_t offset, const WinnerTile* given = nullptr) {
   const bool greedy = c.greedy;
-  const bool masked_row = greedy ? (a.need_logprobs && st.raw_max == -INFINITY) : st.best_idx < 0;
+  // (tau = 0: the argmax value is -inf only when every entry is -inf or NaN; its index, the
+  // first non-NaN entry, is then not the documented token 0)
+  const bool masked_row = greedy ? st.best_key.base == -INFINITY : st.best_idx < 0;
   if (!valid_temperature(c.tau) || c.threshold != c.threshold || st.best_idx < 0 || masked_row) {
     // invalid row values (see valid_truncation) or a fully masked row: documented fallback
     if (lane == 0) {
