@@ -514,6 +514,10 @@ __device__ __forceinline__ void push_arrive(uint64_t* bar, int rank, int lane) {
 #endif
 }
 
+// (Default .acquire.cta, as for multicast TMA loads that other CTAs issue: the partials and
+// the mbarrier are in this CTA's shared memory. The PTX memory model states the remote
+// stores' release at .cluster scope; .acquire.cluster would add an L1 invalidation, not
+// measured.)
 __device__ __forceinline__ void push_mbar_wait(uint64_t* bar) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
