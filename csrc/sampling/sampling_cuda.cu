@@ -500,8 +500,8 @@ __device__ __forceinline__ void push_to_first_cta(uint4* p, uint4 v, uint64_t* b
 #endif
 }
 
-// One arrival per warp of CTA 0 once its lanes' pushes are stored (release: the warp's
-// stores, ordered before it by __syncwarp).
+// One arrival per warp of CTA 0 once its pushes are stored (release). Its callers push from
+// lane 0 only, which also arrives; the __syncwarp would order other lanes' pushes too.
 __device__ __forceinline__ void push_arrive(uint64_t* bar, int rank, int lane) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   if (rank != 0) return;
