@@ -133,5 +133,8 @@ nan_rows = torch.randn(64, 128256, device="cuda", dtype=torch.bfloat16)
 nan_rows[:, ::101] = float("nan")
 fusedlm.sample(nan_rows, torch.rand(64, device="cuda") * (torch.arange(64, device="cuda") % 3 > 0),
                return_logprobs=True)
+# Tokens only (bounded tile races, race_batch_bounded): NaN tiles and a tiny tau take the exact sums.
+fusedlm.sample(nan_rows, torch.rand(64, device="cuda") * (torch.arange(64, device="cuda") % 3 > 0))
+fusedlm.sample(nan_rows, torch.full((64,), 1e-5, device="cuda"))
 torch.cuda.synchronize()
 print("sanitize case done")

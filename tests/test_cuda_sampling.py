@@ -165,6 +165,37 @@ def test_tokens_only_same_tokens_as_with_logprobs(b, v, dtype):
         assert torch.equal(tokens, fusedlm.sample(logits, tau, seed=seeds, return_logprobs=True)[0])
 
 
+# Tokens-only draws of 16-bit rows whose warps hold two batches or more (here: clusters at B = 8,
+# V = 256000 and B = 64; one CTA a row at B = 256) sum only the tiles whose key can still win,
+# bounded through their vectors' maxima (race_batch_bounded). Here every tile sits at an end of
+# that bound with the same mass: half hold one entry a in one vector (mass at its lower end),
+# half 64 entries a - tau ln 64 (at its upper end), so every tile races on its noise alone and
+# the bound excludes nothing that is not clearly behind. The draw must be the exhaustive one
+# (the log-prob kernel sums every tile) and split evenly between the two kinds.
+@pytest.mark.parametrize("b,v", [(8, 256000), (64, 128256), (256, 128256)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_bounded_race_draws_tiles_at_both_ends_of_the_bound(b, v, dtype):
+    a, gap = 4.0, 2.0  # (a and a - gap exact in both dtypes)
+    tau = torch.full((b,), gap / math.log(64), device=DEV)
+    logits = torch.full((b, v), float("-inf"), device=DEV)
+    tiles = torch.arange(v, device=DEV) // 64
+    single = (tiles + torch.arange(b, device=DEV)[:, None]) % 2 == 0  # (the kinds alternate by row too)
+    logits[single & (torch.arange(v, device=DEV) % 64 == 17)] = a
+    logits[~single] = a - gap
+    logits = logits.to(dtype)
+    g = torch.Generator(device=DEV).manual_seed(b)
+    singles = draws = 0
+    for _ in range(max(10, 2560 // b)):
+        seeds = torch.randint(0, 2**62, (b,), device=DEV, generator=g)
+        tokens = fusedlm.sample(logits, tau, seed=seeds)
+        assert torch.equal(tokens, fusedlm.sample(logits, tau, seed=seeds, return_logprobs=True)[0])
+        singles += single.gather(1, tokens[:, None]).sum().item()
+        draws += b
+    # Equal masses: P(single) = (single tiles' share of the mass) over (all tiles), about 1/2.
+    n_single = single[0].view(-1)[::64].sum().item()
+    expected = n_single / math.ceil(v / 64)
+    assert abs(singles / draws - expected) <= 5 * math.sqrt(expected * (1 - expected) / draws), (singles, draws)
+
 # Top-p alone on tokens-only calls goes by rejection (see sampling_cpu.h): per-row top_p
 # mixing rows below 0.5 (the threshold at once), between 0.5 and 1 (a first draw, tested by
 # top_p_check_kernel; rejected rows drawn from the top-p set with round-1 noise) and 1 (drawn

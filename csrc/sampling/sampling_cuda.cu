@@ -942,6 +942,11 @@ __device__ __forceinline__ float tile_max_pairs(const uint4 (&q)[kTile * 2 / 16]
   return fmax_nan(to_float(r.x), to_float(r.y));
 }
 
+// ((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))
+__device__ __forceinline__ float tree_sum8(const float (&x)[8]) {
+  return ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]));
+}
+
 // Entry j of a tile held as 16-byte vectors, as a float (kThreshold: -inf below the threshold,
 // and for NaN).
 template <typename T, bool kThreshold>
@@ -962,19 +967,34 @@ struct TileSums {
   float sum, raw_sum;  // raw_sum: of exp(x - max) over all entries (tau = 1)
 };
 
-// The sum of 2^term(x) over a tile's entries x, in four accumulators. clamp: NaN terms count 0.
+// The sum of 2^term(x) over a tile's entries x. clamp: NaN terms count 0. 16-bit tiles: each
+// 16-byte vector's 8 terms as a tree, then the 8 vector sums as a tree; race_batch_bounded
+// sums a tile in this order across 4 lanes, bit for bit. float32 tiles: four accumulators.
 template <typename T, bool kThreshold, typename Term>
 __device__ __forceinline__ float tile_exp2_sum(const uint4 (&q)[kTile * sizeof(T) / 16], float threshold, bool clamp,
                                                Term term) {
-  float s[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-  for (int j = 0; j < kTile; ++j) {
+  auto exp2_term = [&](int j) {
     const float x = tile_entry<T, kThreshold>(q, j, threshold);
     float z = term(clamp ? finite_logit(x) : x);
     if (clamp) z = fmaxf(z, -INFINITY);
-    s[j % 4] += fast_exp2(z);
+    return fast_exp2(z);
+  };
+  if constexpr (sizeof(T) == 2) {
+    float v[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      float e[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) e[i] = exp2_term(8 * k + i);
+      v[k] = tree_sum8(e);
+    }
+    return tree_sum8(v);
+  } else {
+    float s[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < kTile; ++j) s[j % 4] += exp2_term(j);
+    return (s[0] + s[1]) + (s[2] + s[3]);
   }
-  return (s[0] + s[1]) + (s[2] + s[3]);
 }
 
 // Whether max * scale2 (already formed: base) is small enough for tile_sums' FFMA terms
@@ -1109,6 +1129,105 @@ __device__ __forceinline__ void tile_argmax(const uint4 (&q)[kTile * sizeof(T) /
   st.arg_idx = t * kTile + first;
 }
 
+// Order-preserving integer image of a float (larger float, larger key; -inf maps to
+// 0x007fffff). -0 is folded onto +0, as a float comparison sees them.
+__device__ __forceinline__ uint32_t to_order_key(float x) {
+  const uint32_t bits = __float_as_uint(x == 0.f ? 0.f : x);
+  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+}
+
+__device__ __forceinline__ float from_order_key(uint32_t k) {
+  return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+// The 8 terms 2^(x * scale2 - base) of a 16-byte vector of 16-bit entries, summed as in
+// tile_exp2_sum.
+template <typename T>
+__device__ __forceinline__ float vector_exp2_sum(uint4 v, float scale2, float base) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+  float e[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) e[i] = fast_exp2(fmaf(pair_half_to_float<T>(w[i / 2], i % 2), scale2, -base));
+  return tree_sum8(e);
+}
+
+// One batch of a tokens-only tau > 0 row of 16-bit logits (lane: tile t, in registers and in
+// the warp's stage), racing only the tiles that can still win. A tile's key is log2 of its
+// mass plus its noise -log2(E). Each of its 8 vectors sums to between its largest term and 8
+// times that, so with S = the sum of the vectors' largest terms the key lies in [low, low + 3],
+// low = log2(S) - log2(E) (8 exps instead of 64). A tile whose upper end is below the largest
+// low end seen in the CTA so far (cta_low, shared memory; any tile's low end is at most the
+// winner's key) cannot win; the others (about e^(3 ln 2) = 8 per batch when every tile has
+// the same mass, fewer otherwise) are summed exactly, 4 lanes a tile, in tile_exp2_sum's
+// order: the keys and the winner are the exhaustive race's, bit for bit. Tiles whose maximum
+// is NaN, +inf or too large a scaled value for the bound's rounding margin take tile_mass, as
+// in sample_kernel's loop. The candidates' list uses the stage's pad vectors. Called by every
+// lane of the warp (valid: the lane's tile is in the row).
+template <typename T>
+__device__ __forceinline__ void race_batch_bounded(const uint4 (&tile)[kTile * sizeof(T) / 16], uint4* stage,
+                                                   const RowCtx& c, uint32_t noise, int64_t t, bool valid,
+                                                   uint32_t* cta_low, RowState& st) {
+  static_assert(sizeof(T) == 2, "16-bit tiles: 8 vectors of 8 entries");
+  constexpr int kVecs = 8, kLanesPerTile = 4, kTilesPerRound = 32 / kLanesPerTile;
+  constexpr int kVecsPerLane = kVecs / kLanesPerTile;
+  constexpr float kLog2VectorEntries = 3.f;  // a vector sums to at most 8 of its largest term
+  constexpr float kMargin = 0x1p-4f;         // >> the rounding of keys below 2^16 (ulp <= 2^-7)
+  using Pair = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
+  const int lane = threadIdx.x % 32;
+  float vector_max[kVecs], m = -INFINITY;
+#pragma unroll
+  for (int k = 0; k < kVecs; ++k) {
+    const Pair* p = reinterpret_cast<const Pair*>(&tile[k]);
+    const Pair r = __hmax2_nan(__hmax2_nan(p[0], p[1]), __hmax2_nan(p[2], p[3]));
+    vector_max[k] = fmax_nan(to_float(r.x), to_float(r.y));
+    m = fmax_nan(m, vector_max[k]);  // (NaN if an entry is NaN)
+  }
+  const float neg_log2_e = -fast_log2(exponential_from_bits(noise));
+  const bool bounded = valid && m > -INFINITY && fabsf(m * c.scale2) < 0x1p16f;  // (false for NaN)
+  float low_frac = 0.f, low = -INFINITY;
+  if (bounded) {
+    const float base = m * c.scale2, shift = fmaf(m, c.scale2, -base);  // (as in tile_sums)
+    float e[kVecs];
+#pragma unroll
+    for (int k = 0; k < kVecs; ++k) e[k] = fast_exp2(fmaf(vector_max[k], c.scale2, -base));
+    low_frac = fast_log2(tree_sum8(e)) - shift + neg_log2_e;
+    low = fmaf(m, c.scale2, low_frac);
+  } else if (valid && m != -INFINITY) {  // NaN, +inf or a tiny tau (rare): summed now
+    float mass_max = -INFINITY, log2_sum = 0.f;
+    tile_mass<T, false, false>(tile, stage + lane * (kVecs + 1), c, mass_max, log2_sum, st);
+    if (mass_max != -INFINITY) add_tile(st, mass_max, log2_sum, c, noise, t);
+  }
+  const uint32_t warp_low = __reduce_max_sync(0xffffffffu, to_order_key(low));
+  uint32_t seen = 0;
+  if (lane == 0) seen = atomicMax(cta_low, warp_low);
+  seen = max(warp_low, __shfl_sync(0xffffffffu, seen, 0));
+  const bool candidate =
+      bounded && fmaf(m, c.scale2, low_frac + kLog2VectorEntries) >= from_order_key(seen) - kMargin;
+  const unsigned candidates = __ballot_sync(0xffffffffu, candidate);
+  float4* list = reinterpret_cast<float4*>(stage) + kVecs;  // entry r: tile r's pad vector
+  if (candidate)
+    list[__popc(candidates & ((1u << lane) - 1)) * (kVecs + 1)] = make_float4(m, neg_log2_e, __int_as_float(lane), 0.f);
+  __syncwarp();
+  const int n = __popc(candidates);
+  for (int first = 0; first < n; first += kTilesPerRound) {  // (warp-uniform)
+    const int j = first + lane / kLanesPerTile;
+    const float4 entry = list[min(j, n - 1) * (kVecs + 1)];  // (groups past the last repeat it, unmerged)
+    const int owner = __float_as_int(entry.z);
+    const float tile_max = entry.x, base = tile_max * c.scale2, shift = fmaf(tile_max, c.scale2, -base);
+    const uint4* v = stage + owner * (kVecs + 1) + (lane % kLanesPerTile) * kVecsPerLane;
+    float sum = vector_exp2_sum<T>(v[0], c.scale2, base);
+#pragma unroll
+    for (int k = 1; k < kVecsPerLane; ++k) sum += vector_exp2_sum<T>(v[k], c.scale2, base);
+#pragma unroll
+    for (int off = 1; off < kLanesPerTile; off <<= 1)  // (the tile's lanes hold vectors in order)
+      sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if (j < n)
+      best_merge(st.best_key, st.best_idx, TileKey{tile_max, fast_log2(sum) - shift + entry.y}, t - lane + owner,
+                 c.scale2);
+  }
+  __syncwarp();  // (the list is read before the stage's next use)
+}
+
 // kCluster: a row's splits form a thread-block cluster and merge in it (see
 // finish_or_write_partial); a separate instantiation, so that the other kernel is unchanged.
 // kTokensOnly: the host launches this instantiation for calls without log-probs or
@@ -1116,7 +1235,7 @@ __device__ __forceinline__ void tile_argmax(const uint4 (&q)[kTile * sizeof(T) /
 // holds only its own paths, half the code. (H100, bf16 V = 128256, per decode-like step:
 // B = 16 -0.2 us, fp32 B = 64 -0.5, bf16 B = 64 -0.1.) Only it merges by maximum and
 // requests the winning tile early (finish_from_partials).
-template <typename T, bool kCluster, bool kTokensOnly>
+template <typename T, bool kCluster, bool kTokensOnly, bool kBounded = false>
 __global__ void __launch_bounds__(kCluster ? kClusterThreads : kThreads, kCluster ? 1 : 2)
     sample_kernel(SampleArgs a, const float* thresholds, int64_t tiles_per_split) {
   if constexpr (kTokensOnly) {
@@ -1147,6 +1266,16 @@ __global__ void __launch_bounds__(kCluster ? kClusterThreads : kThreads, kCluste
   const int64_t t_begin = split * tiles_per_split;
   const int64_t t_end = min(t_begin + tiles_per_split, ceil_div(a.V, kTile));
   const int64_t e_end = min(a.V, t_end * kTile);
+  // kBounded (tokens-only 16-bit calls whose warps hold two batches or more; see sample_aligned_launch):
+  // tau > 0 rows race bounded tiles (race_batch_bounded), with cta_low, the CTA's largest low
+  // end of a key so far, from -inf.
+  static_assert(!kBounded || (kTokensOnly && sizeof(T) == 2), "bounded races: tokens-only 16-bit kernels");
+  const bool bounded = kBounded && !c.greedy;
+  __shared__ uint32_t cta_low;
+  if (bounded) {  // (CTA-uniform)
+    if (threadIdx.x == 0) cta_low = to_order_key(-INFINITY);
+    __syncthreads();
+  }
   uint4* stage = stage_all + warp * kBatchTiles * (kVecs + 1);
   RowState st;
   // A batch's loads: vector i * 32 + lane of the batch starting at tile b0. Split ranges are
@@ -1182,13 +1311,18 @@ __global__ void __launch_bounds__(kCluster ? kClusterThreads : kThreads, kCluste
       noise_even = block.x;  // tile_noise_word of tiles 2g and 2g + 1
       noise_odd = block.z;
     }
-    // Regroup: vector g of the batch is part g % kVecs of tile g / kVecs. Tiles are padded
-    // by one vector, so both the stores and lane-strided reads are bank-conflict free.
+    // Regroup: vector g = i * 32 + lane of the batch is part g % kVecs of tile g / kVecs. Tiles
+    // are padded by one vector, so both the stores and lane-strided reads are bank-conflict
+    // free. (kBounded: one address and immediate offsets, as kVecs divides 32, which frees
+    // registers race_batch_bounded needs; float32 kernels measured slower so, H100.)
     __syncwarp();  // the previous batch's reads are done
 #pragma unroll
     for (int i = 0; i < kVecs; ++i) {
       const int g = i * 32 + lane;
-      stage[(g / kVecs) * (kVecs + 1) + g % kVecs] = q[i];
+      if constexpr (kBounded)
+        stage[(lane / kVecs) * (kVecs + 1) + lane % kVecs + i * (32 / kVecs) * (kVecs + 1)] = q[i];
+      else
+        stage[(g / kVecs) * (kVecs + 1) + g % kVecs] = q[i];
     }
     __syncwarp();
     uint4 tile[kVecs];
@@ -1200,6 +1334,12 @@ __global__ void __launch_bounds__(kCluster ? kClusterThreads : kThreads, kCluste
     const uint32_t even = __shfl_sync(0xffffffffu, noise_even, pair_lane);
     const uint32_t odd = __shfl_sync(0xffffffffu, noise_odd, pair_lane);
     const int64_t t = b0 + lane;
+    if constexpr (kBounded) {
+      if (bounded) {
+        race_batch_bounded<T>(tile, stage, c, lane % 2 ? odd : even, t, t < t_end, &cta_low, st);
+        continue;
+      }
+    }
     if (t >= t_end) continue;
     float tile_max = -INFINITY, log2_sum = 0.f;
     if (c.greedy) {  // argmax (and the raw log-sum-exp)
@@ -1222,10 +1362,6 @@ __global__ void __launch_bounds__(kCluster ? kClusterThreads : kThreads, kCluste
   finish_or_write_partial<T, true, kCluster, kTokensOnly>(a, row, split, st, c, seed, offset, cluster_partials,
                                                           stage,  // (warp 0's stage is free by then)
                                                           cluster_bar);
-}
-
-__device__ __forceinline__ float from_order_key(uint32_t k) {
-  return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
 }
 
 template <int kBlock = kThreads>
@@ -1262,13 +1398,6 @@ __device__ float block_max(float x) {
   const float r = total;
   __syncthreads();
   return r;
-}
-
-// Order-preserving integer image of a float (larger float, larger key; -inf maps to
-// 0x007fffff). -0 is folded onto +0, as a float comparison sees them.
-__device__ __forceinline__ uint32_t to_order_key(float x) {
-  const uint32_t bits = __float_as_uint(x == 0.f ? 0.f : x);
-  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
 // Calls f(x, valid, index) for every entry of a row, read with 16-byte loads (4 in flight per thread:
@@ -1888,6 +2017,16 @@ cudaError_t finish_launch(const SampleArgs& a, const float* thresholds, int warp
                 thresholds, a.splits * warps);
 }
 
+// The tokens-only sample_kernel: 16-bit rows race bounded tiles where a warp holds two batches or
+// more (several_batches; with one batch a warp, H100, per decode-like step: bf16 B = 1 5.4 ->
+// 6.0 us, B = 8 4.9 -> 5.3).
+template <typename T, bool kCluster>
+auto tokens_only_kernel(bool several_batches) {
+  if constexpr (sizeof(T) == 2)
+    if (several_batches) return sample_kernel<T, kCluster, true, true>;
+  return sample_kernel<T, kCluster, true>;
+}
+
 template <typename T>
 cudaError_t sample_aligned_launch(const SampleArgs& a, const float* thresholds, cudaStream_t stream) {
   constexpr int kVecs = kTile * static_cast<int>(sizeof(T)) / 16;
@@ -1902,7 +2041,7 @@ cudaError_t sample_aligned_launch(const SampleArgs& a, const float* thresholds, 
     const int cwarps = warps_up_to(a.splits == 2 ? kClusterThreads : kThreads);
     const size_t cluster_smem = smem_for(cwarps) + 2 * sizeof(float4) * static_cast<size_t>(a.splits * cwarps) +
                                 (tokens_only ? sizeof(uint64_t) : 0);  // (the mbarrier)
-    const auto kernel = tokens_only ? sample_kernel<T, true, true> : sample_kernel<T, true, false>;
+    const auto kernel = tokens_only ? tokens_only_kernel<T, true>(per_split > cwarps) : sample_kernel<T, true, false>;
     cudaError_t err = cudaSuccess;
     if (cluster_smem > 48 * 1024)  // fp32: 70 KB with 8 warps, 140 KB with 16 (+ partials)
       err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(cluster_smem));
@@ -1913,7 +2052,7 @@ cudaError_t sample_aligned_launch(const SampleArgs& a, const float* thresholds, 
   }
   const int warps = warps_up_to(kThreads);  // (the workspace holds 8 warps' partials per split)
   const size_t smem = smem_for(warps);
-  const auto kernel = tokens_only ? sample_kernel<T, false, true> : sample_kernel<T, false, false>;
+  const auto kernel = tokens_only ? tokens_only_kernel<T, false>(per_split > warps) : sample_kernel<T, false, false>;
   cudaError_t err = cudaSuccess;
   if (smem > 48 * 1024)
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
