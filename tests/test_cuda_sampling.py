@@ -574,6 +574,21 @@ def test_temperature_logprobs_cuda_matches_cpu():
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4)
 
 
+def test_temperature_logprobs_rows_without_a_finite_entry_are_nan():
+    # Rows of only -inf, only NaN, and -inf with NaN first: NaN at every tau, as on the CPU (a
+    # tau = 0 row of -inf gave 0 or -inf: its argmax is the first non-NaN entry).
+    logits = torch.randn(4, 3001)
+    logits[0] = float("-inf")
+    logits[1] = float("nan")
+    logits[2] = float("-inf")
+    logits[2, :5] = float("nan")
+    tokens = torch.tensor([0, 1, 5, 7])
+    taus = [0.0, 0.5, 1.0]
+    cpu = fusedlm.temperature_logprobs(logits, tokens, taus)
+    gpu = fusedlm.temperature_logprobs(logits.to(DEV), tokens.to(DEV), taus).cpu()
+    assert cpu[:3].isnan().all() and gpu[:3].isnan().all(), gpu
+    torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4, equal_nan=True)
+
 def test_torch_compile_fullgraph_cuda():
     logits = torch.randn(8, 1000, device=DEV)
     seeds = torch.arange(8, device=DEV)

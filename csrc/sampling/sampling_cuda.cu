@@ -1998,7 +1998,9 @@ __global__ void __launch_bounds__(kThreads) temperature_logprobs_kernel(Temperat
     const float total = block_sum(sums[k]);
     if (threadIdx.x == 0) {
       const float tau = a.temperatures[k];
-      a.out[row * a.K + k] = !valid_temperature(tau) || row_arg < 0 ? NAN  // (invalid tau: not checked on the host; row of -inf / NaN)
+      // NaN: an invalid tau (not checked on the host) or a row of -inf / NaN (row_arg is then the
+      // first non-NaN entry, or -1), as on the CPU.
+      a.out[row * a.K + k] = !valid_temperature(tau) || !(m > -INFINITY) ? NAN
                              : tau > 0.f ? (lt - m) / tau - logf(total)
                                          : (token == row_arg ? 0.f : -INFINITY);
     }
