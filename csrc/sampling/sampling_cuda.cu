@@ -1159,7 +1159,12 @@ __device__ __forceinline__ float vector_exp2_sum(uint4 v, float scale2, float ba
 // low end seen in the CTA so far (cta_low, shared memory; any tile's low end is at most the
 // winner's key) cannot win; the others (about e^(3 ln 2) = 8 per batch when every tile has
 // the same mass, fewer otherwise) are summed exactly, 4 lanes a tile, in tile_exp2_sum's
-// order: the keys and the winner are the exhaustive race's, bit for bit. Tiles whose maximum
+// order: the keys are the exhaustive race's, bit for bit, and so is the winner but for the
+// order of merges (best_merge decides two keys alike in either order; only three keys within
+// ~2^-18 of each other could differ). (Each of the 4 lanes merges the key, so the warp merge
+// by maximum always finds ties and takes its shuffle merge; merging in one lane is a lead,
+// not measured.) An invalid tau = +inf (scale2 = 0) makes the lows NaN, which exclude every
+// tile: finish_row returns token 0 for such rows anyway. Tiles whose maximum
 // is NaN, +inf or too large a scaled value for the bound's rounding margin take tile_mass, as
 // in sample_kernel's loop. The candidates' list uses the stage's pad vectors. Called by every
 // lane of the warp (valid: the lane's tile is in the row).
