@@ -967,32 +967,36 @@ struct TileSums {
   float sum, raw_sum;  // raw_sum: of exp(x - max) over all entries (tau = 1)
 };
 
+// The sum of 2^z(i) over the 8 entries i of a 16-byte vector of 16-bit entries, as a tree: the
+// order of tile_exp2_sum and race_batch_bounded's vector_exp2_sum, which must agree bit for bit.
+template <typename Exponent>
+__device__ __forceinline__ float vector_tree_exp2_sum(Exponent z) {
+  float e[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) e[i] = fast_exp2(z(i));
+  return tree_sum8(e);
+}
+
 // The sum of 2^term(x) over a tile's entries x. clamp: NaN terms count 0. 16-bit tiles: each
 // 16-byte vector's 8 terms as a tree, then the 8 vector sums as a tree; race_batch_bounded
 // sums a tile in this order across 4 lanes, bit for bit. float32 tiles: four accumulators.
 template <typename T, bool kThreshold, typename Term>
 __device__ __forceinline__ float tile_exp2_sum(const uint4 (&q)[kTile * sizeof(T) / 16], float threshold, bool clamp,
                                                Term term) {
-  auto exp2_term = [&](int j) {
+  auto exponent = [&](int j) {
     const float x = tile_entry<T, kThreshold>(q, j, threshold);
-    float z = term(clamp ? finite_logit(x) : x);
-    if (clamp) z = fmaxf(z, -INFINITY);
-    return fast_exp2(z);
+    const float z = term(clamp ? finite_logit(x) : x);
+    return clamp ? fmaxf(z, -INFINITY) : z;
   };
   if constexpr (sizeof(T) == 2) {
     float v[8];
 #pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      float e[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) e[i] = exp2_term(8 * k + i);
-      v[k] = tree_sum8(e);
-    }
+    for (int k = 0; k < 8; ++k) v[k] = vector_tree_exp2_sum([&](int i) { return exponent(8 * k + i); });
     return tree_sum8(v);
   } else {
     float s[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-    for (int j = 0; j < kTile; ++j) s[j % 4] += exp2_term(j);
+    for (int j = 0; j < kTile; ++j) s[j % 4] += fast_exp2(exponent(j));
     return (s[0] + s[1]) + (s[2] + s[3]);
   }
 }
@@ -1145,10 +1149,7 @@ __device__ __forceinline__ float from_order_key(uint32_t k) {
 template <typename T>
 __device__ __forceinline__ float vector_exp2_sum(uint4 v, float scale2, float base) {
   const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-  float e[8];
-#pragma unroll
-  for (int i = 0; i < 8; ++i) e[i] = fast_exp2(fmaf(pair_half_to_float<T>(w[i / 2], i % 2), scale2, -base));
-  return tree_sum8(e);
+  return vector_tree_exp2_sum([&](int i) { return fmaf(pair_half_to_float<T>(w[i / 2], i % 2), scale2, -base); });
 }
 
 // One batch of a tokens-only tau > 0 row of 16-bit logits (lane: tile t, in registers and in
@@ -1161,12 +1162,12 @@ __device__ __forceinline__ float vector_exp2_sum(uint4 v, float scale2, float ba
 // the same mass, fewer otherwise) are summed exactly, 4 lanes a tile, in tile_exp2_sum's
 // order: the keys are the exhaustive race's, bit for bit, and so is the winner but for the
 // order of merges (best_merge decides two keys alike in either order; only three keys within
-// ~2^-18 of each other could differ). (Each of the 4 lanes merges the key, so the warp merge
-// by maximum always finds ties and takes its shuffle merge; merging in one lane is a lead,
-// not measured.) An invalid tau = +inf (scale2 = 0) makes the lows NaN, which exclude every
-// tile: finish_row returns token 0 for such rows anyway. Tiles whose maximum
-// is NaN, +inf or too large a scaled value for the bound's rounding margin take tile_mass, as
-// in sample_kernel's loop. The candidates' list uses the stage's pad vectors. Called by every
+// ~2^-18 of each other could differ). Only the first of a tile's 4 lanes merges its key: with
+// all 4, the warp merge by maximum always found ties and took its shuffle merge (H100, per
+// decode-like step: bf16 B = 64, V = 128256 9.0 -> 8.7 us; V = 256000 11.9 -> 11.6). An
+// invalid tau = +inf (scale2 = 0) makes the lows NaN, which exclude every tile: finish_row
+// returns token 0 for such rows anyway. Tiles whose maximum is NaN, +inf or too large a scaled
+// value for the bound's rounding margin take tile_mass, as in sample_kernel's loop. The candidates' list uses the stage's pad vectors. Called by every
 // lane of the warp (valid: the lane's tile is in the row).
 template <typename T>
 __device__ __forceinline__ void race_batch_bounded(const uint4 (&tile)[kTile * sizeof(T) / 16], uint4* stage,
@@ -1226,7 +1227,7 @@ __device__ __forceinline__ void race_batch_bounded(const uint4 (&tile)[kTile * s
 #pragma unroll
     for (int off = 1; off < kLanesPerTile; off <<= 1)  // (the tile's lanes hold vectors in order)
       sum += __shfl_xor_sync(0xffffffffu, sum, off);
-    if (j < n)
+    if (j < n && lane % kLanesPerTile == 0)
       best_merge(st.best_key, st.best_idx, TileKey{tile_max, fast_log2(sum) - shift + entry.y}, t - lane + owner,
                  c.scale2);
   }
