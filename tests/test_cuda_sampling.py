@@ -196,6 +196,7 @@ def test_bounded_race_draws_tiles_at_both_ends_of_the_bound(b, v, dtype):
     expected = n_single / math.ceil(v / 64)
     assert abs(singles / draws - expected) <= 5 * math.sqrt(expected * (1 - expected) / draws), (singles, draws)
 
+
 # Top-p alone on tokens-only calls goes by rejection (see sampling_cpu.h): per-row top_p
 # mixing rows below 0.5 (the threshold at once), between 0.5 and 1 (a first draw, tested by
 # top_p_check_kernel; rejected rows drawn from the top-p set with round-1 noise) and 1 (drawn
@@ -588,6 +589,7 @@ def test_temperature_logprobs_rows_without_a_finite_entry_are_nan():
     gpu = fusedlm.temperature_logprobs(logits.to(DEV), tokens.to(DEV), taus).cpu()
     assert cpu[:3].isnan().all() and gpu[:3].isnan().all(), gpu
     torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4, equal_nan=True)
+
 
 def test_torch_compile_fullgraph_cuda():
     logits = torch.randn(8, 1000, device=DEV)

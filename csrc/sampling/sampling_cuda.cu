@@ -1167,8 +1167,9 @@ __device__ __forceinline__ float vector_exp2_sum(uint4 v, float scale2, float ba
 // decode-like step: bf16 B = 64, V = 128256 9.0 -> 8.7 us; V = 256000 11.9 -> 11.6). An
 // invalid tau = +inf (scale2 = 0) makes the lows NaN, which exclude every tile: finish_row
 // returns token 0 for such rows anyway. Tiles whose maximum is NaN, +inf or too large a scaled
-// value for the bound's rounding margin take tile_mass, as in sample_kernel's loop. The candidates' list uses the stage's pad vectors. Called by every
-// lane of the warp (valid: the lane's tile is in the row).
+// value for the bound's rounding margin take tile_mass, as in sample_kernel's loop. The
+// candidates' list uses the stage's pad vectors. Called by every lane of the warp (valid: the
+// lane's tile is in the row).
 template <typename T>
 __device__ __forceinline__ void race_batch_bounded(const uint4 (&tile)[kTile * sizeof(T) / 16], uint4* stage,
                                                    const RowCtx& c, uint32_t noise, int64_t t, bool valid,
