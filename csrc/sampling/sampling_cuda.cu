@@ -544,17 +544,18 @@ struct WinnerTile {
 
 // One warp, with the row's merged state in every lane: the token (inside the winning tile,
 // by inverse CDF with the tile's uniform; tau = 0: the argmax) and the log-probs. The row's
-// inputs (c, seed, offset) come from the caller, which loaded them early.
+// inputs (c, seed, offset) come from the caller, which loaded them early. write = false: a
+// rehearsal, which stores nothing (see finish_or_write_partial).
 template <typename T, bool kVec>
 __device__ void finish_row(const SampleArgs& a, int64_t row, int lane, const RowState& st, const RowCtx& c,
-                           uint64_t seed, uint64_t offset, const WinnerTile* given = nullptr) {
+                           uint64_t seed, uint64_t offset, const WinnerTile* given = nullptr, bool write = true) {
   const bool greedy = c.greedy;
   // (tau = 0: the argmax value is -inf only when every entry is -inf or NaN; its index, the
   // first non-NaN entry, is then not the documented token 0)
   const bool masked_row = greedy ? st.best_key.base == -INFINITY : st.best_idx < 0;
   if (!valid_temperature(c.tau) || c.threshold != c.threshold || st.best_idx < 0 || masked_row) {
     // invalid row values (see valid_truncation) or a fully masked row: documented fallback
-    if (lane == 0) {
+    if (lane == 0 && write) {
       a.tokens[row] = 0;
       if (a.need_logprobs) {
         a.logprob[row] = NAN;
@@ -613,7 +614,7 @@ __device__ void finish_row(const SampleArgs& a, int64_t row, int lane, const Row
     token = t * kTile + src * 4 + q;
     token_logit = __shfl_sync(0xffffffffu, q == 0 ? x[0] : q == 1 ? x[1] : q == 2 ? x[2] : x[3], src);
   }
-  if (lane != 0) return;
+  if (lane != 0 || !write) return;
   a.tokens[row] = token;
   if (!a.need_logprobs) return;
   const float lt = token_logit;  // kept, so never replaced by -inf above
@@ -675,12 +676,12 @@ __device__ __forceinline__ uint4 ldg_vec_tail(const T* l, int64_t e, int64_t end
 template <typename T, bool kVec>
 __device__ void finish_from_partials(const SampleArgs& a, int64_t row, int lane, const float4* partials, int n,
                                      float4 lo, float4 hi, const RowCtx& c, uint64_t seed, uint64_t offset,
-                                     uint4* tile_shared) {
+                                     uint4* tile_shared, bool write = true) {
   const bool key_only = !a.need_logprobs;
   const T* l = static_cast<const T*>(a.logits) + row * a.ld;
   if (c.greedy || n > 32 || reinterpret_cast<uintptr_t>(l) % 16 != 0) {
     finish_row<T, kVec>(a, row, lane, merge_partials<true>(partials, n, lane, lo, hi, key_only, c.scale2, c.inv_tau),
-                        c, seed, offset);
+                        c, seed, offset, nullptr, write);
     return;
   }
   constexpr int kPer = 16 / static_cast<int>(sizeof(T)), kVecs = kTile / kPer;
@@ -701,7 +702,7 @@ __device__ void finish_from_partials(const SampleArgs& a, int64_t row, int lane,
   const RowState st = merge_partials<true>(partials, n, lane, lo, hi, key_only, c.scale2, c.inv_tau);
   const unsigned holders = __ballot_sync(0xffffffffu, candidate >= 0 && candidate == st.best_idx);
   if (holders == 0u) {  // no winner (a fully masked or invalid row): finish_row's fallback
-    finish_row<T, kVec>(a, row, lane, st, c, seed, offset);
+    finish_row<T, kVec>(a, row, lane, st, c, seed, offset, nullptr, write);
     return;
   }
   const int src = __ffs(holders) - 1;
@@ -716,7 +717,7 @@ __device__ void finish_from_partials(const SampleArgs& a, int64_t row, int lane,
 #pragma unroll
     for (int q = 0; q < 4; ++q) w.x[q] = to_float(h[q]);
   }
-  finish_row<T, kVec>(a, row, lane, st, c, seed, offset, &w);
+  finish_row<T, kVec>(a, row, lane, st, c, seed, offset, &w, write);
 }
 
 constexpr int kMaxClusterSplits = 8;  // portable cluster size
@@ -737,8 +738,8 @@ __host__ __device__ constexpr bool use_cluster_merge(int64_t B, int64_t splits, 
 // end of the main kernel, whose slowest CTA the finish kernel waits for. kCluster (the row's
 // splits form one thread-block cluster, sm_90): the partials go to cluster_partials in the
 // shared memory of the row's first CTA instead, whose warp 0 merges them after a cluster
-// barrier (kTokensOnly: once CTA 0's mbarrier cluster_bar has counted them in) and draws the
-// token (no finish kernel, no global round trip). kTokensOnly: see sample_kernel; tile_shared:
+// barrier (kTokensOnly: its last warp, once CTA 0's mbarrier cluster_bar has counted them in)
+// and draws the token (no finish kernel, no global round trip). kTokensOnly: see sample_kernel; tile_shared:
 // kTile entries of shared memory for finish_from_partials.
 template <typename T, bool kVec, bool kCluster = false, bool kTokensOnly = false>
 __device__ void finish_or_write_partial(const SampleArgs& a, int64_t row, int split, RowState st, const RowCtx& c,
@@ -767,8 +768,8 @@ __device__ void finish_or_write_partial(const SampleArgs& a, int64_t row, int sp
     }
   } else if constexpr (kTokensOnly) {
     // The partials go to CTA 0 as asynchronous stores counted on its mbarrier (cluster_bar, set
-    // up by sample_kernel), which only its warp 0 waits for: no cluster barrier, whose release
-    // made every warp wait for its remote stores. (H100, per decode-like step, together with
+    // up by sample_kernel), which only its finishing warp waits for: no cluster barrier, whose
+    // release made every warp wait for its remote stores. (H100, per decode-like step, with
     // finish_row's stabiliser taken from the winning key: bf16 B = 64, V = 128256 9.8 -> 9.3 us,
     // B = 8 5.3 -> 4.9, fp32 B = 64 11.0 -> 10.8.)
     cluster_wait();  // every CTA of the cluster has started, CTA 0's mbarrier is initialised
@@ -777,8 +778,7 @@ __device__ void finish_or_write_partial(const SampleArgs& a, int64_t row, int sp
       push_to_first_cta(reinterpret_cast<uint4*>(&cluster_partials[2 * slot + 1]), as_uint4(hi), cluster_bar, split);
     }
     push_arrive(cluster_bar, split, lane);
-    if (split != 0 || warp != 0) return;
-    push_mbar_wait(cluster_bar);
+    if (split != 0 || warp != warps - 1) return;  // (the finishing warp: see sample_kernel)
   } else {
     cluster_wait();  // every CTA of the cluster has started (see sample_kernel)
     if (lane == 0) {
@@ -791,16 +791,39 @@ __device__ void finish_or_write_partial(const SampleArgs& a, int64_t row, int sp
   if constexpr (kCluster) {
     const int n = a.splits * warps;
     float4 plo = {}, phi = {};
-    if (lane < n) {
-      plo = cluster_partials[2 * lane];
-      phi = cluster_partials[2 * lane + 1];
-    }
-    if constexpr (kTokensOnly)
-      finish_from_partials<T, kVec>(a, row, lane, cluster_partials, n, plo, phi, c, seed, offset, tile_shared);
-    else
+    if constexpr (kTokensOnly) {
+      // The finishing warp's code runs once per row, so it would run cold (instruction cache
+      // misses at each branch, while the logits' stream keeps L2 busy). So first a rehearsal
+      // on made-up partials (distinct keys; the winner tile 0), which stores nothing, while the
+      // other warps still fold, then the real finish on the same code, warm. (H100, per
+      // decode-like step, with the ranges of sample_kernel: bf16 B = 8 5.0 -> 4.9 us, B = 64 at
+      // tau = 0 9.65 -> 9.5; B = 1 (no cluster), B = 16, B = 64 at random tau: unchanged.)
+#pragma unroll 1
+      for (int pass = n <= 32 ? 0 : 1; pass < 2; ++pass) {
+        const bool rehearsal = pass == 0;
+        if (rehearsal) {
+          plo = float4{};
+          phi = lane < n ? make_float4(0.f, __int_as_float(lane), -static_cast<float>(lane), 0.f) : float4{};
+        } else {
+          __syncwarp();  // (the rehearsal's reads of tile_shared are done)
+          push_mbar_wait(cluster_bar);
+          if (lane < n) {
+            plo = cluster_partials[2 * lane];
+            phi = cluster_partials[2 * lane + 1];
+          }
+        }
+        finish_from_partials<T, kVec>(a, row, lane, cluster_partials, n, plo, phi, c, seed, offset, tile_shared,
+                                      !rehearsal);
+      }
+    } else {
+      if (lane < n) {
+        plo = cluster_partials[2 * lane];
+        phi = cluster_partials[2 * lane + 1];
+      }
       finish_row<T, kVec>(a, row, lane,
                           merge_partials<false>(cluster_partials, n, lane, plo, phi, key_only, c.scale2, c.inv_tau), c,
                           seed, offset);
+    }
   }
 }
 
@@ -1270,7 +1293,10 @@ __global__ void __launch_bounds__(kCluster ? kClusterThreads : kThreads, kCluste
   if (!row_ctx_in_pass(a, thresholds, row, c)) return;  // (the whole row: every CTA of its cluster)
   const uint64_t seed = row_seed(a, row);
   const uint64_t offset = row_offset(a, row);
-  const int64_t t_begin = split * tiles_per_split;
+  // kCluster && kTokensOnly: the row's first CTA, whose last warp finishes the row, takes the
+  // last range, which may hold fewer batches, and that warp the fewest of its CTA: it then has
+  // time for the finish's rehearsal while the others fold (see finish_or_write_partial).
+  const int64_t t_begin = (kCluster && kTokensOnly ? a.splits - 1 - split : split) * tiles_per_split;
   const int64_t t_end = min(t_begin + tiles_per_split, ceil_div(a.V, kTile));
   const int64_t e_end = min(a.V, t_end * kTile);
   // kBounded (tokens-only 16-bit calls whose warps hold two batches or more; see sample_aligned_launch):
@@ -1367,7 +1393,7 @@ __global__ void __launch_bounds__(kCluster ? kClusterThreads : kThreads, kCluste
     add_tile(st, tile_max, log2_sum, c, lane % 2 ? odd : even, t);
   }
   finish_or_write_partial<T, true, kCluster, kTokensOnly>(a, row, split, st, c, seed, offset, cluster_partials,
-                                                          stage,  // (warp 0's stage is free by then)
+                                                          stage,  // (the finishing warp's is free by then)
                                                           cluster_bar);
 }
 
