@@ -739,8 +739,8 @@ __host__ __device__ constexpr bool use_cluster_merge(int64_t B, int64_t splits, 
 // splits form one thread-block cluster, sm_90): the partials go to cluster_partials in the
 // shared memory of the row's first CTA instead, whose warp 0 merges them after a cluster
 // barrier (kTokensOnly: its last warp, once CTA 0's mbarrier cluster_bar has counted them in)
-// and draws the token (no finish kernel, no global round trip). kTokensOnly: see sample_kernel; tile_shared:
-// kTile entries of shared memory for finish_from_partials.
+// and draws the token (no finish kernel, no global round trip). kTokensOnly: see
+// sample_kernel; tile_shared: kTile entries of shared memory for finish_from_partials.
 template <typename T, bool kVec, bool kCluster = false, bool kTokensOnly = false>
 __device__ void finish_or_write_partial(const SampleArgs& a, int64_t row, int split, RowState st, const RowCtx& c,
                                         uint64_t seed, uint64_t offset, float4* cluster_partials = nullptr,
