@@ -193,17 +193,20 @@ def plot(rows, path):
         if r["suite"] == "cce" and r["pass"] in ("fwd", "fwd+bwd"):
             cce[(r["case"], r["regime"])][(r["method"], r["pass"])] = float(r["time_ms"])
     _, samp = sampling_tables(rows)
-    fig, axes = plt.subplots(1, 2, figsize=(15, 5))
+    # (a run of the sampling suite alone: the sampling panel only)
+    fig, axes = plt.subplots(1, 2 if cce else 1, figsize=(15 if cce else 8, 5), squeeze=False)
+    axes = list(axes[0]) if cce else [None, axes[0][0]]
     methods = ["torch_compile", "apple_cce", "liger", "fusedlm", "fusedlm_exact"]
     cases = list(cce)
-    for i, method in enumerate(methods):
+    for i, method in enumerate(methods if cce else []):
         ys = [cce[k].get((method, "fwd+bwd"), 0) for k in cases]
         axes[0].bar([j + i * 0.16 for j in range(len(cases))], ys, width=0.16, label=method)
-    axes[0].set_xticks([j + 0.32 for j in range(len(cases))])
-    axes[0].set_xticklabels([f"{c.replace('x', ' x ')}\n{r}" for c, r in cases], fontsize=7, rotation=12)
-    axes[0].set_ylabel("forward + backward, ms")
-    axes[0].set_title("CCE (bf16)")
-    axes[0].legend(fontsize=8)
+    if cce:
+        axes[0].set_xticks([j + 0.32 for j in range(len(cases))])
+        axes[0].set_xticklabels([f"{c.replace('x', ' x ')}\n{r}" for c, r in cases], fontsize=7, rotation=12)
+        axes[0].set_ylabel("forward + backward, ms")
+        axes[0].set_title("CCE (bf16)")
+        axes[0].legend(fontsize=8)
     for (v, dtype) in sorted({(v, d) for v, d, _ in samp}):
         bs = sorted(b for vv, d, b in samp if (vv, d) == (v, dtype))
         ys = [samp[(v, dtype, b)].get(("fusedlm", "sample_step"),
@@ -228,9 +231,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     rows = load(args.csv)
     gpu = rows[0]["gpu"] if rows else "?"
-    print(f"# {args.csv} ({gpu})\n\n## CCE, ms (forward / forward+backward)\n")
-    table, bars = cce_tables(rows)
-    print("\n".join(table) + "\n\n## CCE bars (issue #4)\n\n" + "\n".join(bars))
+    print(f"# {args.csv} ({gpu})")
+    if any(r["suite"] == "cce" for r in rows):  # (a run of the sampling suite alone has none)
+        table, bars = cce_tables(rows)
+        print("\n## CCE, ms (forward / forward+backward)\n\n" + "\n".join(table) +
+              "\n\n## CCE bars (issue #4)\n\n" + "\n".join(bars))
     print("\n## Sampling, µs per call\n\n" + "\n".join(sampling_tables(rows)[0]))
     models = model_table(rows)
     if models:

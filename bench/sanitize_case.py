@@ -112,6 +112,13 @@ for batch in (1, 8, 64, 200, 300):
     fusedlm.sample(big, tau, top_p=p)
     fusedlm.sample(big, tau, top_p=p, return_logprobs=True)
     fusedlm.sample(big[:, :5003], tau, top_p=p)  # unaligned rows
+# B = 64, V = 256000: 2-CTA clusters whose warps hold up to four batches (16-bit: bounded races).
+for dtype in (torch.bfloat16, torch.float32):
+    wide = torch.randn(64, 256000, device="cuda", dtype=dtype) * 3
+    fusedlm.sample(wide, tau[:64], seed=torch.arange(64, device="cuda"))
+    fusedlm.sample(wide, tau[:64], return_logprobs=True)
+    fusedlm.sample(wide, tau[:64], top_p=p[:64])
+del wide
 os.environ["FUSEDLM_NO_CLUSTERS"] = "1"
 fusedlm.sample(big[:8], tau[:8])
 fusedlm.sample(big[:8], tau[:8], top_p=0.9, return_logprobs=True)

@@ -166,13 +166,13 @@ def test_tokens_only_same_tokens_as_with_logprobs(b, v, dtype):
 
 
 # Tokens-only draws of 16-bit rows whose warps hold two batches or more (here: clusters at B = 8,
-# V = 256000 and B = 64; one CTA a row at B = 256) sum only the tiles whose key can still win,
+# V = 256000 and at B = 64; one CTA a row at B = 256) sum only the tiles whose key can still win,
 # bounded through their vectors' maxima (race_batch_bounded). Here every tile sits at an end of
 # that bound with the same mass: half hold one entry a in one vector (mass at its lower end),
 # half 64 entries a - tau ln 64 (at its upper end), so every tile races on its noise alone and
 # the bound excludes nothing that is not clearly behind. The draw must be the exhaustive one
 # (the log-prob kernel sums every tile) and split evenly between the two kinds.
-@pytest.mark.parametrize("b,v", [(8, 256000), (64, 128256), (256, 128256)])
+@pytest.mark.parametrize("b,v", [(8, 256000), (64, 128256), (64, 256000), (256, 128256)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_bounded_race_draws_tiles_at_both_ends_of_the_bound(b, v, dtype):
     a, gap = 4.0, 2.0  # (a and a - gap exact in both dtypes)
@@ -332,11 +332,12 @@ def sampling_kernel_names(fn):
 
 
 # On sm_90 the splits of a row merge in a thread-block cluster (no finish kernel) when the
-# batch is small but not tiny (B = 8, 16: clusters of 8 CTAs; B = 64: of two 16-warp CTAs);
+# batch is small but not tiny (B = 8, 16: clusters of 8 CTAs; B = 64: of two 16-warp CTAs,
+# with up to four batches a warp at V = 256000);
 # FUSEDLM_NO_CLUSTERS=1 turns that off (splits merged by the finish kernel). Same tokens
 # either way; log-probs within rounding (the partials differ).
 @pytest.mark.parametrize("trunc", [{}, dict(top_p=0.9)], ids=["plain", "top_p"])
-@pytest.mark.parametrize("b,v", [(8, 128256), (16, 128256), (8, 256000), (64, 128256)])
+@pytest.mark.parametrize("b,v", [(8, 128256), (16, 128256), (8, 256000), (64, 128256), (64, 256000)])
 def test_cluster_merge_same_as_finish_kernel(b, v, trunc, monkeypatch):
     if not fusedlm._C.hopper_paths()[0]:
         pytest.skip("clusters need sm_90 code on an sm_90 device")

@@ -2175,12 +2175,14 @@ int sample_splits(DType dtype, const void* logits, int64_t ld, int64_t B, int64_
         use_cluster_merge(B, kMaxClusterSplits, num_sms))
       s = kMaxClusterSplits;
     // Batches of one to two CTAs per SM (B = 45 .. 66 on 132 SMs): two CTAs of up to 16 warps
-    // per row (one CTA per SM) with at most two batches per warp, merged in a cluster of two
-    // (H100, graph of 20: B = 64, V = 128256, bf16 9.7 -> 9.2 us, with log-probs 12.8 ->
-    // 12.3). 16-warp CTAs in larger clusters lost (bf16 B = 16, V = 256000 in 8 such CTAs:
-    // 8.7 -> 11.9 us; B = 32, V = 128256 in 4: 8.1 -> 11.5), as one CTA per SM leaves fewer
-    // places for a cluster.
-    if (clusters && num_sms / B == 2 && use_cluster_merge(B, 2, num_sms) && batches <= 2 * 2 * kClusterThreads / 32)
+    // per row (one CTA per SM) with at most four batches per warp (V <= 262144), merged in a
+    // cluster of two (H100, graph of 20: B = 64, V = 128256, bf16 9.7 -> 9.2 us, with
+    // log-probs 12.8 -> 12.3; H200, per decode-like step, V = 256000 against four 8-warp
+    // splits and the finish kernel: bf16 11.6-11.9 -> 9.8-10.3, fp32 23.7 -> 20.7-20.9).
+    // 16-warp CTAs in larger clusters lost (bf16 B = 16, V = 256000 in 8 such CTAs: 8.7 ->
+    // 11.9 us; B = 32, V = 128256 in 4: 8.1 -> 11.5), as one CTA per SM leaves fewer places
+    // for a cluster.
+    if (clusters && num_sms / B == 2 && use_cluster_merge(B, 2, num_sms) && batches <= 2 * 4 * kClusterThreads / 32)
       s = 2;
     s = ceil_div(batches, ceil_div(batches, s));  // no empty splits
     return static_cast<int>(s > 65535 ? 65535 : s);
