@@ -195,31 +195,32 @@ def plot(rows, path):
     _, samp = sampling_tables(rows)
     # (a run of the sampling suite alone: the sampling panel only)
     fig, axes = plt.subplots(1, 2 if cce else 1, figsize=(15 if cce else 8, 5), squeeze=False)
-    axes = list(axes[0]) if cce else [None, axes[0][0]]
-    methods = ["torch_compile", "apple_cce", "liger", "fusedlm", "fusedlm_exact"]
-    cases = list(cce)
-    for i, method in enumerate(methods if cce else []):
-        ys = [cce[k].get((method, "fwd+bwd"), 0) for k in cases]
-        axes[0].bar([j + i * 0.16 for j in range(len(cases))], ys, width=0.16, label=method)
+    samp_ax = axes[0][-1]
     if cce:
-        axes[0].set_xticks([j + 0.32 for j in range(len(cases))])
-        axes[0].set_xticklabels([f"{c.replace('x', ' x ')}\n{r}" for c, r in cases], fontsize=7, rotation=12)
-        axes[0].set_ylabel("forward + backward, ms")
-        axes[0].set_title("CCE (bf16)")
-        axes[0].legend(fontsize=8)
+        cce_ax = axes[0][0]
+        methods = ["torch_compile", "apple_cce", "liger", "fusedlm", "fusedlm_exact"]
+        cases = list(cce)
+        for i, method in enumerate(methods):
+            ys = [cce[k].get((method, "fwd+bwd"), 0) for k in cases]
+            cce_ax.bar([j + i * 0.16 for j in range(len(cases))], ys, width=0.16, label=method)
+        cce_ax.set_xticks([j + 0.32 for j in range(len(cases))])
+        cce_ax.set_xticklabels([f"{c.replace('x', ' x ')}\n{r}" for c, r in cases], fontsize=7, rotation=12)
+        cce_ax.set_ylabel("forward + backward, ms")
+        cce_ax.set_title("CCE (bf16)")
+        cce_ax.legend(fontsize=8)
     for (v, dtype) in sorted({(v, d) for v, d, _ in samp}):
         bs = sorted(b for vv, d, b in samp if (vv, d) == (v, dtype))
         ys = [samp[(v, dtype, b)].get(("fusedlm", "sample_step"),
                                       samp[(v, dtype, b)].get(("fusedlm", "sample_graph20"), (0, float("nan"))))[1]
               for b in bs]
-        axes[1].plot(bs, ys, marker="o", label=f"V={v} {dtype}")
-    axes[1].axhline(1.5, color="gray", linestyle="--", label="bar: 1.5× floor")
-    axes[1].set_xscale("log", base=2)
-    axes[1].set_yscale("log")
-    axes[1].set_xlabel("batch B")
-    axes[1].set_ylabel("time per call ÷ memory floor (decode-like graph steps)")
-    axes[1].set_title("fusedlm.sample")
-    axes[1].legend(fontsize=8)
+        samp_ax.plot(bs, ys, marker="o", label=f"V={v} {dtype}")
+    samp_ax.axhline(1.5, color="gray", linestyle="--", label="bar: 1.5× floor")
+    samp_ax.set_xscale("log", base=2)
+    samp_ax.set_yscale("log")
+    samp_ax.set_xlabel("batch B")
+    samp_ax.set_ylabel("time per call ÷ memory floor (decode-like graph steps)")
+    samp_ax.set_title("fusedlm.sample")
+    samp_ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
