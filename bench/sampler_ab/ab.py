@@ -1,0 +1,112 @@
+"""Side-by-side timing of sampler builds made by build.sh (torch-free libraries loaded by ctypes,
+so the device spends no time building: ~10 s of device time per build and case).
+
+    python bench/sampler_ab/ab.py DIR main,x --cases b64,b8 --rounds 2
+
+For each case: µs per decode-like step (bench/run.py's step_time, as the #5 bar is judged) and
+per call in a graph of 20, and a hash of 16 draws' tokens (equal hashes: the builds drew the
+same tokens). Each build runs in its own process per round (builds alternate, and a variant
+that hangs costs one --timeout, not the call); the logits, temperatures and seeds are
+quick_sampling-like: randn * 3, tau ~ U(0, 1.2) per row ("t0" cases: tau = 0), seed = row.
+"""
+import argparse
+import ctypes
+import hashlib
+import os
+import subprocess
+import sys
+import types
+
+CASES = {  # name: (B, V, dtype, tau = 0 on every row)
+    "b1": (1, 128256, "bf16", False), "b8": (8, 128256, "bf16", False), "b16": (16, 128256, "bf16", False),
+    "b32": (32, 128256, "bf16", False), "b64": (64, 128256, "bf16", False), "b64t0": (64, 128256, "bf16", True),
+    "b256": (256, 128256, "bf16", False), "b8v": (8, 256000, "bf16", False), "b64v": (64, 256000, "bf16", False),
+    "h64": (64, 128256, "fp16", False), "f8": (8, 128256, "fp32", False), "f64": (64, 128256, "fp32", False),
+    "f64v": (64, 256000, "fp32", False), "f256": (256, 128256, "fp32", False),
+}
+DTYPE_CODE = {"fp32": 0, "bf16": 1, "fp16": 2}  # fusedlm::DType
+
+
+def load(path):
+    lib = ctypes.CDLL(path)
+    lib.ab_sample.argtypes = ([ctypes.c_int, ctypes.c_void_p] + [ctypes.c_longlong] * 3 + [ctypes.c_void_p] * 4
+                              + [ctypes.c_int, ctypes.c_int, ctypes.c_void_p])
+    lib.ab_splits.argtypes = [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_longlong] * 3 + [ctypes.c_int]
+    lib.ab_workspace_floats.argtypes = [ctypes.c_longlong, ctypes.c_int]
+    lib.ab_workspace_floats.restype = ctypes.c_longlong
+    return lib
+
+
+def time_build(directory, build, cases):
+    """One build's lines, in this process."""
+    sys.modules.setdefault("fusedlm", types.ModuleType("fusedlm"))  # (run.py's timers only)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    import torch
+    from run import graph_time, step_time
+
+    lib = load(os.path.join(directory, build + ".so"))
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    for case in cases:
+        b, v, dname, greedy = CASES[case]
+        g = torch.Generator(device="cuda").manual_seed(b * 7 + v)
+        logits = (torch.randn(b, v, device="cuda", generator=g) * 3).to(dtypes[dname])
+        tau = torch.zeros(b, device="cuda") if greedy else torch.rand(b, device="cuda", generator=g) * 1.2
+        code = DTYPE_CODE[dname]
+        splits = lib.ab_splits(code, logits.data_ptr(), b, v, v, sms)
+        workspace = torch.empty(lib.ab_workspace_floats(b, splits), device="cuda")
+        tokens = torch.empty(b, dtype=torch.long, device="cuda")
+
+        def draw(seeds):
+            err = lib.ab_sample(code, logits.data_ptr(), b, v, v, tau.data_ptr(), seeds.data_ptr(), tokens.data_ptr(),
+                                workspace.data_ptr(), splits, sms, torch.cuda.current_stream().cuda_stream)
+            if err != 0:
+                raise RuntimeError(f"{build}: ab_sample returned CUDA error {err}")
+            return tokens
+
+        seeds = torch.arange(b, device="cuda")
+        drawn = torch.stack([draw(seeds + 1000 * i).clone() for i in range(16)])
+        digest = hashlib.md5(drawn.cpu().numpy().tobytes()).hexdigest()[:8]
+        source = logits.clone()
+        step = step_time(lambda: logits.copy_(source), lambda: draw(seeds))
+        g20 = graph_time(lambda: draw(seeds), calls=20)
+        step_text = f"{step * 1e3:6.2f}" if step else "   n/a"
+        g20_text = f"{g20 * 1e3:6.2f}" if g20 else "   n/a"
+        print(f"{case:6s} {build:10s} step {step_text} us  g20 {g20_text} us  splits {splits:3d}  tokens {digest}",
+              flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dir", help="build.sh's output directory (unpacked)")
+    parser.add_argument("builds", help="comma-separated build names (DIR/NAME.so)")
+    parser.add_argument("--cases", default="b64,b8", help=f"comma-separated, of {','.join(CASES)}")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=90, help="seconds per build and round")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # (a child process)
+    args = parser.parse_args()
+    cases = args.cases.split(",")
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        parser.error(f"unknown cases {unknown}; choose from {list(CASES)}")
+    if args.one:
+        time_build(args.dir, args.builds, cases)
+        return
+    lines = []
+    for _ in range(args.rounds):
+        for build in args.builds.split(","):
+            cmd = [sys.executable, os.path.abspath(__file__), args.dir, build, "--cases", args.cases, "--one"]
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+                lines += done.stdout.splitlines()
+                if done.returncode != 0:
+                    lines.append(f"{build}: exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}")
+            except subprocess.TimeoutExpired:
+                lines.append(f"{build}: no result within {args.timeout:.0f} s (a hang?)")
+            print(*lines[-len(cases):], sep="\n", flush=True)
+    print("\nby case:")
+    print(*sorted(lines, key=lambda line: line.split()[0]), sep="\n")  # (stable: rounds stay in order)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+// A torch-free C entry to the sampling kernels, for A/B builds made on a machine without a GPU
+// (see build.sh and ab.py): tokens-only draws, a [B] float32 temperature and a [B] int64 seed
+// on the device, as bench/run.py's sampling rows call fusedlm.sample. The build puts the
+// variant's csrc/ first on the include path, so this one file compiles any variant of
+// sampling/sampling_cuda.cu with its own copies of the headers.
+#include "sampling/sampling_cuda.cu"
+
+namespace sc = fusedlm::sampling_cuda;
+
+extern "C" int ab_splits(int dtype, const void* logits, long long B, long long V, long long ld, int num_sms) {
+  return sc::sample_splits(static_cast<fusedlm::DType>(dtype), logits, ld, B, V, num_sms, sc::sm90_kernels());
+}
+
+extern "C" long long ab_workspace_floats(long long B, int splits) { return sc::sample_workspace_floats(B, splits); }
+
+// dtype: 0 float32, 1 bfloat16, 2 float16 (fusedlm::DType). Returns the cudaError_t.
+extern "C" int ab_sample(int dtype, const void* logits, long long B, long long V, long long ld, const float* tau,
+                         const long long* seeds, long long* tokens, float* workspace, int splits, int num_sms,
+                         void* stream) {
+  sc::SampleArgs a{};
+  a.dtype = static_cast<fusedlm::DType>(dtype);
+  a.logits = logits;
+  a.B = B;
+  a.V = V;
+  a.ld = ld;
+  a.temperature.values = tau;
+  a.temperature.given = true;
+  a.seed.values = reinterpret_cast<const int64_t*>(seeds);
+  a.seed.given = true;
+  a.top_p.value = 1.f;  // (the other parameters: not given, their "off" values)
+  a.splits = splits;
+  a.workspace = workspace;
+  a.tokens = reinterpret_cast<int64_t*>(tokens);
+  a.need_logprobs = false;
+  a.num_sms = num_sms;
+  a.sm90 = sc::sm90_kernels();
+  a.clusters = a.sm90;
+  return static_cast<int>(sc::sample(a, static_cast<cudaStream_t>(stream)));
+}
