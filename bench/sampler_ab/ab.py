@@ -96,6 +96,7 @@ def main():
     for _ in range(args.rounds):
         for build in args.builds.split(","):
             cmd = [sys.executable, os.path.abspath(__file__), args.dir, build, "--cases", args.cases, "--one"]
+            first = len(lines)
             try:
                 done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
                 lines += done.stdout.splitlines()
@@ -103,7 +104,7 @@ def main():
                     lines.append(f"{build}: exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}")
             except subprocess.TimeoutExpired:
                 lines.append(f"{build}: no result within {args.timeout:.0f} s (a hang?)")
-            print(*lines[-len(cases):], sep="\n", flush=True)
+            print(*lines[first:], sep="\n", flush=True)
     print("\nby case:")
     print(*sorted(lines, key=lambda line: line.split()[0]), sep="\n")  # (stable: rounds stay in order)
 
