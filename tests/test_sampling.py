@@ -47,6 +47,25 @@ def chi_square_pvalue(observed, expected):
     return torch.special.gammaincc(dof / 2, stat / 2).item()
 
 
+def assert_draws_fit(draw_tokens, probs, n, alpha=1e-3):
+    """Draws (draw_tokens(n): n token ids) never outside probs' support and a chi-square fit
+    to probs on it. Every run draws from fresh seeds, so a fit is rejected only when a second,
+    independent batch fits badly too: a false alarm then costs alpha**2 = 1e-6 a test (one
+    batch at 1e-4 failed CI by chance, p = 1e-5), while a real bias fails both batches."""
+    support = probs > 0
+    pvalues = []
+    for _ in range(2):
+        counts = torch.bincount(draw_tokens(n).cpu(), minlength=probs.numel()).double()
+        assert counts[~support].sum() == 0, "drew a token outside the (truncated) support"
+        if support.sum() < 2:
+            return
+        pvalues.append(chi_square_pvalue(counts[support], probs[support] * n))
+        if pvalues[-1] > alpha:
+            return
+    raise AssertionError(f"two independent batches of {n} draws misfit: p-values {pvalues}, "
+                         f"last counts {counts[support].tolist()}, expected {(probs[support] * n).tolist()}")
+
+
 def draw(logits_row, tau, n, **kw):
     logits = logits_row.expand(n, -1).contiguous()
     seeds = torch.randint(0, 2**62, (n,))
@@ -62,17 +81,24 @@ def draw(logits_row, tau, n, **kw):
                          ids=["none", "top_k", "top_p", "top_p_055", "top_p_03", "min_p", "all"])
 def test_empirical_distribution_matches_softmax(tau, trunc):
     logits = torch.randn(12) * 1.5
-    n = 40000
-    tokens = draw(logits, tau, n, **trunc)
-    probs = truncated_probs(logits, tau, **trunc)
-    counts = torch.bincount(tokens, minlength=12).double()
-    assert counts[probs == 0].sum() == 0, "drew a truncated token"
-    support = probs > 0
-    expected = probs[support] * n
-    observed = counts[support]
-    if support.sum() > 1:
-        pvalue = chi_square_pvalue(observed, expected)
-        assert pvalue > 1e-4, (pvalue, observed, expected)
+    assert_draws_fit(lambda n: draw(logits, tau, n, **trunc), truncated_probs(logits, tau, **trunc), 40000)
+
+
+def test_the_fit_check_rejects_a_biased_or_leaking_sampler():
+    probs = torch.softmax(torch.randn(12, dtype=torch.float64), 0)
+    probs[3] = 0.0
+    probs /= probs.sum()
+    assert_draws_fit(lambda n: torch.multinomial(probs, n, replacement=True), probs, 40000)
+    biased = probs.clone()
+    top2 = biased.topk(2).indices
+    biased[top2[0]] -= 0.03  # 3 points of mass moved: ~10 sigma at 40000 draws
+    biased[top2[1]] += 0.03
+    with pytest.raises(AssertionError, match="misfit"):
+        assert_draws_fit(lambda n: torch.multinomial(biased, n, replacement=True), probs, 40000)
+    leaking = probs.clone()
+    leaking[3] = 1e-3
+    with pytest.raises(AssertionError, match="outside"):
+        assert_draws_fit(lambda n: torch.multinomial(leaking, n, replacement=True), probs, 40000)
 
 
 # Top-p by rejection over several 64-entry tiles (round-1 draws go through the tile keys too),
@@ -82,14 +108,8 @@ def test_top_p_by_rejection_over_tiles_matches_the_truncated_softmax(top_p):
     g = torch.Generator().manual_seed(int(top_p * 100))
     logits = (torch.randn(300, generator=g) * 4).round() / 4
     logits[::7] = float("-inf")
-    n, tau = 60000, 0.7
-    tokens = draw(logits, tau, n, top_p=top_p)
-    probs = truncated_probs(logits, tau, top_p=top_p)
-    counts = torch.bincount(tokens, minlength=300).double()
-    assert counts[probs == 0].sum() == 0, "drew a token outside the top-p set"
-    support = probs > 0
-    pvalue = chi_square_pvalue(counts[support], probs[support] * n)
-    assert pvalue > 1e-4, pvalue
+    tau = 0.7
+    assert_draws_fit(lambda n: draw(logits, tau, n, top_p=top_p), truncated_probs(logits, tau, top_p=top_p), 60000)
 
 
 # The rejection rule itself: a tokens-only top-p call keeps the plain call's token (the same
