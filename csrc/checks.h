@@ -120,6 +120,14 @@ inline void check_temperatures_cpu(const at::Tensor& temperature, const char* op
   }
 }
 
+// Offsets held on the host (a device tensor is not read: a negative one is another stream).
+inline void check_offsets_cpu(const at::Tensor& offsets) {
+  for (int64_t b = 0; offsets.defined() && b < offsets.numel(); ++b) {
+    const int64_t o = offsets.const_data_ptr<int64_t>()[b];
+    TORCH_CHECK_VALUE(o >= 0, "sample: offset[", b, "] = ", o, " is negative");
+  }
+}
+
 inline void check_truncation_cpu(const at::Tensor& top_k, const at::Tensor& top_p, const at::Tensor& min_p) {
   for (int64_t b = 0; top_k.defined() && b < top_k.numel(); ++b) {
     const int64_t k = top_k.const_data_ptr<int64_t>()[b];
@@ -139,6 +147,10 @@ inline void check_temperature_logprobs_inputs(const at::Tensor& logits, const at
                                               const at::Tensor& temperatures) {
   TORCH_CHECK_VALUE(logits.dim() == 2, "temperature_logprobs: logits must be [B, V], got ",
                     logits.sizes());
+  TORCH_CHECK_VALUE(logits.size(1) > 0, "temperature_logprobs: logits must have V >= 1 columns");
+  const auto dt = logits.scalar_type();
+  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+                    "temperature_logprobs: logits must be float32, bfloat16 or float16, got ", dt);
   check_per_row(tokens, "temperature_logprobs: tokens", logits.size(0), logits);
   TORCH_CHECK_VALUE(tokens.scalar_type() == at::kLong, "temperature_logprobs: tokens must be int64");
   TORCH_CHECK_VALUE(temperatures.dim() == 1 && temperatures.scalar_type() == at::kFloat,

@@ -172,6 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cpu(
   const at::Tensor p_t = rows_cpu(optional_per_row(top_p, "sample: top_p", at::kFloat, B, logits), B);
   const at::Tensor mp_t = rows_cpu(optional_per_row(min_p, "sample: min_p", at::kFloat, B, logits), B);
   check_truncation_cpu(k_t, p_t, mp_t);
+  check_offsets_cpu(offsets);
   auto tokens = at::empty({B}, logits.options().dtype(at::kLong));
   // Log-probs only on request (else empty: two allocations less per call).
   auto logprob = at::empty({need_logprobs ? B : 0}, logits.options().dtype(at::kFloat));

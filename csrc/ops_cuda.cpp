@@ -231,10 +231,11 @@ sampling_cuda::RowParam<V> sample_param(const at::Tensor& t, V off) {
 // Values given as numbers are on the host: checked here, with the CPU op's messages (device
 // tensors are not read: their invalid rows return token 0 and NaN log-probs).
 void check_host_scalars(const at::Tensor& tau, const at::Tensor& top_k, const at::Tensor& top_p,
-                        const at::Tensor& min_p) {
+                        const at::Tensor& min_p, const at::Tensor& offsets) {
   if (is_host_scalar(tau)) check_temperatures_cpu(tau, "sample");
   auto on_host = [](const at::Tensor& t) { return t.defined() && is_host_scalar(t) ? t : at::Tensor(); };
   check_truncation_cpu(on_host(top_k), on_host(top_p), on_host(min_p));
+  check_offsets_cpu(on_host(offsets));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
@@ -253,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_cuda(
   const at::Tensor mp_t = optional_per_row(min_p, "sample: min_p", at::kFloat, B, logits);
   const at::Tensor tau = temperature.contiguous(), seeds = seed.contiguous();
   const at::Tensor offsets = optional_per_row(offset, "sample: offset", at::kLong, B, logits);
-  check_host_scalars(tau, k_t, p_t, mp_t);
+  check_host_scalars(tau, k_t, p_t, mp_t, offsets);
   auto tokens = at::empty({B}, logits.options().dtype(at::kLong));
   // Log-probs only on request (else empty: each allocation costs a few us of host time).
   auto logprob = at::empty({need_logprobs ? B : 0}, logits.options().dtype(at::kFloat));

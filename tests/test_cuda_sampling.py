@@ -5,11 +5,11 @@ import pytest
 import torch
 
 import fusedlm
-from test_sampling import (assert_draws_fit, assert_numbers_match_tensors, assert_plus_inf_rows_draw_among_them,
-                           assert_tail_noise_draws_right,
-                           assert_top_p_boundary_draws, assert_top_words_draw_right,
-                           huge_logits_case, logits_of_tiny_case, tied_maxima_counts,
-                           tiny_temperature_case, truncated_probs)
+from test_sampling import (assert_draws_fit, assert_nan_token_logprobs_are_minus_inf,
+                           assert_numbers_match_tensors, assert_plus_inf_rows_draw_among_them,
+                           assert_tail_noise_draws_right, assert_top_p_boundary_draws,
+                           assert_top_words_draw_right, huge_logits_case, logits_of_tiny_case,
+                           tied_maxima_counts, tiny_temperature_case, truncated_probs)
 
 pytestmark = pytest.mark.cuda
 DEV = "cuda"
@@ -699,3 +699,8 @@ def test_random_configurations_match_cpu():
         same = cpu[0] == tokens
         assert (~same).sum() <= max(1, int(0.002 * b)), where  # (float-rounding near-ties)
         assert_logprobs_close(cpu, gpu, same, logits, tau, 2e-3 if "top_p" in kw or "min_p" in kw else 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_nan_token_logprobs_are_minus_inf(dtype):
+    assert_nan_token_logprobs_are_minus_inf(DEV, dtype)

@@ -561,6 +561,17 @@ BAD = [
     ("complex top_p tensor", lambda l: fusedlm.sample(l, 1.0, top_p=torch.full((3,), 0.5 + 0j)), TypeError),
     ("tl complex temperatures", lambda l: fusedlm.temperature_logprobs(l, torch.tensor([0, 1, 2]),
                                                                        torch.tensor([1 + 1j])), TypeError),
+    ("tl no temperatures", lambda l: fusedlm.temperature_logprobs(l, torch.tensor([0, 1, 2]), None), TypeError),
+    ("tl bool temperatures", lambda l: fusedlm.temperature_logprobs(l, torch.tensor([0, 1, 2]), True), TypeError),
+    ("tl huge temperature", lambda l: fusedlm.temperature_logprobs(l, torch.tensor([0, 1, 2]), [10**400]), ValueError),
+    ("op tl int logits", lambda l: torch.ops.fusedlm.temperature_logprobs(l.long(), torch.tensor([0, 1, 2]),
+                                                                          torch.tensor([1.0])), ValueError),
+    ("huge tau", lambda l: fusedlm.sample(l, 10**400), ValueError),
+    ("huge top_p", lambda l: fusedlm.sample(l, 1.0, top_p=10**400), ValueError),
+    ("negative offset tensor", lambda l: fusedlm.sample(l, 1.0, seed=0, offset=torch.tensor([0, -1, 0])), ValueError),
+    ("op host offset", lambda l: torch.ops.fusedlm.sample(l, torch.tensor(1.0), torch.tensor(1), torch.tensor(-1),
+                                                          None, None, None), ValueError),
+    ("generator type", lambda l: fusedlm.sample(l, 1.0, generator=5), TypeError),
 ]
 
 
@@ -590,6 +601,55 @@ def test_loose_but_valid_arguments():
     lp = fusedlm.temperature_logprobs(logits, torch.tensor([0, 1, 2], dtype=torch.int32), 0.5)
     assert lp.shape == (3, 1) and not lp.requires_grad
     torch.testing.assert_close(lp, fusedlm.temperature_logprobs(logits, torch.tensor([0, 1, 2]), [0.5]))
+
+
+def test_parameters_that_require_grad_give_outputs_that_do_not():
+    """The ops have no gradient: a temperature (or truncation) tensor that requires grad must
+    not give outputs that require grad and then backpropagate nothing."""
+    logits = torch.randn(3, 20)
+    tau = torch.full((3,), 0.8, requires_grad=True)
+    out = fusedlm.sample(logits, tau, seed=torch.arange(3), top_p=torch.full((3,), 0.9, requires_grad=True),
+                         min_p=torch.full((3,), 0.01, requires_grad=True), return_logprobs=True)
+    assert not any(t.requires_grad for t in out)
+    taus = torch.tensor([0.5, 1.0], requires_grad=True)
+    assert not fusedlm.temperature_logprobs(logits, torch.tensor([0, 1, 2]), taus).requires_grad
+
+
+def test_truncation_values_meaning_off_draw_as_if_not_given():
+    """top_k = 0 or >= V, top_p = 1 and min_p = 0 are off: given as numbers they leave the
+    tokens of the same seed as they are (top_p alone draws by rejection; with another
+    truncation argument, even one that is off, it used to take the threshold path)."""
+    logits = torch.randn(64, 500) * 2
+    seeds = torch.arange(64) * 7919
+    for base in (dict(), dict(top_p=0.9), dict(top_k=20), dict(min_p=0.05)):
+        want = fusedlm.sample(logits, 1.0, seed=seeds, **base)
+        for off in (dict(top_k=0), dict(top_k=500), dict(top_k=10**30), dict(top_k=2**63), dict(top_p=1.0),
+                    dict(min_p=0.0)):
+            if off.keys() & base.keys():
+                continue
+            assert torch.equal(fusedlm.sample(logits, 1.0, seed=seeds, **base, **off), want), (base, off)
+
+
+def assert_nan_token_logprobs_are_minus_inf(device, dtype=torch.float32):
+    """A token whose logit is NaN has log-prob -inf at every temperature (NaN counts as -inf),
+    not NaN, which would spread through LPO's log-sum-exp over the temperatures."""
+    logits = torch.randn(4, 300) * 2
+    logits[:, 17] = math.nan
+    logits[3, 5:40] = math.nan  # also NaN entries around it
+    out = fusedlm.temperature_logprobs(logits.to(dtype).to(device), torch.full((4,), 17, device=device),
+                                       [0.0, 0.5, 1.0, 2.0]).cpu()
+    assert (out == -math.inf).all(), out
+
+
+def test_nan_token_logprobs_are_minus_inf():
+    assert_nan_token_logprobs_are_minus_inf("cpu")
+
+
+def test_temperature_logprobs_under_torch_compile_fullgraph():
+    logits = torch.randn(5, 70)
+    tokens = torch.randint(0, 70, (5,))
+    fn = torch.compile(lambda l, t: fusedlm.temperature_logprobs(l, t, [0.0, 0.5, 1.0]), fullgraph=True)
+    torch.testing.assert_close(fn(logits, tokens), fusedlm.temperature_logprobs(logits, tokens, [0.0, 0.5, 1.0]))
 
 
 # +inf logits count as the largest float in every sum: a row holding any draws uniformly among

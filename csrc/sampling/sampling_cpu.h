@@ -190,6 +190,8 @@ inline void temperature_logprobs_row(const float* l, int64_t V, int64_t token, c
     for (int64_t k = 0; k < K; ++k) out[k] = std::numeric_limits<double>::quiet_NaN();
     return;
   }
+  // A NaN token counts as -inf, as everywhere else: log p = -inf, not NaN.
+  const float token_logit = l[token] != l[token] ? -INFINITY : finite_logit(l[token]);
   std::vector<double> sums(K, 0.0);
   for (int64_t v = 0; v < V; ++v) {
     if (l[v] != l[v]) continue;  // NaN counts as -inf
@@ -201,7 +203,7 @@ inline void temperature_logprobs_row(const float* l, int64_t V, int64_t token, c
     if (!valid_temperature(taus[k])) {
       out[k] = std::numeric_limits<double>::quiet_NaN();  // (the CPU op raises first)
     } else if (taus[k] > 0) {
-      out[k] = (static_cast<double>(finite_logit(l[token])) - max_value) / taus[k] - std::log(sums[k]);
+      out[k] = (static_cast<double>(token_logit) - max_value) / taus[k] - std::log(sums[k]);
     } else {
       out[k] = (token == argmax) ? 0.0 : -std::numeric_limits<double>::infinity();
     }

@@ -2024,7 +2024,9 @@ __global__ void __launch_bounds__(kThreads) temperature_logprobs_kernel(Temperat
       if (inv_tau[k] > 0.f) sums[k] += __expf(centred * inv_tau[k]);
   });
   const int64_t token = a.tokens[row];
-  const float lt = (token >= 0 && token < a.V) ? finite_logit(load_logit(l + token)) : NAN;
+  // (an out-of-range token: NaN; a NaN logit counts as -inf, so its log-prob is -inf)
+  const float token_logit = (token >= 0 && token < a.V) ? load_logit(l + token) : 0.f;
+  const float lt = !(token >= 0 && token < a.V) ? NAN : token_logit != token_logit ? -INFINITY : finite_logit(token_logit);
 #pragma unroll
   for (int k = 0; k < kMaxK; ++k) {
     if (k >= a.K) break;

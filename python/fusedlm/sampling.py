@@ -42,11 +42,15 @@ def _per_row(value, batch: int, device, dtype, name: str, check) -> Optional[Ten
             _check_integer_tensor(value, name)
         else:
             _check_real_tensor(value, name)
+        # (detached: the ops have no gradient, so a temperature that requires grad would
+        # otherwise give outputs that require grad and backpropagate nothing)
+        value = value.detach()
         return value if value.dtype == dtype else value.to(dtype)  # (.to costs ~1 us even as a no-op)
     if not is_real_number(value):
         raise TypeError(f"{name} must be a number or a ({batch},) tensor, got {type(value).__name__}")
     check(value)
-    value = float(value) if dtype.is_floating_point else int(value)  # (numpy scalars, 50.0 as top_k)
+    # (numpy scalars; 50.0 as top_k)
+    value = _as_float(value, name) if dtype.is_floating_point else int(value)
     if torch.compiler.is_compiling():
         # In a compiled graph a CPU tensor keeps the call out of CUDA graphs (reduce-overhead),
         # and the fill is part of the graph anyway.
@@ -54,6 +58,20 @@ def _per_row(value, batch: int, device, dtype, name: str, check) -> Optional[Ten
     # One value for every row: a 0-d CPU tensor, which the op passes to its kernels by value
     # (a [B] tensor filled on the device cost a kernel per call).
     return torch.tensor(value, dtype=dtype)
+
+
+def _as_float(value, name: str) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # (an int past float's range, e.g. 10**400)
+        raise ValueError(f"{name} must be finite, got {value}") from None
+
+
+def _switched_off(value, off_when) -> bool:
+    """A number meaning "no truncation" (top_k = 0 or >= V, top_p = 1, min_p = 0): the call then
+    runs as if it were not given, so that passing it changes neither the kernel nor the draws
+    (top-p's rejection path runs only for top_p alone)."""
+    return value is not None and not isinstance(value, Tensor) and is_real_number(value) and off_when(value)
 
 
 def _check_integer_tensor(value: Tensor, name: str) -> None:
@@ -71,7 +89,7 @@ def _check_real_tensor(value: Tensor, name: str) -> None:
 
 
 def _check_temperature(t: float, name: str = "temperature") -> None:
-    if not 0 <= t < math.inf:  # also rejects NaN
+    if not 0 <= _as_float(t, name) < math.inf:  # also rejects NaN
         raise ValueError(f"{name} must be finite and >= 0 (0 = greedy), got {t}")
 
 
@@ -90,12 +108,12 @@ def _check_offset(o: int) -> None:
 
 
 def _check_top_p(p: float) -> None:
-    if not 0.0 < p <= 1.0:
+    if not 0.0 < _as_float(p, "top_p") <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] (1 = off), got {p}")
 
 
 def _check_min_p(p: float) -> None:
-    if not 0.0 <= p <= 1.0:
+    if not 0.0 <= _as_float(p, "min_p") <= 1.0:
         raise ValueError(f"min_p must be in [0, 1] (0 = off), got {p}")
 
 
@@ -160,7 +178,8 @@ def sample(
             check runs inside the kernel without a host sync: such rows return token 0 and
             NaN log-probs).
         top_k, top_p, min_p: optional truncation, scalar or ``[B]``, applied in this order to
-            the tempered distribution (``top_k=0``, ``top_p=1``, ``min_p=0`` are off). Values
+            the tempered distribution (``top_k=0`` or ``>= V``, ``top_p=1``, ``min_p=0`` are
+            off: given as numbers, the call draws as if they were not passed). Values
             outside ``top_k >= 0``, ``0 < top_p <= 1``, ``0 <= min_p <= 1`` raise
             ``ValueError``, or for CUDA tensors give such a row token 0 and NaN log-probs. Ties
             at a truncation boundary are all kept. top-p keeps the smallest set of largest
@@ -181,7 +200,9 @@ def sample(
             row's token then depends only on its logits, seed and offset, not on its batch
             position).
         offset: int in ``[0, 2^63)`` or int64 ``[B]`` tensor selecting an independent stream
-            for the same seed (e.g. the decoding step). Default 0.
+            for the same seed (e.g. the decoding step). Default 0. Negative values raise, except
+            in a CUDA tensor (not read on the host), where such a row draws from the stream of
+            ``2^64 + offset``.
         generator: a ``torch.Generator`` for the per-row seeds when ``seed`` is None.
         return_logprobs: also return the chosen token's log-prob under the processed
             (tempered, truncated) distribution and under the raw ``softmax(logits)``.
@@ -201,10 +222,18 @@ def sample(
         raise TypeError(f"return_logprobs must be a bool, got {type(return_logprobs).__name__}")
     if seed is not None and generator is not None:
         raise ValueError("pass seed or generator, not both (a seed fixes the draws by itself)")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     batch, device = logits.shape[0], logits.device
     if temperature is None:
         raise TypeError("temperature must be a number or a [B] tensor, got None")
     tau = _per_row(temperature, batch, device, torch.float32, "temperature", _check_temperature)
+    if _switched_off(top_k, lambda k: _is_whole(k) and (k == 0 or k >= logits.shape[1])):
+        top_k = None
+    if _switched_off(top_p, lambda p: p == 1):
+        top_p = None
+    if _switched_off(min_p, lambda p: p == 0):
+        min_p = None
     k = _per_row(top_k, batch, device, torch.int64, "top_k", _check_top_k)
     p = _per_row(top_p, batch, device, torch.float32, "top_p", _check_top_p)
     mp = _per_row(min_p, batch, device, torch.float32, "min_p", _check_min_p)
@@ -246,15 +275,23 @@ def temperature_logprobs(logits: Tensor, tokens: Tensor,
         temperatures = [temperatures]
     from_numbers = not isinstance(temperatures, Tensor)
     if from_numbers:
+        if not isinstance(temperatures, Sequence) or isinstance(temperatures, str):
+            raise TypeError("temperature_logprobs: temperatures must be a number, a sequence of numbers "
+                            f"or a 1-D tensor, got {type(temperatures).__name__}")
         values = list(temperatures)
         if not all(is_real_number(t) for t in values):
             raise TypeError(f"temperature_logprobs: temperatures must be numbers, got {values}")
-        temperatures = torch.tensor(values, dtype=torch.float32)
+        for t in values:  # (checked as numbers: no tensor read, so torch.compile keeps one graph)
+            _check_temperature(t, "temperature_logprobs: temperatures")
+        temperatures = torch.tensor([_as_float(t, "temperatures") for t in values], dtype=torch.float32)
     _check_real_tensor(temperatures, "temperature_logprobs: temperatures")
     if temperatures.dim() != 1 or not 1 <= temperatures.numel() <= 16:
         raise ValueError("temperature_logprobs: temperatures must hold 1 to 16 values, got shape "
                          f"{tuple(temperatures.shape)}")
-    if temperatures.device.type == "cpu":  # (a CUDA tensor is not read on the host: no sync)
+    temperatures = temperatures.detach()  # (no gradient: see the docstring)
+    if temperatures.device.type == "cpu" and not from_numbers and not torch.compiler.is_compiling():
+        # (a CUDA tensor is not read on the host: no sync; under torch.compile the CPU op checks
+        # its own tensor, for logits on the CPU)
         for t in temperatures.tolist():
             _check_temperature(t, "temperature_logprobs: temperatures")
     # (numbers: the host does not wait for the copy of the pageable tensor built here)
