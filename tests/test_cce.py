@@ -341,6 +341,14 @@ BAD_CALLS = [
     ("e not a tensor", lambda e, c, y: fusedlm.linear_cross_entropy(e.tolist(), c, y), TypeError),
     ("module option", lambda e, c, y: fusedlm.LinearCrossEntropy(foo=1), TypeError),
     ("module reduction", lambda e, c, y: fusedlm.LinearCrossEntropy(reduction="x"), ValueError),
+    # (options are checked when the module is built, not at its first call)
+    ("module softcap", lambda e, c, y: fusedlm.LinearCrossEntropy(softcap=-1.0), ValueError),
+    ("module smoothing", lambda e, c, y: fusedlm.LinearCrossEntropy(label_smoothing=2.0), ValueError),
+    ("module filter_eps", lambda e, c, y: fusedlm.LinearCrossEntropy(filter_eps="fast"), ValueError),
+    ("module shift", lambda e, c, y: fusedlm.LinearCrossEntropy(shift=2), ValueError),
+    ("module ignore_index", lambda e, c, y: fusedlm.LinearCrossEntropy(ignore_index=3.7), TypeError),
+    # (past float32's range the kernels' softcap became inf, and the loss NaN)
+    ("softcap past float32", lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y, softcap=3.5e38), ValueError),
 ]
 
 
@@ -396,6 +404,19 @@ def test_op_level_errors_for_direct_callers():
         torch.ops.fusedlm.cce_forward(e.detach(), c.detach()[:, :2], y, None, 0.0, -100)
     with pytest.raises(IndexError, match="outside"):
         torch.ops.fusedlm.cce_forward(e.detach(), c.detach(), y.clamp_min(0) + 5, None, 0.0, -100)
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_out_of_range_target_is_named_at_its_index_in_the_callers_tensor(shift):
+    """Not at its index in the flattened (and shifted) targets the kernels see."""
+    e, c, y, _ = make_inputs(dtype=torch.float32, batch=2)
+    y = y.clamp_min(0)
+    y[1, 3] = c.shape[0] + 7
+    with pytest.raises(IndexError, match=rf"targets\[1, 3\] = {c.shape[0] + 7} is outside"):
+        fusedlm.linear_cross_entropy(e, c, y, shift=shift)
+    if shift:  # a sequence's first target is never predicted: not checked, not used
+        y[1, 3], y[0, 0] = 0, -5
+        fusedlm.linear_cross_entropy(e, c, y, shift=True)
 
 
 def test_reduction_none_shapes_and_zero_at_ignored():

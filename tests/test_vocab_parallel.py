@@ -143,16 +143,16 @@ def _run_case(case, rank, world, singleton):
         leaves = (e, c, b)
     import fusedlm.parallel as parallel
 
-    check = parallel._debug_check_targets
+    check = parallel._check_targets
     if case["mode"] == "unchecked":
-        parallel._debug_check_targets = lambda *args: None
+        parallel._check_targets = lambda *args: None
     try:
         return _loss_and_grads(fn, e_in, c_in, case["y"], b_in, kw, case["g_out"],
                                case["g_lse"], leaves, autocast=case["mode"] == "autocast")
     except Exception as err:  # noqa: BLE001 - reported to the parent
         return dict(error=f"{type(err).__name__}: {err}")
     finally:
-        parallel._debug_check_targets = check
+        parallel._check_targets = check
 
 
 def _gloo_worker(rank, world, store, path):

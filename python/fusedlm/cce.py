@@ -265,24 +265,40 @@ def _check_inputs(e, c, targets, bias, reduction, softcap, label_smoothing, z_lo
         if bias.dtype != c.dtype or bias.device != c.device:
             raise TypeError(f"bias must match c ({c.dtype} on {c.device}), got {bias.dtype} on "
                             f"{bias.device}")
+    _check_options(reduction, softcap, label_smoothing, z_loss)
+
+
+def _check_options(reduction, softcap, label_smoothing, z_loss):
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    # softcap: finite and representable in float32 (smaller ones became 0 = off there)
-    if softcap is not None and not torch.finfo(torch.float32).tiny <= _number(softcap, "softcap") < math.inf:
-        raise ValueError(f"softcap must be None or a finite float > 0, got {softcap}")
+    # softcap: representable in float32, where the kernels use it (smaller ones became 0 =
+    # off there; larger ones inf, and inf * tanh(z / inf) is NaN)
+    f32 = torch.finfo(torch.float32)
+    if softcap is not None and not f32.tiny <= _number(softcap, "softcap") <= f32.max:
+        raise ValueError(f"softcap must be None or a float in [{f32.tiny:.3g}, {f32.max:.3g}], got {softcap}")
     if not 0.0 <= _number(label_smoothing, "label_smoothing") <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     if not 0.0 <= _number(z_loss, "z_loss") < math.inf:
         raise ValueError(f"z_loss must be finite and >= 0, got {z_loss}")
 
 
-def _debug_check_targets(targets: Tensor, vocab: int, ignore_index: int) -> None:
-    # Synchronous on GPUs, so only with FUSEDLM_CHECK_TARGETS=1; the CPU op always checks.
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
+def _check_targets(targets: Tensor, vocab: int, ignore_index: int, shift: bool) -> None:
+    """Targets outside [0, V) that are not ignore_index, reported at their index in the
+    caller's tensor (not the flattened, shifted one the kernels see). With shift the first
+    position of every sequence is never a target. Synchronous on GPUs, so there only with
+    FUSEDLM_CHECK_TARGETS=1; on CPUs always (the CPU op checks again, by flat index)."""
+    used = targets[..., 1:] if shift else targets
+    bad = (used != ignore_index) & ((used < 0) | (used >= vocab))
     if bool(bad.any()):
-        idx = int(bad.nonzero()[0, 0])
-        raise IndexError(f"targets[{idx}] = {int(targets[idx])} is outside [0, V={vocab}) and "
-                         f"is not ignore_index ({ignore_index})")
+        idx = [int(i) for i in bad.nonzero()[0]]
+        if shift:
+            idx[-1] += 1
+        raise IndexError(f"targets[{', '.join(map(str, idx))}] = {int(targets[tuple(idx)])} is outside "
+                         f"[0, V={vocab}) and is not ignore_index ({ignore_index})")
+
+
+def _should_check_targets(targets: Tensor) -> bool:
+    return targets.device.type == "cpu" or os.environ.get("FUSEDLM_CHECK_TARGETS", "0") == "1"
 
 
 def _check_shift(shift) -> bool:
@@ -343,7 +359,12 @@ def linear_cross_entropy(
             also records each row's largest logit per 256-wide vocabulary tile (``N *
             V / 256`` floats until the backward) so that skipped tiles are not even
             recomputed. With label smoothing and a softcap together filtering is turned off
-            (the smoothing term is dense).
+            (the smoothing term is dense). The skipped entries add up where the softmax is
+            flat: with most of V below the threshold (e.g. at initialisation, or a 32k
+            vocabulary at logits of scale ~1) ``"auto"`` drops most of dE's softmax term and
+            leaves non-target rows of dC near zero; a CPU run measured 10x bf16 PyTorch's
+            gradient error at V = 8192 (random e, c). It is meant for trained models, whose
+            softmax is peaked (as in apple's CCE); pass ``None`` where exact gradients matter.
         accum_fp32: CUDA only: accumulate ``dE`` across vocabulary chunks in float32
             (``dC`` always accumulates in float32 registers). The CPU accumulates in float32
             (float64 for float64 inputs) always.
@@ -382,14 +403,15 @@ def linear_cross_entropy(
     e, c, bias = _autocast_operands(e, c, targets, bias)
     _check_inputs(e, c, targets, bias, reduction, softcap, label_smoothing, z_loss)
     batch_shape = e.shape[:-1]
+    if shift and e.dim() < 2:
+        raise ValueError(f"shift=True needs e of shape (..., T, D), got {tuple(e.shape)}")
+    # (not under torch.compile: data-dependent; the CPU op still checks, by flat index)
+    if not torch.compiler.is_compiling() and _should_check_targets(targets):
+        _check_targets(targets, c.shape[0], ignore_index, shift)
     if shift:
-        if e.dim() < 2:
-            raise ValueError(f"shift=True needs e of shape (..., T, D), got {tuple(e.shape)}")
         targets = _shift_targets(targets, ignore_index)
     e2 = e.reshape(-1, e.shape[-1])
     y = targets.reshape(-1).to(torch.int64)
-    if y.device.type != "cpu" and os.environ.get("FUSEDLM_CHECK_TARGETS", "0") == "1":
-        _debug_check_targets(y, c.shape[0], ignore_index)
 
     lse, target_logit, logit_sum = cce_statistics(
         e2, c, y, bias, softcap=softcap, ignore_index=ignore_index, filter_eps=filter_eps,
@@ -441,8 +463,12 @@ class LinearCrossEntropy(torch.nn.Module):
         unknown = sorted(set(options) - set(known))
         if unknown:
             raise TypeError(f"LinearCrossEntropy: unknown options {unknown}; known: {known}")
-        if options.get("reduction", "mean") not in _REDUCTIONS:
-            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {options['reduction']!r}")
+        # (checked here, not at the first call)
+        _check_options(options.get("reduction", "mean"), options.get("softcap"),
+                       options.get("label_smoothing", 0.0), options.get("z_loss", 0.0))
+        _check_ignore_index(options.get("ignore_index", -100))
+        _check_shift(options.get("shift", False))
+        resolve_filter_eps(options.get("filter_eps", "auto"), torch.float32)
         self.options = options
 
     def forward(self, e: Tensor, c: Tensor, targets: Tensor, bias: Optional[Tensor] = None):

@@ -62,15 +62,14 @@ full classifier: ``tests/test_vocab_parallel.py``. See ``docs/integrations.md``.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .cce import (_autocast_operands, _check_inputs, _debug_check_targets, _shift_targets, cce_statistics,
-                  linear_cross_entropy, loss_from_statistics)
+from .cce import (_autocast_operands, _check_inputs, _check_targets, _shift_targets, _should_check_targets,
+                  cce_statistics, linear_cross_entropy, loss_from_statistics)
 
 __all__ = ["vocab_parallel_linear_cross_entropy", "vocab_shard_range", "shard_vocab"]
 
@@ -271,15 +270,14 @@ def vocab_parallel_linear_cross_entropy(
         v_total_int = int(vocab_size)
 
     batch_shape = e.shape[:-1]
+    # Out-of-range targets would silently count as "owned by nobody": check them on CPUs
+    # (free) and on GPUs with FUSEDLM_CHECK_TARGETS=1 (synchronises), as the local op does.
+    if _should_check_targets(targets):
+        _check_targets(targets, v_total_int if v_total_int is not None else int(v_total), ignore_index, shift)
     if shift:
         targets = _shift_targets(targets, ignore_index)
     e2 = e.reshape(-1, e.shape[-1])
     y = targets.reshape(-1).to(torch.int64)
-    # Out-of-range targets would silently count as "owned by nobody": check them on CPUs
-    # (free) and on GPUs with FUSEDLM_CHECK_TARGETS=1 (synchronises), as the local op does.
-    if y.device.type == "cpu" or os.environ.get("FUSEDLM_CHECK_TARGETS", "0") == "1":
-        _debug_check_targets(y, v_total_int if v_total_int is not None else int(v_total),
-                             ignore_index)
 
     # Local targets: ids owned by this rank -> local row, everything else -> -1, a local
     # "ignore" that cannot collide with a row (the user's ignore_index may be >= 0).
