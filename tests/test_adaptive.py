@@ -10,6 +10,7 @@ import torch
 import fusedlm
 from fusedlm.adaptive import (AdaptiveDecoder, LPOConfig, LPOTrainer, evaluate_rewards, generate,
                               left_pad, lpo_loss)
+from fusedlm.adaptive.lpo import FORMS
 
 transformers = pytest.importorskip("transformers")
 
@@ -455,6 +456,74 @@ def test_lpo_loss_refuses_missing_temperatures_and_bad_reduction():
     lpo_loss(head, chosen, rejected)
     with pytest.raises(ValueError, match="reduction"):
         lpo_loss(head, chosen, rejected, form="nll", reduction="avg")
+
+
+def test_lpo_loss_refuses_what_would_broadcast_or_train_nothing():
+    """Inputs that used to give a loss without an error: a beta <= 0 (log 2 and no gradient,
+    or the preference reversed), chosen / rejected / reference rows that broadcast, a
+    temperature table of another K (a constant loss), a level typo (read as token level) and
+    an empty batch (NaN)."""
+    gen = torch.Generator().manual_seed(0)
+    head = random_head("sequence", d=8)
+    c, r = _side(3, 4, 8, 6, "sequence", gen), _side(3, 4, 8, 6, "sequence", gen)
+    for side in (c, r):
+        side["temperature_logprobs"] = torch.randn(3, 4, 6, generator=gen).clamp(max=0)
+    for form in FORMS:
+        lpo_loss(head, c, r, form=form)  # valid
+    for beta in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="beta"):
+            lpo_loss(head, c, r, beta=beta)
+    one_row = {k: v[:1] for k, v in c.items()}
+    for form in FORMS:
+        with pytest.raises(ValueError, match="rows"):
+            lpo_loss(head, one_row, r, form=form)
+    with pytest.raises(ValueError, match="temperature_logprobs"):
+        lpo_loss(head, c, dict(r, temperature_logprobs=r["temperature_logprobs"][..., :1]), form="latent")
+    with pytest.raises(ValueError, match="reference"):
+        lpo_loss(head, c, r, form="latent", reference=(torch.zeros(1), torch.zeros(1)))
+    with pytest.raises(ValueError, match="level"):
+        lpo_loss(head, c, r, level="seq")
+    empty = {k: v[:0] for k, v in c.items()}
+    with pytest.raises(ValueError, match="no preference pairs"):
+        lpo_loss(head, empty, empty)
+
+
+def test_masked_positions_do_not_reach_the_separate_loss():
+    gen = torch.Generator().manual_seed(0)
+    head = random_head("token", d=8)
+    c, r = _side(3, 4, 8, 6, "token", gen), _side(3, 4, 8, 6, "token", gen)
+    c["response_mask"][:, -1] = False
+    want = lpo_loss(head, c, r, reduction="none")
+    c["hidden_states"][:, -1] = math.inf  # (masked by multiplying, inf * 0 was NaN)
+    torch.testing.assert_close(lpo_loss(head, c, r, reduction="none"), want)
+
+
+def test_head_and_trainer_refuse_settings_that_fail_later_or_train_nothing():
+    for temps in ([0.0, math.inf], [0.5, 0.5], [], [-1.0]):
+        with pytest.raises(ValueError, match="temperatures"):
+            AdaptiveDecoder(8, temps)
+    for kw in (dict(hidden_size=0), dict(mlp_hidden=0)):
+        with pytest.raises(ValueError, match="must be >= 1"):
+            AdaptiveDecoder(**{"hidden_size": 8, **kw})
+    for kw in (dict(beta=0.0), dict(beta=-1.0), dict(batch_size=0), dict(epochs=0), dict(rounds=0),
+               dict(gen_batch_size=0), dict(max_new_tokens=0)):
+        with pytest.raises(ValueError):
+            LPOConfig(**kw)
+    head17 = AdaptiveDecoder(32, [0.1 * i for i in range(17)], mlp_hidden=8)
+    with pytest.raises(ValueError, match="at most 16"):
+        LPOTrainer(tiny_llama(), head17, lambda p, rs: [0.0] * len(rs), LPOConfig(loss="latent"))
+
+
+@pytest.mark.parametrize("args", [["--beta", "0"], ["--temperatures", "0,abc"], ["--temperatures", "1,-1"],
+                                  ["--num-samples", "1"], ["--batch-size", "0"], ["--epochs", "0"],
+                                  ["--reward", "exact"], ["--dtype", "float16"],
+                                  ["--loss", "latent", "--temperatures", ",".join(str(i) for i in range(17))]])
+def test_cli_refuses_bad_settings_before_loading_the_model(args, capsys):
+    from fusedlm.adaptive.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "demo", *args])  # (--model demo would pre-train its LM first)
+    assert exit_info.value.code == 2 and "error" in capsys.readouterr().err
 
 
 def test_trainer_refuses_latent_loss_with_truncation_and_nan_rewards():

@@ -1,4 +1,4 @@
-"""Command line: ``python -m fusedlm {info,demo}``."""
+"""Command line: ``python -m fusedlm {info,demo,lpo}``."""
 import sys
 
 import torch
@@ -19,9 +19,19 @@ def info() -> int:
     return 0
 
 
+def _info_command(rest) -> int:
+    if rest in (["-h"], ["--help"]):
+        print("usage: python -m fusedlm info\n  what was built and which device is visible")
+        return 0
+    if rest:
+        print(f"python -m fusedlm info takes no arguments, got {rest}")
+        return 2
+    return info()
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    commands = {"info": lambda rest: info(), "demo": None, "lpo": None}
+    commands = {"info": _info_command, "demo": None, "lpo": None}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print("usage: python -m fusedlm {info,demo,lpo} [options]\n"
               "  info   what was built and which device is visible\n"

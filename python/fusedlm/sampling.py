@@ -25,6 +25,7 @@ from ._ops import ops
 __all__ = ["sample", "temperature_logprobs"]
 
 _SEED_HIGH = 2**62
+MAX_TEMPERATURE_LOGPROBS = 16  # temperatures per temperature_logprobs call (the kernels' K)
 
 
 def _per_row(value, batch: int, device, dtype, name: str, check) -> Optional[Tensor]:
@@ -285,9 +286,9 @@ def temperature_logprobs(logits: Tensor, tokens: Tensor,
             _check_temperature(t, "temperature_logprobs: temperatures")
         temperatures = torch.tensor([_as_float(t, "temperatures") for t in values], dtype=torch.float32)
     _check_real_tensor(temperatures, "temperature_logprobs: temperatures")
-    if temperatures.dim() != 1 or not 1 <= temperatures.numel() <= 16:
-        raise ValueError("temperature_logprobs: temperatures must hold 1 to 16 values, got shape "
-                         f"{tuple(temperatures.shape)}")
+    if temperatures.dim() != 1 or not 1 <= temperatures.numel() <= MAX_TEMPERATURE_LOGPROBS:
+        raise ValueError(f"temperature_logprobs: temperatures must hold 1 to {MAX_TEMPERATURE_LOGPROBS} "
+                         f"values, got shape {tuple(temperatures.shape)}")
     temperatures = temperatures.detach()  # (no gradient: see the docstring)
     if temperatures.device.type == "cpu" and not from_numbers and not torch.compiler.is_compiling():
         # (a CUDA tensor is not read on the host: no sync; under torch.compile the CPU op checks

@@ -33,9 +33,43 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
+from ..sampling import MAX_TEMPERATURE_LOGPROBS
 from .head import AdaptiveDecoder, DEFAULT_TEMPERATURES
 from .lpo import FORMS
 from .trainer import LPOConfig, LPOTrainer, evaluate_rewards
+
+
+def _temperatures(text: str) -> List[float]:
+    """--temperatures: comma-separated, distinct, finite and >= 0 (an argparse error, before
+    the model loads)."""
+    try:
+        temps = [float(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
+    if any(not 0 <= t < float("inf") for t in temps) or len(set(temps)) != len(temps):
+        raise argparse.ArgumentTypeError(f"temperatures must be distinct, finite and >= 0, got {text!r}")
+    return temps
+
+
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+# Options read only for a Hugging Face model: with --model demo (its own task, reward, stop
+# token and float32 LM) they are refused, not ignored.
+HF_ONLY = ("prompts", "eval_prompts", "reward", "chat", "eos_token_id", "dtype")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,27 +79,27 @@ def _parser() -> argparse.ArgumentParser:
                    help="Hugging Face model directory (loaded offline), or 'demo'")
     p.add_argument("--prompts", help="JSONL training prompts (not needed with --model demo)")
     p.add_argument("--eval-prompts", help="JSONL prompts to report the reward on before/after")
-    p.add_argument("--reward", default="exact",
+    p.add_argument("--reward", default=None,
                    help="exact | contains | unique | pkg.module:function (default: exact)")
     p.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
     p.add_argument("--level", choices=["sequence", "token"], default="sequence")
     p.add_argument("--loss", choices=list(FORMS), default="separate",
                    help="separate = Eq. 10 (default), latent = Eq. 11, nll = ablation")
-    p.add_argument("--temperatures", default=",".join(f"{t:g}" for t in DEFAULT_TEMPERATURES))
+    p.add_argument("--temperatures", type=_temperatures, default=list(DEFAULT_TEMPERATURES))
     p.add_argument("--mlp-hidden", type=int, default=None,
                    help="head MLP width (default 2048 as in the paper; 128 with --model demo)")
-    p.add_argument("--num-layers", type=int, default=3)
-    p.add_argument("--num-samples", type=int, default=None,
+    p.add_argument("--num-layers", type=_at_least(1), default=3)
+    p.add_argument("--num-samples", type=_at_least(2), default=None,
                    help="N replies per prompt (default 16 as in the paper; 8 with --model demo)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
+    p.add_argument("--max-new-tokens", type=_at_least(1), default=None,
                    help="default 256 (4 with --model demo)")
     p.add_argument("--eos-token-id", type=int, action="append",
                    help="stop token (repeatable); default: the model's generation config")
-    p.add_argument("--beta", type=float, default=1.0)
-    p.add_argument("--rounds", type=int, default=1)
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=32, help="pairs per optimizer step")
-    p.add_argument("--gen-batch-size", type=int, default=256, help="rows per generate() call")
+    p.add_argument("--beta", type=_positive_float, default=1.0)
+    p.add_argument("--rounds", type=_at_least(1), default=1)
+    p.add_argument("--epochs", type=_at_least(1), default=4)
+    p.add_argument("--batch-size", type=_at_least(1), default=32, help="pairs per optimizer step")
+    p.add_argument("--gen-batch-size", type=_at_least(1), default=256, help="rows per generate() call")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
@@ -154,13 +188,21 @@ def _load_hf(path: str, device, dtype):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.model == "demo":
+        given = [f"--{name.replace('_', '-')}" for name in HF_ONLY
+                 if getattr(args, name) not in (None, False)]
+        if given:
+            parser.error(f"{', '.join(given)}: not used with --model demo (its task sets them)")
+    if args.loss == "latent" and len(args.temperatures) > MAX_TEMPERATURE_LOGPROBS:
+        parser.error(f"--loss latent supports at most {MAX_TEMPERATURE_LOGPROBS} temperatures")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(
         args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    temperatures = [float(t) for t in args.temperatures.split(",")]
+    temperatures = args.temperatures
     eos: Any = args.eos_token_id if args.eos_token_id else "config"
     pad = None
     if args.model == "demo":
@@ -184,7 +226,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         model, tokenizer = _load_hf(args.model, device, dtype)
         train = _tokenize(read_jsonl(args.prompts), tokenizer, args.chat)
         evals = _tokenize(read_jsonl(args.eval_prompts), tokenizer, args.chat) if args.eval_prompts else None
-        reward = make_reward(args.reward, tokenizer)
+        reward = make_reward(args.reward or "exact", tokenizer)
         if tokenizer is not None and tokenizer.pad_token_id is not None:
             pad = tokenizer.pad_token_id
         defaults = dict(max_new_tokens=256, num_samples=16, mlp_hidden=2048)

@@ -151,7 +151,8 @@ def generate(
         top_k, top_p, min_p: passed to :func:`fusedlm.sample`.
         seed: int, int64 ``[B]`` tensor (per-row streams, independent of batch position) or
             None (drawn from torch's generator). The token at step ``t`` uses Philox
-            ``(seed_b, offset=t)``; the head's tau draws use a generator seeded from ``seed``.
+            ``(seed_b, offset=t)``; the head's tau draws (``tau_mode="sample"``) use the same
+            row seeds at offset ``2^62 + t``, an independent stream.
         eos_check_every: steps between the (only) host syncs that test whether all rows hit EOS.
         output_hidden_states: also return the ``[B, n, D]`` hidden states the head read
             (needed by LPO to recompute ``log P(tau | h)`` with gradients).

@@ -3,6 +3,7 @@ categorical distribution over a fixed set of temperatures (Dhuliawala et al., 20
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional, Sequence, Tuple, Union
 
@@ -45,10 +46,14 @@ class AdaptiveDecoder(nn.Module):
         if level not in LEVELS:
             raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
         temps = [float(t) for t in temperatures]
-        if len(temps) < 1 or any(not t >= 0 for t in temps):
-            raise ValueError(f"temperatures must be a non-empty list of values >= 0, got {temps}")
+        if len(temps) < 1 or any(not 0 <= t < math.inf for t in temps):
+            raise ValueError(f"temperatures must be a non-empty list of finite values >= 0, got {temps}")
+        if len(set(temps)) != len(temps):  # (two equal choices split one choice's probability)
+            raise ValueError(f"temperatures must be distinct, got {temps}")
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if hidden_size < 1 or (num_layers > 1 and mlp_hidden < 1):
+            raise ValueError(f"hidden_size and mlp_hidden must be >= 1, got {hidden_size} and {mlp_hidden}")
         self.hidden_size = int(hidden_size)
         self.level = level
         self.mlp_hidden = int(mlp_hidden)

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._checks import is_real_number
 from .head import AdaptiveDecoder, LEVELS
 
 __all__ = ["lpo_loss", "dpo_loss", "tau_sequence_logprob", "latent_sequence_logprob", "FORMS"]
@@ -42,6 +43,46 @@ def _get(side: Any, name: str, required: bool = True):
     if value is None and required:
         raise ValueError(f"LPO input is missing {name!r}")
     return value
+
+
+def check_beta(beta) -> float:
+    """DPO's beta must be finite and > 0: 0 gives a constant loss (log 2, no gradient) and a
+    negative beta reverses the preference, both without an error otherwise."""
+    if not is_real_number(beta) or not 0 < float(beta) < math.inf:
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    return float(beta)
+
+
+def _check_level(level) -> str:
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+    return level
+
+
+def _check_pairs(head, form, chosen, rejected, reference) -> None:
+    """Row counts and shapes that would otherwise broadcast into a wrong loss."""
+    pairs = None
+    for side_name, side in (("chosen", chosen), ("rejected", rejected)):
+        hidden, mask = _get(side, "hidden_states"), _get(side, "response_mask")
+        names = ["tau_index"] if form in ("separate", "nll") else ["temperature_logprobs"]
+        if hidden.dim() != 3 or mask.dim() != 2 or mask.shape[0] != hidden.shape[0]:
+            raise ValueError(f"{side_name}: hidden_states must be [P, n, D] and response_mask [P, n_tok] "
+                             f"with the same P, got {tuple(hidden.shape)} and {tuple(mask.shape)}")
+        if pairs is None:
+            pairs = hidden.shape[0]
+        elif hidden.shape[0] != pairs:
+            raise ValueError(f"chosen has {pairs} rows but rejected has {hidden.shape[0]}: one row per pair")
+        for name in names:
+            t = _get(side, name)
+            # tau_index: response_mask's shape; the log-prob table: and one column per temperature
+            want = tuple(mask.shape) + ((head.num_temperatures,) if name == "temperature_logprobs" else ())
+            if tuple(t.shape) != want:
+                raise ValueError(f"{side_name}: {name} must have shape {want}, got {tuple(t.shape)}")
+    if pairs == 0:
+        raise ValueError("no preference pairs (P = 0): the mean loss would be NaN")
+    if isinstance(reference, tuple):
+        if len(reference) != 2 or any(not isinstance(r, Tensor) or r.shape != (pairs,) for r in reference):
+            raise ValueError(f"reference must be a head or two [P] = [{pairs}] tensors (chosen, rejected)")
 
 
 def _head_logp(head: Optional[AdaptiveDecoder], hidden: Tensor, k: int) -> Tensor:
@@ -58,7 +99,7 @@ def tau_sequence_logprob(head: AdaptiveDecoder, hidden: Tensor, tau_index: Tenso
     ``hidden`` ``[B, n, D]`` (sequence level reads ``hidden[:, 0]``, the last prompt token),
     ``tau_index`` ``[B, n]`` indices into ``head.temperatures``, ``response_mask`` ``[B, n]``.
     """
-    level = level or head.level
+    level = _check_level(level or head.level)
     # An index < 0 marks a step without a head temperature (after EOS, or a fixed-temperature
     # generation): inside the reply it would be read as index 0. (A host sync.)
     if bool(((tau_index < 0) & response_mask.bool()).any()):
@@ -68,8 +109,8 @@ def tau_sequence_logprob(head: AdaptiveDecoder, hidden: Tensor, tau_index: Tenso
         logp = head.log_probs(hidden[:, 0])
         return logp.gather(-1, tau_index[:, :1].clamp(min=0))[:, 0]
     logp = head.log_probs(hidden).gather(-1, tau_index.clamp(min=0)[..., None])[..., 0]
-    mask = response_mask.to(logp.dtype)
-    total = (logp * mask).sum(-1)
+    mask = response_mask.bool()
+    total = torch.where(mask, logp, torch.zeros_like(logp)).sum(-1)  # (not * mask: inf * 0 = NaN)
     return total / mask.sum(-1).clamp(min=1) if length_normalize else total
 
 
@@ -100,6 +141,14 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Optiona
              ref_rejected: Optional[Tensor] = None, beta: float = 1.0,
              reduction: str = "mean") -> Tensor:
     """``-log sigmoid(beta * [(pc - rc) - (pr - rr)])`` (references default to 0)."""
+    beta = check_beta(beta)
+    if (ref_chosen is None) != (ref_rejected is None):
+        raise ValueError("dpo_loss: pass both references or neither")
+    shapes = {tuple(t.shape) for t in (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+              if t is not None}
+    if len(shapes) > 1:  # (they would broadcast)
+        raise ValueError(f"dpo_loss: the log-likelihoods must share one shape (one entry per pair), "
+                         f"got {sorted(shapes)}")
     margin = policy_chosen - policy_rejected
     if ref_chosen is not None:
         margin = margin - (ref_chosen - ref_rejected)
@@ -138,7 +187,9 @@ def lpo_loss(head: AdaptiveDecoder, chosen, rejected, *, form: str = "separate",
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be mean, sum or none, got {reduction!r}")
-    level = level or head.level
+    check_beta(beta)
+    level = _check_level(level or head.level)
+    _check_pairs(head, form, chosen, rejected, reference)
     # (detached: only the head trains, also when the hidden states carry the LM's graph)
     hc, hr = _get(chosen, "hidden_states").detach(), _get(rejected, "hidden_states").detach()
     mc, mr = _get(chosen, "response_mask").bool(), _get(rejected, "response_mask").bool()

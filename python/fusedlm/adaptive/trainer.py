@@ -14,9 +14,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..sampling import MAX_TEMPERATURE_LOGPROBS
 from .generation import generate, left_pad
 from .head import AdaptiveDecoder
-from .lpo import FORMS, lpo_loss
+from .lpo import FORMS, check_beta, lpo_loss
 
 __all__ = ["LPOConfig", "LPOTrainer", "PreferencePairs", "evaluate_rewards", "prompt_ids"]
 
@@ -71,6 +72,10 @@ class LPOConfig:
             raise ValueError(f"loss must be one of {FORMS}, got {self.loss!r}")
         if self.num_samples < 2:
             raise ValueError("num_samples must be >= 2 (a pair needs two responses)")
+        check_beta(self.beta)
+        for name in ("max_new_tokens", "rounds", "epochs", "batch_size", "gen_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.loss == "latent" and (self.top_k, self.top_p, self.min_p) != (None, None, None):
             # Eq. 11 marginalises log p(y_t | tau_k) of the full tempered softmax
             # (fusedlm.temperature_logprobs); with truncation the replies came from another
@@ -207,6 +212,10 @@ class LPOTrainer:
         self.head = head
         self.reward_fn = reward_fn
         self.config = config or LPOConfig()
+        if self.config.loss == "latent" and head.num_temperatures > MAX_TEMPERATURE_LOGPROBS:
+            # (fusedlm.temperature_logprobs takes at most 16: fail here, not after the first generation)
+            raise ValueError(f"loss='latent' supports at most {MAX_TEMPERATURE_LOGPROBS} temperatures, "
+                             f"the head has {head.num_temperatures}")
         # (The LM is left as it is: replies are generated without gradients and in eval mode,
         # and the losses detach its hidden states, so only the head trains.)
         self.device = _device_of(model)
