@@ -601,6 +601,8 @@ def test_loose_but_valid_arguments():
     lp = fusedlm.temperature_logprobs(logits, torch.tensor([0, 1, 2], dtype=torch.int32), 0.5)
     assert lp.shape == (3, 1) and not lp.requires_grad
     torch.testing.assert_close(lp, fusedlm.temperature_logprobs(logits, torch.tensor([0, 1, 2]), [0.5]))
+    np = pytest.importorskip("numpy")
+    torch.testing.assert_close(fusedlm.temperature_logprobs(logits, torch.tensor([0, 1, 2]), np.array([0.5])), lp)
 
 
 def test_parameters_that_require_grad_give_outputs_that_do_not():

@@ -2025,8 +2025,9 @@ __global__ void __launch_bounds__(kThreads) temperature_logprobs_kernel(Temperat
   });
   const int64_t token = a.tokens[row];
   // (an out-of-range token: NaN; a NaN logit counts as -inf, so its log-prob is -inf)
-  const float token_logit = (token >= 0 && token < a.V) ? load_logit(l + token) : 0.f;
-  const float lt = !(token >= 0 && token < a.V) ? NAN : token_logit != token_logit ? -INFINITY : finite_logit(token_logit);
+  const bool in_range = token >= 0 && token < a.V;
+  const float token_logit = in_range ? load_logit(l + token) : 0.f;
+  const float lt = !in_range ? NAN : token_logit != token_logit ? -INFINITY : finite_logit(token_logit);
 #pragma unroll
   for (int k = 0; k < kMaxK; ++k) {
     if (k >= a.K) break;

@@ -276,10 +276,11 @@ def temperature_logprobs(logits: Tensor, tokens: Tensor,
         temperatures = [temperatures]
     from_numbers = not isinstance(temperatures, Tensor)
     if from_numbers:
-        if not isinstance(temperatures, Sequence) or isinstance(temperatures, str):
+        try:
+            values = list(temperatures)  # (a list, a tuple, a numpy array, ...)
+        except TypeError:
             raise TypeError("temperature_logprobs: temperatures must be a number, a sequence of numbers "
-                            f"or a 1-D tensor, got {type(temperatures).__name__}")
-        values = list(temperatures)
+                            f"or a 1-D tensor, got {type(temperatures).__name__}") from None
         if not all(is_real_number(t) for t in values):
             raise TypeError(f"temperature_logprobs: temperatures must be numbers, got {values}")
         for t in values:  # (checked as numbers: no tensor read, so torch.compile keeps one graph)
