@@ -403,6 +403,202 @@ def test_refuses_what_it_would_get_wrong():
         patch(torch.compile(make_model("llama")))
 
 
+def _jetmoe():
+    return transformers.JetMoeForCausalLM(transformers.JetMoeConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_key_value_heads=2,
+        kv_channels=8, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
+        aux_loss_coef=0.5))
+
+
+def _qwen3_vl_moe():
+    text = dict(COMMON, num_hidden_layers=1, head_dim=8, moe_intermediate_size=16, num_experts=4,
+                num_experts_per_tok=2, router_aux_loss_coef=0.5, output_router_logits=True,
+                decoder_sparse_step=1, rope_scaling={"rope_type": "default", "mrope_section": [1, 1, 2]})
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=32,
+                  patch_size=4, spatial_merge_size=2, temporal_patch_size=1, deepstack_visual_indexes=[0])
+    return transformers.Qwen3VLMoeForConditionalGeneration(transformers.Qwen3VLMoeConfig(
+        text_config=text, vision_config=vision, image_token_id=V - 1, video_token_id=V - 2,
+        vision_start_token_id=V - 3))
+
+
+@pytest.mark.parametrize("build", [_jetmoe, _qwen3_vl_moe])
+def test_router_aux_loss_with_the_forwards_own_coefficient(build):
+    # JetMoE weighs its router aux loss by self.aux_loss_coef, Qwen3-VL-MoE (Glm4vMoe, ...) by
+    # self.config.text_config.router_aux_loss_coef: only model.router_aux_loss_coef was added.
+    model = build().eval()
+    ids, labels = make_batch()
+    ids.clamp_(max=V - 4)  # (no image / video tokens)
+    labels = torch.where(labels < 0, labels, ids)
+    ref, ref_grads = loss_and_grads(model, input_ids=ids, labels=labels)
+    ref_tuple = model(input_ids=ids, labels=labels, return_dict=False)[0]
+    assert float(ref.aux_loss.detach()) > 0
+    patch(model, filter_eps=None)
+    out, grads = loss_and_grads(model, input_ids=ids, labels=labels)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    assert_grads_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
+    got_tuple = model(input_ids=ids, labels=labels, return_dict=False)[0]
+    torch.testing.assert_close(got_tuple, ref_tuple, rtol=1e-5, atol=1e-6)
+
+
+def test_bamba_z_loss_is_reproduced():
+    # BambaForCausalLM adds z_loss_coefficient * mean(logsumexp(logits)^2) over every position
+    # (ignored ones too) when labels are given; the patched loss had dropped it.
+    cfg = transformers.BambaConfig(**COMMON, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1,
+                                   mamba_d_state=8, mamba_chunk_size=8, attn_layer_indices=[1],
+                                   z_loss_coefficient=0.1)
+    model = transformers.BambaForCausalLM(cfg).eval()
+    ids, labels = make_batch()
+    n = torch.tensor(11)
+    ref, ref_grads = loss_and_grads(model, input_ids=ids, labels=labels, use_cache=False)
+    ref_n = model(input_ids=ids, labels=labels, use_cache=False, num_items_in_batch=n).loss
+    patch(model, filter_eps=None)
+    out, grads = loss_and_grads(model, input_ids=ids, labels=labels, use_cache=False)
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    assert_grads_close(grads, ref_grads, rtol=1e-4, atol=1e-6)
+    out_n = model(input_ids=ids, labels=labels, use_cache=False, num_items_in_batch=n)
+    torch.testing.assert_close(out_n.loss, ref_n, rtol=1e-5, atol=1e-6)
+
+
+class _RouterLoss(transformers.LlamaForCausalLM):
+    """Adds a loss term that needs no labels, as GraniteDocling does."""
+
+    def forward(self, input_ids=None, labels=None, router_labels=None, return_dict=True, **kwargs):
+        logits = self.lm_head(self.model(input_ids=input_ids).last_hidden_state)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+        if router_labels is not None:  # (also computed without labels)
+            router_loss = (self.model.embed_tokens.weight.mean() - router_labels).square()
+            loss = router_loss if loss is None else loss + router_loss
+        out = transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+        return out if return_dict else out.to_tuple()
+
+
+def test_extra_loss_terms_are_added_or_refused():
+    model = _RouterLoss(transformers.LlamaConfig(**COMMON)).eval()
+    ids, labels = make_batch()
+    router_labels = torch.tensor(0.5)
+    ref = model(input_ids=ids, labels=labels, router_labels=router_labels).loss
+    patch(model, filter_eps=None)
+    for return_dict in (True, False):
+        got = model(input_ids=ids, labels=labels, router_labels=router_labels, return_dict=return_dict)
+        torch.testing.assert_close(got.loss if return_dict else got[0], ref, rtol=1e-5, atol=1e-6)
+
+    # Terms it does not know are refused, not dropped (the label-free forward never adds them).
+    class ZLoss(transformers.LlamaForCausalLM):
+        def forward(self, input_ids=None, labels=None, **kwargs):
+            logits = self.lm_head(self.model(input_ids=input_ids).last_hidden_state)
+            loss = None
+            if labels is not None:
+                loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+                loss = loss + 0.1 * logits.logsumexp(-1).mean()  # not Bamba's z-loss
+            return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    class LocalCoefficient(transformers.LlamaForCausalLM):
+        def forward(self, input_ids=None, labels=None, **kwargs):
+            out = self.model(input_ids=input_ids)
+            logits = self.lm_head(out.last_hidden_state)
+            loss = None
+            coef = 0.1 * len(out)
+            aux_loss = out.last_hidden_state.square().mean()
+            if labels is not None:
+                loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+                loss += coef * aux_loss  # a coefficient it cannot find
+            return transformers.modeling_outputs.MoeCausalLMOutputWithPast(
+                loss=loss, aux_loss=aux_loss, logits=logits)
+
+    for cls, match in ((ZLoss, "logsumexp"), (LocalCoefficient, "coef \\* aux_loss")):
+        with pytest.raises(UnsupportedModelError, match=match):
+            patch(cls(transformers.LlamaConfig(**COMMON)))
+
+
+def test_subclasses_that_compute_their_own_loss_after_super_forward():
+    class SmoothedLoss(transformers.LlamaForCausalLM):
+        def forward(self, input_ids=None, labels=None, **kwargs):
+            out = super().forward(input_ids=input_ids, **kwargs)
+            loss = None
+            if labels is not None:
+                loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                       label_smoothing=0.2)
+            return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=out.logits)
+
+    class DoubledLoss(transformers.LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            if out.loss is not None:
+                out.loss = out.loss * 2
+            return out
+
+    class MasksLabels(transformers.LlamaForCausalLM):
+        def forward(self, input_ids=None, labels=None, **kwargs):
+            if labels is not None:
+                labels = labels.masked_fill(labels == 0, -100)
+            return super().forward(input_ids=input_ids, labels=labels, **kwargs)
+
+    cfg = transformers.LlamaConfig(**COMMON)
+    for cls, match in ((SmoothedLoss, "loss of its own"), (DoubledLoss, "loss of its own"),
+                       (MasksLabels, "changes its labels")):
+        with pytest.raises(UnsupportedModelError, match=match):
+            patch(cls(cfg))
+
+    # The parent's loss does not see what a subclass does to the logits after super().forward()
+    class ScalesLogits(transformers.LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2.0
+            return out
+
+    model = patch(ScalesLogits(cfg))
+    ids, labels = make_batch()
+    with pytest.raises(UnsupportedModelError, match="after super"):
+        model(input_ids=ids, labels=labels)
+
+    # Subclasses that pass the parent's loss on are patched as before.
+    class Plain(transformers.LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    class PassesLossOn(transformers.LlamaForCausalLM):
+        def forward(self, input_ids=None, labels=None, **kwargs):
+            out = super().forward(input_ids=input_ids, labels=labels, **kwargs)
+            return transformers.modeling_outputs.CausalLMOutputWithPast(loss=out.loss, logits=out.logits)
+
+    for cls in (Plain, PassesLossOn):
+        model = cls(cfg).eval()
+        ref = model(input_ids=ids, labels=labels).loss
+        patch(model, filter_eps=None)
+        torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_over_part_of_the_logits_is_refused():
+    # GIT's logits start with its image tokens, which it slices off before the loss: patching
+    # it succeeded, then the first forward with labels raised a bare shape ValueError.
+    cfg = transformers.GitConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, image_size=16, patch_size=8))
+    with pytest.raises(UnsupportedModelError, match="shifted_logits"):
+        patch(transformers.GitForCausalLM(cfg))
+
+    # Slicing the logits to the labels (as Blip2 does) is found at the forward.
+    class TailLoss(transformers.LlamaForCausalLM):
+        def forward(self, input_ids=None, labels=None, **kwargs):
+            logits = self.lm_head(self.model(input_ids=input_ids).last_hidden_state)
+            loss = None
+            if labels is not None:
+                logits = logits[:, -labels.shape[1]:]
+                loss = self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+            return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    model = TailLoss(transformers.LlamaConfig(**COMMON)).eval()
+    ids, labels = make_batch()
+    ref = model(input_ids=ids, labels=labels).loss
+    patch(model, filter_eps=None)
+    torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(UnsupportedModelError, match="part of the logits"):
+        model(input_ids=ids, labels=labels[:, 3:])
+
+
 @pytest.mark.parametrize("name", ["llama", "gemma2"])
 def test_torch_compile_with_logits_on_request(name):
     # (the logits are computed from the recorded scalings / softcap, as the loss is)

@@ -17,15 +17,23 @@ raises :class:`UnsupportedModelError` rather than computing a wrong loss. The lo
 ``fusedlm.linear_cross_entropy(hidden, lm_head.weight, labels, lm_head.bias, shift=True)``
 with HF's semantics: labels shifted left (position t predicts label t+1), ``ignore_index``
 -100, mean over the predicted tokens, or sum / ``num_items_in_batch`` when the Trainer
-passes it (gradient accumulation), precomputed ``shift_labels`` honoured, and a MoE
-family's ``router_aux_loss_coef * aux_loss`` added as its forward does. Tied embeddings
-work unchanged (the loss reads ``lm_head.weight``, the tied parameter).
+passes it (gradient accumulation), precomputed ``shift_labels`` honoured. What the forward
+adds to ``self.loss_function``'s loss is read from its source at patch time and added as it
+does: a MoE router aux loss with the coefficient that forward uses (``self.aux_loss_coef``,
+``self.config.text_config.router_aux_loss_coef``, ...), Bamba's z-loss, a term computed
+without labels (GraniteDocling's router loss); other terms, a loss over other logits than
+those returned (GIT), changed labels, and subclasses that compute a loss of their own after
+``super().forward()`` are refused. Tied embeddings work unchanged (the loss reads
+``lm_head.weight``, the tied parameter).
 
 Calls without ``labels`` (inference, ``generate``) run the original forward untouched.
 """
 from __future__ import annotations
 
+import ast
 import inspect
+import re
+import textwrap
 import threading
 from typing import Any, Optional
 
@@ -325,8 +333,9 @@ class _PatchState:
     """Options and what was there before; lives in ``model.__dict__``, so it follows the
     model through ``copy.deepcopy`` and pickling (the per-thread capture slot is rebuilt)."""
 
-    def __init__(self, model, head, options, return_logits, ignore_index):
+    def __init__(self, model, head, terms, options, return_logits, ignore_index):
         self.head = head
+        self.terms = terms
         self.options = options
         self.return_logits = return_logits
         self.ignore_index = ignore_index
@@ -438,26 +447,253 @@ def _model_name(model) -> str:
     return type(model).__name__
 
 
-def _forward_calls_loss_function(model) -> bool:
-    """Whether the model's forward computes the loss with ``self.loss_function``
-    (transformers' causal-LM loss, which the patch replaces), following ``super().forward``
-    calls of subclasses down the MRO; True when the source is not available."""
+# ----------------------------------------------------------------------------- the forward's source
+# The patched forward runs the model's forward without labels, so what that forward does with
+# them (a loss of its own, extra loss terms, relabelling) is read from its source instead.
+
+_LOSS_CALL = re.compile(r"loss|entropy|nll|kl_div", re.IGNORECASE)  # F.cross_entropy, loss_fct, ...
+_LABELS = ("labels", "shift_labels")
+_BAMBA_Z_LOSS = "{}.logsumexp(dim=-1).to(dtype=loss.dtype).pow(2).mean()"
+
+
+class _LossTerms:
+    """What the model's forward adds to ``self.loss_function``'s loss, read from its source by
+    _loss_terms. A coefficient is a number or an attribute path from the model, read at each
+    forward as the forward reads it."""
+
+    def __init__(self, known: bool = True, wrapper: Optional[str] = None):
+        self.known = known  # False: the source was not available
+        self.wrapper = wrapper  # a subclass whose forward uses the logits after super().forward()
+        self.aux_coef = None  # `loss += coef * aux_loss` (MoE router aux loss)
+        self.z_coef = None  # Bamba's `loss + coef * mean(logsumexp(logits) ** 2)`
+        self.free_loss = False  # `loss = x if loss is None else loss + x`: x needs no labels
+
+
+def _forward_nodes(forward) -> Optional[list]:
+    """Every AST node of a forward's body (its docstring left out), or None without source."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(inspect.unwrap(forward))))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    fn = tree.body[0] if tree.body else None
+    if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return None
+    body = fn.body[1:] if ast.get_docstring(fn) is not None else fn.body
+    return [n for stmt in body for n in ast.walk(stmt)]
+
+
+def _is_name(node, *names) -> bool:
+    return isinstance(node, ast.Name) and node.id in names
+
+
+def _name_of(node) -> str:
+    """``x``, ``o.x`` and ``o["x"]`` -> "x"; anything else -> ""."""
+    if isinstance(node, ast.Subscript):
+        key = node.slice
+        return key.value if isinstance(key, ast.Constant) and isinstance(key.value, str) else ""
+    return node.id if isinstance(node, ast.Name) else getattr(node, "attr", "")
+
+
+def _callee(node) -> str:
+    return _name_of(node.func) if isinstance(node, ast.Call) else ""
+
+
+def _targets(node) -> list:
+    """What an assignment statement assigns to (tuple targets unpacked)."""
+    if isinstance(node, ast.Assign):
+        targets = node.targets
+    elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+        targets = [node.target]
+    else:
+        return []
+    return [e for t in targets for e in (t.elts if isinstance(t, (ast.Tuple, ast.List)) else [t])]
+
+
+def _is_a_loss(node) -> bool:
+    """Named as a loss: ``loss``, ``out.loss``, ``out["loss"]``, ``my_loss``, ..."""
+    return _name_of(node).lower().endswith("loss")
+
+
+def _passes_loss(value) -> bool:
+    """None or an existing loss (``out.loss``, ``loss``): no loss computed here."""
+    return value is None or (isinstance(value, ast.Constant) and value.value is None) or _is_a_loss(value)
+
+
+def _own_loss(nodes) -> Optional[str]:
+    """Code by which a forward that calls ``super().forward`` computes a loss itself: a loss
+    function's call, or another value than an existing loss assigned or passed as a loss."""
+    for n in nodes:
+        if isinstance(n, ast.Call) and _LOSS_CALL.search(_callee(n)):
+            return ast.unparse(n)
+        if isinstance(n, ast.keyword) and n.arg == "loss" and not _passes_loss(n.value):
+            return ast.unparse(n)
+        targets = _targets(n)
+        if any(_is_a_loss(t) for t in targets) and (
+                isinstance(n, ast.AugAssign) or len(targets) > 1 or not _passes_loss(n.value)):
+            return ast.unparse(n)
+    return None
+
+
+def _changes_labels(n) -> bool:
+    """Whether a node of a forward changes its labels (masks, slices, replaces them)."""
+    if isinstance(n, ast.Call):  # labels.masked_fill_(...)
+        return _callee(n).endswith("_") and _is_name(getattr(n.func, "value", None), *_LABELS)
+    for t in _targets(n):
+        if _is_name(t.value if isinstance(t, (ast.Subscript, ast.Attribute)) else t, *_LABELS):
+            f = getattr(n.value, "func", None)
+            # (what is allowed: labels.to(logits.device), kwargs.pop("shift_labels", None))
+            kept = isinstance(n, ast.Assign) and isinstance(f, ast.Attribute) and (
+                (f.attr in ("to", "contiguous") and _is_name(f.value, *_LABELS))
+                or (f.attr in ("get", "pop") and _is_name(f.value, "kwargs")))
+            if not kept:
+                return True
+    return False
+
+
+def _check_labels(nodes, where: str, prefix: str):
+    """The patched forward does not pass the labels in: the fused loss takes them as given."""
+    for n in nodes:
+        if _changes_labels(n):
+            raise UnsupportedModelError(prefix + f"{where} changes its labels (`{ast.unparse(n)}`); "
+                                        "the patched forward does not pass them in")
+
+
+def _coef_path(node):
+    """A coefficient as the forward reads it: a number, or ``self.a.b`` as ("a", "b")."""
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return float(node.value)
+    path = []
+    while isinstance(node, ast.Attribute):
+        path.append(node.attr)
+        node = node.value
+    return tuple(reversed(path)) if path and _is_name(node, "self") else None
+
+
+def _plain_loss(value) -> bool:
+    """None, ``self.loss_function(...)`` or a sub-model's ``.loss`` (Blip2's language model)."""
+    if isinstance(value, ast.IfExp):
+        return _plain_loss(value.body) and _plain_loss(value.orelse)
+    return (value is None or (isinstance(value, ast.Constant) and value.value is None)
+            or _callee(value) == "loss_function"
+            or (isinstance(value, ast.Attribute) and value.attr == "loss"))
+
+
+def _add_term(terms: _LossTerms, term, nodes, logits: Optional[str]) -> bool:
+    """Records ``loss += term`` if it is a known extra term: ``coef * aux_loss[.to(...)]``
+    (MoE) or ``coef * z_loss`` with Bamba's z-loss; False if not."""
+    if not (isinstance(term, ast.BinOp) and isinstance(term.op, ast.Mult)):
+        return False
+    coef, x = _coef_path(term.left), term.right
+    if _callee(x) == "to":
+        x = x.func.value
+    if coef is None:
+        return False  # (a coefficient it cannot find: refused, not dropped)
+    if _is_name(x, "aux_loss"):
+        terms.aux_coef = coef
+        return True
+    z_defs = [n.value for n in nodes if any(_is_name(t, "z_loss") for t in _targets(n))]
+    if (_is_name(x, "z_loss") and logits is not None and len(z_defs) == 1
+            and ast.unparse(z_defs[0]) == _BAMBA_Z_LOSS.format(logits)):
+        terms.z_coef = coef
+        return True
+    return False
+
+
+def _adds_free_loss(value, loss: str) -> bool:
+    """``x if loss is None else loss + x`` (GraniteDocling's router loss, from router_labels):
+    an x computed without labels is the loss of the label-free run, added back in _finish."""
+    return (isinstance(value, ast.IfExp) and ast.unparse(value.test) == f"{loss} is None"
+            and isinstance(value.orelse, ast.BinOp) and isinstance(value.orelse.op, ast.Add)
+            and ast.unparse(value.orelse.left) == loss
+            and ast.dump(value.orelse.right) == ast.dump(value.body))
+
+
+def _loss_logits(nodes, where: str, prefix: str) -> Optional[str]:
+    """The logits the forward passes to ``self.loss_function``: they must be the logits it
+    returns (the fused loss is computed from what was done to those), unchanged after."""
+    calls = [n for n in nodes if _callee(n) == "loss_function"]
+    returned = {ast.unparse(k.value) for n in nodes if isinstance(n, ast.Call) and n not in calls
+                for k in n.keywords if k.arg == "logits"}
+    logits = None
+    for call in calls:
+        arg = next((k.value for k in call.keywords if k.arg == "logits"), call.args[0] if call.args else None)
+        logits = ast.unparse(arg) if arg is not None else "no logits"
+        if not isinstance(arg, (ast.Name, ast.Attribute)) or (returned and logits not in returned):
+            raise UnsupportedModelError(
+                prefix + f"{where} passes `{logits}` to self.loss_function, not the logits it "
+                f"returns (`{'`, `'.join(sorted(returned))}`): e.g. GIT leaves out its image tokens")
+        for n in nodes:  # e.g. `logits = logits * 2` after the loss
+            if (getattr(n, "lineno", 0) > call.lineno and any(ast.unparse(t) == logits for t in _targets(n))
+                    and (isinstance(n, ast.AugAssign) or logits in map(ast.unparse, ast.walk(n.value)))):
+                raise UnsupportedModelError(prefix + f"{where} changes its logits after computing "
+                                            f"the loss (`{ast.unparse(n)}`)")
+    return logits
+
+
+def _loss_forward_terms(nodes, where: str, prefix: str, wrapper: Optional[str]) -> _LossTerms:
+    """The terms of the forward that calls ``self.loss_function``; refuses anything else it
+    does to the loss, its labels, or the logits of the loss."""
+    terms = _LossTerms(wrapper=wrapper)
+    logits = _loss_logits(nodes, where, prefix)
+    _check_labels(nodes, where, prefix)
+    for n in nodes:
+        if isinstance(n, ast.keyword) and n.arg == "loss" and not (
+                _is_name(n.value, "loss") or _plain_loss(n.value)):
+            raise UnsupportedModelError(prefix + f"{where} returns `{ast.unparse(n.value)}` as its loss")
+        targets = _targets(n)
+        if not any(_name_of(t) == "loss" for t in targets):
+            continue  # (terms such as aux_loss are read where they are added)
+        this, value = ast.unparse(targets[0]), n.value
+        if len(targets) != 1:
+            ok = False
+        elif isinstance(n, ast.AugAssign):
+            ok = isinstance(n.op, ast.Add) and _add_term(terms, value, nodes, logits)
+        elif (isinstance(value, ast.BinOp) and isinstance(value.op, ast.Add)
+              and ast.unparse(value.left) == this):  # loss = loss + term
+            ok = _add_term(terms, value.right, nodes, logits)
+        elif _plain_loss(value):
+            ok = True
+        else:
+            ok = terms.free_loss = _adds_free_loss(value, this)
+        if not ok:
+            raise UnsupportedModelError(prefix + f"{where} computes its loss with `{ast.unparse(n)}`, "
+                                        "which the fused loss does not reproduce")
+    return terms
+
+
+def _loss_terms(model, prefix: str) -> _LossTerms:
+    """Reads the model's forward that calls ``self.loss_function`` (transformers' causal-LM
+    loss, which the patch replaces), following ``super().forward`` calls of subclasses down
+    the MRO. Refuses forwards that compute a loss of their own or change the labels; a
+    forward without source is taken on trust (but see _extra_losses)."""
+    wrapper = None
     for cls in type(model).__mro__:
         forward = cls.__dict__.get("forward")
         if forward is None:
             continue
-        try:
-            source = inspect.getsource(inspect.unwrap(forward))
-        except (OSError, TypeError):
-            return True
-        if "loss_function" in source:
-            return True
-        if "super(" not in source:  # a forward of its own, computing its own loss
-            return False
-    return True
+        nodes = _forward_nodes(forward)
+        if nodes is None:
+            return _LossTerms(known=False, wrapper=wrapper)
+        where = f"{cls.__name__}.forward"
+        if any(_name_of(n) == "loss_function" for n in nodes):
+            return _loss_forward_terms(nodes, where, prefix, wrapper)
+        if not any(_callee(n) == "super" for n in nodes):
+            # (e.g. Qwen2Audio: it drops padded positions and ignores num_items_in_batch itself)
+            raise UnsupportedModelError(prefix + "its forward computes its loss itself instead of "
+                                        "calling self.loss_function, which the fused loss reproduces")
+        _check_labels(nodes, where, prefix)
+        own = _own_loss(nodes)
+        if own is not None:
+            raise UnsupportedModelError(prefix + f"{where} computes a loss of its own after super()"
+                                        f".forward() (`{own}`), which the fused loss would replace")
+        if wrapper is None and any(_name_of(n) == "logits" or getattr(n, "arg", None) == "logits"
+                                   for n in nodes):
+            wrapper = cls.__name__  # (what it does to them after super().forward() is not in the loss)
+    return _LossTerms(wrapper=wrapper)
 
 
-def _check_patchable(model) -> nn.Linear:
+def _check_patchable(model) -> tuple:
+    """(the lm_head, the _LossTerms of its forward), or UnsupportedModelError."""
     name = _model_name(model)
     prefix = f"fusedlm.integrations.transformers.patch: cannot patch {name}: "
     if not isinstance(model, nn.Module):
@@ -490,10 +726,7 @@ def _check_patchable(model) -> nn.Linear:
             raise UnsupportedModelError(prefix + f"its loss is {loss_type} "
                                         f"({getattr(fn, '__name__', fn)}), not a causal-LM "
                                         "cross-entropy over the vocabulary")
-    if hasattr(type(model), "loss_function") and not _forward_calls_loss_function(model):
-        # (e.g. Qwen2Audio: it drops padded positions and ignores num_items_in_batch itself)
-        raise UnsupportedModelError(prefix + "its forward computes its loss itself instead of "
-                                    "calling self.loss_function, which the fused loss reproduces")
+    terms = _loss_terms(model, prefix) if hasattr(type(model), "loss_function") else _LossTerms(False)
     head = model.get_output_embeddings()
     if head is None:
         head = getattr(model, "lm_head", None)
@@ -508,7 +741,7 @@ def _check_patchable(model) -> nn.Linear:
     if not isinstance(w, Tensor) or w.dim() != 2 or not w.is_floating_point():
         raise UnsupportedModelError(prefix + "its lm_head weight is not a floating-point "
                                     "(V, D) tensor")
-    return head
+    return head, terms
 
 
 def patch(model: nn.Module, *, return_logits: bool = False, ignore_index: int = -100,
@@ -531,8 +764,11 @@ def patch(model: nn.Module, *, return_logits: bool = False, ignore_index: int = 
 
     Raises:
         UnsupportedModelError: the model has no plain linear lm_head, is not a decoder-only
-            causal LM, or (at the first forward with labels) post-processes its logits in a
-            way other than scalings and a final-logit softcap.
+            causal LM, does something with its labels or loss that the fused loss cannot
+            reproduce (read from its forward's source: a loss of its own, an unknown extra
+            term, changed labels, a loss over other logits than it returns), or (at the first
+            forward with labels) post-processes its logits in a way other than scalings and a
+            final-logit softcap.
     """
     unknown = set(loss_options) - set(_LOSS_OPTIONS)
     if unknown:
@@ -540,12 +776,59 @@ def patch(model: nn.Module, *, return_logits: bool = False, ignore_index: int = 
                         f"{list(_LOSS_OPTIONS)} (shift, reduction and softcap follow the model)")
     if is_patched(model):
         unpatch(model)
-    head = _check_patchable(model)
-    state = _PatchState(model, head, dict(loss_options), bool(return_logits), int(ignore_index))
+    head, terms = _check_patchable(model)
+    state = _PatchState(model, head, terms, dict(loss_options), bool(return_logits), int(ignore_index))
     model.__dict__[_STATE_ATTR] = state
     model.forward = _PatchedModelForward(model)
     head.forward = _CapturingHeadForward(model, head)
     return model
+
+
+def _coefficient(model, coef):
+    """A coefficient of an extra loss term, read as the forward reads it (see _coef_path)."""
+    if not isinstance(coef, tuple):
+        return coef
+    value = model
+    try:
+        for attr in coef:
+            value = getattr(value, attr)
+    except AttributeError as err:
+        raise UnsupportedModelError(
+            f"fusedlm.integrations.transformers: {_model_name(model)}'s forward weighs a loss "
+            f"term by self.{'.'.join(coef)}, which it cannot find ({err})") from None
+    return value
+
+
+def _extra_losses(out, at, terms: _LossTerms, name: str) -> tuple:
+    """(a loss the label-free run returned, a router aux loss its forward adds), or None for
+    those it does not have; refuses what it cannot account for."""
+    if at is None:
+        free, aux = getattr(out, "loss", None), getattr(out, "aux_loss", None)
+    else:  # HF tuples drop None fields: before the logits come those of (loss, aux_loss) set
+        pre = list(out[:at])
+        if len(pre) == 2:
+            free, aux = pre
+        elif not pre:
+            free = aux = None
+        elif terms.free_loss and terms.aux_coef is None:
+            free, aux = pre[0], None
+        elif terms.aux_coef is not None and not terms.free_loss:
+            free, aux = None, pre[0]
+        else:
+            raise UnsupportedModelError(
+                f"fusedlm.integrations.transformers: {name} returns {len(pre)} value(s) before "
+                "its logits (return_dict=False) that cannot be told apart; use return_dict=True")
+    if free is not None and not terms.free_loss:
+        raise UnsupportedModelError(
+            f"fusedlm.integrations.transformers: {name}'s forward returned a loss without "
+            "labels, which the fused loss would replace; cannot patch it")
+    if aux is not None and terms.aux_coef is None:
+        if terms.known:  # its forward does not add it to the loss
+            return free, None
+        raise UnsupportedModelError(
+            f"fusedlm.integrations.transformers: {name} returns a router aux loss, but its "
+            "forward's source is not available to tell how it adds it to the loss")
+    return free, aux
 
 
 def _finish(model, state: _PatchState, cap: _Capture, out, labels, kwargs):
@@ -569,6 +852,13 @@ def _finish(model, state: _PatchState, cap: _Capture, out, labels, kwargs):
             f"fusedlm.integrations.transformers: {name}'s forward {trouble}; cannot fold "
             "that into the fused loss. Use the unpatched model.")
     pre_scale, softcap = _interpret(logits._fusedlm_ops, name)
+    terms = state.terms
+    if terms.wrapper is not None and not (softcap is None and _is_one(pre_scale)):
+        # (the parent's loss saw its own scalings only; the record holds the subclass's too)
+        raise UnsupportedModelError(
+            f"fusedlm.integrations.transformers: {terms.wrapper}.forward uses the logits after "
+            "super().forward(), whose loss does not see what it does to them, and they are "
+            "scaled or softcapped: cannot tell whose that is. Use the unpatched model.")
 
     head = state.head
     hidden, weight, bias = cap.hidden, head.weight, head.bias
@@ -582,19 +872,32 @@ def _finish(model, state: _PatchState, cap: _Capture, out, labels, kwargs):
         targets, shift = shift_labels.to(hidden.device), False
     else:
         targets, shift = labels.to(hidden.device), True
+    if targets.shape != hidden.shape[:-1]:
+        # (unpatched, either an error too or a loss over part of the logits, as Blip2's)
+        raise UnsupportedModelError(
+            f"fusedlm.integrations.transformers: {name}'s labels have shape "
+            f"{tuple(targets.shape)}, its lm_head ran on {tuple(hidden.shape[:-1])} positions: "
+            "labels of another length (or logits_to_keep), or a forward that takes its loss "
+            "over part of the logits (e.g. after an image-token prefix), which the fused loss "
+            "cannot reproduce")
+    free, aux = _extra_losses(out, at, terms, name)
     num_items = kwargs.get("num_items_in_batch")
+    z_coef = 0.0 if terms.z_coef is None else _coefficient(model, terms.z_coef)
     loss = linear_cross_entropy(
         hidden, weight, targets, bias, ignore_index=state.ignore_index,
         reduction="sum" if num_items is not None else "mean", softcap=softcap, shift=shift,
-        **state.options)
+        return_lse=z_coef > 0, **state.options)
+    loss, lse = loss if z_coef > 0 else (loss, None)
     if num_items is not None:
         if torch.is_tensor(num_items):
             num_items = num_items.to(loss.device)
         loss = loss / num_items
-    aux = getattr(out, "aux_loss", None) if not is_tuple else (out[0] if at == 1 else None)
-    coef = getattr(model, "router_aux_loss_coef", None)
-    if aux is not None and coef is not None:
-        loss = loss + coef * aux.to(loss.device)
+    if lse is not None:  # Bamba's z-loss: a mean over every position, ignored ones included
+        loss = loss + z_coef * lse.pow(2).mean()
+    if free is not None:
+        loss = loss + free.to(loss.device)
+    if aux is not None:
+        loss = loss + _coefficient(model, terms.aux_coef) * aux.to(loss.device)
 
     plain_logits = None
     if cap.want_logits:  # the model's logits: its lm_head output, scaled / softcapped
@@ -604,9 +907,9 @@ def _finish(model, state: _PatchState, cap: _Capture, out, labels, kwargs):
         else:
             plain_logits = torch.tanh(z * (pre_scale / softcap)) * softcap
         plain_logits = plain_logits.to(logits.dtype)
-    if is_tuple:
-        return ((loss,) + tuple(out[:at]) + ((plain_logits,) if plain_logits is not None else ())
-                + tuple(out[at + 1:]))
+    if is_tuple:  # (the label-free run's loss, if any, came first: now part of the loss)
+        return ((loss,) + tuple(out[int(free is not None):at])
+                + ((plain_logits,) if plain_logits is not None else ()) + tuple(out[at + 1:]))
     fields = {k: v for k, v in out.items()}
     fields["loss"] = loss
     fields["logits"] = plain_logits
