@@ -226,7 +226,7 @@ def bench_cce(args, rows, meta):
     if args.quick:
         shapes = [(4096, 1024, 32000)]
     if args.shapes:
-        shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+        shapes = args.shapes
     methods = cce_methods()
     for n, d, v in shapes:
         case = f"{n}x{d}x{v}"
@@ -533,7 +533,7 @@ def bench_model(args, rows, meta):
     import transformers
 
     for name, (cfg_cls, model_cls, (batch, seq), attention, kw) in MODEL_CASES.items():
-        if args.models and name not in args.models.split(","):
+        if args.models and name not in args.models:
             continue
         if args.quick:
             batch, seq = 1, 512
@@ -551,7 +551,7 @@ def bench_model(args, rows, meta):
         base_ms = None
         losses = {}
         for method, (setup, loss_fn, teardown) in model_methods(model, name).items():
-            if args.model_methods and method not in args.model_methods.split(","):
+            if args.model_methods and method not in args.model_methods:
                 continue
             try:
                 setup()
@@ -590,15 +590,47 @@ def write_csv(path, rows):
             w.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
 
 
+# The model suite's methods (apple_cce and liger only when their packages are installed).
+MODEL_METHODS = ("hf_eager", "fusedlm", "hf_compile", "fusedlm_compile", "apple_cce", "liger")
+
+
+def _shapes(text: str) -> list:
+    """--shapes: NxDxV,... of positive integers (an argparse error, before any GPU work)."""
+    try:
+        shapes = [tuple(int(x) for x in s.split("x")) for s in text.split(",")]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 3 or min(s) < 1 for s in shapes):
+        raise argparse.ArgumentTypeError(f"expected NxDxV[,NxDxV...] of positive integers, got {text!r}")
+    return shapes
+
+
+def _names(known):
+    def parse(text: str) -> list:
+        names = text.split(",")
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {unknown}; known: {list(known)}")
+        return names
+    return parse
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=["cce", "sampling", "model", "all"], default="all")
     parser.add_argument("--out", default="bench/out")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--shapes", help="CCE shapes NxDxV, comma-separated (default: the issue's three)")
-    parser.add_argument("--models", help=f"model suite cases, comma-separated (default: all of {list(MODEL_CASES)})")
-    parser.add_argument("--model-methods", help="model suite methods, comma-separated (default: all)")
+    parser.add_argument("--quick", action="store_true",
+                        help="one small CCE shape, the models at batch 1 x 512 (the sampling suite is unchanged)")
+    parser.add_argument("--shapes", type=_shapes, help="CCE shapes NxDxV, comma-separated (default: the issue's three)")
+    parser.add_argument("--models", type=_names(MODEL_CASES),
+                        help=f"model suite cases, comma-separated (default: all of {list(MODEL_CASES)})")
+    parser.add_argument("--model-methods", type=_names(MODEL_METHODS),
+                        help=f"model suite methods, comma-separated (default: all of {list(MODEL_METHODS)})")
     args = parser.parse_args(argv)
+    # (an option of a suite that does not run would be ignored silently)
+    for option, suite in (("shapes", "cce"), ("models", "model"), ("model_methods", "model")):
+        if getattr(args, option) and args.suite not in (suite, "all"):
+            parser.error(f"--{option.replace('_', '-')} applies to --suite {suite} (or all), not {args.suite}")
     if not torch.cuda.is_available():
         print("benchmarks need a CUDA GPU")
         return 2

@@ -168,3 +168,18 @@ def test_memory_bars(tmp_path, capsys):
     for line in lines:
         forward = line.split(" | ")[-3].strip()
         assert forward == ("7.72 met" if line.startswith("| 16384x") else "7.72 NOT met"), line
+
+
+@pytest.mark.parametrize("args", [["--shapes", "4096x1024"], ["--shapes", "abc"], ["--shapes", "0x8x8"],
+                                  ["--suite", "model", "--models", "nope"],
+                                  ["--suite", "model", "--model-methods", "fusedlm,typo"],
+                                  ["--suite", "sampling", "--shapes", "8x8x8"],
+                                  ["--suite", "cce", "--models", "gemma2_2b"], ["--suite", "sampling", "--model-methods", "fusedlm"]])
+def test_run_refuses_bad_or_unused_options_before_any_gpu_work(args, capsys):
+    """(They used to end in a traceback inside the suite, or to be ignored silently: an
+    unknown model name ran nothing and wrote an empty CSV with exit 0.)"""
+    import run
+
+    with pytest.raises(SystemExit) as exit_info:
+        run.main(args)
+    assert exit_info.value.code == 2 and "error" in capsys.readouterr().err
