@@ -3,6 +3,7 @@
 Needs only the standard library; --plot needs matplotlib."""
 import argparse
 import csv
+import os
 import sys
 from collections import defaultdict
 
@@ -12,9 +13,17 @@ def load(path):
         return list(csv.DictReader(f))
 
 
+class _Measured(dict):
+    """(method, pass) -> value; NaN for a row the run does not have (e.g. a method that
+    failed, which run.py skips): its cells read nan and its bars "missing"."""
+
+    def __missing__(self, key):
+        return float("nan")
+
+
 def cce_tables(rows):
-    t = defaultdict(dict)  # (case, regime) -> (method, pass) -> ms
-    mem = defaultdict(dict)
+    t = defaultdict(_Measured)  # (case, regime) -> (method, pass) -> ms
+    mem = defaultdict(_Measured)
     ratios = {}  # (case, regime, method, pass) -> the row's own ratio
     for r in rows:
         if r["suite"] == "cce":
@@ -79,7 +88,8 @@ def cce_tables(rows):
         exact = m[("fusedlm_exact", "fwd+bwd")] / gemm
         # (runs since session 6 also time the exact fwd+bwd alternating with the GEMM)
         exact_alt = ratios.get((case, regime, "fusedlm_exact", "fwd+bwd_interleaved"))
-        ok = lambda x, limit: f"{x:.2f} {'met' if x <= limit else 'NOT met'}"  # noqa: E731
+        ok = lambda x, limit: (  # noqa: E731
+            "missing" if x != x else f"{x:.2f} {'met' if x <= limit else 'NOT met'}")
         # Sustained-load ratios, when the run has them (" \\| x" after the other ratios).
         steady = lambda x, limit: "" if x is None else f" \\| {ok(x, limit)}"  # noqa: E731
         fwd_s = ratios.get((case, regime, "fusedlm", "fwd_steady"))
@@ -230,7 +240,11 @@ def main(argv=None):
     parser.add_argument("csv")
     parser.add_argument("--plot", help="write a PNG with the CCE and sampling results")
     args = parser.parse_args(argv)
+    if not os.path.isfile(args.csv):
+        parser.error(f"no such file: {args.csv}")
     rows = load(args.csv)
+    if rows and not {"suite", "case", "method", "pass", "time_ms", "gpu"} <= rows[0].keys():
+        parser.error(f"{args.csv} is not a bench/run.py CSV (its columns: {list(rows[0])})")
     gpu = rows[0]["gpu"] if rows else "?"
     print(f"# {args.csv} ({gpu})")
     if any(r["suite"] == "cce" for r in rows):  # (a run of the sampling suite alone has none)

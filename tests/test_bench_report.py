@@ -48,6 +48,17 @@ def report_of(rows, tmp_path, capsys):
     return capsys.readouterr().out
 
 
+def test_report_of_a_run_whose_exact_method_failed(tmp_path, capsys):
+    """run.py skips a method that raises: its bars read "missing" (report.py used to stop
+    with a KeyError); another CSV or no file is an argparse error."""
+    rows = [r for r in report.load(CSVS[0]) if r["method"] != "fusedlm_exact"]
+    out = report_of(rows, tmp_path, capsys)
+    assert "missing" in out.split("## CCE bars")[1]
+    for bad in (tmp_path / "none.csv", os.path.join(ROOT, "bench", "results", "vocab_parallel_2xH100_80GB_HBM3.csv")):
+        with pytest.raises(SystemExit):
+            report.main([str(bad)])
+
+
 def test_truncated_sampling_table(tmp_path, capsys):
     """Runs with top-p / top-k rows get a table of them (one line per sampling case)."""
     rows = report.load(CSVS[0])
