@@ -185,7 +185,8 @@ def test_memory_bars(tmp_path, capsys):
                                   ["--suite", "model", "--models", "nope"],
                                   ["--suite", "model", "--model-methods", "fusedlm,typo"],
                                   ["--suite", "sampling", "--shapes", "8x8x8"],
-                                  ["--suite", "cce", "--models", "gemma2_2b"], ["--suite", "sampling", "--model-methods", "fusedlm"]])
+                                  ["--suite", "cce", "--models", "gemma2_2b"],
+                                  ["--suite", "sampling", "--model-methods", "fusedlm"]])
 def test_run_refuses_bad_or_unused_options_before_any_gpu_work(args, capsys):
     """(They used to end in a traceback inside the suite, or to be ignored silently: an
     unknown model name ran nothing and wrote an empty CSV with exit 0.)"""

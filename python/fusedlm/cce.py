@@ -459,17 +459,17 @@ class LinearCrossEntropy(torch.nn.Module):
 
     def __init__(self, **options):
         super().__init__()
-        known = [n for n, p in inspect.signature(linear_cross_entropy).parameters.items()
-                 if p.kind == p.KEYWORD_ONLY]
-        unknown = sorted(set(options) - set(known))
+        defaults = {n: p.default for n, p in inspect.signature(linear_cross_entropy).parameters.items()
+                    if p.kind == p.KEYWORD_ONLY}
+        unknown = sorted(set(options) - set(defaults))
         if unknown:
-            raise TypeError(f"LinearCrossEntropy: unknown options {unknown}; known: {known}")
+            raise TypeError(f"LinearCrossEntropy: unknown options {unknown}; known: {list(defaults)}")
         # (checked here, not at the first call)
-        _check_options(options.get("reduction", "mean"), options.get("softcap"),
-                       options.get("label_smoothing", 0.0), options.get("z_loss", 0.0))
-        _check_ignore_index(options.get("ignore_index", -100))
-        _check_shift(options.get("shift", False))
-        resolve_filter_eps(options.get("filter_eps", "auto"), torch.float32)
+        o = {**defaults, **options}
+        _check_options(o["reduction"], o["softcap"], o["label_smoothing"], o["z_loss"])
+        _check_ignore_index(o["ignore_index"])
+        _check_shift(o["shift"])
+        resolve_filter_eps(o["filter_eps"], torch.float32)
         self.options = options
 
     def forward(self, e: Tensor, c: Tensor, targets: Tensor, bias: Optional[Tensor] = None):

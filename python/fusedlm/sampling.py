@@ -285,7 +285,7 @@ def temperature_logprobs(logits: Tensor, tokens: Tensor,
             raise TypeError(f"temperature_logprobs: temperatures must be numbers, got {values}")
         for t in values:  # (checked as numbers: no tensor read, so torch.compile keeps one graph)
             _check_temperature(t, "temperature_logprobs: temperatures")
-        temperatures = torch.tensor([_as_float(t, "temperatures") for t in values], dtype=torch.float32)
+        temperatures = torch.tensor(values, dtype=torch.float32)
     _check_real_tensor(temperatures, "temperature_logprobs: temperatures")
     if temperatures.dim() != 1 or not 1 <= temperatures.numel() <= MAX_TEMPERATURE_LOGPROBS:
         raise ValueError(f"temperature_logprobs: temperatures must hold 1 to {MAX_TEMPERATURE_LOGPROBS} "

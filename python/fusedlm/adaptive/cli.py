@@ -34,21 +34,20 @@ from typing import Any, Callable, List, Optional
 import torch
 
 from ..sampling import MAX_TEMPERATURE_LOGPROBS
-from .head import AdaptiveDecoder, DEFAULT_TEMPERATURES
-from .lpo import FORMS
+from .head import AdaptiveDecoder, DEFAULT_TEMPERATURES, check_temperatures
+from .lpo import FORMS, check_beta
 from .trainer import LPOConfig, LPOTrainer, evaluate_rewards
 
 
-def _temperatures(text: str) -> List[float]:
-    """--temperatures: comma-separated, distinct, finite and >= 0 (an argparse error, before
-    the model loads)."""
-    try:
-        temps = [float(t) for t in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
-    if any(not 0 <= t < float("inf") for t in temps) or len(set(temps)) != len(temps):
-        raise argparse.ArgumentTypeError(f"temperatures must be distinct, finite and >= 0, got {text!r}")
-    return temps
+def _checked(parse):
+    """An argparse type from a parse-and-check function of the library: its ValueError
+    message becomes the argparse error (raised before the model loads)."""
+    def argument(text: str):
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return argument
 
 
 def _at_least(low: int):
@@ -58,13 +57,6 @@ def _at_least(low: int):
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
         return value
     return parse
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
 
 
 # Options read only for a Hugging Face model: with --model demo (its own task, reward, stop
@@ -85,7 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--level", choices=["sequence", "token"], default="sequence")
     p.add_argument("--loss", choices=list(FORMS), default="separate",
                    help="separate = Eq. 10 (default), latent = Eq. 11, nll = ablation")
-    p.add_argument("--temperatures", type=_temperatures, default=list(DEFAULT_TEMPERATURES))
+    p.add_argument("--temperatures", type=_checked(lambda text: check_temperatures(text.split(","))),
+                   default=list(DEFAULT_TEMPERATURES))
     p.add_argument("--mlp-hidden", type=int, default=None,
                    help="head MLP width (default 2048 as in the paper; 128 with --model demo)")
     p.add_argument("--num-layers", type=_at_least(1), default=3)
@@ -95,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="default 256 (4 with --model demo)")
     p.add_argument("--eos-token-id", type=int, action="append",
                    help="stop token (repeatable); default: the model's generation config")
-    p.add_argument("--beta", type=_positive_float, default=1.0)
+    p.add_argument("--beta", type=_checked(lambda text: check_beta(float(text))), default=1.0)
     p.add_argument("--rounds", type=_at_least(1), default=1)
     p.add_argument("--epochs", type=_at_least(1), default=4)
     p.add_argument("--batch-size", type=_at_least(1), default=32, help="pairs per optimizer step")

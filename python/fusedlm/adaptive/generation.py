@@ -19,7 +19,7 @@ from torch import Tensor
 import fusedlm
 from fusedlm.sampling import _check_integer_tensor
 
-from .head import AdaptiveDecoder, LEVELS, TAU_MODES
+from .head import AdaptiveDecoder, TAU_MODES, check_level
 
 __all__ = ["generate", "AdaptiveGeneration", "left_pad"]
 
@@ -163,8 +163,7 @@ def generate(
     if head is None and temperature is None:
         raise ValueError("pass an AdaptiveDecoder head or a fixed temperature")
     level = level or (head.level if head is not None else "sequence")
-    if level not in LEVELS:
-        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+    check_level(level)
     if tau_mode not in TAU_MODES:
         raise ValueError(f"tau_mode must be one of {TAU_MODES}, got {tau_mode!r}")
     if output_temperature_logprobs and head is None:

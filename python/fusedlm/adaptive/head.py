@@ -20,6 +20,23 @@ LEVELS = ("token", "sequence")
 TAU_MODES = ("argmax", "sample")
 
 
+def check_level(level) -> str:
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+    return level
+
+
+def check_temperatures(temperatures) -> list:
+    """The head's K candidate temperatures as floats: at least one, finite, >= 0, distinct
+    (two equal choices split one choice's probability)."""
+    temps = [float(t) for t in temperatures]
+    if len(temps) < 1 or any(not 0 <= t < math.inf for t in temps):
+        raise ValueError(f"temperatures must be a non-empty list of finite values >= 0, got {temps}")
+    if len(set(temps)) != len(temps):
+        raise ValueError(f"temperatures must be distinct, got {temps}")
+    return temps
+
+
 class AdaptiveDecoder(nn.Module):
     """``P(tau_k | h) = softmax(MLP(h))_k`` over ``K`` fixed temperatures.
 
@@ -43,13 +60,8 @@ class AdaptiveDecoder(nn.Module):
                  level: str = "token", mlp_hidden: int = 2048, num_layers: int = 3,
                  zero_init: bool = True):
         super().__init__()
-        if level not in LEVELS:
-            raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
-        temps = [float(t) for t in temperatures]
-        if len(temps) < 1 or any(not 0 <= t < math.inf for t in temps):
-            raise ValueError(f"temperatures must be a non-empty list of finite values >= 0, got {temps}")
-        if len(set(temps)) != len(temps):  # (two equal choices split one choice's probability)
-            raise ValueError(f"temperatures must be distinct, got {temps}")
+        check_level(level)
+        temps = check_temperatures(temperatures)
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         if hidden_size < 1 or (num_layers > 1 and mlp_hidden < 1):

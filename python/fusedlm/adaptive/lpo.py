@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import is_real_number
-from .head import AdaptiveDecoder, LEVELS
+from .head import AdaptiveDecoder, check_level
 
 __all__ = ["lpo_loss", "dpo_loss", "tau_sequence_logprob", "latent_sequence_logprob", "FORMS"]
 
@@ -53,18 +53,11 @@ def check_beta(beta) -> float:
     return float(beta)
 
 
-def _check_level(level) -> str:
-    if level not in LEVELS:
-        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
-    return level
-
-
 def _check_pairs(head, form, chosen, rejected, reference) -> None:
     """Row counts and shapes that would otherwise broadcast into a wrong loss."""
     pairs = None
     for side_name, side in (("chosen", chosen), ("rejected", rejected)):
         hidden, mask = _get(side, "hidden_states"), _get(side, "response_mask")
-        names = ["tau_index"] if form in ("separate", "nll") else ["temperature_logprobs"]
         if hidden.dim() != 3 or mask.dim() != 2 or mask.shape[0] != hidden.shape[0]:
             raise ValueError(f"{side_name}: hidden_states must be [P, n, D] and response_mask [P, n_tok] "
                              f"with the same P, got {tuple(hidden.shape)} and {tuple(mask.shape)}")
@@ -72,12 +65,13 @@ def _check_pairs(head, form, chosen, rejected, reference) -> None:
             pairs = hidden.shape[0]
         elif hidden.shape[0] != pairs:
             raise ValueError(f"chosen has {pairs} rows but rejected has {hidden.shape[0]}: one row per pair")
-        for name in names:
-            t = _get(side, name)
-            # tau_index: response_mask's shape; the log-prob table: and one column per temperature
-            want = tuple(mask.shape) + ((head.num_temperatures,) if name == "temperature_logprobs" else ())
-            if tuple(t.shape) != want:
-                raise ValueError(f"{side_name}: {name} must have shape {want}, got {tuple(t.shape)}")
+        if form == "latent":
+            name, want = "temperature_logprobs", tuple(mask.shape) + (head.num_temperatures,)
+        else:
+            name, want = "tau_index", tuple(mask.shape)
+        got = tuple(_get(side, name).shape)
+        if got != want:
+            raise ValueError(f"{side_name}: {name} must have shape {want}, got {got}")
     if pairs == 0:
         raise ValueError("no preference pairs (P = 0): the mean loss would be NaN")
     if isinstance(reference, tuple):
@@ -99,7 +93,7 @@ def tau_sequence_logprob(head: AdaptiveDecoder, hidden: Tensor, tau_index: Tenso
     ``hidden`` ``[B, n, D]`` (sequence level reads ``hidden[:, 0]``, the last prompt token),
     ``tau_index`` ``[B, n]`` indices into ``head.temperatures``, ``response_mask`` ``[B, n]``.
     """
-    level = _check_level(level or head.level)
+    level = check_level(level or head.level)
     # An index < 0 marks a step without a head temperature (after EOS, or a fixed-temperature
     # generation): inside the reply it would be read as index 0. (A host sync.)
     if bool(((tau_index < 0) & response_mask.bool()).any()):
@@ -120,8 +114,7 @@ def latent_sequence_logprob(head: Optional[AdaptiveDecoder], hidden: Tensor,
     """``log P'(y)`` with tau marginalised, shape ``[B]``. ``temperature_logprobs`` is the
     ``[B, n, K]`` table ``log p_k(y_t)`` (see :func:`fusedlm.temperature_logprobs`);
     ``head=None`` is the uniform head (the latent loss's default reference)."""
-    if level not in LEVELS:
-        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+    check_level(level)
     k = temperature_logprobs.shape[-1]
     mask = response_mask.to(torch.float32)
     tlp = temperature_logprobs.float()
@@ -188,7 +181,7 @@ def lpo_loss(head: AdaptiveDecoder, chosen, rejected, *, form: str = "separate",
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be mean, sum or none, got {reduction!r}")
     check_beta(beta)
-    level = _check_level(level or head.level)
+    level = check_level(level or head.level)
     _check_pairs(head, form, chosen, rejected, reference)
     # (detached: only the head trains, also when the hidden states carry the LM's graph)
     hc, hr = _get(chosen, "hidden_states").detach(), _get(rejected, "hidden_states").detach()

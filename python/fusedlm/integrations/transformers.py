@@ -514,9 +514,14 @@ def _is_a_loss(node) -> bool:
     return _name_of(node).lower().endswith("loss")
 
 
+def _is_none(value) -> bool:
+    """No value, or the literal None."""
+    return value is None or (isinstance(value, ast.Constant) and value.value is None)
+
+
 def _passes_loss(value) -> bool:
     """None or an existing loss (``out.loss``, ``loss``): no loss computed here."""
-    return value is None or (isinstance(value, ast.Constant) and value.value is None) or _is_a_loss(value)
+    return _is_none(value) or _is_a_loss(value)
 
 
 def _own_loss(nodes) -> Optional[str]:
@@ -573,8 +578,7 @@ def _plain_loss(value) -> bool:
     """None, ``self.loss_function(...)`` or a sub-model's ``.loss`` (Blip2's language model)."""
     if isinstance(value, ast.IfExp):
         return _plain_loss(value.body) and _plain_loss(value.orelse)
-    return (value is None or (isinstance(value, ast.Constant) and value.value is None)
-            or _callee(value) == "loss_function"
+    return (_is_none(value) or _callee(value) == "loss_function"
             or (isinstance(value, ast.Attribute) and value.attr == "loss"))
 
 
