@@ -195,6 +195,8 @@ def cce_methods(softcap=None):
     methods = {"torch_naive": naive, "torch_compile": compiled,
                "fusedlm": lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y),
                "fusedlm_exact": lambda e, c, y: fusedlm.linear_cross_entropy(e, c, y, filter_eps=None)}
+    if hasattr(F, "linear_cross_entropy"):  # PyTorch's own (2.13+): batch-chunked
+        methods["torch_linear_ce"] = lambda e, c, y: F.linear_cross_entropy(e, c, y)
     try:
         from cut_cross_entropy import linear_cross_entropy as apple_cce
 
@@ -578,6 +580,7 @@ def bench_model(args, rows, meta):
                              ratio=ms / base_ms if base_ms else float("nan"), ratio_to="hf_eager"))
             print(f"{case} {method:>10}: step {ms:8.2f} ms, peak over the weights {mem:9.1f} MiB, "
                   f"loss {losses[method]:.5f}", flush=True)
+            write_csv(args.csv_path, rows)  # a run cut short keeps the steps it timed
         del model
         torch.cuda.empty_cache()
 

@@ -31,6 +31,7 @@ Calls without ``labels`` (inference, ``generate``) run the original forward unto
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import re
 import textwrap
@@ -357,8 +358,9 @@ class _PatchState:
 
 
 def _original(obj, saved):
-    """The forward that was in place before patching: an instance-level one, or the class's."""
-    return type(obj).forward.__get__(obj, type(obj)) if saved is _MISSING else saved
+    """The forward that was in place before patching: an instance-level one, or the class's
+    (bound by a partial: dynamo in torch 2.11 could not trace ``function.__get__``)."""
+    return functools.partial(type(obj).forward, obj) if saved is _MISSING else saved
 
 
 class _PatchedModelForward:
