@@ -450,6 +450,7 @@ def bench_sampling(args, rows, meta):
                         graph_txt += f", {ts * 1e3:7.1f} us per decode-like step ({ts / floor_ms:5.2f}x floor)"
                     print(f"B={b:5d} V={v} {dname}: {name:>26} {t * 1e3:9.1f} us ({t / floor_ms:6.2f}x floor "
                           f"{floor_ms * 1e3:.1f} us), {graph_txt}", flush=True)
+                write_csv(args.csv_path, rows)  # a run cut short keeps the cases it finished
 
 
 # ----------------------------------------------------------------------------- model

@@ -1289,10 +1289,19 @@ __global__ void __launch_bounds__(kCluster ? kClusterThreads : kThreads, kCluste
   const int split = blockIdx.y;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
   const T* l = static_cast<const T*>(a.logits) + row * a.ld;
-  RowCtx c;
-  if (!row_ctx_in_pass(a, thresholds, row, c)) return;  // (the whole row: every CTA of its cluster)
-  const uint64_t seed = row_seed(a, row);
-  const uint64_t offset = row_offset(a, row);
+  // The row's inputs are requested first, at an index the compiler cannot prove warp-uniform
+  // (it is row), so that they stay in per-thread registers: moved into uniform registers, each
+  // was waited for where it was loaded, two round trips before the logits' first load (SASS).
+  // The first 16-bit batch is requested next, and only then are the inputs made warp-uniform
+  // and used, so their round trip overlaps the batch's. (H200, per decode-like step, bf16
+  // V = 128256: B = 1 5.4 -> 5.1 us, B = 16 5.9 -> 5.7, B = 256 19.4 -> 19.3, V = 256000
+  // B = 64 10.2 -> 9.8; B = 64 and fp32 B = 64 unchanged, fp32 B = 8 5.2 -> 5.1; the same
+  // tokens. fp32 kernels still load their first batch in the loop: issued early, its 16
+  // vectors spilled 360-530 bytes.)
+  const int64_t input_row = row + (threadIdx.x >= blockDim.x);
+  const float tau_lane = row_value(a.temperature, input_row);
+  const uint64_t seed_lane = row_seed(a, input_row);
+  const uint64_t offset_lane = row_offset(a, input_row);
   // kCluster && kTokensOnly: the row's first CTA, whose last warp finishes the row, takes the
   // last range, which may hold fewer batches, and that warp the fewest of its CTA: it then has
   // time for the finish's rehearsal while the others fold (see finish_or_write_partial).
@@ -1301,11 +1310,10 @@ __global__ void __launch_bounds__(kCluster ? kClusterThreads : kThreads, kCluste
   const int64_t e_end = min(a.V, t_end * kTile);
   // kBounded (tokens-only 16-bit calls whose warps hold two batches or more; see sample_aligned_launch):
   // tau > 0 rows race bounded tiles (race_batch_bounded), with cta_low, the CTA's largest low
-  // end of a key so far, from -inf.
+  // end of a key so far, from -inf (set for every row: its barrier must not wait for tau).
   static_assert(!kBounded || (kTokensOnly && sizeof(T) == 2), "bounded races: tokens-only 16-bit kernels");
-  const bool bounded = kBounded && !c.greedy;
   __shared__ uint32_t cta_low;
-  if (bounded) {  // (CTA-uniform)
+  if constexpr (kBounded) {
     if (threadIdx.x == 0) cta_low = to_order_key(-INFINITY);
     __syncthreads();
   }
@@ -1331,6 +1339,14 @@ __global__ void __launch_bounds__(kCluster ? kClusterThreads : kThreads, kCluste
   uint4 q[kVecs];
   int64_t b0 = t_begin + warp * kBatchTiles;
   if (kPrefetch && b0 < t_end) load_batch(q, b0);
+  // (warp-uniform from here on; the shuffles wait for the inputs)
+  const float tau_in = __shfl_sync(0xffffffffu, tau_lane, 0);
+  const uint64_t seed = __shfl_sync(0xffffffffu, seed_lane, 0);
+  const uint64_t offset = __shfl_sync(0xffffffffu, offset_lane, 0);
+  RowCtx c = row_ctx(a, tau_in);
+  if (!row_in_pass(a, row, c)) return;  // (the whole row: every CTA of its cluster)
+  c.threshold = row_threshold(thresholds, row);
+  const bool bounded = kBounded && !c.greedy;
   // Noise words: a Philox block serves a pair of tiles (see philox_block), so every other
   // batch lanes 0-15 draw the blocks of this batch's 16 pairs and lanes 16-31 those of the
   // warp's next batch (b0 is a multiple of 32): half the Philox work per tile (~75
