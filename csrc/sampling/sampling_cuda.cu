@@ -354,9 +354,11 @@ __device__ __forceinline__ float row_threshold(const float* thresholds, int64_t 
   return thresholds != nullptr ? thresholds[row] : -INFINITY;
 }
 
-// The row's context for a drawing kernel, or false if this launch skips the row (row_in_pass).
-__device__ __forceinline__ bool row_ctx_in_pass(const SampleArgs& a, const float* thresholds, int64_t row, RowCtx& c) {
-  c = row_ctx(a, row_value(a.temperature, row));
+// The row's context for a drawing kernel (tau: the row's temperature, which the caller
+// loaded), or false if this launch skips the row (row_in_pass).
+__device__ __forceinline__ bool row_ctx_in_pass(const SampleArgs& a, const float* thresholds, int64_t row, float tau,
+                                                RowCtx& c) {
+  c = row_ctx(a, tau);
   if (!row_in_pass(a, row, c)) return false;
   c.threshold = row_threshold(thresholds, row);
   return true;
@@ -865,7 +867,7 @@ __global__ void __launch_bounds__(kThreads)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const T* l = static_cast<const T*>(a.logits) + row * a.ld;
   RowCtx c;
-  if (!row_ctx_in_pass(a, thresholds, row, c)) return;
+  if (!row_ctx_in_pass(a, thresholds, row, row_value(a.temperature, row), c)) return;
   const uint64_t seed = row_seed(a, row);
   const uint64_t offset = row_offset(a, row);
   const int64_t total_tiles = (a.V + kTile - 1) / kTile;
@@ -1343,9 +1345,8 @@ __global__ void __launch_bounds__(kCluster ? kClusterThreads : kThreads, kCluste
   const float tau_in = __shfl_sync(0xffffffffu, tau_lane, 0);
   const uint64_t seed = __shfl_sync(0xffffffffu, seed_lane, 0);
   const uint64_t offset = __shfl_sync(0xffffffffu, offset_lane, 0);
-  RowCtx c = row_ctx(a, tau_in);
-  if (!row_in_pass(a, row, c)) return;  // (the whole row: every CTA of its cluster)
-  c.threshold = row_threshold(thresholds, row);
+  RowCtx c;
+  if (!row_ctx_in_pass(a, thresholds, row, tau_in, c)) return;  // (the whole row: every CTA of its cluster)
   const bool bounded = kBounded && !c.greedy;
   // Noise words: a Philox block serves a pair of tiles (see philox_block), so every other
   // batch lanes 0-15 draw the blocks of this batch's 16 pairs and lanes 16-31 those of the
