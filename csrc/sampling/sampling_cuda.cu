@@ -1300,10 +1300,27 @@ __global__ void __launch_bounds__(kCluster ? kClusterThreads : kThreads, kCluste
   // B = 64 10.2 -> 9.8; B = 64 and fp32 B = 64 unchanged, fp32 B = 8 5.2 -> 5.1; the same
   // tokens. fp32 kernels still load their first batch in the loop: issued early, its 16
   // vectors spilled 360-530 bytes.)
+  //
+  // kSharedInputs (16-bit cluster kernels): one request per CTA instead of one per warp. A
+  // row's inputs are a few bytes, so every warp of the grid asked the same few L2 lines for
+  // them (at B = 64: 2048 requests per line), and those requests waited in line behind one
+  // another: Nsight Compute put 15% of all warp stall samples on the shuffle that waits for
+  // tau, and none on the first batch's regroup, whose data had arrived before. Here thread 0
+  // requests them, stores them to shared memory after the first batch's loads are issued, and
+  // a CTA barrier hands them to the other warps. (H200, per decode-like step, the same tokens:
+  // bf16 B = 64, V = 128256 7.85 -> 7.35 us, V = 256000 9.8 -> 9.25, fp16 B = 64 7.8 -> 7.4,
+  // B = 64 at tau = 0 8.55 -> 8.15, B = 8 at V = 256000 5.8 -> 5.6, B = 16 -0.07; B = 8 and 32
+  // unchanged. Not elsewhere: the same at B = 256, one CTA per row, took 19.2 -> 19.7 us, and
+  // float32 cluster kernels, whose first batch is requested after the inputs, did not gain.)
+  constexpr bool kSharedInputs = kCluster && sizeof(T) == 2;
   const int64_t input_row = row + (threadIdx.x >= blockDim.x);
-  const float tau_lane = row_value(a.temperature, input_row);
-  const uint64_t seed_lane = row_seed(a, input_row);
-  const uint64_t offset_lane = row_offset(a, input_row);
+  float tau_lane = 0.f;
+  uint64_t seed_lane = 0, offset_lane = 0;
+  if (!kSharedInputs || threadIdx.x == 0) {
+    tau_lane = row_value(a.temperature, input_row);
+    seed_lane = row_seed(a, input_row);
+    offset_lane = row_offset(a, input_row);
+  }
   // kCluster && kTokensOnly: the row's first CTA, whose last warp finishes the row, takes the
   // last range, which may hold fewer batches, and that warp the fewest of its CTA: it then has
   // time for the finish's rehearsal while the others fold (see finish_or_write_partial).
@@ -1312,10 +1329,11 @@ __global__ void __launch_bounds__(kCluster ? kClusterThreads : kThreads, kCluste
   const int64_t e_end = min(a.V, t_end * kTile);
   // kBounded (tokens-only 16-bit calls whose warps hold two batches or more; see sample_aligned_launch):
   // tau > 0 rows race bounded tiles (race_batch_bounded), with cta_low, the CTA's largest low
-  // end of a key so far, from -inf (set for every row: its barrier must not wait for tau).
+  // end of a key so far, from -inf (set for every row: its barrier must not wait for tau;
+  // kSharedInputs kernels set it at their inputs' barrier, after the first batch's loads).
   static_assert(!kBounded || (kTokensOnly && sizeof(T) == 2), "bounded races: tokens-only 16-bit kernels");
   __shared__ uint32_t cta_low;
-  if constexpr (kBounded) {
+  if constexpr (kBounded && !kSharedInputs) {
     if (threadIdx.x == 0) cta_low = to_order_key(-INFINITY);
     __syncthreads();
   }
@@ -1341,6 +1359,20 @@ __global__ void __launch_bounds__(kCluster ? kClusterThreads : kThreads, kCluste
   uint4 q[kVecs];
   int64_t b0 = t_begin + warp * kBatchTiles;
   if (kPrefetch && b0 < t_end) load_batch(q, b0);
+  if constexpr (kSharedInputs) {
+    __shared__ float shared_tau;
+    __shared__ uint64_t shared_seed, shared_offset;
+    if (threadIdx.x == 0) {
+      shared_tau = tau_lane;
+      shared_seed = seed_lane;
+      shared_offset = offset_lane;
+      if constexpr (kBounded) cta_low = to_order_key(-INFINITY);
+    }
+    __syncthreads();
+    tau_lane = shared_tau;
+    seed_lane = shared_seed;
+    offset_lane = shared_offset;
+  }
   // (warp-uniform from here on; the shuffles wait for the inputs)
   const float tau_in = __shfl_sync(0xffffffffu, tau_lane, 0);
   const uint64_t seed = __shfl_sync(0xffffffffu, seed_lane, 0);
