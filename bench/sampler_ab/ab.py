@@ -8,6 +8,7 @@ per call in a graph of 20, and a hash of 16 draws' tokens (equal hashes: the bui
 same tokens). Each build runs in its own process per round (builds alternate, and a variant
 that hangs costs one --timeout, not the call); the logits, temperatures and seeds are
 quick_sampling-like: randn * 3, tau ~ U(0, 1.2) per row ("t0" cases: tau = 0), seed = row.
+TRUNCATED cases draw with top-k / top-p (and log-probs) through ab_sample_truncated.
 """
 import argparse
 import ctypes
@@ -24,6 +25,20 @@ CASES = {  # name: (B, V, dtype, tau = 0 on every row)
     "h64": (64, 128256, "fp16", False), "f8": (8, 128256, "fp32", False), "f64": (64, 128256, "fp32", False),
     "f64v": (64, 256000, "fp32", False), "f256": (256, 128256, "fp32", False),
 }
+# Truncated draws (bench/run.py's TOP_K and TOP_P): name: (B, V, dtype, top_k, top_p, log-probs).
+# Top-p with log-probs always takes the threshold path; tokens-only top-p draws by rejection
+# first (its threshold only for rows whose draw fell outside the set).
+TRUNCATED = {
+    "k1f": (1, 128256, "fp32", 50, 1.0, False), "k1": (1, 128256, "bf16", 50, 1.0, False),
+    "k8": (8, 128256, "bf16", 50, 1.0, False), "k64": (64, 128256, "bf16", 50, 1.0, False),
+    "k256f": (256, 128256, "fp32", 50, 1.0, False),
+    "p1f": (1, 128256, "fp32", 0, 0.9, True), "p1": (1, 128256, "bf16", 0, 0.9, True),
+    "p8": (8, 128256, "bf16", 0, 0.9, True), "p64": (64, 128256, "bf16", 0, 0.9, True),
+    "p256f": (256, 128256, "fp32", 0, 0.9, True),
+    "r1f": (1, 128256, "fp32", 0, 0.9, False), "r64": (64, 128256, "bf16", 0, 0.9, False),
+    "kp1f": (1, 128256, "fp32", 50, 0.9, True), "kp8": (8, 128256, "bf16", 50, 0.9, True),
+    "kp256": (256, 128256, "bf16", 50, 0.9, True),
+}
 DTYPE_CODE = {"fp32": 0, "bf16": 1, "fp16": 2}  # fusedlm::DType
 
 
@@ -34,6 +49,10 @@ def load(path):
     lib.ab_splits.argtypes = [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_longlong] * 3 + [ctypes.c_int]
     lib.ab_workspace_floats.argtypes = [ctypes.c_longlong, ctypes.c_int]
     lib.ab_workspace_floats.restype = ctypes.c_longlong
+    if hasattr(lib, "ab_sample_truncated"):
+        lib.ab_sample_truncated.argtypes = (
+            [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_longlong] * 3 + [ctypes.c_void_p] * 4
+            + [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_float, ctypes.c_int] + [ctypes.c_void_p] * 3)
     return lib
 
 
@@ -48,7 +67,12 @@ def time_build(directory, build, cases):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     for case in cases:
-        b, v, dname, greedy = CASES[case]
+        top_k, top_p, need_logprobs = 0, 1.0, False
+        if case in TRUNCATED:
+            b, v, dname, top_k, top_p, need_logprobs = TRUNCATED[case]
+            greedy = False
+        else:
+            b, v, dname, greedy = CASES[case]
         g = torch.Generator(device="cuda").manual_seed(b * 7 + v)
         logits = (torch.randn(b, v, device="cuda", generator=g) * 3).to(dtypes[dname])
         tau = torch.zeros(b, device="cuda") if greedy else torch.rand(b, device="cuda", generator=g) * 1.2
@@ -56,10 +80,18 @@ def time_build(directory, build, cases):
         splits = lib.ab_splits(code, logits.data_ptr(), b, v, v, sms)
         workspace = torch.empty(lib.ab_workspace_floats(b, splits), device="cuda")
         tokens = torch.empty(b, dtype=torch.long, device="cuda")
+        logprobs = torch.empty(2, b, device="cuda")
 
         def draw(seeds):
-            err = lib.ab_sample(code, logits.data_ptr(), b, v, v, tau.data_ptr(), seeds.data_ptr(), tokens.data_ptr(),
-                                workspace.data_ptr(), splits, sms, torch.cuda.current_stream().cuda_stream)
+            stream = torch.cuda.current_stream().cuda_stream
+            if case in TRUNCATED:
+                err = lib.ab_sample_truncated(code, logits.data_ptr(), b, v, v, tau.data_ptr(), seeds.data_ptr(),
+                                              tokens.data_ptr(), workspace.data_ptr(), splits, sms, top_k, top_p,
+                                              int(need_logprobs), logprobs[0].data_ptr() if need_logprobs else None,
+                                              logprobs[1].data_ptr() if need_logprobs else None, stream)
+            else:
+                err = lib.ab_sample(code, logits.data_ptr(), b, v, v, tau.data_ptr(), seeds.data_ptr(),
+                                    tokens.data_ptr(), workspace.data_ptr(), splits, sms, stream)
             if err != 0:
                 raise RuntimeError(f"{build}: ab_sample returned CUDA error {err}")
             return tokens
@@ -80,15 +112,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dir", help="build.sh's output directory (unpacked)")
     parser.add_argument("builds", help="comma-separated build names (DIR/NAME.so)")
-    parser.add_argument("--cases", default="b64,b8", help=f"comma-separated, of {','.join(CASES)}")
+    names = ",".join(list(CASES) + list(TRUNCATED))
+    parser.add_argument("--cases", default="b64,b8", help=f"comma-separated, of {names}")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=90, help="seconds per build and round")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # (a child process)
     args = parser.parse_args()
     cases = args.cases.split(",")
-    unknown = [c for c in cases if c not in CASES]
+    unknown = [c for c in cases if c not in CASES and c not in TRUNCATED]
     if unknown:
-        parser.error(f"unknown cases {unknown}; choose from {list(CASES)}")
+        parser.error(f"unknown cases {unknown}; choose from {list(CASES) + list(TRUNCATED)}")
     if args.one:
         time_build(args.dir, args.builds, cases)
         return

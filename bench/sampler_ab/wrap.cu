@@ -37,3 +37,36 @@ extern "C" int ab_sample(int dtype, const void* logits, long long B, long long V
   a.clusters = a.sm90;
   return static_cast<int>(sc::sample(a, static_cast<cudaStream_t>(stream)));
 }
+
+// The same with truncation (top_k 0: off; top_p 1: off) and optional log-probs (logprob and
+// raw_logprob: [B] float32 on the device, or null when need_logprobs is 0), for the
+// truncation cases of ab.py.
+extern "C" int ab_sample_truncated(int dtype, const void* logits, long long B, long long V, long long ld,
+                                   const float* tau, const long long* seeds, long long* tokens, float* workspace,
+                                   int splits, int num_sms, long long top_k, float top_p, int need_logprobs,
+                                   float* logprob, float* raw_logprob, void* stream) {
+  sc::SampleArgs a{};
+  a.dtype = static_cast<fusedlm::DType>(dtype);
+  a.logits = logits;
+  a.B = B;
+  a.V = V;
+  a.ld = ld;
+  a.temperature.values = tau;
+  a.temperature.given = true;
+  a.seed.values = reinterpret_cast<const int64_t*>(seeds);
+  a.seed.given = true;
+  a.top_k.value = top_k;
+  a.top_k.given = top_k > 0;
+  a.top_p.value = top_p;
+  a.top_p.given = top_p < 1.f;
+  a.splits = splits;
+  a.workspace = workspace;
+  a.tokens = reinterpret_cast<int64_t*>(tokens);
+  a.logprob = logprob;
+  a.raw_logprob = raw_logprob;
+  a.need_logprobs = need_logprobs != 0;
+  a.num_sms = num_sms;
+  a.sm90 = sc::sm90_kernels();
+  a.clusters = a.sm90;
+  return static_cast<int>(sc::sample(a, static_cast<cudaStream_t>(stream)));
+}

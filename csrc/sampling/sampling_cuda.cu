@@ -440,6 +440,13 @@ __device__ __forceinline__ void cluster_arrive_relaxed() {
   asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
 #endif
 }
+// The same with release semantics: this thread's writes before it are visible to every thread
+// of the cluster after its cluster_wait (acquire).
+__device__ __forceinline__ void cluster_arrive() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+#endif
+}
 __device__ __forceinline__ void cluster_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
@@ -1534,8 +1541,9 @@ __device__ __forceinline__ void for_row_entries(const T* l, int64_t V, F&& f) {
 // comparison never keeps them).
 //
 // Few rows: a row is read by a thread-block cluster of up to 8 CTAs (sm_90), each over one
-// slice of it; after each pass every CTA sums the cluster's histograms from distributed
-// shared memory (integer sums: the same totals, hence the same choices, in every CTA).
+// slice of it; after each pass every CTA adds its histogram's nonzero bins to their owners'
+// sums in distributed shared memory (integer sums: the same totals, hence the same choices,
+// in every CTA), and after one cluster barrier reads the sums it needs.
 constexpr int kRadixBins = 2048;
 constexpr int kMaxRowCtas = 8;  // portable cluster size
 constexpr int kRadixCache = 4096;  // entries (16 KB) the third radix pass may read from shared memory
@@ -1552,7 +1560,9 @@ template <int kBlock>
 struct RadixScratch {
   static_assert(kRadixBins % kBlock == 0 && (kRadixBins / 2) % kBlock == 0, "bins per thread");
   uint32_t hist[kRadixBins];
-  uint32_t merged[kRadixBins];  // a cluster: this CTA's share of the bins, summed over the row
+  // A cluster: this CTA's share of each pass's bins (kRadixBins / ctas, ctas >= 2), summed over
+  // the row; zero before a selection's first pass (zero_merged_sums).
+  uint32_t merged[3][kRadixBins / 2];
   unsigned long long warp_sums[kBlock / 32];
   unsigned long long above;  // measure of the entries above the chosen bins
   int bin, found;
@@ -1591,6 +1601,27 @@ __device__ __forceinline__ uint32_t load_row_shared(const void* p, int rank, int
   return *static_cast<const volatile uint32_t*>(p);
 }
 
+// Adds v to the 32-bit word at `p`'s shared-memory offset in CTA `rank` of the row's cluster
+// (ctas > 1; sm_90). Relaxed: a cluster barrier (release / acquire) orders it.
+__device__ __forceinline__ void add_row_shared(uint32_t* p, int rank, uint32_t v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("red.relaxed.cluster.shared::cluster.add.u32 [%0], %1;\n" ::"r"(cluster_shared_address(p, rank)), "r"(v)
+               : "memory");
+#else
+  (void)rank;
+  atomicAdd(p, v);  // (never reached: clusters are launched on sm_90 only)
+#endif
+}
+
+// Zeroes this CTA's merged sums for a radix selection's passes (ctas > 1). The caller orders
+// it after every CTA's last read of the previous sums and before any CTA's first add (cluster
+// barriers).
+template <int kBlock>
+__device__ __forceinline__ void zero_merged_sums(RadixScratch<kBlock>& sh) {
+  uint32_t* const sums = &sh.merged[0][0];
+  for (int i = threadIdx.x; i < 3 * (kRadixBins / 2); i += kBlock) sums[i] = 0u;
+}
+
 // Adds weights to histogram bins; consecutive entries of a thread often share a bin (coarse
 // first digit, masked -inf runs): their weights are combined in a register before one shared
 // atomic add.
@@ -1611,6 +1642,18 @@ struct BinAdder {
   }
 };
 constexpr int kFirstDigitShift = 21;  // the first pass's 11-bit digit: key >> 21
+
+// x becomes the sum of x over lanes lane .. n - 1 (lanes >= n keep theirs; n a power of two
+// up to 32).
+__device__ __forceinline__ void suffix_sum_in_warp(unsigned long long& x, int n) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    if (off >= n) break;
+    const unsigned long long up = __shfl_down_sync(0xffffffffu, x, off);
+    if (lane + off < n) x += up;
+  }
+}
 
 // first_pass_filled: the caller already filled sh.hist with the first pass's histogram (the
 // top-k counts are gathered during the max pass, saving one read of the row). kCache: the
@@ -1686,46 +1729,40 @@ __device__ __forceinline__ float radix_threshold(const T* l, int64_t V, int ctas
         mine += count[j];
       }
     } else {
-      // Each CTA sums its share of the bins over the cluster's histograms, then every CTA
-      // reads the sums from their owners: 2 x bins remote loads per CTA, not ctas x bins
-      // (distributed shared memory moves one 4-byte load per request).
-      row_barrier(ctas);  // every CTA's histogram is complete
-      const int share = bins / ctas, owner_rank = static_cast<int>(blockIdx.x % ctas);
-      for (int i = threadIdx.x; i < share; i += kBlock) {
-        uint32_t part[kMaxRowCtas];
-#pragma unroll
-        for (int r = 0; r < kMaxRowCtas; ++r)  // all loads issued before any is used
-          part[r] = r < ctas ? load_row_shared(&sh.hist[owner_rank * share + i], r, ctas) : 0u;
-        uint32_t sum = 0;
-#pragma unroll
-        for (int r = 0; r < kMaxRowCtas; ++r) sum += part[r];
-        sh.merged[owner_rank * share + i] = sum;
+      // Bin b's sum lives in CTA b / share (its owner). Each CTA adds its nonzero bins there
+      // (few: the entries crowd into few bins, and later passes count only the matching ones),
+      // one cluster barrier, then every CTA reads the sums of all bins from their owners.
+      // (Each owner summing its share over the CTAs' histograms by remote loads took a
+      // barrier more and 8 remote loads per bin: H200, per decode-like step, top-k B = 1 and
+      // 8 -0.6 us, top-p unchanged.)
+      // The sums stay until the next selection zeroes them, after a barrier (zero_merged_sums).
+      const int share = bins / ctas;
+      __syncthreads();  // this CTA's histogram is complete
+      for (int i = threadIdx.x; i < bins; i += kBlock) {
+        const uint32_t c = sh.hist[i];
+        if (c != 0) add_row_shared(&sh.merged[pass][i % share], i / share, c);
       }
-      // Every share is summed: no CTA reads a histogram any more (the next pass may clear
-      // them), and the merged sums stay until every CTA has passed the next pass's first
-      // barrier (or the kernel's last one).
-      row_barrier(ctas);
+      row_barrier(ctas);  // (release / acquire: every CTA's adds are done and visible)
 #pragma unroll
       for (int j = 0; j < kMaxPer; ++j) {
         const int b = threadIdx.x * per + j;
-        count[j] = j < per ? load_row_shared(&sh.merged[b], b / share, ctas) : 0u;
+        count[j] = j < per ? load_row_shared(&sh.merged[pass][b % share], b / share, ctas) : 0u;
         mine += count[j];
       }
     }
-    // Suffix sums over the bins, highest first.
+    // Suffix sums over the bins, highest first: over the warp's lanes, then over the warps'
+    // sums, which every warp scans for itself with shuffles. (A loop over the 32 warps' sums
+    // in every thread took ~1.4 us a pass: H200, top-k, B = 1, fp32 V = 128256.)
     unsigned long long from_here = mine;  // this thread's bins and those of higher lanes
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-      const unsigned long long up = __shfl_down_sync(0xffffffffu, from_here, off);
-      if (lane + off < 32) from_here += up;
-    }
+    suffix_sum_in_warp(from_here, 32);
     if (lane == 0) sh.warp_sums[warp] = from_here;
     __syncthreads();
-    unsigned long long total = 0;
-    for (int w = 0; w < kBlock / 32; ++w) {
-      total += sh.warp_sums[w];
-      if (w > warp) from_here += sh.warp_sums[w];
-    }
+    constexpr int kWarps = kBlock / 32;
+    unsigned long long warps_from = lane < kWarps ? sh.warp_sums[lane] : 0ull;  // warps lane, lane + 1, ...
+    suffix_sum_in_warp(warps_from, kWarps);
+    const unsigned long long total = __shfl_sync(0xffffffffu, warps_from, 0);
+    const unsigned long long higher_warps = __shfl_sync(0xffffffffu, warps_from, (warp + 1) % 32);
+    if (warp + 1 < kWarps) from_here += higher_warps;
     if (pass == 0) target = target_of(total);
     // The one thread whose bins cross the target picks the bin.
     const unsigned long long before = above + (from_here - mine);
@@ -1847,8 +1884,12 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) truncation_kernel(Sampl
   if (by_count)
     for (int i = threadIdx.x; i < kRadixBins; i += kBlock) scratch.hist[i] = 0;
   if (threadIdx.x == 0) scratch.cached = 0;  // (read by every radix pass, used by the third)
+  // The first selection's merged sums: zeroed here, and a split cluster barrier around the
+  // max pass orders that before any CTA's first add.
+  if (ctas > 1) zero_merged_sums(scratch);
   __syncthreads();
-  OnlineMass<false> row_sums;
+  if (ctas > 1) cluster_arrive();
+  OnlineMass<false> row_sums, mine;
   if (rejected) {  // top_p_check_kernel found both
     const float2 max_and_sum = row_max_and_sum(a)[row];
     row_sums.max = max_and_sum.x;
@@ -1857,7 +1898,6 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) truncation_kernel(Sampl
     // The row's maximum and, for top-p, the tempered softmax's normaliser in the same pass;
     // for top-k, also the first radix pass's counts (every non-NaN entry, -inf included,
     // counts 1).
-    OnlineMass<false> mine;
     // Two instantiations, so that rows without top-k run the plain max pass (a per-entry test
     // of by_count cost top-p ~10% at B = 256: registers, and spills in the float32 kernels).
     auto max_pass = [&](auto count_tag) {
@@ -1873,8 +1913,12 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) truncation_kernel(Sampl
     };
     if (by_count) max_pass(std::true_type{});
     else max_pass(std::false_type{});
-    row_sums = row_mass<kBlock>(mine, inv_tau, ctas, by_mass, scratch.mass);
   }
+  if (ctas > 1) cluster_wait();  // (see zero_merged_sums above)
+  // Top-k alone needs neither the row's maximum nor its normaliser: no merge over the CTAs
+  // (its barriers took ~2.5 us: H200, B = 1, fp32 V = 128256).
+  if (!rejected && (by_mass || row_value(a.min_p, row) > 0.f))
+    row_sums = row_mass<kBlock>(mine, inv_tau, ctas, by_mass, scratch.mass);
   const float row_max = row_sums.max;
   if (by_count) {  // the k-th largest entry (ties at it are all kept)
     threshold = radix_threshold<kBlock, true>(l, len, ctas, scratch, [](float) { return 1u; },
@@ -1894,6 +1938,11 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) truncation_kernel(Sampl
     auto share_of_total = [top_p](unsigned long long total) {
       return static_cast<unsigned long long>(ceil(static_cast<double>(top_p) * static_cast<double>(total)));
     };
+    if (by_count && ctas > 1) {  // the second selection: its sums zeroed once the first's are read
+      row_barrier(ctas);
+      zero_merged_sums(scratch);
+      row_barrier(ctas);
+    }
     threshold = fmaxf(threshold, radix_threshold<kBlock, false>(l, len, ctas, scratch, mass, share_of_total));
   }
   const float min_p = row_value(a.min_p, row);  // (0 when not given)
