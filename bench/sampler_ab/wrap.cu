@@ -13,10 +13,11 @@ extern "C" int ab_splits(int dtype, const void* logits, long long B, long long V
 
 extern "C" long long ab_workspace_floats(long long B, int splits) { return sc::sample_workspace_floats(B, splits); }
 
-// dtype: 0 float32, 1 bfloat16, 2 float16 (fusedlm::DType). Returns the cudaError_t.
-extern "C" int ab_sample(int dtype, const void* logits, long long B, long long V, long long ld, const float* tau,
-                         const long long* seeds, long long* tokens, float* workspace, int splits, int num_sms,
-                         void* stream) {
+// The arguments of a tokens-only draw: a [B] float32 temperature and a [B] int64 seed on the
+// device, no truncation (the other parameters keep their "off" values).
+static sc::SampleArgs draw_args(int dtype, const void* logits, long long B, long long V, long long ld,
+                                const float* tau, const long long* seeds, long long* tokens, float* workspace,
+                                int splits, int num_sms) {
   sc::SampleArgs a{};
   a.dtype = static_cast<fusedlm::DType>(dtype);
   a.logits = logits;
@@ -27,7 +28,7 @@ extern "C" int ab_sample(int dtype, const void* logits, long long B, long long V
   a.temperature.given = true;
   a.seed.values = reinterpret_cast<const int64_t*>(seeds);
   a.seed.given = true;
-  a.top_p.value = 1.f;  // (the other parameters: not given, their "off" values)
+  a.top_p.value = 1.f;
   a.splits = splits;
   a.workspace = workspace;
   a.tokens = reinterpret_cast<int64_t*>(tokens);
@@ -35,6 +36,14 @@ extern "C" int ab_sample(int dtype, const void* logits, long long B, long long V
   a.num_sms = num_sms;
   a.sm90 = sc::sm90_kernels();
   a.clusters = a.sm90;
+  return a;
+}
+
+// dtype: 0 float32, 1 bfloat16, 2 float16 (fusedlm::DType). Returns the cudaError_t.
+extern "C" int ab_sample(int dtype, const void* logits, long long B, long long V, long long ld, const float* tau,
+                         const long long* seeds, long long* tokens, float* workspace, int splits, int num_sms,
+                         void* stream) {
+  const sc::SampleArgs a = draw_args(dtype, logits, B, V, ld, tau, seeds, tokens, workspace, splits, num_sms);
   return static_cast<int>(sc::sample(a, static_cast<cudaStream_t>(stream)));
 }
 
@@ -45,28 +54,13 @@ extern "C" int ab_sample_truncated(int dtype, const void* logits, long long B, l
                                    const float* tau, const long long* seeds, long long* tokens, float* workspace,
                                    int splits, int num_sms, long long top_k, float top_p, int need_logprobs,
                                    float* logprob, float* raw_logprob, void* stream) {
-  sc::SampleArgs a{};
-  a.dtype = static_cast<fusedlm::DType>(dtype);
-  a.logits = logits;
-  a.B = B;
-  a.V = V;
-  a.ld = ld;
-  a.temperature.values = tau;
-  a.temperature.given = true;
-  a.seed.values = reinterpret_cast<const int64_t*>(seeds);
-  a.seed.given = true;
+  sc::SampleArgs a = draw_args(dtype, logits, B, V, ld, tau, seeds, tokens, workspace, splits, num_sms);
   a.top_k.value = top_k;
   a.top_k.given = top_k > 0;
   a.top_p.value = top_p;
   a.top_p.given = top_p < 1.f;
-  a.splits = splits;
-  a.workspace = workspace;
-  a.tokens = reinterpret_cast<int64_t*>(tokens);
   a.logprob = logprob;
   a.raw_logprob = raw_logprob;
   a.need_logprobs = need_logprobs != 0;
-  a.num_sms = num_sms;
-  a.sm90 = sc::sm90_kernels();
-  a.clusters = a.sm90;
   return static_cast<int>(sc::sample(a, static_cast<cudaStream_t>(stream)));
 }
