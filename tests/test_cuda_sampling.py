@@ -125,13 +125,14 @@ def test_truncated_same_tokens_as_cpu(trunc, ties, dtype):
     assert_same_tokens_as_cpu(logits, tau, **trunc)
 
 
-# The truncation kernel splits a row over a cluster of up to 8 CTAs when rows are few
-# (B = 1, 7: 8 CTAs, B = 40: 2), of 2 smaller CTAs while rows number up to twice the SMs
-# (B = 200 on an H100), uses one CTA per row otherwise (B = 300); V = 37 leaves some of the
-# 8 CTAs an empty slice.
+# The truncation kernel splits a row over a cluster of up to 16 CTAs when rows are few
+# (on an H100 or H200, B = 1, 3: 16 CTAs, where all the rows' clusters of 16 fit at once;
+# B = 7: 8; B = 40: 2), of 2 smaller CTAs while rows number up to twice the SMs (B = 200 on
+# an H100), uses one CTA per row otherwise (B = 300); V = 37 leaves some of the CTAs an
+# empty slice.
 @each_truncation
-@pytest.mark.parametrize("batch,vocab", [(1, 128256), (7, 50257), (40, 32000), (200, 5001), (150, 50257),
-                                         (300, 5001), (1, 37)])
+@pytest.mark.parametrize("batch,vocab", [(1, 128256), (3, 20011), (7, 50257), (40, 32000), (200, 5001),
+                                         (150, 50257), (300, 5001), (1, 37)])
 def test_truncated_row_split_same_tokens_as_cpu(trunc, batch, vocab):
     logits = (torch.randn(batch, vocab) * 6).round() / 2  # exact ties
     logits[:, ::13] = float("-inf")

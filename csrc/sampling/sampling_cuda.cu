@@ -1545,7 +1545,10 @@ __device__ __forceinline__ void for_row_entries(const T* l, int64_t V, F&& f) {
 // sums in distributed shared memory (integer sums: the same totals, hence the same choices,
 // in every CTA), and after one cluster barrier reads the sums it needs.
 constexpr int kRadixBins = 2048;
-constexpr int kMaxRowCtas = 8;  // portable cluster size
+// Up to 8 CTAs a row (the portable cluster size); 16 (non-portable, sm_90) for batches whose
+// clusters of 16 all fit on the device at once (wide_row_clusters).
+constexpr int kPortableRowCtas = 8;
+constexpr int kMaxRowCtas = 16;
 constexpr int kRadixCache = 4096;  // entries (16 KB) the third radix pass may read from shared memory
 // Few rows: 1024-thread CTAs (4x the loads in flight); many rows: 256-thread CTAs share the
 // SMs (4 per SM at 64 registers).
@@ -2043,6 +2046,37 @@ cudaError_t launch(const SampleArgs& a, dim3 cluster, void (*kernel)(Params...),
   return cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 
+// How many clusters of kMaxRowCtas CTAs of `threads` threads of kKernel the device holds at
+// once (0: none, or no such clusters), asked once per kernel and device (which also allows
+// the kernel such clusters).
+template <auto kKernel>
+int wide_row_clusters(int threads) {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 0;
+  }
+  static std::atomic<int> known[64] = {};  // per device: 0 not asked yet, else clusters + 1
+  if (device < 64 && known[device] != 0) return known[device] - 1;
+  int clusters = 0;
+  if (cudaFuncSetAttribute(kKernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess) {
+    cudaLaunchAttribute attr;
+    attr.id = cudaLaunchAttributeClusterDimension;
+    attr.val.clusterDim.x = kMaxRowCtas;
+    attr.val.clusterDim.y = 1;
+    attr.val.clusterDim.z = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(kMaxRowCtas);
+    cfg.blockDim = dim3(threads);
+    cfg.attrs = &attr;
+    cfg.numAttrs = 1;
+    if (cudaOccupancyMaxActiveClusters(&clusters, kKernel, &cfg) != cudaSuccess) clusters = 0;
+  }
+  (void)cudaGetLastError();
+  if (device < 64) known[device] = clusters + 1;
+  return clusters;
+}
+
 // Launches the truncation kernel (kCheck: top_p_check_kernel, which reads rows the same way):
 // rows <= SMs get 1024-thread CTAs, and on sm_90 up to 8 CTAs per row (a cluster) while the
 // grid stays within one CTA per SM; more rows get kThreads-thread CTAs, on sm_90 2 per row up
@@ -2053,9 +2087,9 @@ cudaError_t truncation_launch(const SampleArgs& a, float* thresholds, cudaStream
   // ctas CTAs of `threads` per row: a cluster when ctas > 1, else (or when no such cluster
   // fits, e.g. on a small MIG slice) one CTA per row.
   auto launch_rows = [&](auto kernel, int threads, int ctas) {
-    if (ctas > 1) {
-      if (launch(a, ctas, kernel, dim3(static_cast<unsigned>(a.B * ctas)), dim3(threads), 0, stream, a, thresholds,
-                 ctas) == cudaSuccess)
+    for (int c = ctas; c > 1; c = c > kPortableRowCtas ? kPortableRowCtas : 1) {  // (16, then 8)
+      if (launch(a, c, kernel, dim3(static_cast<unsigned>(a.B * c)), dim3(threads), 0, stream, a, thresholds, c) ==
+          cudaSuccess)
         return cudaSuccess;
       (void)cudaGetLastError();
     }
@@ -2074,11 +2108,18 @@ cudaError_t truncation_launch(const SampleArgs& a, float* thresholds, cudaStream
   // kExactRows: usually a few of the rows (those top_p_check_kernel marked), so each gets as
   // many 1024-thread CTAs as keep the grid, mostly CTAs that exit at once, within ~16 waves.
   const int64_t max_grid = a.pass == kExactRows ? 16 * sms : sms;
+  constexpr auto kernel = kCheck ? top_p_check_kernel<T, kTruncationThreadsFewRows>
+                                 : truncation_kernel<T, kTruncationThreadsFewRows>;
   int ctas = 1;
-  while (a.clusters && ctas < kMaxRowCtas && a.B * ctas * 2 <= max_grid) ctas *= 2;
-  return launch_rows(kCheck ? top_p_check_kernel<T, kTruncationThreadsFewRows>
-                            : truncation_kernel<T, kTruncationThreadsFewRows>,
-                     kTruncationThreadsFewRows, ctas);
+  while (a.clusters && ctas < kPortableRowCtas && a.B * ctas * 2 <= max_grid) ctas *= 2;
+  // Clusters of 16 where every row's fits at once (H200, per decode-like step, B = 1, V =
+  // 128256: top-p 0.9 with log-probs fp32 42.0 -> 37.4 us, bf16 47.7 -> 44.2, top-k 50 and
+  // top-p fp32 -0.7; B = 8 in 8 such clusters, which did not all fit, lost: top-k 30.6 ->
+  // 53.8 us).
+  if (ctas == kPortableRowCtas && a.B * kMaxRowCtas * 2 <= max_grid &&
+      a.B <= wide_row_clusters<kernel>(kTruncationThreadsFewRows))
+    ctas = kMaxRowCtas;
+  return launch_rows(kernel, kTruncationThreadsFewRows, ctas);
 }
 
 template <typename T>
