@@ -18,7 +18,7 @@
 // per-lane loads). On sm_90 every kernel is a programmatic dependent launch (launch latency
 // hidden).
 // truncation_kernel (only when top-k / top-p / min-p are given; one CTA per row, or a cluster
-// of up to 8 CTAs per row when rows are few) finds the smallest kept logit by radix selection
+// of up to 16 CTAs per row when rows are few) finds the smallest kept logit by radix selection
 // over the order-preserving integer image of the floats: three histogram passes per threshold.
 // Tokens-only calls with top-p alone draw by rejection first (see SamplePass): a plain draw,
 // top_p_check_kernel, and the threshold only for the rows whose draw fell outside the set.
@@ -1540,7 +1540,7 @@ __device__ __forceinline__ void for_row_entries(const T* l, int64_t V, F&& f) {
 // Returns -inf when the whole row's measure is below target. NaN entries weigh nothing (a
 // comparison never keeps them).
 //
-// Few rows: a row is read by a thread-block cluster of up to 8 CTAs (sm_90), each over one
+// Few rows: a row is read by a thread-block cluster of up to 16 CTAs (sm_90), each over one
 // slice of it; after each pass every CTA adds its histogram's nonzero bins to their owners'
 // sums in distributed shared memory (integer sums: the same totals, hence the same choices,
 // in every CTA), and after one cluster barrier reads the sums it needs.
@@ -2079,8 +2079,8 @@ int wide_row_clusters(int threads) {
 
 // Launches the truncation kernel (kCheck: top_p_check_kernel, which reads rows the same way):
 // rows <= SMs get 1024-thread CTAs, and on sm_90 up to 8 CTAs per row (a cluster) while the
-// grid stays within one CTA per SM; more rows get kThreads-thread CTAs, on sm_90 2 per row up
-// to twice as many rows as SMs.
+// grid stays within one CTA per SM (16 where they all fit at once, see wide_row_clusters);
+// more rows get kThreads-thread CTAs, on sm_90 2 per row up to twice as many rows as SMs.
 template <typename T, bool kCheck = false>
 cudaError_t truncation_launch(const SampleArgs& a, float* thresholds, cudaStream_t stream) {
   const int64_t sms = a.num_sms;
