@@ -2046,35 +2046,47 @@ cudaError_t launch(const SampleArgs& a, dim3 cluster, void (*kernel)(Params...),
   return cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 
-// How many clusters of kMaxRowCtas CTAs of `threads` threads of kKernel the device holds at
-// once (0: none, or no such clusters), asked once per kernel and device (which also allows
-// the kernel such clusters).
-template <auto kKernel>
-int wide_row_clusters(int threads) {
+// A per-device value (>= 0) that `ask` finds for the current device, asked once per device and
+// cached in `known` (0: not asked yet, else the value + 1; devices past the 64th are asked each
+// time); -1 when the current device cannot be found.
+template <typename Ask>
+int per_device(std::atomic<int> (&known)[64], Ask ask) {
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) {
     (void)cudaGetLastError();
-    return 0;
+    return -1;
   }
-  static std::atomic<int> known[64] = {};  // per device: 0 not asked yet, else clusters + 1
   if (device < 64 && known[device] != 0) return known[device] - 1;
-  int clusters = 0;
-  if (cudaFuncSetAttribute(kKernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess) {
-    cudaLaunchAttribute attr;
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim.x = kMaxRowCtas;
-    attr.val.clusterDim.y = 1;
-    attr.val.clusterDim.z = 1;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(kMaxRowCtas);
-    cfg.blockDim = dim3(threads);
-    cfg.attrs = &attr;
-    cfg.numAttrs = 1;
-    if (cudaOccupancyMaxActiveClusters(&clusters, kKernel, &cfg) != cudaSuccess) clusters = 0;
-  }
-  (void)cudaGetLastError();
-  if (device < 64) known[device] = clusters + 1;
-  return clusters;
+  const int value = ask();
+  if (device < 64) known[device] = value + 1;
+  return value;
+}
+
+// How many clusters of kMaxRowCtas CTAs of kTruncationThreadsFewRows threads of kKernel the
+// device holds at once (0: none, or no such clusters), asked once per kernel and device (which
+// also allows the kernel such clusters).
+template <auto kKernel>
+int wide_row_clusters() {
+  static std::atomic<int> known[64] = {};
+  const int clusters = per_device(known, [] {
+    int n = 0;
+    if (cudaFuncSetAttribute(kKernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess) {
+      cudaLaunchAttribute attr;
+      attr.id = cudaLaunchAttributeClusterDimension;
+      attr.val.clusterDim.x = kMaxRowCtas;
+      attr.val.clusterDim.y = 1;
+      attr.val.clusterDim.z = 1;
+      cudaLaunchConfig_t cfg = {};
+      cfg.gridDim = dim3(kMaxRowCtas);
+      cfg.blockDim = dim3(kTruncationThreadsFewRows);
+      cfg.attrs = &attr;
+      cfg.numAttrs = 1;
+      if (cudaOccupancyMaxActiveClusters(&n, kKernel, &cfg) != cudaSuccess) n = 0;
+    }
+    (void)cudaGetLastError();
+    return n;
+  });
+  return clusters < 0 ? 0 : clusters;
 }
 
 // Launches the truncation kernel (kCheck: top_p_check_kernel, which reads rows the same way):
@@ -2117,7 +2129,7 @@ cudaError_t truncation_launch(const SampleArgs& a, float* thresholds, cudaStream
   // top-p fp32 -0.7; B = 8 in 8 such clusters, which did not all fit, lost: top-k 30.6 ->
   // 53.8 us).
   if (ctas == kPortableRowCtas && a.B * kMaxRowCtas * 2 <= max_grid &&
-      a.B <= wide_row_clusters<kernel>(kTruncationThreadsFewRows))
+      a.B <= wide_row_clusters<kernel>())
     ctas = kMaxRowCtas;
   return launch_rows(kernel, kTruncationThreadsFewRows, ctas);
 }
@@ -2278,19 +2290,13 @@ cudaError_t sample_typed(const SampleArgs& a, cudaStream_t stream) {
 }  // namespace
 
 bool sm90_kernels() {
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return false;
-  }
-  static std::atomic<signed char> known[64] = {};  // per device: 0 not asked yet, 1 yes, -1 no
-  if (device < 64 && known[device] != 0) return known[device] > 0;
-  cudaFuncAttributes attr;
-  const cudaError_t err = cudaFuncGetAttributes(&attr, sample_kernel<float, false, false>);
-  if (err != cudaSuccess) (void)cudaGetLastError();  // (no code for this device: the launch reports it)
-  const bool yes = err == cudaSuccess && attr.ptxVersion >= 90;  // (sm_90+ code runs only on sm_90+ devices)
-  if (device < 64) known[device] = yes ? 1 : -1;
-  return yes;
+  static std::atomic<int> known[64] = {};
+  return per_device(known, [] {
+           cudaFuncAttributes attr;
+           const cudaError_t err = cudaFuncGetAttributes(&attr, sample_kernel<float, false, false>);
+           if (err != cudaSuccess) (void)cudaGetLastError();  // (no code for this device: the launch reports it)
+           return err == cudaSuccess && attr.ptxVersion >= 90 ? 1 : 0;  // (sm_90+ code runs only on sm_90+ devices)
+         }) == 1;
 }
 
 int sample_splits(DType dtype, const void* logits, int64_t ld, int64_t B, int64_t V, int num_sms, bool clusters) {
