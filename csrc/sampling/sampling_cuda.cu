@@ -421,18 +421,6 @@ __device__ __forceinline__ void griddep_launch_dependents() {
 #endif
 }
 
-// Barrier over the CTAs that share a row (a cluster of `ctas`; one CTA: __syncthreads).
-// Release / acquire: each CTA's shared-memory writes are visible to the others after it.
-__device__ __forceinline__ void row_barrier(int ctas) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (ctas > 1) {
-    asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-    return;
-  }
-#endif
-  __syncthreads();
-}
-
 // Split cluster barrier (sm_90): every thread arrives early and waits later, before its first
 // access to another CTA's shared memory (that CTA must have started).
 __device__ __forceinline__ void cluster_arrive_relaxed() {
@@ -451,6 +439,19 @@ __device__ __forceinline__ void cluster_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
 #endif
+}
+
+// Barrier over the CTAs that share a row (a cluster of `ctas`; one CTA: __syncthreads).
+// Release / acquire: each CTA's shared-memory writes are visible to the others after it.
+__device__ __forceinline__ void row_barrier(int ctas) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (ctas > 1) {
+    cluster_arrive();
+    cluster_wait();
+    return;
+  }
+#endif
+  __syncthreads();
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -979,6 +980,14 @@ __device__ __forceinline__ float tree_sum8(const float (&x)[8]) {
   return ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]));
 }
 
+// The sum of n = 4 or 8 floats as a tree (tree_sum8's order).
+template <int n>
+__device__ __forceinline__ float tree_sum(const float (&x)[n]) {
+  static_assert(n == 4 || n == 8, "a 16-byte vector's entries");
+  if constexpr (n == 8) return tree_sum8(x);
+  else return (x[0] + x[1]) + (x[2] + x[3]);
+}
+
 // Entry j of a tile held as 16-byte vectors, as a float (kThreshold: -inf below the threshold,
 // and for NaN).
 template <typename T, bool kThreshold>
@@ -1489,12 +1498,13 @@ __device__ float block_max(float x) {
   return r;
 }
 
-// Calls f(x, valid, index) for every entry of a row, read with 16-byte loads (4 in flight per thread:
-// one CTA may be a whole row's reader); the entries before the first 16-byte boundary and
-// after the last whole vector are read one per thread. Every thread makes the same number of
-// calls (valid = false past the row), so f may use warp-collective operations.
-template <int kBlock = kThreads, int kInFlight = 4, typename T, typename F>
-__device__ __forceinline__ void for_row_entries(const T* l, int64_t V, F&& f) {
+// Reads a row with 16-byte loads (kInFlight in flight per thread: one CTA may be a whole row's
+// reader): on_entry(x, valid, index) for the entries before the first 16-byte boundary and
+// after the last whole vector (one per thread), on_vector(q, valid, index of its first entry)
+// for the whole vectors between. Every thread makes the same number of calls (valid = false
+// past the row), so the callbacks may use warp-collective operations.
+template <int kBlock, int kInFlight, typename T, typename OnEntry, typename OnVector>
+__device__ __forceinline__ void for_row_parts(const T* l, int64_t V, OnEntry&& on_entry, OnVector&& on_vector) {
   constexpr int kPer = 16 / static_cast<int>(sizeof(T));
   static_assert(kPer <= kBlock, "the head and tail take one entry per thread");
   const int64_t misalign = static_cast<int64_t>(reinterpret_cast<uintptr_t>(l) % 16) / static_cast<int64_t>(sizeof(T));
@@ -1503,7 +1513,7 @@ __device__ __forceinline__ void for_row_entries(const T* l, int64_t V, F&& f) {
   const int64_t tail = head + vectors * kPer;
   {
     const bool valid = threadIdx.x < head;
-    f(valid ? load_logit(l + threadIdx.x) : 0.f, valid, static_cast<int64_t>(threadIdx.x));
+    on_entry(valid ? load_logit(l + threadIdx.x) : 0.f, valid, static_cast<int64_t>(threadIdx.x));
   }
   const uint4* body = reinterpret_cast<const uint4*>(l + head);
   for (int64_t base = 0; base < vectors; base += kBlock * kInFlight) {
@@ -1515,16 +1525,31 @@ __device__ __forceinline__ void for_row_entries(const T* l, int64_t V, F&& f) {
     }
 #pragma unroll
     for (int u = 0; u < kInFlight; ++u) {
-      const bool valid = base + u * kBlock + threadIdx.x < vectors;
-#pragma unroll
-      for (int j = 0; j < kPer; ++j)
-        f(to_float(reinterpret_cast<const T*>(&q[u])[j]), valid, head + (base + u * kBlock + threadIdx.x) * kPer + j);
+      const int64_t i = base + u * kBlock + threadIdx.x;
+      on_vector(q[u], i < vectors, head + i * kPer);
     }
   }
   {
     const bool valid = tail + threadIdx.x < V;
-    f(valid ? load_logit(l + tail + threadIdx.x) : 0.f, valid, tail + threadIdx.x);
+    on_entry(valid ? load_logit(l + tail + threadIdx.x) : 0.f, valid, tail + threadIdx.x);
   }
+}
+
+// The entries of a 16-byte vector as floats.
+template <typename T>
+__device__ __forceinline__ void vector_entries(const uint4& q, float (&x)[16 / sizeof(T)]) {
+#pragma unroll
+  for (int j = 0; j < static_cast<int>(16 / sizeof(T)); ++j) x[j] = to_float(reinterpret_cast<const T*>(&q)[j]);
+}
+
+// Calls f(x, valid, index) for every entry of a row (see for_row_parts).
+template <int kBlock = kThreads, int kInFlight = 4, typename T, typename F>
+__device__ __forceinline__ void for_row_entries(const T* l, int64_t V, F&& f) {
+  constexpr int kPer = 16 / static_cast<int>(sizeof(T));
+  for_row_parts<kBlock, kInFlight>(l, V, f, [&](const uint4& q, bool valid, int64_t first) {
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) f(to_float(reinterpret_cast<const T*>(&q)[j]), valid, first + j);
+  });
 }
 
 // Radix selection of a truncation threshold: the largest float t with
@@ -1819,6 +1844,44 @@ struct OnlineMass {
     if constexpr (kAbove)
       if (x > pivot) above += w;
   }
+  // The same for a vector's entries: the maximum once per vector, then one exp per entry and
+  // a tree of sums, without add's per-entry branches (~43 instructions an entry, which bound
+  // top_p_check_kernel: H200, bf16 B = 64, V = 128256 ~17 us for a 16 MB read). The sums
+  // differ from add's by rounding only (within check_margin). Vectors holding NaN (their sum
+  // turns NaN) and threads whose maximum is +inf take add, entry by entry.
+  template <int n>
+  __device__ __forceinline__ void add_all(const float (&x)[n], float inv_tau, float pivot = INFINITY) {
+    float top = x[0];
+#pragma unroll
+    for (int j = 1; j < n; ++j) top = fmaxf(top, x[j]);  // (skips NaN)
+    if (top > max) {
+      const float r = max == -INFINITY ? 0.f : tempered_ratio(max, top, inv_tau);
+      sum *= r;
+      if constexpr (kAbove) above *= r;
+      max = top;
+    }
+    if (!(max < INFINITY)) {  // -inf: nothing kept yet (NaN or -inf entries only); +inf: add's ratios
+      if (max == INFINITY)
+#pragma unroll
+        for (int j = 0; j < n; ++j) add(x[j], inv_tau, pivot);
+      return;
+    }
+    const float scale2 = inv_tau * kLog2e;  // (finite: inv_tau <= 2^126)
+    float w[n], w_above[n];
+#pragma unroll
+    for (int j = 0; j < n; ++j) {
+      w[j] = fast_exp2((x[j] - max) * scale2);  // (-inf entries: 0; NaN entries: NaN)
+      w_above[j] = x[j] > pivot ? w[j] : 0.f;
+    }
+    const float vector_sum = tree_sum(w);
+    if (vector_sum != vector_sum) {  // a NaN entry, which weighs nothing
+#pragma unroll
+      for (int j = 0; j < n; ++j) add(x[j], inv_tau, pivot);
+      return;
+    }
+    sum += vector_sum;
+    if constexpr (kAbove) above += tree_sum(w_above);
+  }
 };
 
 // The row's OnlineMass from its threads' over the row's `ctas` CTAs (a cluster): block
@@ -1905,13 +1968,31 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) truncation_kernel(Sampl
     // of by_count cost top-p ~10% at B = 256: registers, and spills in the float32 kernels).
     auto max_pass = [&](auto count_tag) {
       BinAdder first_digits{scratch.hist};
-      for_row_entries<kBlock>(l, len, [&](float x, bool valid, int64_t) {
+      auto count = [&](float x, bool valid) {
         if constexpr (decltype(count_tag)::value)
           if (valid && x == x) first_digits.add(static_cast<int>(to_order_key(x) >> kFirstDigitShift), 1u);
-        if (!valid) return;
-        if (by_mass) mine.add(x, inv_tau);
-        else mine.max = fmaxf(mine.max, x);  // (skips NaN)
-      });
+      };
+      for_row_parts<kBlock, 4>(
+          l, len,
+          [&](float x, bool valid, int64_t) {
+            count(x, valid);
+            if (!valid) return;
+            if (by_mass) mine.add(x, inv_tau);
+            else mine.max = fmaxf(mine.max, x);  // (skips NaN)
+          },
+          [&](const uint4& q, bool valid, int64_t) {
+            float x[16 / sizeof(T)];
+            vector_entries<T>(q, x);
+#pragma unroll
+            for (float e : x) count(e, valid);
+            if (!valid) return;
+            if (by_mass) {
+              mine.add_all(x, inv_tau);
+            } else {
+#pragma unroll
+              for (float e : x) mine.max = fmaxf(mine.max, e);  // (skips NaN)
+            }
+          });
       if constexpr (decltype(count_tag)::value) first_digits.flush();
     };
     if (by_count) max_pass(std::true_type{});
@@ -2004,9 +2085,16 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) top_p_check_kernel(Samp
   const float token_logit = load_logit(row_logits + a.tokens[row]);
   const float inv_tau = inverse_temperature(tau);
   OnlineMass<true> mine;
-  for_row_entries<kBlock, kInFlight>(row_logits + begin, len, [&](float x, bool valid, int64_t) {
-    if (valid) mine.add(x, inv_tau, token_logit);
-  });
+  for_row_parts<kBlock, kInFlight>(
+      row_logits + begin, len,
+      [&](float x, bool valid, int64_t) {
+        if (valid) mine.add(x, inv_tau, token_logit);
+      },
+      [&](const uint4& q, bool valid, int64_t) {
+        float x[16 / sizeof(T)];
+        vector_entries<T>(q, x);
+        if (valid) mine.add_all(x, inv_tau, token_logit);
+      });
   const OnlineMass<true> whole = row_mass<kBlock>(mine, inv_tau, ctas, true, scratch);
   if (rank == 0 && threadIdx.x == 0) {
     // (+inf logits: the sums count the +inf entries only, so only a drawn +inf entry passes.)
