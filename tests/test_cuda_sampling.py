@@ -574,6 +574,28 @@ def test_temperature_logprobs_cuda_matches_cpu():
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4)
 
 
+# The one-pass kernel (running maximum, sums rescaled as it grows) in every dtype, both
+# temperature counts it is built for (up to 4 and up to 16), aligned and unaligned rows (a
+# column slice: entries before the first 16-byte boundary), NaN entries, rows that rise
+# late (the maximum in the last entries) and tokens at the argmax, against the CPU (float64).
+@pytest.mark.parametrize("taus", [[0.0, 0.2, 0.6, 1.0], [1.0, 0.05, 0.3, 0.7, 0.0, 1.5, 2.0, 3.0, 0.9]],
+                         ids=["K4", "K9"])
+@pytest.mark.parametrize("v,sliced", [(5120, False), (50257, False), (5003, True)], ids=["aligned", "odd", "sliced"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_temperature_logprobs_one_pass_matches_cpu(dtype, v, sliced, taus):
+    b = 37
+    full = torch.randn(b, v + 1) * 3
+    full[::4, -3:] += 20  # the row's maximum among its last entries: the sums rescale late
+    full[1::5, 3::101] = float("nan")
+    logits = (full[:, 1:] if sliced else full[:, :v]).to(dtype)
+    tokens = torch.randint(0, v, (b,))
+    tokens[::3] = logits.float().nan_to_num(nan=-math.inf).argmax(dim=1)[::3]
+    cpu = fusedlm.temperature_logprobs(logits.float(), tokens, taus)
+    gpu = fusedlm.temperature_logprobs(logits.to(DEV), tokens.to(DEV), taus).cpu()
+    assert gpu.isfinite().sum() == cpu.isfinite().sum()
+    torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)
+
+
 def test_temperature_logprobs_rows_without_a_finite_entry_are_nan():
     # Rows of only -inf, only NaN, and -inf with NaN first: NaN at every tau, as on the CPU (a
     # tau = 0 row of -inf gave 0 or -inf: its argmax is the first non-NaN entry).

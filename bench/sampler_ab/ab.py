@@ -41,6 +41,9 @@ TRUNCATED = {
     "kp1f": (1, 128256, "fp32", 50, 0.9, True), "kp8": (8, 128256, "bf16", 50, 0.9, True),
     "kp256": (256, 128256, "bf16", 50, 0.9, True),
 }
+# temperature_logprobs (LPO): name: (B, V, dtype, K temperatures); timed per call in a graph of
+# 20, with the sum of the outputs instead of a token hash (rounding may differ between builds).
+LPO = {"t1024": (1024, 128256, "bf16", 4), "t1024k8": (1024, 128256, "bf16", 8), "t256f": (256, 128256, "fp32", 4)}
 DTYPE_CODE = {"fp32": 0, "bf16": 1, "fp16": 2}  # fusedlm::DType
 
 
@@ -51,6 +54,9 @@ def load(path):
     lib.ab_splits.argtypes = [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_longlong] * 3 + [ctypes.c_int]
     lib.ab_workspace_floats.argtypes = [ctypes.c_longlong, ctypes.c_int]
     lib.ab_workspace_floats.restype = ctypes.c_longlong
+    if hasattr(lib, "ab_temperature_logprobs"):
+        lib.ab_temperature_logprobs.argtypes = ([ctypes.c_int, ctypes.c_void_p] + [ctypes.c_longlong] * 3
+                                                + [ctypes.c_void_p] * 2 + [ctypes.c_longlong] + [ctypes.c_void_p] * 2)
     if hasattr(lib, "ab_sample_truncated"):
         lib.ab_sample_truncated.argtypes = (
             [ctypes.c_int, ctypes.c_void_p] + [ctypes.c_longlong] * 3 + [ctypes.c_void_p] * 4
@@ -69,6 +75,9 @@ def time_build(directory, build, cases):
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     for case in cases:
+        if case in LPO:
+            time_temperature_logprobs(lib, build, case, dtypes, graph_time)
+            continue
         top_k, top_p, need_logprobs = 0, 1.0, False
         if case in TRUNCATED:
             b, v, dname, top_k, top_p, need_logprobs = TRUNCATED[case]
@@ -110,18 +119,41 @@ def time_build(directory, build, cases):
               flush=True)
 
 
+def time_temperature_logprobs(lib, build, case, dtypes, graph_time):
+    import torch
+    b, v, dname, k = LPO[case]
+    g = torch.Generator(device="cuda").manual_seed(b * 7 + v)
+    logits = (torch.randn(b, v, device="cuda", generator=g) * 3).to(dtypes[dname])
+    tokens = torch.randint(0, v, (b,), device="cuda", generator=g)
+    temps = torch.tensor([0.0, 0.3, 0.7, 1.0, 1.3, 0.5, 2.0, 0.9][:k], device="cuda")
+    out = torch.empty(b, k, device="cuda")
+
+    def call():
+        err = lib.ab_temperature_logprobs(DTYPE_CODE[dname], logits.data_ptr(), b, v, v, tokens.data_ptr(),
+                                          temps.data_ptr(), k, out.data_ptr(), torch.cuda.current_stream().cuda_stream)
+        if err != 0:
+            raise RuntimeError(f"{build}: ab_temperature_logprobs returned CUDA error {err}")
+
+    call()
+    finite = out[:, 1:].isfinite()
+    total = out[:, 1:][finite].double().sum().item()
+    g20 = graph_time(call, calls=20)
+    print(f"{case:6s} {build:10s} g20 {g20 * 1e3:8.2f} us  sum {total:.6e}  finite {finite.sum().item()}"
+          f"  greedy0 {(out[:, 0] == 0).sum().item()}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dir", help="build.sh's output directory (unpacked)")
     parser.add_argument("builds", help="comma-separated build names (DIR/NAME.so)")
-    names = ",".join(list(CASES) + list(TRUNCATED))
+    names = ",".join(list(CASES) + list(TRUNCATED) + list(LPO))
     parser.add_argument("--cases", default="b64,b8", help=f"comma-separated, of {names}")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=90, help="seconds per build and round")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # (a child process)
     args = parser.parse_args()
     cases = args.cases.split(",")
-    unknown = [c for c in cases if c not in CASES and c not in TRUNCATED]
+    unknown = [c for c in cases if c not in CASES and c not in TRUNCATED and c not in LPO]
     if unknown:
         parser.error(f"unknown cases {unknown}; choose from {list(CASES) + list(TRUNCATED)}")
     if args.one:

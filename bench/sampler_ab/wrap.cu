@@ -64,3 +64,21 @@ extern "C" int ab_sample_truncated(int dtype, const void* logits, long long B, l
   a.need_logprobs = need_logprobs != 0;
   return static_cast<int>(sc::sample(a, static_cast<cudaStream_t>(stream)));
 }
+
+// temperature_logprobs (ab.py's LPO cases): out[B, K] = log p(tokens | temps[k]); temps: [K]
+// float32 on the device.
+extern "C" int ab_temperature_logprobs(int dtype, const void* logits, long long B, long long V, long long ld,
+                                       const long long* tokens, const float* temps, long long K, float* out,
+                                       void* stream) {
+  sc::TemperatureLogprobArgs a{};
+  a.dtype = static_cast<fusedlm::DType>(dtype);
+  a.logits = logits;
+  a.B = B;
+  a.V = V;
+  a.ld = ld;
+  a.tokens = reinterpret_cast<const int64_t*>(tokens);
+  a.temperatures = temps;
+  a.K = K;
+  a.out = out;
+  return static_cast<int>(sc::temperature_logprobs(a, static_cast<cudaStream_t>(stream)));
+}

@@ -2222,46 +2222,86 @@ cudaError_t truncation_launch(const SampleArgs& a, float* thresholds, cudaStream
   return launch_rows(kernel, kTruncationThreadsFewRows, ctas);
 }
 
-template <typename T>
+// log p(token | tau_k) for K temperatures in one pass over the row: each thread keeps the
+// largest finite image (finite_logit) of its non-NaN entries with the K tempered sums
+// relative to it, rescaled when it grows (at most once per 16-byte vector), and the first
+// index of the row's largest entry (for tau = 0); then block reductions. (Two passes, the
+// maximum first, then K __expf an entry in a loop over all 16 slots, took ~3x the
+// instructions.) kMaxK: 4 or 16 temperatures at most (the loops over them unroll).
+template <typename T, int kMaxK>
 __global__ void __launch_bounds__(kThreads) temperature_logprobs_kernel(TemperatureLogprobArgs a) {
-  constexpr int kMaxK = 16;
+  constexpr int kPer = 16 / static_cast<int>(sizeof(T));
   const int64_t row = blockIdx.x;
+  const int K = static_cast<int>(a.K);
   const T* l = static_cast<const T*>(a.logits) + row * a.ld;
-  float local_max = -INFINITY;
-  int64_t local_arg = -1;
-  // Each thread sees its entries in increasing index order: the first of equal maxima wins.
-  for_row_entries(l, a.V, [&](float x, bool valid, int64_t v) {
-    if (valid && x == x && (local_arg < 0 || x > local_max)) {  // NaN: never the argmax
-      local_max = x;
-      local_arg = v;
-    }
-  });
-  RowState st;
-  st.arg_val = local_max;
-  st.arg_idx = local_arg;
-  st = block_reduce(st, 1.f, 1.f);  // (only the argmax fields are set)
-  __shared__ float row_max;
-  __shared__ int64_t row_arg;
-  if (threadIdx.x == 0) {
-    row_max = st.arg_val;
-    row_arg = st.arg_idx;
-  }
-  __syncthreads();
+  float scale2[kMaxK];  // log2(e) / tau; 0 for tau = 0 (and past K): those sums stay unused
+#pragma unroll
+  for (int k = 0; k < kMaxK; ++k)
+    scale2[k] = k < K && a.temperatures[k] > 0.f ? inverse_temperature(a.temperatures[k]) * kLog2e : 0.f;
+  float arg_val = -INFINITY;
+  int64_t arg_idx = -1;
+  float top = -INFINITY;  // this thread's largest finite image so far
   float sums[kMaxK];
 #pragma unroll
   for (int k = 0; k < kMaxK; ++k) sums[k] = 0.f;
-  float inv_tau[kMaxK];  // 0 for tau = 0 and past K (those sums stay unused)
+  auto track_argmax = [&](float x, int64_t v) {  // (entries in increasing index order: the first maximum wins)
+    if (x == x && (arg_idx < 0 || x > arg_val)) {  // NaN: never the argmax
+      arg_val = x;
+      arg_idx = v;
+    }
+  };
+  auto raise_top = [&](float m) {
+    if (!(m > top)) return;
+    if (top > -INFINITY)
 #pragma unroll
-  for (int k = 0; k < kMaxK; ++k)
-    inv_tau[k] = k < a.K && a.temperatures[k] > 0.f ? inverse_temperature(a.temperatures[k]) : 0.f;
-  const float m = finite_logit(row_max);
-  for_row_entries(l, a.V, [&](float x, bool valid, int64_t) {
-    if (!valid || x != x) return;  // (NaN counts as -inf)
-    const float centred = finite_logit(x) - m;
+      for (int k = 0; k < kMaxK; ++k) sums[k] *= fast_exp2((top - m) * scale2[k]);
+    top = m;
+  };
+  // Adds the n entries' images f (NaN as -inf) once top is at least their maximum.
+  auto add_terms = [&](const auto& f) {
+    if (top == -INFINITY) return;  // (only -inf so far)
 #pragma unroll
-    for (int k = 0; k < kMaxK; ++k)
-      if (inv_tau[k] > 0.f) sums[k] += __expf(centred * inv_tau[k]);
-  });
+    for (int k = 0; k < kMaxK; ++k) {
+      if (k >= K) break;
+      if (scale2[k] == 0.f) continue;
+      float e[std::extent_v<std::remove_reference_t<decltype(f)>>];
+#pragma unroll
+      for (int j = 0; j < static_cast<int>(sizeof(e) / sizeof(float)); ++j) e[j] = fast_exp2((f[j] - top) * scale2[k]);
+      if constexpr (sizeof(e) / sizeof(float) == 1) sums[k] += e[0];
+      else sums[k] += tree_sum(e);
+    }
+  };
+  auto image = [](float x) { return x == x ? finite_logit(x) : -INFINITY; };
+  for_row_parts<kThreads, 4>(
+      l, a.V,
+      [&](float x, bool valid, int64_t v) {
+        if (!valid) return;
+        track_argmax(x, v);
+        const float f[1] = {image(x)};
+        raise_top(f[0]);
+        add_terms(f);
+      },
+      [&](const uint4& q, bool valid, int64_t first) {
+        if (!valid) return;
+        float x[kPer], f[kPer];
+        vector_entries<T>(q, x);
+        float m = -INFINITY;
+#pragma unroll
+        for (int j = 0; j < kPer; ++j) {
+          track_argmax(x[j], first + j);
+          f[j] = image(x[j]);
+          m = fmaxf(m, f[j]);
+        }
+        raise_top(m);
+        add_terms(f);
+      });
+  RowState st;
+  st.arg_val = arg_val;
+  st.arg_idx = arg_idx;
+  st = block_reduce(st, 1.f, 1.f);  // (only the argmax fields are set)
+  __shared__ int64_t row_arg;
+  if (threadIdx.x == 0) row_arg = st.arg_idx;
+  const float m = block_max(top);  // the row's largest finite image (-inf: no finite entry)
   const int64_t token = a.tokens[row];
   // (an out-of-range token: NaN; a NaN logit counts as -inf, so its log-prob is -inf)
   const bool in_range = token >= 0 && token < a.V;
@@ -2269,8 +2309,9 @@ __global__ void __launch_bounds__(kThreads) temperature_logprobs_kernel(Temperat
   const float lt = !in_range ? NAN : token_logit != token_logit ? -INFINITY : finite_logit(token_logit);
 #pragma unroll
   for (int k = 0; k < kMaxK; ++k) {
-    if (k >= a.K) break;
-    const float total = block_sum(sums[k]);
+    if (k >= K) break;
+    const float share = top > -INFINITY ? sums[k] * fast_exp2((top - m) * scale2[k]) : 0.f;
+    const float total = block_sum(share);
     if (threadIdx.x == 0) {
       const float tau = a.temperatures[k];
       // NaN: an invalid tau (not checked on the host) or a row of -inf / NaN (row_arg is then the
@@ -2375,6 +2416,14 @@ cudaError_t sample_typed(const SampleArgs& a, cudaStream_t stream) {
   return err != cudaSuccess ? err : draw_launch<T>(second, thresholds, stream);
 }
 
+template <typename T>
+cudaError_t temperature_logprobs_launch(const TemperatureLogprobArgs& a, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(a.B));
+  if (a.K <= 4) temperature_logprobs_kernel<T, 4><<<grid, kThreads, 0, stream>>>(a);
+  else temperature_logprobs_kernel<T, 16><<<grid, kThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
 }  // namespace
 
 bool sm90_kernels() {
@@ -2445,17 +2494,11 @@ cudaError_t temperature_logprobs(const TemperatureLogprobArgs& a, cudaStream_t s
   if (a.B == 0 || a.K == 0) return cudaSuccess;
   if (a.K > 16) return cudaErrorInvalidValue;
   switch (a.dtype) {
-    case DType::kFloat32:
-      temperature_logprobs_kernel<float><<<static_cast<unsigned>(a.B), kThreads, 0, stream>>>(a);
-      break;
-    case DType::kBFloat16:
-      temperature_logprobs_kernel<__nv_bfloat16><<<static_cast<unsigned>(a.B), kThreads, 0, stream>>>(a);
-      break;
-    case DType::kFloat16:
-      temperature_logprobs_kernel<__half><<<static_cast<unsigned>(a.B), kThreads, 0, stream>>>(a);
-      break;
+    case DType::kFloat32: return temperature_logprobs_launch<float>(a, stream);
+    case DType::kBFloat16: return temperature_logprobs_launch<__nv_bfloat16>(a, stream);
+    case DType::kFloat16: return temperature_logprobs_launch<__half>(a, stream);
   }
-  return cudaGetLastError();
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace sampling_cuda
