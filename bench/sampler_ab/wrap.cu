@@ -13,17 +13,23 @@ extern "C" int ab_splits(int dtype, const void* logits, long long B, long long V
 
 extern "C" long long ab_workspace_floats(long long B, int splits) { return sc::sample_workspace_floats(B, splits); }
 
+// The row layout both kinds of arguments share.
+template <typename Args>
+static void set_rows(Args& a, int dtype, const void* logits, long long B, long long V, long long ld) {
+  a.dtype = static_cast<fusedlm::DType>(dtype);
+  a.logits = logits;
+  a.B = B;
+  a.V = V;
+  a.ld = ld;
+}
+
 // The arguments of a tokens-only draw: a [B] float32 temperature and a [B] int64 seed on the
 // device, no truncation (the other parameters keep their "off" values).
 static sc::SampleArgs draw_args(int dtype, const void* logits, long long B, long long V, long long ld,
                                 const float* tau, const long long* seeds, long long* tokens, float* workspace,
                                 int splits, int num_sms) {
   sc::SampleArgs a{};
-  a.dtype = static_cast<fusedlm::DType>(dtype);
-  a.logits = logits;
-  a.B = B;
-  a.V = V;
-  a.ld = ld;
+  set_rows(a, dtype, logits, B, V, ld);
   a.temperature.values = tau;
   a.temperature.given = true;
   a.seed.values = reinterpret_cast<const int64_t*>(seeds);
@@ -71,11 +77,7 @@ extern "C" int ab_temperature_logprobs(int dtype, const void* logits, long long 
                                        const long long* tokens, const float* temps, long long K, float* out,
                                        void* stream) {
   sc::TemperatureLogprobArgs a{};
-  a.dtype = static_cast<fusedlm::DType>(dtype);
-  a.logits = logits;
-  a.B = B;
-  a.V = V;
-  a.ld = ld;
+  set_rows(a, dtype, logits, B, V, ld);
   a.tokens = reinterpret_cast<const int64_t*>(tokens);
   a.temperatures = temps;
   a.K = K;
