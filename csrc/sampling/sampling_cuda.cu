@@ -2226,8 +2226,9 @@ cudaError_t truncation_launch(const SampleArgs& a, float* thresholds, cudaStream
 // largest finite image (finite_logit) of its non-NaN entries with the K tempered sums
 // relative to it, rescaled when it grows (at most once per 16-byte vector), and the first
 // index of the row's largest entry (for tau = 0); then block reductions. (Two passes, the
-// maximum first, then K __expf an entry in a loop over all 16 slots, took ~3x the
-// instructions.) kMaxK: 4 or 16 temperatures at most (the loops over them unroll).
+// maximum first, then the sums in a loop over all 16 temperature slots an entry, took 750 us
+// against 178: H200, bf16 B = 1024, V = 128256, K = 4.) kMaxK: 4 or 16 temperatures at most
+// (the loops over them unroll).
 template <typename T, int kMaxK>
 __global__ void __launch_bounds__(kThreads) temperature_logprobs_kernel(TemperatureLogprobArgs a) {
   constexpr int kPer = 16 / static_cast<int>(sizeof(T));
