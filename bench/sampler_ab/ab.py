@@ -155,7 +155,7 @@ def main():
     cases = args.cases.split(",")
     unknown = [c for c in cases if c not in CASES and c not in TRUNCATED and c not in LPO]
     if unknown:
-        parser.error(f"unknown cases {unknown}; choose from {list(CASES) + list(TRUNCATED)}")
+        parser.error(f"unknown cases {unknown}; choose from {names}")
     if args.one:
         time_build(args.dir, args.builds, cases)
         return

@@ -2265,10 +2265,11 @@ __global__ void __launch_bounds__(kThreads) temperature_logprobs_kernel(Temperat
     for (int k = 0; k < kMaxK; ++k) {
       if (k >= K) break;
       if (scale2[k] == 0.f) continue;
-      float e[std::extent_v<std::remove_reference_t<decltype(f)>>];
+      constexpr int n = std::extent_v<std::remove_reference_t<decltype(f)>>;
+      float e[n];
 #pragma unroll
-      for (int j = 0; j < static_cast<int>(sizeof(e) / sizeof(float)); ++j) e[j] = fast_exp2((f[j] - top) * scale2[k]);
-      if constexpr (sizeof(e) / sizeof(float) == 1) sums[k] += e[0];
+      for (int j = 0; j < n; ++j) e[j] = fast_exp2((f[j] - top) * scale2[k]);
+      if constexpr (n == 1) sums[k] += e[0];
       else sums[k] += tree_sum(e);
     }
   };
@@ -2300,8 +2301,7 @@ __global__ void __launch_bounds__(kThreads) temperature_logprobs_kernel(Temperat
   st.arg_val = arg_val;
   st.arg_idx = arg_idx;
   st = block_reduce(st, 1.f, 1.f);  // (only the argmax fields are set)
-  __shared__ int64_t row_arg;
-  if (threadIdx.x == 0) row_arg = st.arg_idx;
+  const int64_t row_arg = st.arg_idx;  // (in warp 0, whose thread 0 writes the outputs)
   const float m = block_max(top);  // the row's largest finite image (-inf: no finite entry)
   const int64_t token = a.tokens[row];
   // (an out-of-range token: NaN; a NaN logit counts as -inf, so its log-prob is -inf)
