@@ -144,6 +144,23 @@ def test_truncated_row_split_same_tokens_as_cpu(trunc, batch, vocab):
     assert (cpu != gpu).sum() <= max(1, int(0.002 * cpu.numel()))
 
 
+# 16-bit rows take two radix passes instead of three (their keys' low bits are constant), so
+# the third pass's bits are filled in: thresholds (hence the kept sets and the processed
+# log-probs) must equal the CPU's whether the threshold is negative (key low bits all 1),
+# positive (all 0) or mixed, at exact ties and next to -inf entries, in every layout (B = 1:
+# a cluster of 16 CTAs; 7: 8; 40: 2; 300: one CTA a row). Small batches draw several times.
+@pytest.mark.parametrize("shift", [-20.0, 0.0, 20.0], ids=["negative", "mixed", "positive"])
+@pytest.mark.parametrize("batch,vocab", [(1, 128256), (7, 50257), (40, 32000), (300, 5001)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16bit_truncation_thresholds_match_cpu(dtype, batch, vocab, shift):
+    logits = (torch.randn(batch, vocab) * 6).round() / 2 + shift  # exact ties
+    logits[:, ::13] = float("-inf")
+    logits = logits.to(dtype)
+    for trunc in (dict(top_k=50), dict(top_p=0.9), dict(top_k=1000, top_p=0.95, min_p=0.001)):
+        for _ in range(1 if batch >= 40 else 4):
+            assert_same_tokens_as_cpu(logits, torch.rand(batch) * 1.5 + 0.05, **trunc)
+
+
 # Tokens-only rows and rows with log-probs fold their tiles in different instantiations (the
 # latter also sums the raw log-sum-exp of each tile) but must give the same tile keys, hence
 # identical tokens, for any temperature (1e-3 .. 10), with masked halves and peaked rows, in

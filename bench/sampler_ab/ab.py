@@ -24,6 +24,7 @@ CASES = {  # name: (B, V, dtype, tau = 0 on every row)
     "b256": (256, 128256, "bf16", False), "b8v": (8, 256000, "bf16", False), "b64v": (64, 256000, "bf16", False),
     "h64": (64, 128256, "fp16", False), "f8": (8, 128256, "fp32", False), "f64": (64, 128256, "fp32", False),
     "f64v": (64, 256000, "fp32", False), "f256": (256, 128256, "fp32", False),
+    "b64o": (64, 100000, "bf16", False), "b50": (50, 128256, "bf16", False),
 }
 # Truncated draws (bench/run.py's TOP_K and TOP_P): name: (B, V, dtype, top_k, top_p, log-probs).
 # Top-p with log-probs always takes the threshold path; tokens-only top-p draws by rejection

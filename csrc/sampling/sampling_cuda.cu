@@ -19,7 +19,8 @@
 // hidden).
 // truncation_kernel (only when top-k / top-p / min-p are given; one CTA per row, or a cluster
 // of up to 16 CTAs per row when rows are few) finds the smallest kept logit by radix selection
-// over the order-preserving integer image of the floats: three histogram passes per threshold.
+// over the order-preserving integer image of the floats: three histogram passes per threshold
+// (two for 16-bit logits).
 // Tokens-only calls with top-p alone draw by rejection first (see SamplePass): a plain draw,
 // top_p_check_kernel, and the threshold only for the rows whose draw fell outside the set.
 #include <cuda_bf16.h>
@@ -1554,10 +1555,11 @@ __device__ __forceinline__ void for_row_entries(const T* l, int64_t V, F&& f) {
 
 // Radix selection of a truncation threshold: the largest float t with
 // measure(t) = sum of weight(x) over the row's entries x >= t at least `target`, which is
-// the key of one entry. Three passes over the row histogram the entries' keys by 11, 11
-// and 10 bits (2048 bins in shared memory), each pass only the entries whose higher bits
-// match the digits chosen so far; after a pass, the highest bin whose entries plus all
-// those above it reach the target is chosen. Weights are 32-bit integers (counts, or
+// the key of one entry. Three passes over the row (two for 16-bit logits, whose keys' low
+// bits are constant) histogram the entries' keys by 11, 11 and 10 bits (2048 bins in shared
+// memory), each pass only the entries whose higher bits match the digits chosen so far;
+// after a pass, the highest bin whose entries plus all those above it reach the target is
+// chosen. Weights are 32-bit integers (counts, or
 // masses in fixed point) whose row total fits 32 bits, so the bins are filled with native
 // shared atomic adds (a 64-bit add is a compare-and-swap loop, which stalled on the few
 // bins that random logits crowd into) and the sums do not depend on the order of the
@@ -1574,7 +1576,7 @@ constexpr int kRadixBins = 2048;
 // clusters of 16 all fit on the device at once (wide_row_clusters).
 constexpr int kPortableRowCtas = 8;
 constexpr int kMaxRowCtas = 16;
-constexpr int kRadixCache = 4096;  // entries (16 KB) the third radix pass may read from shared memory
+constexpr int kRadixCache = 4096;  // entries (16 KB) the third radix pass (float32) may read from shared memory
 // Few rows: 1024-thread CTAs (4x the loads in flight); many rows: 256-thread CTAs share the
 // SMs (4 per SM at 64 registers).
 constexpr int kTruncationThreadsFewRows = 1024;
@@ -1685,10 +1687,10 @@ __device__ __forceinline__ void suffix_sum_in_warp(unsigned long long& x, int n)
 
 // first_pass_filled: the caller already filled sh.hist with the first pass's histogram (the
 // top-k counts are gathered during the max pass, saving one read of the row). kCache: the
-// third pass reads the second pass's matches from shared memory when they fit (top-k: few
-// entries share the k-th largest's top 22 bits; top-p's boundary often has more than fit, and
-// collecting them slowed it: H100, fp32 B = 256, V = 128256, 364 -> 497 us; caching only
-// the matches that weigh anything, top-p +5…25% at B = 1 … 1024).
+// third pass (float32 rows) reads the second pass's matches from shared memory when they fit
+// (top-k: few entries share the k-th largest's top 22 bits; top-p's boundary often has more
+// than fit, and collecting them slowed it: H100, fp32 B = 256, V = 128256, 364 -> 497 us;
+// caching only the matches that weigh anything, top-p +5…25% at B = 1 … 1024).
 template <int kBlock, bool kCache, typename T, typename Weight, typename Target>
 __device__ __forceinline__ float radix_threshold(const T* l, int64_t V, int ctas, RadixScratch<kBlock>& sh,
                                                  Weight&& weight, Target&& target_of,
@@ -1698,11 +1700,18 @@ __device__ __forceinline__ float radix_threshold(const T* l, int64_t V, int ctas
   uint32_t prefix = 0;  // the digits chosen so far
   int prefix_bits = 0;
   unsigned long long above = 0, target = 0;
+  // 16-bit logits as floats have their low 13 (fp16) or 16 (bf16) bits zero, so their keys'
+  // low 10 bits are all 0 (sign bit set in the key) or all 1: the first two passes' 22 bits
+  // decide the threshold, and a third pass would count every match in one bin. (H200, per
+  // decode-like step, bf16 V = 128256, the same tokens: top-k 50 at B = 1 29.1 -> 23.5 us,
+  // B = 64 48.5 -> 38.5; top-p 0.9 with log-probs B = 1 42.2 -> 35.6, B = 64 77.2 -> 67.9;
+  // top-k and top-p with log-probs B = 256 289 -> 235.)
+  constexpr int kPasses = sizeof(T) == 2 ? 2 : 3;
 #pragma unroll 1
-  for (int pass = 0; pass < 3; ++pass) {
+  for (int pass = 0; pass < kPasses; ++pass) {
     const int bits = pass < 2 ? 11 : 10, bins = 1 << bits, shift = 32 - prefix_bits - bits;
     const bool fill = pass > 0 || !first_pass_filled;
-    const bool collect = kCache && pass == 1;  // the second pass fills the cache
+    const bool collect = kCache && kPasses == 3 && pass == 1;  // the second pass fills the cache
     const int cached = sh.cached;              // (set by the second pass; read by the third only)
     const bool from_cache = kCache && pass == 2 && cached <= kRadixCache;  // uniform over the CTA
     if (fill)
@@ -1818,6 +1827,7 @@ __device__ __forceinline__ float radix_threshold(const T* l, int64_t V, int ctas
     prefix = (prefix << bits) | static_cast<uint32_t>(bin);
     prefix_bits += bits;
   }
+  if constexpr (kPasses == 2) prefix = (prefix << 10) | (prefix >> 21 ? 0u : 0x3ffu);  // (see kPasses)
   return from_order_key(prefix);
 }
 
