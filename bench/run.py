@@ -393,8 +393,12 @@ def bench_sampling(args, rows, meta):
     for v in (128256, 256000):
         for dtype in (torch.float32, torch.bfloat16):
             for b in batches:
-                logits = torch.randn(b, v, device="cuda", dtype=dtype) * 3
-                tau = torch.rand(b, device="cuda") * 1.2
+                # Seeded (bench/sampler_ab/ab.py's data for the same B and V): a tokens-only top-p
+                # call's time depends on whether any row's draw falls outside its top-p set (those
+                # rows take a second, exact pass), which unseeded data made differ between runs.
+                g = torch.Generator(device="cuda").manual_seed(b * 7 + v)
+                logits = (torch.randn(b, v, device="cuda", generator=g) * 3).to(dtype)
+                tau = torch.rand(b, device="cuda", generator=g) * 1.2
                 seeds = torch.arange(b, device="cuda")
                 floor_ms = b * v * logits.element_size() / bw * 1e3
                 dname = "fp32" if dtype == torch.float32 else "bf16"

@@ -147,10 +147,11 @@ def test_truncated_row_split_same_tokens_as_cpu(trunc, batch, vocab):
 # 16-bit rows take two radix passes instead of three (their keys' low bits are constant), so
 # the third pass's bits are filled in: thresholds (hence the kept sets and the processed
 # log-probs) must equal the CPU's whether the threshold is negative (key low bits all 1),
-# positive (all 0) or mixed, at exact ties and next to -inf entries, in every layout (B = 1:
-# a cluster of 16 CTAs; 7: 8; 40: 2; 300: one CTA a row). Small batches draw several times.
+# positive (all 0) or mixed, at exact ties and next to -inf entries, in every layout (H200,
+# B = 1: a cluster of 16 CTAs; 7: 8; 16: 4, as 16 clusters of 8 would not all fit at once;
+# 40: 2; 300: one CTA a row). Small batches draw several times.
 @pytest.mark.parametrize("shift", [-20.0, 0.0, 20.0], ids=["negative", "mixed", "positive"])
-@pytest.mark.parametrize("batch,vocab", [(1, 128256), (7, 50257), (40, 32000), (300, 5001)])
+@pytest.mark.parametrize("batch,vocab", [(1, 128256), (7, 50257), (16, 20011), (40, 32000), (300, 5001)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_16bit_truncation_thresholds_match_cpu(dtype, batch, vocab, shift):
     logits = (torch.randn(batch, vocab) * 6).round() / 2 + shift  # exact ties

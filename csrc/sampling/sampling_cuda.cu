@@ -1573,7 +1573,7 @@ __device__ __forceinline__ void for_row_entries(const T* l, int64_t V, F&& f) {
 // in every CTA), and after one cluster barrier reads the sums it needs.
 constexpr int kRadixBins = 2048;
 // Up to 8 CTAs a row (the portable cluster size); 16 (non-portable, sm_90) for batches whose
-// clusters of 16 all fit on the device at once (wide_row_clusters).
+// clusters of 16 all fit on the device at once (row_clusters_that_fit).
 constexpr int kPortableRowCtas = 8;
 constexpr int kMaxRowCtas = 16;
 constexpr int kRadixCache = 4096;  // entries (16 KB) the third radix pass (float32) may read from shared memory
@@ -1671,7 +1671,10 @@ struct BinAdder {
     if (sum != 0) atomicAdd(&hist[bin], sum);
   }
 };
-constexpr int kFirstDigitShift = 21;  // the first pass's 11-bit digit: key >> 21
+constexpr int kFirstDigitBits = 11;  // the first two passes' digits (kRadixBins bins)
+constexpr int kLastDigitBits = 32 - 2 * kFirstDigitBits;
+static_assert(kRadixBins == 1 << kFirstDigitBits, "a pass histograms its digit in kRadixBins bins");
+constexpr int kFirstDigitShift = 32 - kFirstDigitBits;  // the first pass's digit: key >> 21
 
 // x becomes the sum of x over lanes lane .. n - 1 (lanes >= n keep theirs; n a power of two
 // up to 32).
@@ -1709,7 +1712,7 @@ __device__ __forceinline__ float radix_threshold(const T* l, int64_t V, int ctas
   constexpr int kPasses = sizeof(T) == 2 ? 2 : 3;
 #pragma unroll 1
   for (int pass = 0; pass < kPasses; ++pass) {
-    const int bits = pass < 2 ? 11 : 10, bins = 1 << bits, shift = 32 - prefix_bits - bits;
+    const int bits = pass < 2 ? kFirstDigitBits : kLastDigitBits, bins = 1 << bits, shift = 32 - prefix_bits - bits;
     const bool fill = pass > 0 || !first_pass_filled;
     const bool collect = kCache && kPasses == 3 && pass == 1;  // the second pass fills the cache
     const int cached = sh.cached;              // (set by the second pass; read by the third only)
@@ -1827,7 +1830,11 @@ __device__ __forceinline__ float radix_threshold(const T* l, int64_t V, int ctas
     prefix = (prefix << bits) | static_cast<uint32_t>(bin);
     prefix_bits += bits;
   }
-  if constexpr (kPasses == 2) prefix = (prefix << 10) | (prefix >> 21 ? 0u : 0x3ffu);  // (see kPasses)
+  if constexpr (kPasses == 2) {  // fill in the constant low bits (see kPasses)
+    constexpr int kChosenBits = 32 - kLastDigitBits;
+    const bool non_negative = (prefix >> (kChosenBits - 1)) != 0;  // the key's top bit
+    prefix = (prefix << kLastDigitBits) | (non_negative ? 0u : (1u << kLastDigitBits) - 1u);
+  }
   return from_order_key(prefix);
 }
 
@@ -2160,22 +2167,26 @@ int per_device(std::atomic<int> (&known)[64], Ask ask) {
   return value;
 }
 
-// How many clusters of kMaxRowCtas CTAs of kTruncationThreadsFewRows threads of kKernel the
-// device holds at once (0: none, or no such clusters), asked once per kernel and device (which
-// also allows the kernel such clusters).
+// How many clusters of `ctas` CTAs (2, 4, 8 or kMaxRowCtas) of kTruncationThreadsFewRows
+// threads of kKernel the device holds at once (0: none, or no such clusters), asked once per
+// kernel, size and device (for 16, which also allows the kernel such clusters). Clusters of 4
+// and 8 of these 1024-thread CTAs fit far fewer than 132 / size times on an H200 (30 and 15;
+// 66 of 2, 7 of 16): a cluster's CTAs must share a GPC.
 template <auto kKernel>
-int wide_row_clusters() {
-  static std::atomic<int> known[64] = {};
-  const int clusters = per_device(known, [] {
+int row_clusters_that_fit(int ctas) {
+  static std::atomic<int> known[4][64] = {};  // (sizes 2, 4, 8, 16)
+  const int size_index = ctas == 2 ? 0 : ctas == 4 ? 1 : ctas == 8 ? 2 : 3;
+  const int clusters = per_device(known[size_index], [ctas] {
     int n = 0;
-    if (cudaFuncSetAttribute(kKernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess) {
+    if (ctas <= kPortableRowCtas ||
+        cudaFuncSetAttribute(kKernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess) {
       cudaLaunchAttribute attr;
       attr.id = cudaLaunchAttributeClusterDimension;
-      attr.val.clusterDim.x = kMaxRowCtas;
+      attr.val.clusterDim.x = static_cast<unsigned>(ctas);
       attr.val.clusterDim.y = 1;
       attr.val.clusterDim.z = 1;
       cudaLaunchConfig_t cfg = {};
-      cfg.gridDim = dim3(kMaxRowCtas);
+      cfg.gridDim = dim3(static_cast<unsigned>(ctas));
       cfg.blockDim = dim3(kTruncationThreadsFewRows);
       cfg.attrs = &attr;
       cfg.numAttrs = 1;
@@ -2189,7 +2200,8 @@ int wide_row_clusters() {
 
 // Launches the truncation kernel (kCheck: top_p_check_kernel, which reads rows the same way):
 // rows <= SMs get 1024-thread CTAs, and on sm_90 up to 8 CTAs per row (a cluster) while the
-// grid stays within one CTA per SM (16 where they all fit at once, see wide_row_clusters);
+// grid stays within one CTA per SM and the clusters all fit at once (16 where those do; see
+// row_clusters_that_fit);
 // more rows get kThreads-thread CTAs, on sm_90 2 per row up to twice as many rows as SMs.
 template <typename T, bool kCheck = false>
 cudaError_t truncation_launch(const SampleArgs& a, float* thresholds, cudaStream_t stream) {
@@ -2221,13 +2233,20 @@ cudaError_t truncation_launch(const SampleArgs& a, float* thresholds, cudaStream
   constexpr auto kernel = kCheck ? top_p_check_kernel<T, kTruncationThreadsFewRows>
                                  : truncation_kernel<T, kTruncationThreadsFewRows>;
   int ctas = 1;
-  while (a.clusters && ctas < kPortableRowCtas && a.B * ctas * 2 <= max_grid) ctas *= 2;
+  // Only sizes whose clusters all fit at once: a second wave costs more than the smaller split
+  // (H200, per decode-like step, bf16 V = 128256, the same tokens: top-k 50 at B = 16 in
+  // clusters of 4 instead of 8 38.9 -> 25.9 us, B = 32 in clusters of 2 instead of 4 45.0 ->
+  // 36.0; top-p 0.9 with log-probs B = 16 58.0 -> 44.0, B = 32 67.3 -> 61.6). Rows marked by
+  // the check: most of their clusters exit at once, so not all need to fit.
+  while (a.clusters && ctas < kPortableRowCtas && a.B * ctas * 2 <= max_grid &&
+         (a.pass == kExactRows || a.B <= row_clusters_that_fit<kernel>(ctas * 2)))
+    ctas *= 2;
   // Clusters of 16 where every row's fits at once (H200, per decode-like step, B = 1, V =
   // 128256: top-p 0.9 with log-probs fp32 42.0 -> 37.4 us, bf16 47.7 -> 44.2, top-k 50 and
   // top-p fp32 -0.7; B = 8 in 8 such clusters, which did not all fit, lost: top-k 30.6 ->
   // 53.8 us).
   if (ctas == kPortableRowCtas && a.B * kMaxRowCtas * 2 <= max_grid &&
-      a.B <= wide_row_clusters<kernel>())
+      a.B <= row_clusters_that_fit<kernel>(kMaxRowCtas))
     ctas = kMaxRowCtas;
   return launch_rows(kernel, kTruncationThreadsFewRows, ctas);
 }
