@@ -369,6 +369,16 @@ def check_flashinfer(lib):
 TOP_P, TOP_K = 0.9, 50  # the truncated-sampling rows (fusedlm_top_p / _top_k, torch_top_p_sort)
 
 
+def sampling_inputs(b, v, dtype):
+    """A sampling case's logits (randn * 3) and per-row temperatures (U(0, 1.2)), seeded by B
+    and V (bench/sampler_ab/ab.py draws its cases with it too): a tokens-only top-p call's time
+    depends on whether any row's draw falls outside its top-p set (those rows take a second,
+    exact pass), which unseeded data made differ between runs."""
+    g = torch.Generator(device="cuda").manual_seed(b * 7 + v)
+    logits = (torch.randn(b, v, device="cuda", generator=g) * 3).to(dtype)
+    return logits, torch.rand(b, device="cuda", generator=g) * 1.2
+
+
 def bench_sampling(args, rows, meta):
     """Eager time, one call per graph replay (sample_graph), the per-call time of 20 calls
     in one graph (sample_graph20: without the per-replay launch latency, but each call may
@@ -393,12 +403,7 @@ def bench_sampling(args, rows, meta):
     for v in (128256, 256000):
         for dtype in (torch.float32, torch.bfloat16):
             for b in batches:
-                # Seeded (bench/sampler_ab/ab.py's data for the same B and V): a tokens-only top-p
-                # call's time depends on whether any row's draw falls outside its top-p set (those
-                # rows take a second, exact pass), which unseeded data made differ between runs.
-                g = torch.Generator(device="cuda").manual_seed(b * 7 + v)
-                logits = (torch.randn(b, v, device="cuda", generator=g) * 3).to(dtype)
-                tau = torch.rand(b, device="cuda", generator=g) * 1.2
+                logits, tau = sampling_inputs(b, v, dtype)
                 seeds = torch.arange(b, device="cuda")
                 floor_ms = b * v * logits.element_size() / bw * 1e3
                 dname = "fp32" if dtype == torch.float32 else "bf16"

@@ -76,7 +76,7 @@ def time_build(directory, build, cases):
     sys.modules.setdefault("fusedlm", types.ModuleType("fusedlm"))  # (run.py's timers only)
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     import torch
-    from run import graph_time, step_time
+    from run import graph_time, sampling_inputs, step_time
 
     lib = load(os.path.join(directory, build + ".so"))
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -91,9 +91,9 @@ def time_build(directory, build, cases):
             greedy = False
         else:
             b, v, dname, greedy = CASES[case]
-        g = torch.Generator(device="cuda").manual_seed(b * 7 + v)
-        logits = (torch.randn(b, v, device="cuda", generator=g) * 3).to(dtypes[dname])
-        tau = torch.zeros(b, device="cuda") if greedy else torch.rand(b, device="cuda", generator=g) * 1.2
+        logits, tau = sampling_inputs(b, v, dtypes[dname])
+        if greedy:
+            tau.zero_()
         code = DTYPE_CODE[dname]
         splits = lib.ab_splits(code, logits.data_ptr(), b, v, v, sms)
         workspace = torch.empty(lib.ab_workspace_floats(b, splits), device="cuda")
