@@ -280,6 +280,61 @@ def test_tokens_only_same_tokens_as_cpu(b, trunc):
     assert (cpu != gpu).sum() <= max(1, int(0.002 * cpu.numel()))
 
 
+# Tokens-only 16-bit draws with top-k / min-p on few rows are drawn by the truncation kernel
+# itself once it has the row's threshold (draw_in_truncation: a lane a tile, over the row's
+# 16, 8 or 4 CTAs); with log-probs sample_kernel draws them. Both form the same tile keys, so
+# the tokens must be identical: at tau = 0 (the argmax), with truncation by count, by mass
+# ratio or off (top_k >= V), with masked entries, NaN and +inf in the partial last tile (the
+# rare paths, through its copy in shared memory), a row of -inf and a row with an invalid
+# top_k (token 0), for widths of one partial tile up to 256000.
+@pytest.mark.parametrize("trunc", [dict(top_k=50), dict(min_p=0.05), dict(top_k=1000, min_p=0.001),
+                                   dict(top_k=10**6)], ids=["top_k", "min_p", "both", "top_k_off"])
+@pytest.mark.parametrize("b,v", [(1, 128256), (3, 50264), (8, 20000), (1, 256000), (2, 40)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_truncation_kernel_draws_the_tokens_of_sample_kernel(dtype, b, v, trunc):
+    g = torch.Generator(device=DEV).manual_seed(b * 7 + v)
+    logits = torch.randn(b, v, device=DEV, generator=g) * 3
+    logits[:, 5::17] = float("-inf")
+    logits[0, -3] = float("nan")
+    if b >= 2:
+        logits[1, -2] = float("inf")  # (that row draws its +inf entry)
+    if b >= 3:
+        logits[2] = float("-inf")
+    logits = logits.to(dtype)
+    # Per-row values (a scalar top_k >= V would switch the truncation off), one row's invalid.
+    kw = {name: torch.full((b,), x, device=DEV) for name, x in trunc.items()}
+    if b >= 8:
+        kw["top_k" if "top_k" in kw else "min_p"][3] = -1
+    for tau in (0.0, 0.05, 0.7, 2.0):
+        taus = torch.full((b,), tau, device=DEV)
+        taus[-1] = 1.0 - tau / 4  # (every batch mixes temperatures; b = 1 sees tau = 0 too)
+        if b == 1:
+            taus[0] = tau
+        seeds = torch.randint(0, 2**62, (b,), device=DEV, generator=g)
+        tokens = fusedlm.sample(logits, taus, seed=seeds, **kw)
+        with_logprobs = fusedlm.sample(logits, taus, seed=seeds, return_logprobs=True, **kw)[0]
+        assert torch.equal(tokens, with_logprobs), (tau, tokens.tolist(), with_logprobs.tolist())
+    if b >= 8:
+        assert tokens[3].item() == 0
+
+
+# The same rows drawn alone (by the truncation kernel, in clusters) and in a batch of 300
+# (truncation in 256-thread CTAs, then sample_kernel) draw the same tokens.
+@pytest.mark.parametrize("trunc", [dict(top_k=50), dict(top_k=200, min_p=0.02)], ids=["top_k", "top_k_min_p"])
+def test_truncated_row_tokens_do_not_depend_on_the_batch(trunc):
+    rows = (torch.randn(4, 128256, device=DEV) * 3).to(torch.bfloat16)
+    tau = torch.tensor([0.0, 0.3, 1.0, 2.0], device=DEV)
+    seeds = torch.randint(0, 2**62, (4,), device=DEV)
+    alone = torch.cat([fusedlm.sample(rows[i:i + 1], tau[i:i + 1], seed=seeds[i:i + 1], **trunc) for i in range(4)])
+    batch = (torch.randn(300, 128256, device=DEV) * 3).to(torch.bfloat16)
+    at = torch.arange(4, device=DEV) * 75
+    batch[at] = rows
+    t, s = torch.rand(300, device=DEV), torch.randint(0, 2**62, (300,), device=DEV)
+    t[at], s[at] = tau, seeds
+    assert torch.equal(fusedlm.sample(batch, t, seed=s, **trunc)[at], alone)
+    assert torch.equal(fusedlm.sample(rows, tau, seed=seeds, **trunc), alone)
+
+
 # A row's token does not depend on the batch around it, though the layout does: alone it is
 # split over 63 one-warp CTAs (merged by the finish kernel), in a batch of 8 over a cluster of
 # 8 CTAs (sm_90), in a batch of 64 over a cluster of 2 (sm_90), in a batch of 300 it has one CTA.

@@ -20,7 +20,8 @@
 // truncation_kernel (only when top-k / top-p / min-p are given; one CTA per row, or a cluster
 // of up to 16 CTAs per row when rows are few) finds the smallest kept logit by radix selection
 // over the order-preserving integer image of the floats: three histogram passes per threshold
-// (two for 16-bit logits).
+// (two for 16-bit logits). For tokens-only 16-bit calls on few rows it then draws the token
+// itself (draw_in_truncation), and no draw kernel follows.
 // Tokens-only calls with top-p alone draw by rejection first (see SamplePass): a plain draw,
 // top_p_check_kernel, and the threshold only for the rows whose draw fell outside the set.
 #include <cuda_bf16.h>
@@ -1580,6 +1581,11 @@ constexpr int kRadixCache = 4096;  // entries (16 KB) the third radix pass (floa
 // Few rows: 1024-thread CTAs (4x the loads in flight); many rows: 256-thread CTAs share the
 // SMs (4 per SM at 64 registers).
 constexpr int kTruncationThreadsFewRows = 1024;
+// ... and 512-thread CTAs (128 registers) when the kernel also draws (draw_in_truncation: a
+// 16-bit tile a lane, which spilled ~500 bytes at the 64 registers of 1024-thread CTAs).
+constexpr int kTruncationThreadsDraw = 512;
+// Its dynamic shared memory: a 16-bit tile (and a pad vector) per thread.
+constexpr size_t kDrawStageBytes = kTruncationThreadsDraw * (kTile * 2 / 16 + 1) * sizeof(uint4);
 // row_mass's: this CTA's sums, then every CTA's of the row, gathered.
 struct RowMassScratch {
   float cta[3];
@@ -1933,10 +1939,94 @@ __device__ OnlineMass<kAbove> row_mass(const OnlineMass<kAbove>& mine, float inv
   return row;
 }
 
+// The row's token drawn by truncation_kernel itself, once its threshold is known (kDraw:
+// tokens-only 16-bit calls on few rows, see truncate_and_draw): instead of two more launches
+// (sample_kernel with the thresholds, then the finish kernel), each of whose start waited for
+// the previous kernel to drain, the row's CTAs race their tiles as sample_kernel does for
+// thresholded rows (tile_mass, add_tile; tau = 0: tile_argmax), a lane a tile, and CTA 0's
+// warp 0 merges the CTAs' winners and draws inside the winning tile (finish_row). The same
+// tile keys as sample_kernel's, so the same tokens but for the order of merges (best_merge
+// decides two keys alike in either order). Tiles are dealt to CTAs in whole ranges. Each
+// thread keeps a copy of its tile in its slot of the kernel's dynamic shared memory
+// (kDrawStageBytes) for tile_mass's rare paths, which read their tile from shared memory (a
+// global pointer there made the compiler turn their loads into generic ones in every kernel,
+// and changed sample_kernel's code). Called by every thread of every CTA of the row (a
+// cluster barrier) once every CTA of the cluster has started (it stores to CTA 0's shared
+// memory).
+template <typename T, int kBlock>
+__device__ void draw_in_truncation(const SampleArgs& a, int64_t row, int rank, int ctas, float tau, float threshold,
+                                   uint32_t round) {
+  static_assert(sizeof(T) == 2, "16-bit tiles: 8 vectors a lane");
+  constexpr int kPer = 8, kVecs = kTile / kPer, kWarps = kBlock / 32;
+  extern __shared__ uint4 draw_stage[];  // (kDrawStageBytes)
+  uint4* const tile_copy = draw_stage + threadIdx.x * (kVecs + 1);  // (padded: fewer bank conflicts)
+  __shared__ float4 warp_best[kWarps];
+  __shared__ float4 cta_best[kMaxRowCtas];  // (in CTA 0: each CTA's winner)
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const T* l = static_cast<const T*>(a.logits) + row * a.ld;
+  RowCtx c = row_ctx(a, tau);
+  c.threshold = threshold;
+  c.round = round;
+  const uint64_t seed = row_seed(a, row), offset = row_offset(a, row);
+  const int64_t tiles = ceil_div(a.V, kTile), per_cta = ceil_div(tiles, ctas);
+  const int64_t t_end = min(tiles, (rank + 1) * per_cta);
+  RowState st;
+  for (int64_t t = rank * per_cta + threadIdx.x; t < t_end; t += kBlock) {
+    const int64_t e0 = t * kTile;
+    const bool whole = e0 + kTile <= a.V;
+    uint4 q[kVecs];
+#pragma unroll
+    for (int k = 0; k < kVecs; ++k) q[k] = whole ? ldg_vec(l + e0 + k * kPer) : ldg_vec_tail(l, e0 + k * kPer, a.V);
+    if (c.greedy) {
+      tile_argmax<T>(q, t, c, st);
+      continue;
+    }
+#pragma unroll
+    for (int k = 0; k < kVecs; ++k) tile_copy[k] = q[k];
+    float tile_max = -INFINITY, log2_sum = 0.f;
+    if (c.threshold == -INFINITY) tile_mass<T, false, false>(q, tile_copy, c, tile_max, log2_sum, st);
+    else tile_mass<T, true, false>(q, tile_copy, c, tile_max, log2_sum, st);
+    if (tile_max == -INFINITY) continue;  // nothing kept in the tile
+    add_tile(st, tile_max, log2_sum, c, tile_noise_word(tile_pair_block(seed, offset, t, c.round), t), t);
+  }
+  if (c.greedy) {  // the winner slot holds the argmax (a key of frac 0), as in finish_or_write_partial
+    st.best_key = TileKey{st.arg_val, 0.f};
+    st.best_idx = st.arg_idx;
+  }
+  // The CTA's winner (warps, then warp 0), then the row's (CTA 0's warp 0, over the CTAs').
+  auto as_slot = [](const RowState& s) {
+    return make_float4(s.best_key.base, s.best_key.frac, __int_as_float(static_cast<int>(s.best_idx)), 0.f);
+  };
+  auto merge_slots = [&](const float4* slots, int n) {
+    st = RowState();
+    if (lane < n) {
+      const float4 w = slots[lane];
+      st.best_key = TileKey{w.x, w.y};
+      st.best_idx = __float_as_int(w.z);
+    }
+    warp_reduce_key<false>(st.best_key, st.best_idx, c.scale2);
+  };
+  warp_reduce_key<false>(st.best_key, st.best_idx, c.scale2);
+  if (lane == 0) warp_best[warp] = as_slot(st);
+  __syncthreads();
+  if (warp == 0) {
+    merge_slots(warp_best, kWarps);
+    if (ctas > 1 && lane == 0) store_cluster_shared(&cta_best[rank], 0, as_slot(st));
+  }
+  if (ctas > 1) {
+    row_barrier(ctas);  // (release / acquire: every CTA's winner is in CTA 0)
+    if (rank == 0 && warp == 0) merge_slots(cta_best, ctas);
+  }
+  if (rank == 0 && warp == 0) finish_row<T, true>(a, row, lane, st, c, seed, offset);
+}
+
 // Grid: B x ctas CTAs; the `ctas` consecutive CTAs of a row (a cluster when ctas > 1) each
 // read one slice of it.
-template <typename T, int kBlock>
-__global__ void __launch_bounds__(kBlock, 1024 / kBlock) truncation_kernel(SampleArgs a, float* thresholds, int ctas) {
+// kDraw: the kernel also draws the row's token (draw_in_truncation; the host then launches no
+// draw).
+template <typename T, int kBlock, bool kDraw = false>
+__global__ void __launch_bounds__(kBlock, kDraw ? 1 : 1024 / kBlock)
+    truncation_kernel(SampleArgs a, float* thresholds, int ctas) {
   __shared__ RadixScratch<kBlock> scratch;
   griddep_wait();  // launched early (PDL): the previous kernel's results
   griddep_launch_dependents();
@@ -1946,11 +2036,22 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) truncation_kernel(Sampl
   const float tau = row_value(a.temperature, row);
   float threshold = -INFINITY;
   if (!valid_truncation(a, row)) {  // token 0 (see valid_truncation)
-    if (rank == 0 && threadIdx.x == 0) thresholds[row] = NAN;
+    if (rank == 0 && threadIdx.x == 0) {
+      thresholds[row] = NAN;
+      if (kDraw) a.tokens[row] = 0;
+    }
     return;
   }
   if (!(tau > 0.f)) {  // (uniform over the row's CTAs)
     if (rank == 0 && threadIdx.x == 0) thresholds[row] = threshold;
+    if constexpr (kDraw) {  // tau = 0: the argmax; an invalid tau: token 0 (as finish_row)
+      if (tau == 0.f) {
+        row_barrier(ctas);  // (every CTA of the cluster has started: the draw stores to CTA 0)
+        draw_in_truncation<T, kBlock>(a, row, rank, ctas, tau, threshold, 0u);
+      } else if (rank == 0 && threadIdx.x == 0) {
+        a.tokens[row] = 0;
+      }
+    }
     return;
   }
   // This CTA's slice of the row (16-entry multiples: whole 16-byte vectors).
@@ -2048,13 +2149,25 @@ __global__ void __launch_bounds__(kBlock, 1024 / kBlock) truncation_kernel(Sampl
   }
   const float min_p = row_value(a.min_p, row);  // (0 when not given)
   if (min_p > 0.f) threshold = fmaxf(threshold, row_max + tau * logf(min_p));
-  if (rank == 0 && threadIdx.x == 0) {
-    thresholds[row] = threshold;
-    // A row marked by top_p_check_kernel whose first draw lies in this threshold's set keeps
-    // it: near the boundary this set decides, not the check's float32 sums (see there).
-    if (rejected && load_logit(l - begin + a.tokens[row]) >= threshold) row_marks(a)[row] = 0;
+  if constexpr (!kDraw) {
+    if (rank == 0 && threadIdx.x == 0) {
+      thresholds[row] = threshold;
+      // A row marked by top_p_check_kernel whose first draw lies in this threshold's set keeps
+      // it: near the boundary this set decides, not the check's float32 sums (see there).
+      if (rejected && load_logit(l - begin + a.tokens[row]) >= threshold) row_marks(a)[row] = 0;
+    }
+    row_barrier(ctas);  // no CTA leaves while another may still read its shared memory
+  } else {
+    // The same, then the draw (round 1: a redraw after a rejected first draw), whose cluster
+    // barrier keeps the CTAs resident.
+    const bool keeps_first_draw = rejected && load_logit(l - begin + a.tokens[row]) >= threshold;
+    if (rank == 0 && threadIdx.x == 0) thresholds[row] = threshold;
+    if (keeps_first_draw) {
+      row_barrier(ctas);
+      return;
+    }
+    draw_in_truncation<T, kBlock>(a, row, rank, ctas, tau, threshold, rejected ? 1u : 0u);
   }
-  row_barrier(ctas);  // no CTA leaves while another may still read its shared memory
 }
 
 // Top-p by rejection, the test of the first draw (see SamplePass): the drawn token j lies in
@@ -2167,19 +2280,28 @@ int per_device(std::atomic<int> (&known)[64], Ask ask) {
   return value;
 }
 
+// Allows `kernel` `bytes` of dynamic shared memory (an attribute needed above 48 KB).
+template <typename Kernel>
+cudaError_t set_dynamic_smem(Kernel kernel, size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+}
+
 // How many clusters of `ctas` CTAs (2, 4, 8 or kMaxRowCtas) of kTruncationThreadsFewRows
 // threads of kKernel the device holds at once (0: none, or no such clusters), asked once per
 // kernel, size and device (for 16, which also allows the kernel such clusters). Clusters of 4
 // and 8 of these 1024-thread CTAs fit far fewer than 132 / size times on an H200 (30 and 15;
 // 66 of 2, 7 of 16): a cluster's CTAs must share a GPC.
-template <auto kKernel>
+// kSmem: the kernel's dynamic shared memory.
+template <auto kKernel, int kBlockThreads = kTruncationThreadsFewRows, size_t kSmem = 0>
 int row_clusters_that_fit(int ctas) {
   static std::atomic<int> known[4][64] = {};  // (sizes 2, 4, 8, 16)
   const int size_index = ctas == 2 ? 0 : ctas == 4 ? 1 : ctas == 8 ? 2 : 3;
   const int clusters = per_device(known[size_index], [ctas] {
     int n = 0;
-    if (ctas <= kPortableRowCtas ||
-        cudaFuncSetAttribute(kKernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess) {
+    if (set_dynamic_smem(kKernel, kSmem) == cudaSuccess &&
+        (ctas <= kPortableRowCtas ||
+         cudaFuncSetAttribute(kKernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess)) {
       cudaLaunchAttribute attr;
       attr.id = cudaLaunchAttributeClusterDimension;
       attr.val.clusterDim.x = static_cast<unsigned>(ctas);
@@ -2187,7 +2309,8 @@ int row_clusters_that_fit(int ctas) {
       attr.val.clusterDim.z = 1;
       cudaLaunchConfig_t cfg = {};
       cfg.gridDim = dim3(static_cast<unsigned>(ctas));
-      cfg.blockDim = dim3(kTruncationThreadsFewRows);
+      cfg.blockDim = dim3(kBlockThreads);
+      cfg.dynamicSmemBytes = kSmem;
       cfg.attrs = &attr;
       cfg.numAttrs = 1;
       if (cudaOccupancyMaxActiveClusters(&n, kKernel, &cfg) != cudaSuccess) n = 0;
@@ -2198,40 +2321,35 @@ int row_clusters_that_fit(int ctas) {
   return clusters < 0 ? 0 : clusters;
 }
 
-// Launches the truncation kernel (kCheck: top_p_check_kernel, which reads rows the same way):
-// rows <= SMs get 1024-thread CTAs, and on sm_90 up to 8 CTAs per row (a cluster) while the
-// grid stays within one CTA per SM and the clusters all fit at once (16 where those do; see
-// row_clusters_that_fit);
-// more rows get kThreads-thread CTAs, on sm_90 2 per row up to twice as many rows as SMs.
-template <typename T, bool kCheck = false>
-cudaError_t truncation_launch(const SampleArgs& a, float* thresholds, cudaStream_t stream) {
-  const int64_t sms = a.num_sms;
-  // ctas CTAs of `threads` per row: a cluster when ctas > 1, else (or when no such cluster
-  // fits, e.g. on a small MIG slice) one CTA per row.
-  auto launch_rows = [&](auto kernel, int threads, int ctas) {
-    for (int c = ctas; c > 1; c = c > kPortableRowCtas ? kPortableRowCtas : 1) {  // (16, then 8)
-      if (launch(a, c, kernel, dim3(static_cast<unsigned>(a.B * c)), dim3(threads), 0, stream, a, thresholds, c) ==
-          cudaSuccess)
-        return cudaSuccess;
-      (void)cudaGetLastError();
-    }
-    return launch(a, 1, kernel, dim3(static_cast<unsigned>(a.B)), dim3(threads), 0, stream, a, thresholds, 1);
-  };
-  if (a.B > sms && a.pass != kExactRows) {
-    // Up to 4 such CTAs share an SM. Up to twice as many rows as SMs left half of those places
-    // empty, and each pass was then bound by too few loads in flight: there a row is split
-    // over a cluster of 2 CTAs (all resident at once). (H100, graph of 20, top-p 0.9: fp32
-    // B = 256, V = 256000 861 -> 530 us, bf16 V = 128256 413 -> 246; top-k B = 256 -32…37%.
-    // Clusters of 8, to keep the rows in flight within L2, lost: bf16 B = 1024 top-p 886 ->
-    // 1204 us.)
-    return launch_rows(kCheck ? top_p_check_kernel<T, kThreads> : truncation_kernel<T, kThreads>, kThreads,
-                       a.clusters && a.B <= 2 * sms ? 2 : 1);
+// Whether truncation_launch gives the rows 1024-thread CTAs (few rows, or the rows the top-p
+// check marked).
+bool truncation_few_rows(const SampleArgs& a) { return a.B <= a.num_sms || a.pass == kExactRows; }
+
+// Launches `kernel` (truncation_kernel or top_p_check_kernel) with `ctas` CTAs of `threads`
+// per row: a cluster when ctas > 1, else (or when no such cluster fits, e.g. on a small MIG
+// slice) one CTA per row.
+template <typename Kernel>
+cudaError_t launch_truncation_rows(const SampleArgs& a, float* thresholds, cudaStream_t stream, Kernel kernel,
+                                   int threads, int ctas, size_t smem = 0) {
+  const cudaError_t err = set_dynamic_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  for (int c = ctas; c > 1; c = c > kPortableRowCtas ? kPortableRowCtas : 1) {  // (16, then 8)
+    if (launch(a, c, kernel, dim3(static_cast<unsigned>(a.B * c)), dim3(threads), smem, stream, a, thresholds, c) ==
+        cudaSuccess)
+      return cudaSuccess;
+    (void)cudaGetLastError();
   }
+  return launch(a, 1, kernel, dim3(static_cast<unsigned>(a.B)), dim3(threads), smem, stream, a, thresholds, 1);
+}
+
+// The few-rows plan (truncation_few_rows): on sm_90 up to 8 CTAs of kBlockThreads per row (a
+// cluster) while the grid stays within one CTA per SM and the clusters all fit at once (16
+// where those do; see row_clusters_that_fit).
+template <auto kKernel, int kBlockThreads, size_t kSmem = 0>
+int few_rows_ctas(const SampleArgs& a) {
   // kExactRows: usually a few of the rows (those top_p_check_kernel marked), so each gets as
-  // many 1024-thread CTAs as keep the grid, mostly CTAs that exit at once, within ~16 waves.
-  const int64_t max_grid = a.pass == kExactRows ? 16 * sms : sms;
-  constexpr auto kernel = kCheck ? top_p_check_kernel<T, kTruncationThreadsFewRows>
-                                 : truncation_kernel<T, kTruncationThreadsFewRows>;
+  // many CTAs as keep the grid, mostly CTAs that exit at once, within ~16 waves.
+  const int64_t max_grid = a.pass == kExactRows ? 16 * static_cast<int64_t>(a.num_sms) : a.num_sms;
   int ctas = 1;
   // Only sizes whose clusters all fit at once: a second wave costs more than the smaller split
   // (H200, per decode-like step, bf16 V = 128256, the same tokens: top-k 50 at B = 16 in
@@ -2239,16 +2357,38 @@ cudaError_t truncation_launch(const SampleArgs& a, float* thresholds, cudaStream
   // 36.0; top-p 0.9 with log-probs B = 16 58.0 -> 44.0, B = 32 67.3 -> 61.6). Rows marked by
   // the check: most of their clusters exit at once, so not all need to fit.
   while (a.clusters && ctas < kPortableRowCtas && a.B * ctas * 2 <= max_grid &&
-         (a.pass == kExactRows || a.B <= row_clusters_that_fit<kernel>(ctas * 2)))
+         (a.pass == kExactRows || a.B <= row_clusters_that_fit<kKernel, kBlockThreads, kSmem>(ctas * 2)))
     ctas *= 2;
   // Clusters of 16 where every row's fits at once (H200, per decode-like step, B = 1, V =
   // 128256: top-p 0.9 with log-probs fp32 42.0 -> 37.4 us, bf16 47.7 -> 44.2, top-k 50 and
   // top-p fp32 -0.7; B = 8 in 8 such clusters, which did not all fit, lost: top-k 30.6 ->
   // 53.8 us).
   if (ctas == kPortableRowCtas && a.B * kMaxRowCtas * 2 <= max_grid &&
-      a.B <= row_clusters_that_fit<kernel>(kMaxRowCtas))
+      a.B <= row_clusters_that_fit<kKernel, kBlockThreads, kSmem>(kMaxRowCtas))
     ctas = kMaxRowCtas;
-  return launch_rows(kernel, kTruncationThreadsFewRows, ctas);
+  return ctas;
+}
+
+// Launches the truncation kernel (kCheck: top_p_check_kernel, which reads rows the same way):
+// few rows get 1024-thread CTAs, several per row (few_rows_ctas); more rows get
+// kThreads-thread CTAs, on sm_90 2 per row up to twice as many rows as SMs.
+template <typename T, bool kCheck = false>
+cudaError_t truncation_launch(const SampleArgs& a, float* thresholds, cudaStream_t stream) {
+  if (!truncation_few_rows(a)) {
+    // Up to 4 such CTAs share an SM. Up to twice as many rows as SMs left half of those places
+    // empty, and each pass was then bound by too few loads in flight: there a row is split
+    // over a cluster of 2 CTAs (all resident at once). (H100, graph of 20, top-p 0.9: fp32
+    // B = 256, V = 256000 861 -> 530 us, bf16 V = 128256 413 -> 246; top-k B = 256 -32…37%.
+    // Clusters of 8, to keep the rows in flight within L2, lost: bf16 B = 1024 top-p 886 ->
+    // 1204 us.)
+    return launch_truncation_rows(a, thresholds, stream,
+                                  kCheck ? top_p_check_kernel<T, kThreads> : truncation_kernel<T, kThreads>, kThreads,
+                                  a.clusters && a.B <= 2 * static_cast<int64_t>(a.num_sms) ? 2 : 1);
+  }
+  constexpr auto kernel = kCheck ? top_p_check_kernel<T, kTruncationThreadsFewRows>
+                                 : truncation_kernel<T, kTruncationThreadsFewRows>;
+  return launch_truncation_rows(a, thresholds, stream, kernel, kTruncationThreadsFewRows,
+                                few_rows_ctas<kernel, kTruncationThreadsFewRows>(a));
 }
 
 // log p(token | tau_k) for K temperatures in one pass over the row: each thread keeps the
@@ -2390,9 +2530,8 @@ cudaError_t sample_aligned_launch(const SampleArgs& a, const float* thresholds, 
     const size_t cluster_smem = smem_for(cwarps) + 2 * sizeof(float4) * static_cast<size_t>(a.splits * cwarps) +
                                 (tokens_only ? sizeof(uint64_t) : 0);  // (the mbarrier)
     const auto kernel = tokens_only ? tokens_only_kernel<T, true>(per_split > cwarps) : sample_kernel<T, true, false>;
-    cudaError_t err = cudaSuccess;
-    if (cluster_smem > 48 * 1024)  // fp32: 70 KB with 8 warps, 140 KB with 16 (+ partials)
-      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(cluster_smem));
+    // (fp32: 70 KB with 8 warps, 140 KB with 16, + partials)
+    const cudaError_t err = set_dynamic_smem(kernel, cluster_smem);
     if (err == cudaSuccess && launch(a, dim3(1, a.splits), kernel, grid, dim3(cwarps * 32), cluster_smem, stream, a,
                                      thresholds, tiles_per_split) == cudaSuccess)
       return cudaSuccess;
@@ -2401,9 +2540,7 @@ cudaError_t sample_aligned_launch(const SampleArgs& a, const float* thresholds, 
   const int warps = warps_up_to(kThreads);  // (the workspace holds 8 warps' partials per split)
   const size_t smem = smem_for(warps);
   const auto kernel = tokens_only ? tokens_only_kernel<T, false>(per_split > warps) : sample_kernel<T, false, false>;
-  cudaError_t err = cudaSuccess;
-  if (smem > 48 * 1024)
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  cudaError_t err = set_dynamic_smem(kernel, smem);
   if (err != cudaSuccess) return err;
   err = launch(a, 1, kernel, grid, dim3(warps * 32), smem, stream, a, thresholds, tiles_per_split);
   if (err != cudaSuccess || a.splits == 1) return err;  // one split: the CTA drew the token
@@ -2428,22 +2565,47 @@ cudaError_t draw_launch(const SampleArgs& a, const float* thresholds, cudaStream
              : sample_unaligned_launch<T, false>(a, thresholds, stream);
 }
 
+// The truncation kernel, then the draw. Tokens-only calls with 16-bit rows aligned as
+// sample_kernel reads them, on truncation's few-rows path: the truncation kernel draws the
+// tokens itself (draw_in_truncation, a lane a tile, in kTruncationThreadsDraw-thread CTAs)
+// and no draw is launched where each CTA of a row holds at most kMaxDrawTiles tiles, or
+// kMaxMarkedDrawTiles for the rows top_p_check_kernel marked (usually few: most CTAs exit at
+// once, and the draw's no-op launch is saved). (H200, per decode-like step, bf16 V = 128256,
+// the same tokens: top-k 50 at B = 1 23.4 -> 21.1 us, B = 8 23.8 -> 21.3; tokens-only top-p
+// 0.9 B = 8 39.3 -> 37.7, B = 64 53.0 -> 47.1, and B = 8, V = 256000, where no row is marked,
+// 17.0 -> 15.2. With ~500 tiles a CTA or more it lost: top-k B = 16 25.8 -> 28.3, B = 64
+// 38.4 -> 43.4, as sample_kernel reads such rows faster; tokens-only top-p at B = 1024, V =
+// 256000, 2000 tiles a CTA of a marked row, 462 -> 496 us in a graph of 20.)
+constexpr int64_t kMaxDrawTiles = kTruncationThreadsDraw / 2;
+constexpr int64_t kMaxMarkedDrawTiles = 2 * kTruncationThreadsDraw;
+
+template <typename T>
+cudaError_t truncate_and_draw(const SampleArgs& a, float* thresholds, cudaStream_t stream) {
+  if constexpr (sizeof(T) == 2) {
+    if (!a.need_logprobs && truncation_few_rows(a) && rows_aligned(a.dtype, a.logits, a.ld)) {
+      constexpr auto kernel = truncation_kernel<T, kTruncationThreadsDraw, true>;
+      const int ctas = few_rows_ctas<kernel, kTruncationThreadsDraw, kDrawStageBytes>(a);
+      if (ceil_div(ceil_div(a.V, kTile), ctas) <= (a.pass == kExactRows ? kMaxMarkedDrawTiles : kMaxDrawTiles))
+        return launch_truncation_rows(a, thresholds, stream, kernel, kTruncationThreadsDraw, ctas, kDrawStageBytes);
+    }
+  }
+  const cudaError_t err = truncation_launch<T>(a, thresholds, stream);
+  return err != cudaSuccess ? err : draw_launch<T>(a, thresholds, stream);
+}
+
 template <typename T>
 cudaError_t sample_typed(const SampleArgs& a, cudaStream_t stream) {
   if (!a.top_k.given && !a.top_p.given && !a.min_p.given) return draw_launch<T>(a, nullptr, stream);
   float* thresholds = row_thresholds(a);
-  if (a.top_k.given || a.min_p.given || a.need_logprobs) {  // the threshold for every row, then the draw
-    const cudaError_t err = truncation_launch<T>(a, thresholds, stream);
-    return err != cudaSuccess ? err : draw_launch<T>(a, thresholds, stream);
-  }
+  if (a.top_k.given || a.min_p.given || a.need_logprobs)  // the threshold for every row, then the draw
+    return truncate_and_draw<T>(a, thresholds, stream);
   // Top-p alone: by rejection (see SamplePass).
   SampleArgs first = a, second = a;
   first.pass = kRejectionDraw;
   second.pass = kExactRows;
   cudaError_t err = draw_launch<T>(first, nullptr, stream);
   if (err == cudaSuccess) err = truncation_launch<T, true>(a, thresholds, stream);
-  if (err == cudaSuccess) err = truncation_launch<T>(second, thresholds, stream);
-  return err != cudaSuccess ? err : draw_launch<T>(second, thresholds, stream);
+  return err != cudaSuccess ? err : truncate_and_draw<T>(second, thresholds, stream);
 }
 
 template <typename T>
