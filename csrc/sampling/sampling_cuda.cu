@@ -2584,9 +2584,13 @@ cudaError_t truncate_and_draw(const SampleArgs& a, float* thresholds, cudaStream
   if constexpr (sizeof(T) == 2) {
     if (!a.need_logprobs && truncation_few_rows(a) && rows_aligned(a.dtype, a.logits, a.ld)) {
       constexpr auto kernel = truncation_kernel<T, kTruncationThreadsDraw, true>;
-      const int ctas = few_rows_ctas<kernel, kTruncationThreadsDraw, kDrawStageBytes>(a);
-      if (ceil_div(ceil_div(a.V, kTile), ctas) <= (a.pass == kExactRows ? kMaxMarkedDrawTiles : kMaxDrawTiles))
-        return launch_truncation_rows(a, thresholds, stream, kernel, kTruncationThreadsDraw, ctas, kDrawStageBytes);
+      if (set_dynamic_smem(kernel, kDrawStageBytes) != cudaSuccess) {
+        (void)cudaGetLastError();  // less shared memory per CTA (sm_86 / sm_89: ~99 KB): the separate draw
+      } else {
+        const int ctas = few_rows_ctas<kernel, kTruncationThreadsDraw, kDrawStageBytes>(a);
+        if (ceil_div(ceil_div(a.V, kTile), ctas) <= (a.pass == kExactRows ? kMaxMarkedDrawTiles : kMaxDrawTiles))
+          return launch_truncation_rows(a, thresholds, stream, kernel, kTruncationThreadsDraw, ctas, kDrawStageBytes);
+      }
     }
   }
   const cudaError_t err = truncation_launch<T>(a, thresholds, stream);
