@@ -282,8 +282,10 @@ def test_tokens_only_same_tokens_as_cpu(b, trunc):
 
 # Tokens-only 16-bit draws with top-k / min-p on few rows are drawn by the truncation kernel
 # itself once it has the row's threshold (draw_in_truncation: a lane a tile, over the row's
-# 16, 8 or 4 CTAs); with log-probs sample_kernel draws them. Both form the same tile keys, so
-# the tokens must be identical: at tau = 0 (the argmax), with truncation by count, by mass
+# 16, 8 or 4 CTAs); with log-probs sample_kernel draws them. Both race the same tile masses
+# (with log-probs a truncated tile is folded online, so keys agree up to float rounding: only
+# a near-tie within ~2^-18 could part them, far rarer than these draws), so the tokens must
+# be identical: at tau = 0 (the argmax), with truncation by count, by mass
 # ratio or off (top_k >= V), with masked entries, NaN and +inf in the partial last tile (the
 # rare paths, through its copy in shared memory), a row of -inf and a row with an invalid
 # top_k (token 0), for widths of one partial tile up to 256000.
@@ -318,14 +320,18 @@ def test_truncation_kernel_draws_the_tokens_of_sample_kernel(dtype, b, v, trunc)
         assert tokens[3].item() == 0
 
 
-# The same rows drawn alone (by the truncation kernel, in clusters) and in a batch of 300
-# (truncation in 256-thread CTAs, then sample_kernel) draw the same tokens.
+# The same rows drawn alone (by the truncation kernel, in clusters: on sm_90 no sample_kernel
+# runs) and in a batch of 300 (truncation in 256-thread CTAs, then sample_kernel) draw the same
+# tokens, with the same tile keys bit for bit.
 @pytest.mark.parametrize("trunc", [dict(top_k=50), dict(top_k=200, min_p=0.02)], ids=["top_k", "top_k_min_p"])
 def test_truncated_row_tokens_do_not_depend_on_the_batch(trunc):
     rows = (torch.randn(4, 128256, device=DEV) * 3).to(torch.bfloat16)
     tau = torch.tensor([0.0, 0.3, 1.0, 2.0], device=DEV)
     seeds = torch.randint(0, 2**62, (4,), device=DEV)
     alone = torch.cat([fusedlm.sample(rows[i:i + 1], tau[i:i + 1], seed=seeds[i:i + 1], **trunc) for i in range(4)])
+    if fusedlm._C.hopper_paths()[0]:  # (B = 1: clusters of 8 or 16 CTAs, 126-251 tiles each)
+        names = cuda_kernels(lambda: fusedlm.sample(rows[:1], tau[1:2], seed=seeds[:1], **trunc))
+        assert any("truncation_kernel" in n for n in names) and not any("sample_" in n for n in names), names
     batch = (torch.randn(300, 128256, device=DEV) * 3).to(torch.bfloat16)
     at = torch.arange(4, device=DEV) * 75
     batch[at] = rows
