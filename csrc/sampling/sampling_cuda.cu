@@ -2287,12 +2287,12 @@ cudaError_t set_dynamic_smem(Kernel kernel, size_t bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
-// How many clusters of `ctas` CTAs (2, 4, 8 or kMaxRowCtas) of kTruncationThreadsFewRows
-// threads of kKernel the device holds at once (0: none, or no such clusters), asked once per
-// kernel, size and device (for 16, which also allows the kernel such clusters). Clusters of 4
-// and 8 of these 1024-thread CTAs fit far fewer than 132 / size times on an H200 (30 and 15;
-// 66 of 2, 7 of 16): a cluster's CTAs must share a GPC.
-// kSmem: the kernel's dynamic shared memory.
+// How many clusters of `ctas` CTAs (2, 4, 8 or kMaxRowCtas) of kBlockThreads threads (and
+// kSmem bytes of dynamic shared memory) of kKernel the device holds at once (0: none, or no
+// such clusters), asked once per kernel, size and device (for 16, which also allows the
+// kernel such clusters). Clusters of 4 and 8 of the 1024-thread CTAs fit far fewer than
+// 132 / size times on an H200 (30 and 15; 66 of 2, 7 of 16): a cluster's CTAs must share a
+// GPC.
 template <auto kKernel, int kBlockThreads = kTruncationThreadsFewRows, size_t kSmem = 0>
 int row_clusters_that_fit(int ctas) {
   static std::atomic<int> known[4][64] = {};  // (sizes 2, 4, 8, 16)
@@ -2327,12 +2327,11 @@ bool truncation_few_rows(const SampleArgs& a) { return a.B <= a.num_sms || a.pas
 
 // Launches `kernel` (truncation_kernel or top_p_check_kernel) with `ctas` CTAs of `threads`
 // per row: a cluster when ctas > 1, else (or when no such cluster fits, e.g. on a small MIG
-// slice) one CTA per row.
+// slice) one CTA per row. smem: dynamic shared memory, which the caller has allowed the kernel
+// (set_dynamic_smem).
 template <typename Kernel>
 cudaError_t launch_truncation_rows(const SampleArgs& a, float* thresholds, cudaStream_t stream, Kernel kernel,
                                    int threads, int ctas, size_t smem = 0) {
-  const cudaError_t err = set_dynamic_smem(kernel, smem);
-  if (err != cudaSuccess) return err;
   for (int c = ctas; c > 1; c = c > kPortableRowCtas ? kPortableRowCtas : 1) {  // (16, then 8)
     if (launch(a, c, kernel, dim3(static_cast<unsigned>(a.B * c)), dim3(threads), smem, stream, a, thresholds, c) ==
         cudaSuccess)
