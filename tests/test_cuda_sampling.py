@@ -79,6 +79,49 @@ def test_split_merges_same_tokens_as_cpu(b, v, dtype):
     assert_same_tokens_as_cpu(logits, tau)
 
 
+def maximum_with_a_large_shift(dtype, near):
+    """A value of `dtype` near `near` whose product with float32 log2(e) rounds far from the
+    exact product (the kernels' raw_shift), and that shift."""
+    log2e = float(torch.tensor(1.4426950408889634, dtype=torch.float32))
+    candidates = torch.arange(near, near + 64, dtype=torch.float32).to(dtype).unique().tolist()
+    shifts = [m * log2e - float(torch.tensor(m * log2e, dtype=torch.float32)) for m in candidates]
+    best = max(range(len(candidates)), key=lambda i: abs(shifts[i]))
+    return candidates[best], abs(shifts[best])
+
+
+# Rows of tau exactly 1 with log-probs reuse the tempered terms as the raw log-sum-exp's
+# (tile_sums' kRawIsSum); the other rows form the raw terms on their own, as FFMAs against the
+# tile maximum's rounded scaled value, corrected by raw_shift. Both kinds side by side, in the
+# draw's layouts (B = 5: a row split over a cluster; 64: 2-CTA clusters; 300: one CTA a row),
+# with a masked stretch in a tau = 1 row: the tokens and log-probs match the CPU's; the raw
+# log-probs of all rows, and at tau = 1 the processed ones too, are log_softmax(logits) in
+# float64 to ~1e-5. With offset, every tile's maximum is one value whose raw_shift is >= 1e-4:
+# a sum not corrected by it would be off by that much (times ln 2) in every row.
+@pytest.mark.parametrize("offset", [0.0, 3000.0])
+@pytest.mark.parametrize("b", [5, 64, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_tau_one_and_raw_logprobs(b, dtype, offset):
+    v = 128256
+    logits = torch.randn(b, v) * 3 + offset
+    if offset:
+        top, shift = maximum_with_a_large_shift(dtype, offset + 12)
+        assert shift * math.log(2) > 5e-5
+        logits = logits.clamp(max=top)
+        logits[:, ::64] = top
+    logits = logits.to(dtype)
+    logits[0, 1000:5000] = -float("inf")
+    tau = torch.rand(b) * 1.5
+    tau[::2] = 1.0
+    tau[3::7] = 0.0
+    assert_same_tokens_as_cpu(logits, tau)
+    tokens, logprob, raw = fusedlm.sample(logits.to(DEV), tau.to(DEV), seed=torch.randint(0, 2**62, (b,)).to(DEV),
+                                          return_logprobs=True)
+    ref = torch.log_softmax(logits.double(), -1).gather(1, tokens.cpu()[:, None])[:, 0]
+    for got, rows in ((raw, torch.ones(b, dtype=torch.bool)), (logprob, tau == 1.0)):
+        err = (got.cpu().double() - ref)[rows].abs()
+        assert (err <= 1e-5 + 1e-6 * ref[rows].abs()).all(), (err.max().item(), rows.nonzero().flatten().tolist())
+
+
 # NaN logits count as -inf on both devices: the CUDA kernels give bit-identical results with
 # the NaN entries replaced by -inf (tiles holding a NaN take the clamped exp path), and the
 # same tokens as the CPU. Column 0, a whole tile of row 1 and ~0.1% of the rest are NaN;
@@ -555,6 +598,7 @@ def test_greedy_exact_with_ties_and_masks():
 def test_rows_without_a_finite_entry_draw_token_0(b, v, dtype):
     logits = torch.randn(b, v) * 3
     masked = torch.arange(b) % 2 == 0
+    logits[~masked, 0] = -30.0  # (never an ordinary row's token: its tau = 0 rows took index 0 as argmax)
     logits[masked] = float("-inf")
     logits[masked, 0] = float("nan")
     logits[masked, 3::7] = float("nan")
@@ -566,7 +610,7 @@ def test_rows_without_a_finite_entry_draw_token_0(b, v, dtype):
         gpu = fusedlm.sample(logits.to(DEV), tau.to(DEV), seed=seeds.to(DEV), return_logprobs=logprobs)
         cpu_tokens, gpu_tokens = (cpu[0], gpu[0].cpu()) if logprobs else (cpu, gpu.cpu())
         assert (gpu_tokens[masked] == 0).all() and (cpu_tokens[masked] == 0).all()
-        assert (gpu_tokens[~masked] > 0).all()  # (an ordinary row drawing index 0: 1 in 10^5)
+        assert (gpu_tokens[~masked] > 0).all()
         if logprobs:
             assert gpu[1].cpu()[masked].isnan().all() and gpu[2].cpu()[masked].isnan().all()
             assert gpu[1].cpu()[~masked].isfinite().all()

@@ -1048,6 +1048,13 @@ __device__ __forceinline__ float tile_exp2_sum(const uint4 (&q)[kTile * sizeof(T
 // (false for NaN and infinite maxima).
 __device__ __forceinline__ bool scale_is_flat(float base) { return fabsf(base) < 0x1p30f; }
 
+// Whether tile_sums' FFMA terms fit a tile of maximum max: the tempered ones and, kRaw, the raw
+// ones (max * log2(e)), which differ where tau > 1 and |max| > 2^29.
+template <bool kRaw>
+__device__ __forceinline__ bool sums_are_flat(float max, float scale2) {
+  return scale_is_flat(max * scale2) && (!kRaw || scale_is_flat(max * kLog2e));
+}
+
 // A tile's sums given its maximum (> -inf), in base 2 with four accumulators. Tempered terms
 // are 2^(x * scale2 - base) with base = max * scale2 rounded: one FFMA per entry, exact but
 // for the final rounding ((x - max) * scale2 costs an FADD per entry more); the sum is then
@@ -1055,17 +1062,37 @@ __device__ __forceinline__ bool scale_is_flat(float base) { return fabsf(base) <
 // needs |shift| small (<= 64), i.e. scale_is_flat(base); other tiles (tiny tau) take
 // tile_sums_far, whose kRelative terms are 2^((x - max) * scale2) (shift 0). kClamp: NaN terms
 // (from NaN entries, or x = max = +inf) count 0; without it a NaN entry poisons the sum.
-template <typename T, bool kThreshold, bool kRaw, bool kClamp, bool kRelative = false>
+// kRaw: also the raw sum (tau = 1, untruncated, relative to max itself). Unless kRelative, its
+// terms are FFMAs too, 2^(x * log2(e) - raw_base) with raw_base = max * log2(e) rounded, the sum
+// scaled back by 2^-raw_shift once (callers keep such sums only where sums_are_flat; clamped
+// tiles alike, so that a tile whose NaN entries are replaced by -inf gives the same sums bit for
+// bit); kRawIsSum (the caller's tau = 1 rows, nothing truncated): those terms are the tempered
+// ones bit for bit (scale2 = log2(e)), so the tempered sum is reused. (H200, per
+// decode-like step with log-probs, V = 128256, the same tokens: at tau = 1 on every row bf16
+// B = 1024 107.6 -> 88.0 us, B = 64 13.0 -> 11.1, float32 B = 1024 144.3 -> 139.1; random tau
+// bf16 B = 1024 107.7 -> 106.6, B = 64 13.1 -> 13.2, V = 256000 194.7 -> 188.6; B = 8 and
+// truncated calls level. Raw terms by a polynomial on the FMA pipe instead, to offload MUFU:
+// slower, 107.6 -> 111.7-146 us at B = 1024.)
+template <typename T, bool kThreshold, bool kRaw, bool kClamp, bool kRelative = false, bool kRawIsSum = false>
 __device__ __forceinline__ TileSums tile_sums(const uint4 (&q)[kTile * sizeof(T) / 16], float max, float threshold,
                                               float scale2) {
+  static_assert(!kRawIsSum || (kRaw && !kThreshold && !kClamp && !kRelative), "the same terms: untruncated, flat");
   const float base = max * scale2;
   TileSums r{max, kRelative || (kClamp && max == INFINITY) ? 0.f : fmaf(max, scale2, -base), 0.f, 0.f};  // (+inf: sum 0)
-  if constexpr (kRaw)  // untruncated; the raw log-sum-exp keeps max itself as its base
-    r.raw_sum = tile_exp2_sum<T, false>(q, threshold, kClamp, [&](float x) { return (x - max) * kLog2e; });
   if constexpr (kRelative)
     r.sum = tile_exp2_sum<T, kThreshold>(q, threshold, kClamp, [&](float x) { return (x - max) * scale2; });
   else
     r.sum = tile_exp2_sum<T, kThreshold>(q, threshold, kClamp, [&](float x) { return fmaf(x, scale2, -base); });
+  if constexpr (kRaw && kRelative) {
+    r.raw_sum = tile_exp2_sum<T, false>(q, threshold, kClamp, [&](float x) { return (x - max) * kLog2e; });
+  } else if constexpr (kRaw) {
+    const float raw_base = max * kLog2e;
+    if constexpr (kRawIsSum)
+      r.raw_sum = r.sum;
+    else
+      r.raw_sum = tile_exp2_sum<T, false>(q, threshold, kClamp, [&](float x) { return fmaf(x, kLog2e, -raw_base); });
+    r.raw_sum *= fast_exp2(-fmaf(max, kLog2e, -raw_base));
+  }
   return r;
 }
 
@@ -1120,20 +1147,20 @@ __device__ __forceinline__ float tile_largest(const uint4 (&q)[kTile * sizeof(T)
 // tiles, and those holding +inf, can have NaN terms, and they go to tile_sums_rare (as do
 // tiles whose max * scale2 is not flat): the others skip the clamp of each term. tile_shared:
 // the tile's copy in shared memory. Result: tile_max and log2_sum for add_tile (tile_max
-// stays -inf if nothing is kept).
+// stays -inf if nothing is kept). kRawIsSum: see tile_sums.
 // (H100, V = 128256, graph replay: fp32 B = 256 69 -> 59 us, bf16 B = 1024 165 -> 120 us.)
-template <typename T, bool kThreshold, bool kRaw>
+template <typename T, bool kThreshold, bool kRaw, bool kRawIsSum = false>
 __device__ __forceinline__ void tile_mass(const uint4 (&q)[kTile * sizeof(T) / 16], const uint4* tile_shared,
                                           const RowCtx& c, float& tile_max, float& log2_sum, RowState& st) {
   static_assert(!(kRaw && kThreshold), "the raw log-sum-exp shares the untruncated maximum");
   const float m = tile_largest<T, kThreshold>(q, c.threshold);
   if (m == -INFINITY) return;  // nothing kept in the tile
   TileSums r;
-  if (scale_is_flat(m * c.scale2)) {  // (false for NaN and +inf)
-    r = tile_sums<T, kThreshold, kRaw, false>(q, m, c.threshold, c.scale2);
+  if (sums_are_flat<kRaw>(m, c.scale2)) {  // (false for NaN and +inf)
+    r = tile_sums<T, kThreshold, kRaw, false, false, kRawIsSum>(q, m, c.threshold, c.scale2);
   } else {
     r = m < INFINITY ? TileSums{m, 0.f, 0.f, 0.f} : tile_sums_rare<T, kThreshold, kRaw>(tile_shared, c.threshold, c.scale2);
-    if (r.max > -INFINITY && r.max < INFINITY && !scale_is_flat(r.max * c.scale2))
+    if (r.max > -INFINITY && r.max < INFINITY && !sums_are_flat<kRaw>(r.max, c.scale2))
       r = tile_sums_far<T, kThreshold, kRaw>(tile_shared, r.max, c.threshold, c.scale2);
   }
   if (r.max == -INFINITY) return;
@@ -1446,7 +1473,11 @@ __global__ void __launch_bounds__(kCluster ? kClusterThreads : kThreads, kCluste
       tile_argmax<T>(tile, t, c, st);
       continue;
     } else if (c.threshold == -INFINITY) {
-      if (c.need_logprobs) tile_mass<T, false, true>(tile, tile_shared, c, tile_max, log2_sum, st);
+      // (tau = 1 rows reuse the tempered terms as raw ones; !kTokensOnly keeps the tokens-only
+      // kernels' code as it was: a branch they never take still changed their SASS)
+      if (c.need_logprobs && !kTokensOnly && c.scale2 == kLog2e)
+        tile_mass<T, false, true, !kTokensOnly>(tile, tile_shared, c, tile_max, log2_sum, st);
+      else if (c.need_logprobs) tile_mass<T, false, true>(tile, tile_shared, c, tile_max, log2_sum, st);
       else tile_mass<T, false, false>(tile, tile_shared, c, tile_max, log2_sum, st);
     } else if (c.need_logprobs) {  // truncated, with log-probs: fold group by group
       float tile_sum = 0.f;
