@@ -48,6 +48,14 @@ TRUNCATED = {
     "r1024": (1024, 128256, "bf16", 0, 0.9, False), "r1024v": (1024, 256000, "bf16", 0, 0.9, False),
     "kp1f": (1, 128256, "fp32", 50, 0.9, True), "kp8": (8, 128256, "bf16", 50, 0.9, True),
     "kp256": (256, 128256, "bf16", 50, 0.9, True),
+    # plain draws with log-probs (no truncation)
+    "l64": (64, 128256, "bf16", 0, 1.0, True), "l256": (256, 128256, "bf16", 0, 1.0, True),
+    "l1024": (1024, 128256, "bf16", 0, 1.0, True), "l1024h": (1024, 128256, "fp16", 0, 1.0, True),
+    "l1024v": (1024, 256000, "bf16", 0, 1.0, True), "l8": (8, 128256, "bf16", 0, 1.0, True),
+    "l1024f": (1024, 128256, "fp32", 0, 1.0, True),
+    # the same at tau = 1 on every row ("t1")
+    "l64t1": (64, 128256, "bf16", 0, 1.0, True), "l1024t1": (1024, 128256, "bf16", 0, 1.0, True),
+    "l1024ft1": (1024, 128256, "fp32", 0, 1.0, True),
 }
 # temperature_logprobs (LPO): name: (B, V, dtype, K temperatures); timed per call in a graph of
 # 20, with the sum of the outputs instead of a token hash (rounding may differ between builds).
@@ -95,6 +103,8 @@ def time_build(directory, build, cases):
         logits, tau = sampling_inputs(b, v, dtypes[dname])
         if greedy:
             tau.zero_()
+        elif case.endswith("t1"):
+            tau.fill_(1.0)
         code = DTYPE_CODE[dname]
         splits = lib.ab_splits(code, logits.data_ptr(), b, v, v, sms)
         workspace = torch.empty(lib.ab_workspace_floats(b, splits), device="cuda")
@@ -123,8 +133,11 @@ def time_build(directory, build, cases):
         g20 = graph_time(lambda: draw(seeds), calls=20)
         step_text = f"{step * 1e3:6.2f}" if step else "   n/a"
         g20_text = f"{g20 * 1e3:6.2f}" if g20 else "   n/a"
-        print(f"{case:6s} {build:10s} step {step_text} us  g20 {g20_text} us  splits {splits:3d}  tokens {digest}",
-              flush=True)
+        lp_text = ""
+        if need_logprobs:  # the timed draw's log-probs: processed and raw sums over the rows
+            lp_text = f"  logprobs {logprobs[0].double().sum().item():.9e} {logprobs[1].double().sum().item():.9e}"
+        print(f"{case:6s} {build:10s} step {step_text} us  g20 {g20_text} us  splits {splits:3d}  tokens {digest}"
+              f"{lp_text}", flush=True)
 
 
 def time_temperature_logprobs(lib, build, case, dtypes, graph_time):
