@@ -1144,8 +1144,9 @@ __device__ __forceinline__ float tile_largest(const uint4 (&q)[kTile * sizeof(T)
 // branches, short dependency chains); kRaw: also the raw log-sum-exp (for log-probs), which
 // shares the untruncated maximum. NaN entries count as truncated, as in fold_vec. The first
 // pass's maximum is NaN if an entry is NaN (16-bit entries compared in pairs); only such
-// tiles, and those holding +inf, can have NaN terms, and they go to tile_sums_rare (as do
-// tiles whose max * scale2 is not flat): the others skip the clamp of each term. tile_shared:
+// tiles, and those holding +inf, can have NaN terms, and they go to tile_sums_rare (tiles
+// whose max * scale2, or with kRaw max * log2(e), is not flat go to tile_sums_far: see
+// sums_are_flat): the others skip the clamp of each term. tile_shared:
 // the tile's copy in shared memory. Result: tile_max and log2_sum for add_tile (tile_max
 // stays -inf if nothing is kept). kRawIsSum: see tile_sums.
 // (H100, V = 128256, graph replay: fp32 B = 256 69 -> 59 us, bf16 B = 1024 165 -> 120 us.)
