@@ -228,6 +228,34 @@ def test_tokens_only_same_tokens_as_with_logprobs(b, v, dtype):
         assert torch.equal(tokens, fusedlm.sample(logits, tau, seed=seeds, return_logprobs=True)[0])
 
 
+# The same for truncated draws: with log-probs a kept tile's tempered sum is taken relative to
+# the tile's maximum over all entries (which the raw sum needs), without them relative to the
+# kept maximum; the two are the same entry, so the keys and tokens must be identical, also
+# for tiles holding NaN (the clamped path) or +inf, and for tiles with nothing kept. Tokens-only
+# 16-bit calls on few rows are drawn by the truncation kernel itself (B = 1, 8), the others by
+# sample_kernel (B = 64: a cluster of 2 on sm_90; B = 300: one CTA a row). (Top-p alone is
+# left out: tokens-only, it draws by rejection.)
+@pytest.mark.parametrize("trunc", [dict(top_k=50), dict(min_p=0.02), dict(top_k=200, top_p=0.95)],
+                         ids=["top_k", "min_p", "top_k_top_p"])
+@pytest.mark.parametrize("b,v", [(1, 128256), (8, 128256), (64, 128256), (300, 5120)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_truncated_tokens_only_same_tokens_as_with_logprobs(b, v, dtype, trunc):
+    g = torch.Generator(device=DEV).manual_seed(3 * b + v)
+    logits = torch.randn(b, v, device=DEV, generator=g) * 3
+    logits[::3, v // 2:] = float("-inf")
+    logits[1::4, 5] += 40
+    logits[torch.rand(b, v, device=DEV, generator=g) < 0.001] = float("nan")
+    logits[b // 2, 77] = float("inf")
+    logits = logits.to(dtype)
+    tau = 10 ** (torch.rand(b, device=DEV, generator=g) * 4 - 3)
+    for _ in range(16 if b == 1 else 2):
+        seeds = torch.randint(0, 2**62, (b,), device=DEV, generator=g)
+        tokens = fusedlm.sample(logits, tau, seed=seeds, **trunc)
+        tokens_lp, logprob, raw_logprob = fusedlm.sample(logits, tau, seed=seeds, return_logprobs=True, **trunc)
+        assert torch.equal(tokens, tokens_lp)
+        assert not logprob.isnan().any() and not raw_logprob.isnan().any()
+
+
 # Tokens-only draws of 16-bit rows whose warps hold two batches or more (here: clusters at B = 8,
 # V = 256000 and at B = 64; one CTA a row at B = 256) sum only the tiles whose key can still win,
 # bounded through their vectors' maxima (race_batch_bounded). Here every tile sits at an end of
