@@ -1049,7 +1049,7 @@ __device__ __forceinline__ float tile_exp2_sum(const uint4 (&q)[kTile * sizeof(T
 __device__ __forceinline__ bool scale_is_flat(float base) { return fabsf(base) < 0x1p30f; }
 
 // Whether tile_sums' FFMA terms fit a tile of maximum max: the tempered ones and, kRaw, the raw
-// ones (max * log2(e)), which differ where tau > 1 and |max| > 2^29.
+// ones (max * log2(e)), which differ where tau > 1 and |max| >= 2^30 / log2(e) (~7.4e8).
 template <bool kRaw>
 __device__ __forceinline__ bool sums_are_flat(float max, float scale2) {
   return scale_is_flat(max * scale2) && (!kRaw || scale_is_flat(max * kLog2e));
