@@ -235,9 +235,7 @@ def test_tokens_only_same_tokens_as_with_logprobs(b, v, dtype):
 # it; not at B = 1), and for tiles with nothing kept. Tokens-only 16-bit calls on few rows are
 # drawn by the truncation kernel itself (B = 1, 8), the others by sample_kernel (B = 64: a
 # cluster of 2 on sm_90; B = 300: one CTA a row). (Top-p alone is left out: tokens-only, it
-# draws by rejection. Not covered: logits beyond ~7e8 in magnitude at tau > ~1.3, where the
-# raw sum's FFMA terms are not flat and the log-prob kernels sum the whole tile relative to its
-# maximum, the tokens-only ones not: keys may then differ in their last bits.)
+# draws by rejection. Logits beyond ~7e8 in magnitude: see the next test.)
 @pytest.mark.parametrize("trunc", [dict(top_k=50), dict(min_p=0.02), dict(top_k=200, top_p=0.95)],
                          ids=["top_k", "min_p", "top_k_top_p"])
 @pytest.mark.parametrize("b,v", [(1, 128256), (8, 128256), (64, 128256), (300, 5120)])
@@ -258,6 +256,46 @@ def test_truncated_tokens_only_same_tokens_as_with_logprobs(b, v, dtype, trunc):
         tokens_lp, logprob, raw_logprob = fusedlm.sample(logits, tau, seed=seeds, return_logprobs=True, **trunc)
         assert torch.equal(tokens, tokens_lp)
         assert not logprob.isnan().any() and not raw_logprob.isnan().any()
+
+
+# Logits near +-1e9 (|max| >= 2^30 / log2 e) at a tau of a few of their ulps (> 1): the tempered
+# terms are flat (FFMAs against max / tau, as without log-probs), the raw ones are not (max *
+# log2 e is past 2^30), so with log-probs a tile's raw sum is formed relative to its maximum
+# on its own (tile_sums_raw_far) and its tempered sum stays the tokens-only one (the keys, and
+# so the tokens, are the same; a difference in their last bits would show only on near-ties).
+# Here: untruncated and truncated rows, with NaN and -inf entries, beside ordinary rows, in
+# the draw's layouts; the tokens-only draws equal the log-prob ones, tokens and log-probs
+# match the CPU's, and the raw log-probs are float64's log_softmax (differences of logits a
+# few ulps apart are exact). (min-p: its bound max + tau ln(min_p) rounded to nearest in
+# float32 fell on the logits' grid in about half the rows and kept the value below it: 6 of
+# 300 rows drew other tokens than the CPU, before the bound was rounded up.)
+@pytest.mark.parametrize("trunc", [{}, dict(top_k=50), dict(min_p=0.02)], ids=["plain", "top_k", "min_p"])
+@pytest.mark.parametrize("b,v", [(5, 128256), (64, 128256), (300, 5120)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_logits_near_1e9_same_tokens_with_and_without_logprobs(b, v, dtype, trunc):
+    big = 6e4 if dtype == torch.float16 else 1e9  # (fp16: 6e4 * log2 e is flat; a control)
+    base = torch.tensor(-big).to(dtype).float()  # (logits base + k ulp stay in its binade)
+    ulp = torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(-base.item()))
+    g = torch.Generator().manual_seed(b + v)
+    logits = torch.randn(b, v, generator=g) * 3
+    huge = torch.arange(b) % 3 != 2  # (every third row ordinary)
+    steps = torch.randint(0, 12, (b, v), generator=g).float()
+    sign = torch.where(torch.arange(b) % 2 == 0, -1.0, 1.0)[:, None]
+    logits[huge] = (sign * base + steps * ulp)[huge]
+    logits = logits.to(dtype)
+    logits[0, 100:300] = float("-inf")
+    logits[1, 7] = float("nan")
+    tau = torch.where(huge, ulp * (0.5 + 2.5 * torch.rand(b, generator=g)), 0.3 + torch.rand(b, generator=g))
+    assert_same_tokens_as_cpu(logits, tau, **trunc)
+    for _ in range(4):
+        seeds = torch.randint(0, 2**62, (b,), generator=g).to(DEV)
+        tokens = fusedlm.sample(logits.to(DEV), tau.to(DEV), seed=seeds, **trunc)
+        tokens_lp, _, raw = fusedlm.sample(logits.to(DEV), tau.to(DEV), seed=seeds, return_logprobs=True, **trunc)
+        assert torch.equal(tokens, tokens_lp)
+        clean = logits.float().nan_to_num(nan=-float("inf")).double()
+        ref = torch.log_softmax(clean, -1).gather(1, tokens.cpu()[:, None])[:, 0]
+        err = (raw.cpu().double() - ref).abs()
+        assert (err <= 1e-5 + 1e-6 * ref.abs()).all(), (err.max().item(), err.argmax().item())
 
 
 # Tokens-only draws of 16-bit rows whose warps hold two batches or more (here: clusters at B = 8,

@@ -1062,28 +1062,30 @@ __device__ __forceinline__ bool sums_are_flat(float max, float scale2) {
 // needs |shift| small (<= 64), i.e. scale_is_flat(base); other tiles (tiny tau) take
 // tile_sums_far, whose kRelative terms are 2^((x - max) * scale2) (shift 0). kClamp: NaN terms
 // (from NaN entries, or x = max = +inf) count 0; without it a NaN entry poisons the sum.
-// kRaw: also the raw sum (tau = 1, untruncated, relative to max itself). Unless kRelative, its
-// terms are FFMAs too, 2^(x * log2(e) - raw_base) with raw_base = max * log2(e) rounded, the sum
-// scaled back by 2^-raw_shift once (callers keep such sums only where sums_are_flat; clamped
-// tiles alike, so that a tile whose NaN entries are replaced by -inf gives the same sums bit for
-// bit); kRawIsSum (the caller's tau = 1 rows, nothing truncated): those terms are the tempered
-// ones bit for bit (scale2 = log2(e)), so the tempered sum is reused. (H200, per
-// decode-like step with log-probs, V = 128256, the same tokens: at tau = 1 on every row bf16
+// kRaw: also the raw sum (tau = 1, untruncated, relative to max itself). Unless kRawRelative
+// (by default kRelative), its terms are FFMAs too, 2^(x * log2(e) - raw_base) with raw_base =
+// max * log2(e) rounded, the sum scaled back by 2^-raw_shift once (callers keep such sums only
+// where sums_are_flat; clamped tiles alike, so that a tile whose NaN entries are replaced by
+// -inf gives the same sums bit for bit); kRawIsSum (the caller's tau = 1 rows, nothing
+// truncated): those terms are the tempered ones bit for bit (scale2 = log2(e)), so the tempered
+// sum is reused. (H200, per decode-like step with log-probs, V = 128256, the same tokens: at tau = 1 on every row bf16
 // B = 1024 107.6 -> 88.0 us, B = 64 13.0 -> 11.1, float32 B = 1024 144.3 -> 139.1; random tau
 // bf16 B = 1024 107.7 -> 106.6, B = 64 13.1 -> 13.2, V = 256000 194.7 -> 188.6; B = 8 and
 // truncated calls level. Raw terms by a polynomial on the FMA pipe instead, to offload MUFU:
 // slower, 107.6 -> 111.7-146 us at B = 1024.)
-template <typename T, bool kThreshold, bool kRaw, bool kClamp, bool kRelative = false, bool kRawIsSum = false>
+template <typename T, bool kThreshold, bool kRaw, bool kClamp, bool kRelative = false, bool kRawIsSum = false,
+          bool kRawRelative = kRelative>
 __device__ __forceinline__ TileSums tile_sums(const uint4 (&q)[kTile * sizeof(T) / 16], float max, float threshold,
                                               float scale2) {
   static_assert(!kRawIsSum || (kRaw && !kThreshold && !kClamp && !kRelative), "the same terms: untruncated, flat");
+  static_assert(kRelative <= kRawRelative, "tempered terms relative to max only if the raw ones are");
   const float base = max * scale2;
   TileSums r{max, kRelative || (kClamp && max == INFINITY) ? 0.f : fmaf(max, scale2, -base), 0.f, 0.f};  // (+inf: sum 0)
   if constexpr (kRelative)
     r.sum = tile_exp2_sum<T, kThreshold>(q, threshold, kClamp, [&](float x) { return (x - max) * scale2; });
   else
     r.sum = tile_exp2_sum<T, kThreshold>(q, threshold, kClamp, [&](float x) { return fmaf(x, scale2, -base); });
-  if constexpr (kRaw && kRelative) {
+  if constexpr (kRaw && kRawRelative) {
     r.raw_sum = tile_exp2_sum<T, false>(q, threshold, kClamp, [&](float x) { return (x - max) * kLog2e; });
   } else if constexpr (kRaw) {
     const float raw_base = max * kLog2e;
@@ -1117,13 +1119,30 @@ __device__ __noinline__ TileSums tile_sums_rare(const uint4* tile_shared, float 
   return tile_sums<T, kThreshold, kRaw, true>(q, finite_logit(m), threshold, scale2);
 }
 
-// Tiles whose finite maximum max (over non-NaN entries) is not flat (tiny tau, rare): terms
-// relative to it (kRelative), NaN terms counting 0. Out of line, from the tile's copy in
-// shared memory. (tile_mass calls it and tile_sums_rare side by side: nested,
-// or merged into one function, they made the main kernels spill and the bf16 main loop 2-3%
-// slower, H100.)
+// Tiles whose finite maximum max (over non-NaN entries) is flat for the tempered terms but not
+// for the raw ones (|max| >= 2^30 / log2(e) at tau > 1, rare): tempered FFMA terms, clamped
+// (for finite entries the same bits), and raw terms relative to max. The tempered sum, and the
+// tile's key with it, is then the tokens-only path's bit for bit. Out of line, from the tile's
+// copy in shared memory; called by tile_sums_far only (its own code in tile_sums_far slowed the
+// 16-bit cluster kernels with log-probs, whose code it changed: H200, bf16 B = 64 13.0 -> 13.7
+// us a step).
+template <typename T, bool kThreshold>
+__device__ __noinline__ TileSums tile_sums_raw_far(const uint4* tile_shared, float max, float threshold, float scale2) {
+  uint4 q[kTile * sizeof(T) / 16];
+  load_tile_shared<T>(q, tile_shared);
+  return tile_sums<T, kThreshold, true, true, false, false, /*kRawRelative=*/true>(q, max, threshold, scale2);
+}
+
+// Tiles whose finite maximum max (over non-NaN entries) is not flat (see sums_are_flat; rare):
+// terms relative to it (kRelative), NaN terms counting 0; where only the raw terms are not
+// flat (kRaw), tile_sums_raw_far. Out of line, from the tile's copy in shared memory.
+// (tile_mass calls it and tile_sums_rare side by side: nested, or merged into one function,
+// they made the main kernels spill and the bf16 main loop 2-3% slower, H100.)
 template <typename T, bool kThreshold, bool kRaw>
 __device__ __noinline__ TileSums tile_sums_far(const uint4* tile_shared, float max, float threshold, float scale2) {
+  if constexpr (kRaw) {
+    if (sums_are_flat<false>(max, scale2)) return tile_sums_raw_far<T, kThreshold>(tile_shared, max, threshold, scale2);
+  }
   uint4 q[kTile * sizeof(T) / 16];
   load_tile_shared<T>(q, tile_shared);
   return tile_sums<T, kThreshold, kRaw, true, true>(q, max, threshold, scale2);
@@ -1147,7 +1166,7 @@ __device__ __forceinline__ float tile_largest(const uint4 (&q)[kTile * sizeof(T)
 // pass's maximum is NaN if an entry is NaN (16-bit entries compared in pairs); only such
 // tiles, and those holding +inf, can have NaN terms, and they go to tile_sums_rare (tiles
 // whose max * scale2, or with kRaw max * log2(e), is not flat go to tile_sums_far: see
-// sums_are_flat): the others skip the clamp of each term. tile_shared:
+// there): the others skip the clamp of each term. tile_shared:
 // the tile's copy in shared memory. Result: tile_max and log2_sum for add_tile (tile_max
 // stays -inf if nothing is kept). kRawIsSum: see tile_sums.
 // (H100, V = 128256, graph replay: fp32 B = 256 69 -> 59 us, bf16 B = 1024 165 -> 120 us.)
@@ -2080,6 +2099,15 @@ __device__ void draw_in_truncation(const SampleArgs& a, int64_t row, int rank, i
   if (rank == 0 && warp == 0) finish_row<T, true>(a, row, lane, st, c, seed, offset);
 }
 
+// The min-p cut (p >= min_p * p_max, i.e. x >= row_max + tau * ln(min_p)) as the smallest float
+// at or above that bound (the sum rounded up), so that x >= it exactly where x >= the bound, as
+// on the CPU (in double). Rounded to nearest, the sum fell on the logits' own grid where tau is
+// small against |row_max| (logits ~1e9, an ulp of 64, at tau ~100), and half the time kept
+// every entry of the value just below the bound.
+__device__ __forceinline__ float min_p_threshold(float row_max, float tau, float min_p) {
+  return __fadd_ru(row_max, tau * logf(min_p));
+}
+
 // Grid: B x ctas CTAs; the `ctas` consecutive CTAs of a row (a cluster when ctas > 1) each
 // read one slice of it.
 // kDraw: the kernel also draws the row's token (draw_in_truncation; the host then launches no
@@ -2208,7 +2236,7 @@ __global__ void __launch_bounds__(kBlock, kDraw ? 1 : 1024 / kBlock)
     threshold = fmaxf(threshold, radix_threshold<kBlock, false>(l, len, ctas, scratch, mass, share_of_total));
   }
   const float min_p = row_value(a.min_p, row);  // (0 when not given)
-  if (min_p > 0.f) threshold = fmaxf(threshold, row_max + tau * logf(min_p));
+  if (min_p > 0.f) threshold = fmaxf(threshold, min_p_threshold(row_max, tau, min_p));
   if constexpr (!kDraw) {
     if (rank == 0 && threadIdx.x == 0) {
       thresholds[row] = threshold;
