@@ -5,7 +5,8 @@
 # `main` is csrc/'s sampling_cuda.cu; NAME=FILE builds FILE (a whole variant of that file)
 # against a copy of csrc/. Writes DIR/NAME.so, the ptxas report DIR/NAME.log (registers and
 # spills per kernel), and DIR.tgz (the .so files compress ~3x; carry the .tgz, not DIR, as
-# the carry holds 64 MiB), which the device unpacks with `tar xzf DIR.tgz`.
+# the carry holds 64 MiB), which the device unpacks with `tar xzf DIR.tgz`. compare.py lists
+# what changed between the builds (registers, spills, each kernel's SASS) before any device time.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=$1; shift
