@@ -287,13 +287,14 @@ def test_logits_near_1e9_same_tokens_with_and_without_logprobs(b, v, dtype, trun
     logits[1, 7] = float("nan")
     tau = torch.where(huge, ulp * (0.5 + 2.5 * torch.rand(b, generator=g)), 0.3 + torch.rand(b, generator=g))
     assert_same_tokens_as_cpu(logits, tau, **trunc)
+    raw_ref = torch.log_softmax(logits.double().nan_to_num(nan=-float("inf")), -1)
+    logits, tau = logits.to(DEV), tau.to(DEV)
     for _ in range(4):
         seeds = torch.randint(0, 2**62, (b,), generator=g).to(DEV)
-        tokens = fusedlm.sample(logits.to(DEV), tau.to(DEV), seed=seeds, **trunc)
-        tokens_lp, _, raw = fusedlm.sample(logits.to(DEV), tau.to(DEV), seed=seeds, return_logprobs=True, **trunc)
+        tokens = fusedlm.sample(logits, tau, seed=seeds, **trunc)
+        tokens_lp, _, raw = fusedlm.sample(logits, tau, seed=seeds, return_logprobs=True, **trunc)
         assert torch.equal(tokens, tokens_lp)
-        clean = logits.float().nan_to_num(nan=-float("inf")).double()
-        ref = torch.log_softmax(clean, -1).gather(1, tokens.cpu()[:, None])[:, 0]
+        ref = raw_ref.gather(1, tokens.cpu()[:, None])[:, 0]
         err = (raw.cpu().double() - ref).abs()
         assert (err <= 1e-5 + 1e-6 * ref.abs()).all(), (err.max().item(), err.argmax().item())
 
