@@ -1583,8 +1583,11 @@ __device__ float block_max(float x) {
 // reader): on_entry(x, valid, index) for the entries before the first 16-byte boundary and
 // after the last whole vector (one per thread), on_vector(q, valid, index of its first entry)
 // for the whole vectors between. Every thread makes the same number of calls (valid = false
-// past the row), so the callbacks may use warp-collective operations.
-template <int kBlock, int kInFlight, typename T, typename OnEntry, typename OnVector>
+// past the row), so the callbacks may use warp-collective operations. kRolled: the visits of
+// each batch's vectors run as a loop (each in q[0], the others moved down a register) rather
+// than kInFlight inline copies, so that a warp fetches the visit's code once a batch (see
+// truncate_and_draw: where a thread's vectors are one batch, instruction fetch dominated).
+template <int kBlock, int kInFlight, bool kRolled = false, typename T, typename OnEntry, typename OnVector>
 __device__ __forceinline__ void for_row_parts(const T* l, int64_t V, OnEntry&& on_entry, OnVector&& on_vector) {
   constexpr int kPer = 16 / static_cast<int>(sizeof(T));
   static_assert(kPer <= kBlock, "the head and tail take one entry per thread");
@@ -1604,10 +1607,20 @@ __device__ __forceinline__ void for_row_parts(const T* l, int64_t V, OnEntry&& o
       const int64_t i = base + u * kBlock + threadIdx.x;
       q[u] = i < vectors ? __ldg(body + i) : make_uint4(0u, 0u, 0u, 0u);
     }
+    if constexpr (kRolled) {
+#pragma unroll 1
+      for (int u = 0; u < kInFlight; ++u) {
+        const int64_t i = base + u * kBlock + threadIdx.x;
+        on_vector(q[0], i < vectors, head + i * kPer);
 #pragma unroll
-    for (int u = 0; u < kInFlight; ++u) {
-      const int64_t i = base + u * kBlock + threadIdx.x;
-      on_vector(q[u], i < vectors, head + i * kPer);
+        for (int w = 0; w + 1 < kInFlight; ++w) q[w] = q[w + 1];
+      }
+    } else {
+#pragma unroll
+      for (int u = 0; u < kInFlight; ++u) {
+        const int64_t i = base + u * kBlock + threadIdx.x;
+        on_vector(q[u], i < vectors, head + i * kPer);
+      }
     }
   }
   {
@@ -1624,10 +1637,10 @@ __device__ __forceinline__ void vector_entries(const uint4& q, float (&x)[16 / s
 }
 
 // Calls f(x, valid, index) for every entry of a row (see for_row_parts).
-template <int kBlock = kThreads, int kInFlight = 4, typename T, typename F>
+template <int kBlock = kThreads, int kInFlight = 4, bool kRolled = false, typename T, typename F>
 __device__ __forceinline__ void for_row_entries(const T* l, int64_t V, F&& f) {
   constexpr int kPer = 16 / static_cast<int>(sizeof(T));
-  for_row_parts<kBlock, kInFlight>(l, V, f, [&](const uint4& q, bool valid, int64_t first) {
+  for_row_parts<kBlock, kInFlight, kRolled>(l, V, f, [&](const uint4& q, bool valid, int64_t first) {
 #pragma unroll
     for (int j = 0; j < kPer; ++j) f(to_float(reinterpret_cast<const T*>(&q)[j]), valid, first + j);
   });
@@ -1657,6 +1670,7 @@ constexpr int kRadixBins = 2048;
 constexpr int kPortableRowCtas = 8;
 constexpr int kMaxRowCtas = 16;
 constexpr int kRadixCache = 4096;  // entries (16 KB) the third radix pass (float32) may read from shared memory
+constexpr int kRowInFlight = 4;    // 16-byte loads in flight per thread in truncation_kernel's passes
 // Few rows: 1024-thread CTAs (4x the loads in flight); many rows: 256-thread CTAs share the
 // SMs (4 per SM at 64 registers).
 constexpr int kTruncationThreadsFewRows = 1024;
@@ -1778,8 +1792,9 @@ __device__ __forceinline__ void suffix_sum_in_warp(unsigned long long& x, int n)
 // third pass (float32 rows) reads the second pass's matches from shared memory when they fit
 // (top-k: few entries share the k-th largest's top 22 bits; top-p's boundary often has more
 // than fit, and collecting them slowed it: H100, fp32 B = 256, V = 128256, 364 -> 497 us;
-// caching only the matches that weigh anything, top-p +5…25% at B = 1 … 1024).
-template <int kBlock, bool kCache, typename T, typename Weight, typename Target>
+// caching only the matches that weigh anything, top-p +5…25% at B = 1 … 1024). kRolled: see
+// for_row_parts.
+template <int kBlock, bool kCache, bool kRolled, typename T, typename Weight, typename Target>
 __device__ __forceinline__ float radix_threshold(const T* l, int64_t V, int ctas, RadixScratch<kBlock>& sh,
                                                  Weight&& weight, Target&& target_of,
                                                  bool first_pass_filled = false) {
@@ -1836,9 +1851,11 @@ __device__ __forceinline__ float radix_threshold(const T* l, int64_t V, int ctas
           visit(i < cached ? sh.cache[i] : 0.f, i < cached, std::false_type{});
         }
       } else if (collect) {
-        for_row_entries<kBlock>(l, V, [&](float x, bool valid, int64_t) { visit(x, valid, std::true_type{}); });
+        for_row_entries<kBlock, kRowInFlight, kRolled>(
+            l, V, [&](float x, bool valid, int64_t) { visit(x, valid, std::true_type{}); });
       } else {
-        for_row_entries<kBlock>(l, V, [&](float x, bool valid, int64_t) { visit(x, valid, std::false_type{}); });
+        for_row_entries<kBlock, kRowInFlight, kRolled>(
+            l, V, [&](float x, bool valid, int64_t) { visit(x, valid, std::false_type{}); });
       }
       adder.flush();
     }
@@ -2112,7 +2129,9 @@ __device__ __forceinline__ float min_p_threshold(float row_max, float tau, float
 // read one slice of it.
 // kDraw: the kernel also draws the row's token (draw_in_truncation; the host then launches no
 // draw).
-template <typename T, int kBlock, bool kDraw = false>
+// kRolled: the passes over the row visit each batch's vectors in a loop (see for_row_parts and
+// truncate_and_draw).
+template <typename T, int kBlock, bool kDraw = false, bool kRolled = false>
 __global__ void __launch_bounds__(kBlock, kDraw ? 1 : 1024 / kBlock)
     truncation_kernel(SampleArgs a, float* thresholds, int ctas) {
   __shared__ RadixScratch<kBlock> scratch;
@@ -2178,7 +2197,7 @@ __global__ void __launch_bounds__(kBlock, kDraw ? 1 : 1024 / kBlock)
         if constexpr (decltype(count_tag)::value)
           if (valid && x == x) first_digits.add(static_cast<int>(to_order_key(x) >> kFirstDigitShift), 1u);
       };
-      for_row_parts<kBlock, 4>(
+      for_row_parts<kBlock, kRowInFlight, kRolled>(
           l, len,
           [&](float x, bool valid, int64_t) {
             count(x, valid);
@@ -2211,7 +2230,7 @@ __global__ void __launch_bounds__(kBlock, kDraw ? 1 : 1024 / kBlock)
     row_sums = row_mass<kBlock>(mine, inv_tau, ctas, by_mass, scratch.mass);
   const float row_max = row_sums.max;
   if (by_count) {  // the k-th largest entry (ties at it are all kept)
-    threshold = radix_threshold<kBlock, true>(l, len, ctas, scratch, [](float) { return 1u; },
+    threshold = radix_threshold<kBlock, true, kRolled>(l, len, ctas, scratch, [](float) { return 1u; },
                                         [k](unsigned long long) { return static_cast<unsigned long long>(k); },
                                         /*first_pass_filled=*/true);
   }
@@ -2233,7 +2252,7 @@ __global__ void __launch_bounds__(kBlock, kDraw ? 1 : 1024 / kBlock)
       zero_merged_sums(scratch);
       row_barrier(ctas);
     }
-    threshold = fmaxf(threshold, radix_threshold<kBlock, false>(l, len, ctas, scratch, mass, share_of_total));
+    threshold = fmaxf(threshold, radix_threshold<kBlock, false, kRolled>(l, len, ctas, scratch, mass, share_of_total));
   }
   const float min_p = row_value(a.min_p, row);  // (0 when not given)
   if (min_p > 0.f) threshold = fmaxf(threshold, min_p_threshold(row_max, tau, min_p));
@@ -2665,6 +2684,20 @@ cudaError_t draw_launch(const SampleArgs& a, const float* thresholds, cudaStream
 // 256000, 2000 tiles a CTA of a marked row, 462 -> 496 us in a graph of 20.)
 constexpr int64_t kMaxDrawTiles = kTruncationThreadsDraw / 2;
 constexpr int64_t kMaxMarkedDrawTiles = 2 * kTruncationThreadsDraw;
+// Where each CTA's slice of the row is one batch of loads (kRowInFlight vectors a thread: B <= 8
+// at V = 128256), a warp runs each pass's code once, so it waited mostly on instruction fetch
+// (Nsight Compute, B = 8: 31% of the cycles between issues), and the kRolled kernel, whose
+// visits are a loop, draws sooner. (H200, per decode-like step, bf16 V = 128256, the same
+// tokens: top-k 50 at B = 1 21.1 -> 18.3 us, B = 4 21.7 -> 18.9, B = 8 21.5 -> 20.5; fp16 B = 8
+// 21.7 -> 20.7; tokens-only top-p 0.9 at B = 8 with a marked row level. The 1024-thread
+// threshold kernel rolled too gained ~0.5 us at B = 1 and 4 with log-probs but lost where its
+// slices are several batches: top-k 50 B = 16 25.7 -> 26.1 us, B = 64 38.2 -> 38.6, top-k 50 +
+// top-p 0.9 B = 64 65.1 -> 66.7, top-p with log-probs B = 64 62.9 -> 64.8; both loops in one
+// kernel, chosen per call, lost everywhere (larger code, spills: B = 1 18.3 -> 19.4); float32
+// rows rolled spilled 40-108 bytes and lost 1.4 us at B = 8, top-p 0.9.)
+// (Ordinary passes draw here only with at most kMaxDrawTiles tiles a CTA, one batch; the rows
+// top_p_check_kernel marked may have up to four batches a CTA, and those keep the unrolled kernel.)
+constexpr int64_t kRolledSliceEntries = kTruncationThreadsDraw * kRowInFlight * 8;  // (8 16-bit entries a vector)
 
 template <typename T>
 cudaError_t truncate_and_draw(const SampleArgs& a, float* thresholds, cudaStream_t stream) {
@@ -2675,8 +2708,15 @@ cudaError_t truncate_and_draw(const SampleArgs& a, float* thresholds, cudaStream
         (void)cudaGetLastError();  // less shared memory per CTA (sm_86 / sm_89: ~99 KB): the separate draw
       } else {
         const int ctas = few_rows_ctas<kernel, kTruncationThreadsDraw, kDrawStageBytes>(a);
-        if (ceil_div(ceil_div(a.V, kTile), ctas) <= (a.pass == kExactRows ? kMaxMarkedDrawTiles : kMaxDrawTiles))
+        if (ceil_div(ceil_div(a.V, kTile), ctas) <= (a.pass == kExactRows ? kMaxMarkedDrawTiles : kMaxDrawTiles)) {
+          // (asking whether its clusters fit also allows the rolled kernel the shared memory and
+          // the cluster size: its resources are the same)
+          constexpr auto rolled = truncation_kernel<T, kTruncationThreadsDraw, true, true>;
+          if (ctas > 1 && ceil_div(a.V, ctas) <= kRolledSliceEntries &&
+              row_clusters_that_fit<rolled, kTruncationThreadsDraw, kDrawStageBytes>(ctas) > 0)
+            return launch_truncation_rows(a, thresholds, stream, rolled, kTruncationThreadsDraw, ctas, kDrawStageBytes);
           return launch_truncation_rows(a, thresholds, stream, kernel, kTruncationThreadsDraw, ctas, kDrawStageBytes);
+        }
       }
     }
   }
