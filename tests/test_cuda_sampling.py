@@ -72,23 +72,32 @@ def assert_same_tokens_as_cpu(logits, tau, **kw):
     assert_logprobs_close(cpu, gpu, same, logits, tau, 2e-3 if kw.get("top_p") is not None else 1e-4)
 
 
-def top_p_boundary_near_tie(logits, tau, top_p, top_k=None, within=1e-5):
-    """Rows (tau > 0) whose tempered softmax over the top-k entries (ties at the k-th kept),
-    summed in float64 from the largest logit down, reaches within `within` of top_p at the
-    end of a run of equal logits: where float32 rounding may cut the top-p set at either end
-    of that run."""
+def top_p_boundary_near_tie(logits, tau, top_p, top_k=None, within=1e-5, share=1e-3):
+    """Rows (tau > 0) whose top-p set float32 rounding may extend or cut by a run of tied
+    logits that weighs at least `share`: the tempered softmax over the top-k entries (ties at
+    the k-th kept; NaN counts as -inf, as in the kernels), summed in float64 from the largest
+    logit down, reaches within `within` of top_p at the end of one run, so that the next run
+    is kept on one side of that rounding and not on the other."""
     x = logits.double().cpu()
+    x = x.masked_fill(x.isnan(), float("-inf"))
+    b, v = x.shape
     if top_k is not None:  # (an int or a tensor per row; 0 or >= V: no top-k)
-        k = torch.as_tensor(top_k).cpu().long().reshape(-1, 1).expand(x.shape[0], 1)
-        kth = x.sort(dim=1, descending=True).values.gather(1, (k - 1).clamp(0, x.shape[1] - 1))
-        x = x.masked_fill((x < kth) & (k > 0) & (k < x.shape[1]), float("-inf"))
-    t = tau.double().cpu().clamp_min(1e-30).unsqueeze(1)
+        k = torch.as_tensor(top_k).cpu().long().reshape(-1, 1).expand(b, 1)
+        kth = x.sort(dim=1, descending=True).values.gather(1, (k - 1).clamp(0, v - 1))
+        x = x.masked_fill((x < kth) & (k > 0) & (k < v), float("-inf"))
+    tau = tau.double().cpu()
     ordered, order = x.sort(dim=1, descending=True)
-    cum = torch.softmax(x / t, dim=1).gather(1, order).cumsum(1)
+    cum = torch.softmax(x / tau.clamp_min(1e-30).unsqueeze(1), dim=1).gather(1, order).cumsum(1)
     run_ends = torch.ones_like(ordered, dtype=torch.bool)
     run_ends[:, :-1] = ordered[:, :-1] != ordered[:, 1:]
-    near = ((cum - torch.as_tensor(top_p, dtype=torch.float64).reshape(-1, 1)).abs() <= within) & run_ends
-    return near.any(1) & (tau.cpu() > 0)
+    p = torch.as_tensor(top_p, dtype=torch.float64).cpu().reshape(-1).expand(b)
+    near = torch.zeros(b, dtype=torch.bool)
+    for r in range(b):
+        if tau[r] > 0:
+            ends = cum[r][run_ends[r]]  # the mass at and above each run, largest logits first
+            next_run = torch.cat([ends[1:] - ends[:-1], ends.new_zeros(1)])
+            near[r] = (((ends - p[r]).abs() <= within) & (next_run >= share)).any()
+    return near
 
 
 # How a row's splits are merged depends on their number: 64 x 128256 rows take 4 splits
@@ -460,9 +469,9 @@ def test_truncation_kernel_draws_the_tokens_of_sample_kernel(dtype, b, v, trunc)
 
 
 # The same rows drawn alone (by the truncation kernel, in clusters: on sm_90 no sample_kernel
-# runs; each CTA's slice is one batch of loads, so its rolled instantiation) and in a batch of
-# 300 (truncation in 256-thread CTAs, then sample_kernel) draw the same tokens, with the same
-# tile keys bit for bit.
+# runs; each CTA's slice is one batch of loads, so its rolled instantiation), in a batch of 8
+# (the same) and of 300 (truncation in 256-thread CTAs, then sample_kernel) draw the same
+# tokens, with the same tile keys bit for bit.
 @pytest.mark.parametrize("trunc", [dict(top_k=50), dict(top_k=200, min_p=0.02)], ids=["top_k", "top_k_min_p"])
 def test_truncated_row_tokens_do_not_depend_on_the_batch(trunc):
     rows = (torch.randn(4, 128256, device=DEV) * 3).to(torch.bfloat16)
@@ -472,12 +481,14 @@ def test_truncated_row_tokens_do_not_depend_on_the_batch(trunc):
     if fusedlm._C.hopper_paths()[0]:  # (B = 1: clusters of 8 or 16 CTAs, 126-251 tiles each)
         names = cuda_kernels(lambda: fusedlm.sample(rows[:1], tau[1:2], seed=seeds[:1], **trunc))
         assert truncation_kernels_rolled(names) == [True] and not any("sample_" in n for n in names), names
-    batch = (torch.randn(300, 128256, device=DEV) * 3).to(torch.bfloat16)
-    at = torch.arange(4, device=DEV) * 75
-    batch[at] = rows
-    t, s = torch.rand(300, device=DEV), torch.randint(0, 2**62, (300,), device=DEV)
-    t[at], s[at] = tau, seeds
-    assert torch.equal(fusedlm.sample(batch, t, seed=s, **trunc)[at], alone)
+    # (B = 8: on an H200 8 CTAs a row, each thread's four vectors of the rolled loop all in the row)
+    for b in (8, 300):
+        batch = (torch.randn(b, 128256, device=DEV) * 3).to(torch.bfloat16)
+        at = torch.arange(4, device=DEV) * (b // 4)
+        batch[at] = rows
+        t, s = torch.rand(b, device=DEV), torch.randint(0, 2**62, (b,), device=DEV)
+        t[at], s[at] = tau, seeds
+        assert torch.equal(fusedlm.sample(batch, t, seed=s, **trunc)[at], alone), b
     assert torch.equal(fusedlm.sample(rows, tau, seed=seeds, **trunc), alone)
 
 

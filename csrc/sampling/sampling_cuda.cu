@@ -2685,7 +2685,7 @@ cudaError_t draw_launch(const SampleArgs& a, const float* thresholds, cudaStream
 constexpr int64_t kMaxDrawTiles = kTruncationThreadsDraw / 2;
 constexpr int64_t kMaxMarkedDrawTiles = 2 * kTruncationThreadsDraw;
 // Where each CTA's slice of the row is one batch of loads (kRowInFlight vectors a thread: B <= 8
-// at V = 128256), a warp runs each pass's code once, so it waited mostly on instruction fetch
+// at V = 128256), a warp runs each pass's code once, so it waited largely on instruction fetch
 // (Nsight Compute, B = 8: 31% of the cycles between issues), and the kRolled kernel, whose
 // visits are a loop, draws sooner. (H200, per decode-like step, bf16 V = 128256, the same
 // tokens: top-k 50 at B = 1 21.1 -> 18.3 us, B = 4 21.7 -> 18.9, B = 8 21.5 -> 20.5; fp16 B = 8
@@ -2696,7 +2696,9 @@ constexpr int64_t kMaxMarkedDrawTiles = 2 * kTruncationThreadsDraw;
 // kernel, chosen per call, lost everywhere (larger code, spills: B = 1 18.3 -> 19.4); float32
 // rows rolled spilled 40-108 bytes and lost 1.4 us at B = 8, top-p 0.9.)
 // (Ordinary passes draw here only with at most kMaxDrawTiles tiles a CTA, one batch; the rows
-// top_p_check_kernel marked may have up to four batches a CTA, and those keep the unrolled kernel.)
+// top_p_check_kernel marked may have up to four batches a CTA, and where they do they keep the
+// unrolled kernel: at V = 128256 above ~260 rows. Marked rows rolled, tokens-only top-p 0.9: B =
+// 8 and 64 level.)
 constexpr int64_t kRolledSliceEntries = kTruncationThreadsDraw * kRowInFlight * 8;  // (8 16-bit entries a vector)
 
 template <typename T>
