@@ -483,11 +483,7 @@ def test_truncated_row_tokens_do_not_depend_on_the_batch(trunc):
         assert truncation_kernels_rolled(names) == [True] and not any("sample_" in n for n in names), names
     # (B = 8: on an H200 8 CTAs a row, each thread's four vectors of the rolled loop all in the row)
     for b in (8, 300):
-        batch = (torch.randn(b, 128256, device=DEV) * 3).to(torch.bfloat16)
-        at = torch.arange(4, device=DEV) * (b // 4)
-        batch[at] = rows
-        t, s = torch.rand(b, device=DEV), torch.randint(0, 2**62, (b,), device=DEV)
-        t[at], s[at] = tau, seeds
+        batch, t, s, at = rows_among_random_rows(rows, tau, seeds, b)
         assert torch.equal(fusedlm.sample(batch, t, seed=s, **trunc)[at], alone), b
     assert torch.equal(fusedlm.sample(rows, tau, seed=seeds, **trunc), alone)
 
@@ -510,6 +506,18 @@ def test_rolled_and_unrolled_truncation_draws_agree(dtype):
         for b, rolled in ((min(100, sms), False), (1, True)):
             names = cuda_kernels(lambda: fusedlm.sample(rows[:b], tau[:b], seed=seeds[:b], top_k=50))
             assert truncation_kernels_rolled(names) == [rolled] and not any("sample_" in n for n in names), names
+
+
+def rows_among_random_rows(rows, tau, seeds, b):
+    """A batch of b random rows (randn * 3, random tau and seeds) with `rows`, their tau and
+    seeds spread evenly among them: the batch, its tau and seeds, and the rows' positions."""
+    n, v = rows.shape
+    batch = (torch.randn(b, v, device=rows.device) * 3).to(rows.dtype)
+    at = torch.arange(n, device=rows.device) * (b // n)
+    batch[at] = rows
+    t, s = torch.rand(b, device=rows.device), torch.randint(0, 2**62, (b,), device=rows.device)
+    t[at], s[at] = tau, seeds
+    return batch, t, s, at
 
 
 def truncation_kernels_rolled(names):
@@ -536,11 +544,7 @@ def test_row_tokens_do_not_depend_on_the_layout(dtype, return_logprobs):
 
     alone = torch.cat([tokens(rows[i:i + 1], tau[i:i + 1], seeds[i:i + 1]) for i in range(4)])
     for b in (8, 64, 300):
-        batch = (torch.randn(b, 128256, device=DEV) * 3).to(dtype)
-        at = torch.arange(4, device=DEV) * (b // 4)
-        batch[at] = rows
-        t, s = torch.rand(b, device=DEV), torch.randint(0, 2**62, (b,), device=DEV)
-        t[at], s[at] = tau, seeds
+        batch, t, s, at = rows_among_random_rows(rows, tau, seeds, b)
         assert torch.equal(tokens(batch, t, s)[at], alone), b
 
 
