@@ -119,6 +119,14 @@ for dtype in (torch.bfloat16, torch.float32):
     fusedlm.sample(wide, tau[:64], return_logprobs=True)
     fusedlm.sample(wide, tau[:64], top_p=p[:64])
 del wide
+# Float32 rows drawn by the truncation kernel (few rows whose CTA slices are one batch): NaN,
+# +inf and -inf entries, a masked row, tau = 0 / 1 rows; top-k, min-p, top-p by rejection.
+small = torch.randn(3, 20000, device="cuda") * 3
+small[:, 5::17] = float("-inf")
+small[0, -3], small[1, -2], small[2] = float("nan"), float("inf"), float("-inf")
+for rows, tau_values in ((big[:1].float(), [0.7]), (small, [0.0, 1.0, 0.7])):
+    for trunc in (dict(top_k=50), dict(min_p=0.05), dict(top_p=0.9), dict(top_p=0.6)):
+        fusedlm.sample(rows, torch.tensor(tau_values, device="cuda"), **trunc)
 os.environ["FUSEDLM_NO_CLUSTERS"] = "1"
 fusedlm.sample(big[:8], tau[:8])
 fusedlm.sample(big[:8], tau[:8], top_p=0.9, return_logprobs=True)

@@ -429,9 +429,10 @@ def test_tokens_only_same_tokens_as_cpu(b, trunc):
     assert (cpu != gpu).sum() <= max(1, int(0.002 * cpu.numel()))
 
 
-# Tokens-only 16-bit draws with top-k / min-p on few rows are drawn by the truncation kernel
-# itself once it has the row's threshold (draw_in_truncation: a lane a tile, over the row's
-# 16, 8 or 4 CTAs); with log-probs sample_kernel draws them. Both race the same tile keys
+# Tokens-only draws with top-k / min-p on few rows are drawn by the truncation kernel itself
+# once it has the row's threshold (draw_in_truncation: a lane a tile, over the row's 16, 8 or 4
+# CTAs; float32 rows only where a CTA's slice is one batch of loads, here all but V = 256000);
+# with log-probs sample_kernel draws them. Both race the same tile keys
 # (bit for bit since session 45: tile_sums_kept_and_raw), so the tokens must
 # be identical: at tau = 0 (the argmax), with truncation by count, by mass
 # ratio or off (top_k >= V), with masked entries, NaN and +inf in the partial last tile (the
@@ -440,7 +441,7 @@ def test_tokens_only_same_tokens_as_cpu(b, trunc):
 @pytest.mark.parametrize("trunc", [dict(top_k=50), dict(min_p=0.05), dict(top_k=1000, min_p=0.001),
                                    dict(top_k=10**6)], ids=["top_k", "min_p", "both", "top_k_off"])
 @pytest.mark.parametrize("b,v", [(1, 128256), (3, 50264), (8, 20000), (1, 256000), (2, 40)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 def test_truncation_kernel_draws_the_tokens_of_sample_kernel(dtype, b, v, trunc):
     g = torch.Generator(device=DEV).manual_seed(b * 7 + v)
     logits = torch.randn(b, v, device=DEV, generator=g) * 3
@@ -506,6 +507,24 @@ def test_rolled_and_unrolled_truncation_draws_agree(dtype):
         for b, rolled in ((min(100, sms), False), (1, True)):
             names = cuda_kernels(lambda: fusedlm.sample(rows[:b], tau[:b], seed=seeds[:b], top_k=50))
             assert truncation_kernels_rolled(names) == [rolled] and not any("sample_" in n for n in names), names
+
+
+# Float32 rows draw in the truncation kernel only where each CTA's slice of the row is one
+# batch of loads (512 threads x 4 vectors of 4: 8192 entries); with two batches the separate
+# draw was faster. On sm_90, V = 128256: B = 1 in clusters of 16 (8016 entries a CTA) draws
+# there, B = 8 in clusters of 8 (16032) does not; both draw the tokens of sample_kernel.
+def test_float32_rows_draw_in_the_truncation_kernel_where_a_slice_is_one_batch():
+    rows = torch.randn(8, 128256, device=DEV) * 3
+    tau = torch.rand(8, device=DEV) + 0.1
+    seeds = torch.randint(0, 2**62, (8,), device=DEV)
+    for b in (1, 8):
+        tokens = fusedlm.sample(rows[:b], tau[:b], seed=seeds[:b], top_k=50)
+        with_logprobs = fusedlm.sample(rows[:b], tau[:b], seed=seeds[:b], top_k=50, return_logprobs=True)[0]
+        assert torch.equal(tokens, with_logprobs), b
+        if fusedlm._C.hopper_paths()[0]:
+            names = cuda_kernels(lambda: fusedlm.sample(rows[:b], tau[:b], seed=seeds[:b], top_k=50))
+            drew_there = not any("sample_" in n for n in names)
+            assert drew_there == (b == 1), (b, names)
 
 
 def rows_among_random_rows(rows, tau, seeds, b):

@@ -20,8 +20,8 @@
 // truncation_kernel (only when top-k / top-p / min-p are given; one CTA per row, or a cluster
 // of up to 16 CTAs per row when rows are few) finds the smallest kept logit by radix selection
 // over the order-preserving integer image of the floats: three histogram passes per threshold
-// (two for 16-bit logits). For tokens-only 16-bit calls on few rows it then draws the token
-// itself (draw_in_truncation), and no draw kernel follows.
+// (two for 16-bit logits). For tokens-only calls on few rows it then draws the token itself
+// (draw_in_truncation), and no draw kernel follows.
 // Tokens-only calls with top-p alone draw by rejection first (see SamplePass): a plain draw,
 // top_p_check_kernel, and the threshold only for the rows whose draw fell outside the set.
 #include <cuda_bf16.h>
@@ -1675,10 +1675,11 @@ constexpr int kRowInFlight = 4;    // 16-byte loads in flight per thread in trun
 // SMs (4 per SM at 64 registers).
 constexpr int kTruncationThreadsFewRows = 1024;
 // ... and 512-thread CTAs (128 registers) when the kernel also draws (draw_in_truncation: a
-// 16-bit tile a lane, which spilled ~500 bytes at the 64 registers of 1024-thread CTAs).
+// tile a lane, which spilled ~500 bytes at the 64 registers of 1024-thread CTAs).
 constexpr int kTruncationThreadsDraw = 512;
-// Its dynamic shared memory: a 16-bit tile (and a pad vector) per thread.
-constexpr size_t kDrawStageBytes = kTruncationThreadsDraw * (kTile * 2 / 16 + 1) * sizeof(uint4);
+// Its dynamic shared memory: a tile (and a pad vector) per thread (16-bit: 74 KB, float32: 139 KB).
+template <typename T>
+constexpr size_t kDrawStageBytes = kTruncationThreadsDraw * (kTile * sizeof(T) / 16 + 1) * sizeof(uint4);
 // row_mass's: this CTA's sums, then every CTA's of the row, gathered.
 struct RowMassScratch {
   float cta[3];
@@ -2036,7 +2037,7 @@ __device__ OnlineMass<kAbove> row_mass(const OnlineMass<kAbove>& mine, float inv
 }
 
 // The row's token drawn by truncation_kernel itself, once its threshold is known (kDraw:
-// tokens-only 16-bit calls on few rows, see truncate_and_draw): instead of two more launches
+// tokens-only calls on few rows, see truncate_and_draw): instead of two more launches
 // (sample_kernel with the thresholds, then the finish kernel), each of whose start waited for
 // the previous kernel to drain, the row's CTAs race their tiles as sample_kernel does for
 // thresholded rows (tile_mass, add_tile; tau = 0: tile_argmax), a lane a tile, and CTA 0's
@@ -2044,7 +2045,7 @@ __device__ OnlineMass<kAbove> row_mass(const OnlineMass<kAbove>& mine, float inv
 // tile keys as sample_kernel's, so the same tokens but for the order of merges (best_merge
 // decides two keys alike in either order). Tiles are dealt to CTAs in whole ranges. Each
 // thread keeps a copy of its tile in its slot of the kernel's dynamic shared memory
-// (kDrawStageBytes) for tile_mass's rare paths, which read their tile from shared memory (a
+// (kDrawStageBytes<T>) for tile_mass's rare paths, which read their tile from shared memory (a
 // global pointer there made the compiler turn their loads into generic ones in every kernel,
 // and changed sample_kernel's code). Called by every thread of every CTA of the row (a
 // cluster barrier) once every CTA of the cluster has started (it stores to CTA 0's shared
@@ -2052,9 +2053,8 @@ __device__ OnlineMass<kAbove> row_mass(const OnlineMass<kAbove>& mine, float inv
 template <typename T, int kBlock>
 __device__ void draw_in_truncation(const SampleArgs& a, int64_t row, int rank, int ctas, float tau, float threshold,
                                    uint32_t round) {
-  static_assert(sizeof(T) == 2, "16-bit tiles: 8 vectors a lane");
-  constexpr int kPer = 8, kVecs = kTile / kPer, kWarps = kBlock / 32;
-  extern __shared__ uint4 draw_stage[];  // (kDrawStageBytes)
+  constexpr int kPer = 16 / static_cast<int>(sizeof(T)), kVecs = kTile / kPer, kWarps = kBlock / 32;
+  extern __shared__ uint4 draw_stage[];  // (kDrawStageBytes<T>)
   uint4* const tile_copy = draw_stage + threadIdx.x * (kVecs + 1);  // (padded: fewer bank conflicts)
   __shared__ float4 warp_best[kWarps];
   __shared__ float4 cta_best[kMaxRowCtas];  // (in CTA 0: each CTA's winner)
@@ -2671,17 +2671,18 @@ cudaError_t draw_launch(const SampleArgs& a, const float* thresholds, cudaStream
              : sample_unaligned_launch<T, false>(a, thresholds, stream);
 }
 
-// The truncation kernel, then the draw. Tokens-only calls with 16-bit rows aligned as
-// sample_kernel reads them, on truncation's few-rows path: the truncation kernel draws the
-// tokens itself (draw_in_truncation, a lane a tile, in kTruncationThreadsDraw-thread CTAs)
-// and no draw is launched where each CTA of a row holds at most kMaxDrawTiles tiles, or
-// kMaxMarkedDrawTiles for the rows top_p_check_kernel marked (usually few: most CTAs exit at
-// once, and the draw's no-op launch is saved). (H200, per decode-like step, bf16 V = 128256,
-// the same tokens: top-k 50 at B = 1 23.4 -> 21.1 us, B = 8 23.8 -> 21.3; tokens-only top-p
-// 0.9 B = 8 39.3 -> 37.7, B = 64 53.0 -> 47.1, and B = 8, V = 256000, where no row is marked,
-// 17.0 -> 15.2. With ~500 tiles a CTA or more it lost: top-k B = 16 25.8 -> 28.3, B = 64
-// 38.4 -> 43.4, as sample_kernel reads such rows faster; tokens-only top-p at B = 1024, V =
-// 256000, 2000 tiles a CTA of a marked row, 462 -> 496 us in a graph of 20.)
+// The truncation kernel, then the draw. Tokens-only calls with rows aligned as sample_kernel
+// reads them, on truncation's few-rows path (float32: see kOneBatchSliceEntries): the
+// truncation kernel draws the tokens itself (draw_in_truncation, a lane a tile, in
+// kTruncationThreadsDraw-thread CTAs) and no draw is launched where each CTA of a row holds at
+// most kMaxDrawTiles tiles, or kMaxMarkedDrawTiles for the rows top_p_check_kernel marked
+// (usually few: most CTAs exit at once, and the draw's no-op launch is saved). (H200, per
+// decode-like step, bf16 V = 128256, the same tokens: top-k 50 at B = 1 23.4 -> 21.1 us, B = 8
+// 23.8 -> 21.3; tokens-only top-p 0.9 B = 8 39.3 -> 37.7, B = 64 53.0 -> 47.1, and B = 8, V =
+// 256000, where no row is marked, 17.0 -> 15.2. With ~500 tiles a CTA or more it lost: top-k
+// B = 16 25.8 -> 28.3, B = 64 38.4 -> 43.4, as sample_kernel reads such rows faster;
+// tokens-only top-p at B = 1024, V = 256000, 2000 tiles a CTA of a marked row, 462 -> 496 us in
+// a graph of 20.)
 constexpr int64_t kMaxDrawTiles = kTruncationThreadsDraw / 2;
 constexpr int64_t kMaxMarkedDrawTiles = 2 * kTruncationThreadsDraw;
 // Where each CTA's slice of the row is one batch of loads (kRowInFlight vectors a thread: B <= 8
@@ -2699,26 +2700,38 @@ constexpr int64_t kMaxMarkedDrawTiles = 2 * kTruncationThreadsDraw;
 // top_p_check_kernel marked may have up to four batches a CTA, and where they do they keep the
 // unrolled kernel: at V = 128256 above ~260 rows. Marked rows rolled, tokens-only top-p 0.9: B =
 // 8 and 64 level.)
-constexpr int64_t kRolledSliceEntries = kTruncationThreadsDraw * kRowInFlight * 8;  // (8 16-bit entries a vector)
+// Float32 rows draw here only where a CTA's slice is one batch too (clusters of 16 at V =
+// 128256: B <= 4, and rows marked by the check while 16-CTA clusters fit for them all). (H200,
+// per decode-like step, fp32 V = 128256, the same tokens: top-k 50 at B = 1 23.5 -> 21.8 us,
+// tokens-only top-p 0.9 at B = 1 16.0 -> 13.6. Where the slices are two batches the 512-thread
+// passes lost more than the saved draw launch: top-k 50 at B = 8 25.9 -> 26.4, top-p 0.9 at B = 8
+// with a marked row 41.2 -> 44.0; at B = 8, V = 256000 with no row marked it gained, 18.9 ->
+// 17.3, only by the draw's no-op launch.)
+template <typename T>
+constexpr int64_t kOneBatchSliceEntries = kTruncationThreadsDraw * kRowInFlight * (16 / sizeof(T));
 
 template <typename T>
 cudaError_t truncate_and_draw(const SampleArgs& a, float* thresholds, cudaStream_t stream) {
-  if constexpr (sizeof(T) == 2) {
-    if (!a.need_logprobs && truncation_few_rows(a) && rows_aligned(a.dtype, a.logits, a.ld)) {
-      constexpr auto kernel = truncation_kernel<T, kTruncationThreadsDraw, true>;
-      if (set_dynamic_smem(kernel, kDrawStageBytes) != cudaSuccess) {
-        (void)cudaGetLastError();  // less shared memory per CTA (sm_86 / sm_89: ~99 KB): the separate draw
-      } else {
-        const int ctas = few_rows_ctas<kernel, kTruncationThreadsDraw, kDrawStageBytes>(a);
-        if (ceil_div(ceil_div(a.V, kTile), ctas) <= (a.pass == kExactRows ? kMaxMarkedDrawTiles : kMaxDrawTiles)) {
+  if (!a.need_logprobs && truncation_few_rows(a) && rows_aligned(a.dtype, a.logits, a.ld)) {
+    constexpr auto kernel = truncation_kernel<T, kTruncationThreadsDraw, true>;
+    constexpr size_t smem = kDrawStageBytes<T>;
+    if (set_dynamic_smem(kernel, smem) != cudaSuccess) {
+      // too little shared memory a CTA (16-bit: sm_86 / sm_89; float32: sm_80 too): the separate draw
+      (void)cudaGetLastError();
+    } else {
+      const int ctas = few_rows_ctas<kernel, kTruncationThreadsDraw, smem>(a);
+      const bool one_batch = ceil_div(a.V, ctas) <= kOneBatchSliceEntries<T>;
+      if ((sizeof(T) == 2 || one_batch) &&
+          ceil_div(ceil_div(a.V, kTile), ctas) <= (a.pass == kExactRows ? kMaxMarkedDrawTiles : kMaxDrawTiles)) {
+        auto chosen = kernel;
+        if constexpr (sizeof(T) == 2) {  // (float32 rolled spilled: see above)
           // (asking whether its clusters fit also allows the rolled kernel the shared memory and
           // the cluster size: its resources are the same)
           constexpr auto rolled = truncation_kernel<T, kTruncationThreadsDraw, true, true>;
-          if (ctas > 1 && ceil_div(a.V, ctas) <= kRolledSliceEntries &&
-              row_clusters_that_fit<rolled, kTruncationThreadsDraw, kDrawStageBytes>(ctas) > 0)
-            return launch_truncation_rows(a, thresholds, stream, rolled, kTruncationThreadsDraw, ctas, kDrawStageBytes);
-          return launch_truncation_rows(a, thresholds, stream, kernel, kTruncationThreadsDraw, ctas, kDrawStageBytes);
+          if (ctas > 1 && one_batch && row_clusters_that_fit<rolled, kTruncationThreadsDraw, smem>(ctas) > 0)
+            chosen = rolled;
         }
+        return launch_truncation_rows(a, thresholds, stream, chosen, kTruncationThreadsDraw, ctas, smem);
       }
     }
   }
